@@ -1,0 +1,1 @@
+"""CLI verbs, one module each; ``starflow_trt.cli`` registers them."""

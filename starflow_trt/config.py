@@ -1,0 +1,422 @@
+"""Upstream STARFlow-V YAML config → typed, frozen :class:`ModelConfig`.
+
+The upstream file has one top-level key ``arguments`` holding a list of
+one-key maps. Upstream joins them into a command line (``--key value``), splits
+on whitespace and parses with its training parser, so list options are written
+as space-separated strings (``layers_per_block: 2 2 2 2 2 24``). We parse the
+same way, with the parser's types and defaults (spec §1.1-§1.3), keep unknown
+keys (listed in :attr:`ModelConfig.unknown`) instead of aborting, and derive the
+geometry the rest of the toolchain needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+#: Hidden sizes of text encoders the configs name (``text`` field) → ``txt_dim``.
+TEXT_ENCODER_WIDTHS = {
+    "google/flan-t5-xl": 2048,
+    "google/flan-t5-large": 1024,
+    "google/flan-t5-base": 768,
+    "google/t5-v1_1-xxl": 4096,
+    "google/flan-t5-xxl": 4096,
+}
+
+#: Wan2.2 VAE (the one STARFlow-V uses): spatial factor 16, temporal factor 4, 48 channels.
+VAE_SPATIAL_FACTOR = 16
+TEMPORAL_FACTOR = 4
+SOFTPLUS_OFFSET = 0.541324854612918
+DENOISER_LAYERS = 8
+DENOISE_CONSTANT = 0.3
+
+
+def _parse_int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split())
+
+
+def _parse_float_list(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split())
+
+
+def _parse_opt_int(text: str) -> Optional[int]:
+    return None if text.strip() in ("None", "none", "") else int(text)
+
+
+def _parse_opt_str(text: str) -> Optional[str]:
+    return None if text.strip() in ("None", "none", "") else text.strip()
+
+
+def _parse_opt_float(text: str) -> Optional[float]:
+    return None if text.strip() in ("None", "none", "") else float(text)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every field the spec names (§1.2), with the upstream parser's defaults.
+
+    Field names are the YAML keys. Derived geometry is exposed as properties
+    and methods; nothing here allocates tensors.
+    """
+
+    # --- model constructor fields (spec §1.2) ---
+    channel_size: int = 3
+    img_size: int = 32
+    patch_size: int = 4
+    channels: int = 512
+    top_block_channels: Optional[int] = None
+    blocks: int = 4
+    layers_per_block: tuple[int, ...] = (8,)
+    rope: int = 0
+    pt_seq_len: Optional[int] = None
+    head_dim: int = 64
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    use_swiglu: int = 0
+    use_qk_norm: int = 0
+    use_post_norm: int = 0
+    use_bias: int = 1
+    norm_type: str = "layer_norm"
+    txt_size: int = 0
+    txt_dim: Optional[int] = None
+    sos: int = 0
+    cond_top_only: int = 0
+    use_softplus: int = 0
+    use_final_norm: int = 0
+    soft_clip: float = 0.0
+    seq_order: str = "R2L"
+    learnable_self_denoiser: int = 0
+    conditional_denoiser: int = 0
+    noise_embed_denoiser: int = 0
+    temporal_causal: int = 0
+    shallow_block_local: int = 0
+    denoiser_window: Optional[int] = None
+    local_attn_window: Optional[int] = None
+    use_pretrained_lm: Optional[str] = None
+    use_mm_attn: int = 0
+    gradient_checkpoint: int = 0
+    gradient_checkpoint_mlp: Optional[int] = None
+    # --- parsed, used by the sampling pipeline, not by the model (spec §1.2) ---
+    nvp: int = 1
+    adaln: int = 0
+    noise_std: float = 0.5
+    vid_size: Optional[str] = None
+    fps_cond: int = 0
+    cond_noise_level: int = 0
+    mix_aspect: int = 0
+    vae: Optional[str] = None
+    finetuned_vae: Optional[str] = None
+    text: Optional[str] = None
+    cfg: tuple[float, ...] = ()
+    drop_label: float = 0.0
+    drop_image: float = 0.0
+    # --- keys we do not know: kept verbatim, never fatal ---
+    unknown: tuple[tuple[str, str], ...] = field(default=(), compare=True)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_blocks(self) -> int:
+        """``blocks`` if ``layers_per_block`` has one entry, else its length."""
+        return self.blocks if len(self.layers_per_block) == 1 else len(self.layers_per_block)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Transformer layers of every flow block, block 0 first (top block last)."""
+        if len(self.layers_per_block) == 1:
+            return self.layers_per_block * self.num_blocks
+        return self.layers_per_block
+
+    @property
+    def top_index(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def top_channels(self) -> int:
+        return self.top_block_channels or self.channels
+
+    def block_width(self, k: int) -> int:
+        """Residual width of flow block ``k``."""
+        return self.top_channels if k == self.top_index else self.channels
+
+    def block_heads(self, k: int) -> int:
+        """Attention heads of flow block ``k`` (``num_heads`` applies to every block when set)."""
+        return self.num_heads or self.block_width(k) // self.head_dim
+
+    @property
+    def denoiser_heads(self) -> int:
+        return self.num_heads or self.channels // self.head_dim
+
+    def block_has_text(self, k: int) -> bool:
+        """Whether block ``k`` is text-conditioned (top only with ``cond_top_only``)."""
+        if self.txt_size <= 0:
+            return False
+        return k == self.top_index or not self.cond_top_only
+
+    def block_permutation(self, k: int) -> str:
+        """``identity`` | ``flip`` | ``flip_within_frame`` for block ``k`` (spec §3.3)."""
+        kinds = ("identity", "flip" if self.temporal_causal == 0 else "flip_within_frame")
+        if self.seq_order == "L2R":
+            return kinds[(k + 1) % 2]
+        return kinds[k % 2]
+
+    @property
+    def vae_spatial_factor(self) -> int:
+        return VAE_SPATIAL_FACTOR if self.vae else 1
+
+    @property
+    def vae_temporal_scale(self) -> Optional[float]:
+        """The ``:0.6`` suffix of the ``vae`` field (latent frames 1: are scaled by it)."""
+        if self.vae and ":" in self.vae:
+            return float(self.vae.rsplit(":", 1)[1])
+        return None
+
+    @property
+    def latent_img_size(self) -> int:
+        """``img_size`` in latent units (divided by the VAE's spatial factor when a VAE is set)."""
+        return self.img_size // self.vae_spatial_factor
+
+    @property
+    def rope_seq_len(self) -> int:
+        """``pt_seq_len`` (P in the spec), defaulting to ``latent_img_size // patch_size``."""
+        return self.pt_seq_len if self.pt_seq_len is not None else self.latent_img_size // self.patch_size
+
+    @property
+    def token_channels(self) -> int:
+        """``c = channel_size · patch_size²``: channels of one token."""
+        return self.channel_size * self.patch_size ** 2
+
+    @property
+    def text_length(self) -> int:
+        return self.txt_size
+
+    @property
+    def text_width(self) -> Optional[int]:
+        """``txt_dim``: explicit field, else the named text encoder's width, else None."""
+        if self.txt_dim is not None:
+            return self.txt_dim
+        if self.text is not None:
+            return TEXT_ENCODER_WIDTHS.get(self.text)
+        return None
+
+    @property
+    def video_frames(self) -> Optional[int]:
+        """Pixel frame count from ``vid_size = "frames:fps"`` (None for image configs)."""
+        if not self.vid_size:
+            return None
+        return int(str(self.vid_size).split(":")[0])
+
+    @property
+    def fps(self) -> Optional[int]:
+        if not self.vid_size or ":" not in str(self.vid_size):
+            return None
+        return int(str(self.vid_size).split(":")[1])
+
+    @staticmethod
+    def latent_frames_for(num_frames: int) -> int:
+        """Latent frames for ``num_frames`` pixel frames: ``(F − 1) // 4 + 1`` (spec §1.3)."""
+        if num_frames < 1:
+            raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
+        return (num_frames - 1) // TEMPORAL_FACTOR + 1
+
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames of the configured ``vid_size`` (1 for image configs)."""
+        frames = self.video_frames
+        return 1 if frames is None else self.latent_frames_for(frames)
+
+    def frame_geometry(self, aspect: str = "1:1") -> dict[str, int]:
+        """Pixel and latent frame size for an aspect ratio ``"rw:rh"`` (spec §1.3).
+
+        Returns ``{"H", "W", "h", "w", "tokens_per_frame"}``; ``h, w`` are the
+        token grid (latent / patch). Without a VAE the frame is square
+        ``img_size`` in latent units (aspect is ignored).
+        """
+        p = self.patch_size
+        if not self.vae:
+            side = self.latent_img_size
+            return {"H": side, "W": side, "h": side // p, "w": side // p,
+                    "tokens_per_frame": (side // p) ** 2}
+        try:
+            rw, rh = (float(v) for v in aspect.split(":"))
+        except ValueError as exc:
+            raise ConfigError(f"aspect ratio must look like '16:9', got {aspect!r}") from exc
+        area = float((self.latent_img_size * VAE_SPATIAL_FACTOR) ** 2)
+        ratio = rw / rh
+        m = VAE_SPATIAL_FACTOR * p
+        H = round(math.sqrt(area / ratio) / m) * m
+        W = round(math.sqrt(area * ratio) / m) * m
+        h, w = H // VAE_SPATIAL_FACTOR // p, W // VAE_SPATIAL_FACTOR // p
+        return {"H": H, "W": W, "h": h, "w": w, "tokens_per_frame": h * w}
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for combinations upstream asserts against (spec §1.2)."""
+        problems = []
+        if self.local_attn_window is not None and not self.shallow_block_local:
+            problems.append("local_attn_window requires shallow_block_local: 1")
+        if self.shallow_block_local and not self.cond_top_only:
+            problems.append("shallow_block_local requires cond_top_only: 1")
+        if self.cond_top_only and self.txt_size <= 0:
+            problems.append("cond_top_only requires txt_size > 0")
+        if self.temporal_causal and self.seq_order != "L2R":
+            problems.append("temporal_causal != 0 requires seq_order: L2R")
+        if self.seq_order not in ("L2R", "R2L"):
+            problems.append(f"seq_order must be L2R or R2L, got {self.seq_order!r}")
+        if self.rope and (self.head_dim % 4 or self.head_dim < 16):
+            problems.append(f"rope needs head_dim divisible by 4 and >= 16, got {self.head_dim}")
+        for k in range(self.num_blocks):
+            if self.num_heads is None and self.block_width(k) % self.head_dim:
+                problems.append(f"block {k} width {self.block_width(k)} is not a multiple of head_dim {self.head_dim}")
+                break
+        if len(self.layers_per_block) not in (1, self.num_blocks):
+            problems.append("layers_per_block must have 1 or num_blocks entries")
+        if self.norm_type != "layer_norm":
+            problems.append(f"norm_type {self.norm_type!r} is not supported (STARFlow-V uses layer_norm)")
+        for flag in ("use_swiglu", "use_qk_norm", "use_post_norm"):
+            if getattr(self, flag):
+                problems.append(f"{flag}: 1 is not supported (not used by STARFlow-V)")
+        if self.num_kv_heads is not None and self.num_kv_heads != self.block_heads(self.top_index):
+            problems.append("num_kv_heads (grouped-query attention) is not supported")
+        if not self.rope:
+            problems.append("rope: 0 (learned positional embeddings) is not supported; STARFlow-V uses rope: 1")
+        if not self.sos:
+            problems.append("sos: 0 is not supported; STARFlow-V uses sos: 1")
+        if self.use_pretrained_lm:
+            problems.append("use_pretrained_lm (LLM-initialised top block) is not supported")
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+
+    # ----------------------------------------------------------- persistence
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the parsed fields (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = [list(x) for x in v] if f.name == "unknown" else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        kwargs = {}
+        names = {f.name for f in fields(cls)}
+        for key, value in data.items():
+            if key not in names:
+                raise ConfigError(f"unknown config field {key!r} in stored config")
+            if key == "unknown":
+                value = tuple(tuple(x) for x in value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of :meth:`to_dict` (stable across runs)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_yaml(self) -> str:
+        """Upstream ``arguments:`` YAML for every non-default field (round-trips via :func:`parse_config`)."""
+        defaults = ModelConfig()
+        items = []
+        for f in fields(self):
+            if f.name == "unknown":
+                continue
+            v = getattr(self, f.name)
+            if v == getattr(defaults, f.name) or v is None:
+                continue
+            if isinstance(v, tuple):
+                v = " ".join(str(x) for x in v)
+            items.append({f.name: v})
+        items.extend({k: v} for k, v in self.unknown)
+        return yaml.safe_dump({"arguments": items}, sort_keys=False)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_PARSERS = {
+    "layers_per_block": _parse_int_list,
+    "cfg": _parse_float_list,
+    "top_block_channels": _parse_opt_int,
+    "pt_seq_len": _parse_opt_int,
+    "num_heads": _parse_opt_int,
+    "num_kv_heads": _parse_opt_int,
+    "txt_dim": _parse_opt_int,
+    "denoiser_window": _parse_opt_int,
+    "local_attn_window": _parse_opt_int,
+    "gradient_checkpoint_mlp": _parse_opt_int,
+    "use_pretrained_lm": _parse_opt_str,
+    "vid_size": _parse_opt_str,
+    "vae": _parse_opt_str,
+    "finetuned_vae": _parse_opt_str,
+    "text": _parse_opt_str,
+    "soft_clip": float,
+    "noise_std": float,
+    "drop_label": float,
+    "drop_image": float,
+    "norm_type": str,
+    "seq_order": str,
+}
+
+
+def _convert(name: str, raw: str, kind: type) -> Any:
+    parser = _PARSERS.get(name)
+    try:
+        if parser is not None:
+            return parser(raw)
+        if kind is int or name in _INT_FIELDS:
+            return int(float(raw)) if raw.strip().lower() not in ("true", "false") else int(raw.strip().lower() == "true")
+        return raw
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config field {name!r}: cannot parse value {raw!r} ({exc}); fix the YAML value") from exc
+
+
+_INT_FIELDS = {f.name for f in fields(ModelConfig) if f.type in ("int", int)}
+
+
+def parse_config(data: Mapping[str, Any] | str) -> ModelConfig:
+    """Parse upstream YAML text (or its loaded mapping) into a validated :class:`ModelConfig`."""
+    if isinstance(data, str):
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config is not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(data, Mapping) or "arguments" not in data:
+        raise ConfigError("config must have a top-level 'arguments:' list of one-key maps (upstream format)")
+    items = data["arguments"]
+    if not isinstance(items, list):
+        raise ConfigError("'arguments' must be a list of one-key maps like '- channels: 512'")
+    known = {f.name: f for f in fields(ModelConfig) if f.name != "unknown"}
+    values: dict[str, Any] = {}
+    unknown: list[tuple[str, str]] = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"every 'arguments' entry must be a one-key map, got {item!r}")
+        for key, value in item.items():
+            raw = "" if value is None else str(value)
+            if key in known:
+                values[key] = _convert(key, raw, int if key in _INT_FIELDS else str)
+            else:
+                unknown.append((str(key), raw))
+    cfg = ModelConfig(**values, unknown=tuple(unknown))
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read and parse an upstream YAML config file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {os.fspath(path)!r}: {exc.strerror}") from exc
+    return parse_config(text)

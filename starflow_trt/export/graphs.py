@@ -1,0 +1,143 @@
+"""Stage graphs: thin torch wrappers around the reference modules, one per ONNX graph.
+
+Every wrapper only moves tensors between the graph contract and the reference
+call (KV layout, frame folding); the maths is :meth:`FlowBlock.step`,
+:meth:`FlowBlock.prefill_text`, :meth:`FlowBlock.forward` and :class:`Denoiser`.
+
+Contract (documented in the manifest and README):
+
+* KV caches are **sequence-major** ``[P, layers, 2, B, heads, hd]`` (k = 0, v = 1),
+  K stored **after** RoPE. A prefix ``[:P]`` of a preallocated buffer is then a
+  contiguous view (zero-copy input) and a step's ``new_kv [S, …]`` is written
+  straight into ``[idx, idx + S)`` of the buffer (zero-copy output binding).
+  Rotating at write time equals upstream's re-rotation at every read because a
+  slot's RoPE row never changes while it is cached (spec §4.3, §8.1).
+* Positions enter as precomputed RoPE rows ``rope_cos / rope_sin [S, hd]`` (float32)
+  of the slots being written, so graphs are shape- and position-agnostic
+  (long-video re-encoding just feeds rows from slot 0 again).
+* ``scale`` is ``a`` after softplus, ``shift`` is ``b``; both float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..reference.denoiser import Denoiser, denoiser_mask
+from ..reference.flow import FlowBlock
+from ..reference.layers import KV, causal_mask
+
+
+def kv_to_layers(kv: torch.Tensor) -> list[KV]:
+    """[P, layers, 2, B, H, hd] → per layer (k, v) [B, H, P, hd]."""
+    return [(kv[:, l, 0].permute(1, 2, 0, 3), kv[:, l, 1].permute(1, 2, 0, 3)) for l in range(kv.shape[1])]
+
+
+def layers_to_kv(layers: list[KV]) -> torch.Tensor:
+    """Per layer (k, v) [B, H, S, hd] → [S, layers, 2, B, H, hd]."""
+    stacked = torch.stack([torch.stack([k, v]) for k, v in layers])  # [layers, 2, B, H, S, hd]
+    return stacked.permute(4, 0, 1, 2, 3, 5).contiguous()
+
+
+class TextPrefillGraph(nn.Module):
+    """``deep_prefill``: text [B, L, D] + RoPE rows [L, hd] → kv [L, layers, 2, B, H, hd]."""
+
+    def __init__(self, block: FlowBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, text: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+        return layers_to_kv(self.block.prefill_text(text, rope_cos, rope_sin))
+
+
+class StepGraph(nn.Module):
+    """``deep_step`` / ``shallow_step_i``: S shifted tokens + past K/V → (scale, shift, new K/V).
+
+    tokens [B, S, c] (sequence order, already shifted: SOS / previous tokens);
+    past_kv [P, layers, 2, B, H, hd]; rope_cos/sin [S, hd] (rows of slots P … P+S−1).
+    Outputs scale, shift [B, S, c] float32 and new_kv [S, layers, 2, B, H, hd].
+    Query i attends to the whole past and to new tokens ≤ i.
+    """
+
+    def __init__(self, block: FlowBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, tokens: torch.Tensor, past_kv: torch.Tensor, rope_cos: torch.Tensor,
+                rope_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, p = tokens.shape[1], past_kv.shape[0]
+        mask = causal_mask(s, p + s, tokens.device)
+        a, b, kv = self.block.step(tokens, rope_cos, rope_sin, kv_to_layers(past_kv), mask=mask)
+        return a.float(), b.float(), layers_to_kv(kv)
+
+
+class ForwardGraph(nn.Module):
+    """``forward_i``: block input x [B, T, h, w, c] (+ text) → (z [B, T, h, w, c], logdet).
+
+    Shallow-local blocks fold frames into the batch (rope rows [F, hd], logdet
+    [B, T, F, c]); the top block sees the whole video (rope rows [L + T·F, hd],
+    logdet [B, T·F, c]). logdet is −log(a) in sequence-slot order, float32.
+    """
+
+    def __init__(self, block: FlowBlock, frame_local: bool):
+        super().__init__()
+        self.block = block
+        self.frame_local = frame_local
+
+    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                text: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        inp = x.reshape(-1, 1, *shape[2:]) if self.frame_local else x
+        n = inp.shape[1] * inp.shape[2] * inp.shape[3] + (0 if text is None else text.shape[1])
+        mask = causal_mask(n, n, x.device)
+        z, logdet, _, _ = self.block(inp, text, rope=(rope_cos, rope_sin), mask=mask)
+        if self.frame_local:
+            logdet = logdet.reshape(shape[0], shape[1], -1, shape[-1])
+        return z.reshape(shape), logdet.float()
+
+
+class DenoiserGraph(nn.Module):
+    """``denoiser``: x [B, T, h, w, c], text [B, L, D], rope rows [L + T·h·w, hd] → d [B, T, h, w, c]."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, rope_cos: torch.Tensor,
+                rope_sin: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x, text, rope=(rope_cos, rope_sin))
+
+
+@dataclass
+class TensorSpec:
+    """One graph input/output: name, dtype name, shape with symbolic dim names or ints."""
+
+    name: str
+    dtype: str
+    shape: list
+
+
+@dataclass
+class GraphDef:
+    """Everything needed to export one graph: module, example inputs, contract."""
+
+    name: str
+    kind: str  # prefill | step | forward | denoiser
+    block: Optional[int]
+    module: nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dims: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def example_inputs(self, sizes: dict[str, int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Random inputs with symbolic dims replaced by ``sizes``."""
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for spec in self.inputs:
+            shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+            t = torch.randn(*shape, generator=g, dtype=torch.float32)
+            out.append(t.to(dtype if spec.dtype != "float32" or spec.name.startswith("rope") is False else torch.float32))
+        return tuple(out)

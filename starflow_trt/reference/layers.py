@@ -1,0 +1,136 @@
+"""Transformer layer of STARFlow-V (spec §2.3): pre-norm attention + GELU MLP, RMSNorm.
+
+Module and parameter names follow the upstream state_dict
+(``attention.{norm,qkv,proj}``, ``mlp.{norm,main.0,main.2}``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rope
+
+KV = tuple[torch.Tensor, torch.Tensor]
+#: Attention masks: ``"causal"`` (query i sees keys ``j <= P + i``), ``None`` (full) or a bool tensor.
+Mask = Union[str, torch.Tensor, None]
+
+
+class RMSNorm(nn.Module):
+    """``x · rsqrt(mean(x²) + 1e-6) · (1 + weight)`` computed in (at least) float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1 + self.weight.to(acc))).to(x.dtype)
+
+
+def causal_mask(queries: int, keys: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Bool mask [S, P+S]: query i may attend key j iff ``j <= (keys − queries) + i`` (spec §5)."""
+    past = keys - queries
+    i = torch.arange(queries, device=device).unsqueeze(1)
+    j = torch.arange(keys, device=device).unsqueeze(0)
+    return j <= i + past
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE on q, k and an optional KV past."""
+
+    def __init__(self, width: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.norm = nn.LayerNorm(width, eps=1e-5)
+        self.qkv = nn.Linear(width, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, width)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past: Optional[KV] = None,
+        mask: Mask = "causal",
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, KV]:
+        """x [B, S, E], cos/sin [S, hd] rows of the new slots, past k/v [B, H, P, hd] (rotated).
+
+        Returns the attention branch output [B, S, E] and this call's rotated k, v [B, H, S, hd].
+        """
+        b, s, _ = x.shape
+        qkv = self.qkv(self.norm(x)).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        scale = (self.head_dim ** -0.25) ** 2 / temperature
+        attn_mask, is_causal = None, False
+        if isinstance(mask, str):
+            if keys.shape[2] == s:
+                is_causal = True
+            elif s > 1:
+                attn_mask = causal_mask(s, keys.shape[2], x.device)
+        else:
+            attn_mask = mask
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+        return self.proj(out), (k, v)
+
+
+class MLP(nn.Module):
+    """LayerNorm → Linear(E, 4E) → exact GELU → Linear(4E, E)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-5)
+        self.main = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(self.norm(x))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm residual layer: ``z += attn(LN(z))``; ``z += MLP(LN(z))``."""
+
+    def __init__(self, width: int, heads: int, head_dim: int):
+        super().__init__()
+        self.attention = Attention(width, heads, head_dim)
+        self.mlp = MLP(width)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past: Optional[KV] = None,
+        mask: Mask = "causal",
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attention(x, cos, sin, past, mask, temperature)
+        x = x + a
+        return x + self.mlp(x), kv
+
+
+def run_layers(
+    layers: nn.ModuleList,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    past: Optional[list[KV]] = None,
+    mask: Mask = "causal",
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, list[KV]]:
+    """Run every layer; returns the hidden state and each layer's new (k, v)."""
+    new_kv = []
+    for idx, layer in enumerate(layers):
+        h, kv = layer(h, cos, sin, None if past is None else past[idx], mask, temperature)
+        new_kv.append(kv)
+    return h, new_kv

@@ -1,0 +1,112 @@
+"""ONNX Runtime backend: CPU EP by default, CUDA / TensorRT EPs when available; IO binding."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ...errors import BackendUnavailable
+from ...export.manifest import GraphSpec
+from .base import Backend, GraphRunner
+
+NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+             torch.int32: np.int32, torch.int8: np.int8, torch.bool: np.bool_}
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(requested: Optional[Sequence] = None) -> list:
+    """Providers to use: ``requested`` (checked against what is installed) or CPU.
+
+    GPU providers are only taken when asked for (``providers=[...]`` or ``"auto"``):
+    the default stays on the CPU EP so results are reproducible across machines.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested is None:
+        return ["CPUExecutionProvider"]
+    if requested == "auto":
+        return [p for p in PREFERENCE if p in available]
+    names = [p[0] if isinstance(p, (tuple, list)) else p for p in requested]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise BackendUnavailable(f"ONNX Runtime providers {missing} are not available here "
+                                 f"(available: {available}); install onnxruntime-gpu or choose others")
+    return list(requested)
+
+
+class OrtRunner(GraphRunner):
+    def __init__(self, spec: GraphSpec, session, device_type: str):
+        super().__init__(spec)
+        self.session = session
+        self.device_type = device_type
+        self.binding = session.io_binding()
+
+    def run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, t in inputs.items():
+            if t.numel() == 0:  # an empty past (P = 0) has no address to bind
+                binding.bind_cpu_input(name, np.empty(tuple(t.shape), dtype=NP_DTYPES[t.dtype]))
+            else:
+                binding.bind_input(name, self.device_type, t.device.index or 0, NP_DTYPES[t.dtype],
+                                   tuple(t.shape), t.data_ptr())
+        for name, t in outputs.items():
+            binding.bind_output(name, self.device_type, t.device.index or 0, NP_DTYPES[t.dtype],
+                                tuple(t.shape), t.data_ptr())
+        self.session.run_with_iobinding(binding)
+
+
+class OrtBackend(Backend):
+    """``ort``: one InferenceSession per graph."""
+
+    name = "ort"
+
+    def __init__(self, providers: Optional[Sequence] = None, threads: Optional[int] = None,
+                 cache_dir: Optional[str] = None):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailable("backend 'ort' needs onnxruntime: pip install 'starflow-trt[cpu]'") from exc
+        self.providers = choose_providers(providers)
+        self.threads = threads
+        self.cache_dir = cache_dir
+        first = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
+        on_gpu = first in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+        self.device_type = "cuda" if on_gpu else "cpu"
+
+    def _provider_options(self, spec: GraphSpec) -> list:
+        out = []
+        for p in self.providers:
+            if p == "TensorrtExecutionProvider":
+                cache = os.path.join(self.cache_dir or str(spec.root / "ort_trt_cache"), spec.name)
+                os.makedirs(cache, exist_ok=True)
+                out.append((p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                                "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
+                                "trt_fp16_enable": spec.precision == "fp16"}))
+            else:
+                out.append(p)
+        return out
+
+    def load(self, spec: GraphSpec) -> GraphRunner:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(spec.path), sess_options=options,
+                                       providers=self._provider_options(spec))
+        return OrtRunner(spec, session, self.device_type)
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {"backend": self.name, "device": str(self.device), "onnxruntime": ort.__version__,
+                "providers": [p if isinstance(p, str) else p[0] for p in self.providers]}

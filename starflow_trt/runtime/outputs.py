@@ -1,0 +1,54 @@
+"""Write a generation result: latents.npy, stats.json, and an mp4 + contact sheet for pixel-space models."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def save_npy_atomic(array: np.ndarray, path: Path) -> Path:
+    """numpy.save to a temp file beside ``path``, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
+    os.close(fd)
+    try:
+        np.save(tmp, array, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def latent_preview(latents: torch.Tensor) -> torch.Tensor:
+    """[B, T, C, H, W] latents → [B, T, 3, H, W] in [-1, 1]: first 3 channels, each min-max scaled."""
+    x = latents[:, :, :3] if latents.shape[2] >= 3 else latents[:, :, :1].expand(-1, -1, 3, -1, -1)
+    lo = x.amin(dim=(0, 1, 3, 4), keepdim=True)
+    hi = x.amax(dim=(0, 1, 3, 4), keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
+
+
+def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None, fps: int = 4) -> list[Path]:
+    """latents.npy + stats.json; pixel-space models (no VAE, 3 channels) also get video.mp4 and
+    contact_sheet.png, latent models a preview contact sheet of their first channels."""
+    from .video_io import contact_sheet, grid_video, write_mp4
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    latents = result.latents
+    files = [save_npy_atomic(latents.numpy(), out_dir / "latents.npy")]
+    stats_path = out_dir / "stats.json"
+    stats_path.write_text(json.dumps(result.stats, indent=1) + "\n", encoding="utf-8")
+    files.append(stats_path)
+    labels = labels or [f"sample {i}" for i in range(latents.shape[0])]
+    pixel = not pipe.cfg.vae and latents.shape[2] == 3
+    clips = [c.clamp(-1, 1) for c in (latents if pixel else latent_preview(latents))]
+    sheet = out_dir / ("contact_sheet.png" if pixel else "latent_preview.png")
+    contact_sheet(clips, labels, sheet)
+    files.append(sheet)
+    if pixel:
+        files.append(write_mp4(grid_video(clips, labels), out_dir / "video.mp4", fps=fps))
+    return files

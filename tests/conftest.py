@@ -1,0 +1,78 @@
+"""Shared fixtures: the goldens (../shared/goldens beside the repo) and a loaded reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDENS = (REPO / ".." / "shared" / "goldens" / "tiny_t2v").resolve()
+TOLERANCES = {  # goldens README: max|ours - golden| <= rtol * max|golden| + atol
+    "forward": (1e-5, 1e-5),
+    "denoiser.out": (1e-5, 1e-5),
+    "reverse": (1e-4, 1e-4),
+    "jacobi.exact": (1e-4, 1e-4),
+    "denoised": (1e-4, 1e-4),
+    "i2v": (1e-4, 1e-4),
+    "jacobi.th": (2e-3, 1e-3),
+}
+
+
+def tolerance(name: str) -> tuple[float, float]:
+    for prefix, tol in TOLERANCES.items():
+        if name.startswith(prefix):
+            return tol
+    raise KeyError(f"no tolerance for golden {name!r}")
+
+
+def golden_error(ours: torch.Tensor, golden: torch.Tensor, name: str) -> tuple[float, float]:
+    """(max abs error, allowed bound) for a golden tensor under the README rule."""
+    rtol, atol = tolerance(name)
+    g = golden.to(torch.float64)
+    err = (ours.detach().to(torch.float64) - g).abs().max().item()
+    return err, rtol * g.abs().max().item() + atol
+
+
+def assert_golden(ours: torch.Tensor, golden: torch.Tensor, name: str) -> None:
+    assert tuple(ours.shape) == tuple(golden.shape), f"{name}: shape {tuple(ours.shape)} != {tuple(golden.shape)}"
+    err, bound = golden_error(ours, golden, name)
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.fixture(scope="session")
+def goldens_dir() -> Path:
+    if not (GOLDENS / "cases.pt").exists():
+        pytest.skip(f"goldens not found at {GOLDENS} (expected ../shared/goldens beside the repo)")
+    return GOLDENS
+
+
+@pytest.fixture(scope="session")
+def cases(goldens_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(goldens_dir / "cases.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def ref32(goldens_dir: Path):
+    from starflow_trt.reference import load_reference
+
+    return load_reference(goldens_dir / "config.yaml", goldens_dir / "model.pth", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def ref64(goldens_dir: Path):
+    from starflow_trt.reference import load_reference
+
+    return load_reference(goldens_dir / "config.yaml", goldens_dir / "model.pth", dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def goldens_export(goldens_dir: Path, tmp_path_factory) -> Path:
+    """The goldens checkpoint exported once per session (grid 6×4 like the goldens, 3 frames)."""
+    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
+
+    out = tmp_path_factory.mktemp("export") / "tiny_t2v"
+    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out,
+                  limits=ExportLimits(height=6, width=4, max_frames=3, max_batch=4))
+    return out

@@ -1,0 +1,166 @@
+"""ONNX export: checker, ORT parity per graph at several dynamic sizes, manifest, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from starflow_trt.errors import ManifestError, StarflowError
+from starflow_trt.export.graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph
+from starflow_trt.export.manifest import load_manifest
+from starflow_trt.reference.rope import rope_table
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def assert_parity(sess, module, feeds, rtol=1e-5):
+    ref = module(*[torch.from_numpy(v) for v in feeds.values()])
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    out = sess.run(None, feeds)
+    assert len(out) == len(ref)
+    for r, o in zip(ref, out):
+        r = r.numpy()
+        assert r.shape == o.shape
+        err = np.abs(r - o).max()
+        assert err <= rtol * np.abs(r).max() + 1e-7, f"max error {err} vs max {np.abs(r).max()}"
+
+
+def rows(n, hd=32, pt=4):
+    cos, sin = rope_table(hd, 1, 1, n, 0, pt)
+    return cos.numpy(), sin.numpy()
+
+
+def test_every_graph_passes_full_checker(goldens_export):
+    manifest = load_manifest(goldens_export, verify=True)
+    assert set(manifest.graphs) == {"deep_prefill", "deep_step", "denoiser",
+                                    *(f"shallow_step_{k}" for k in range(5)), *(f"forward_{k}" for k in range(6))}
+    for spec in manifest.graphs.values():
+        onnx.checker.check_model(str(spec.path), full_check=True)
+        model = onnx.load(str(spec.path))
+        assert model.opset_import[0].version == manifest.opset == 18
+        assert not any(n.op_type == "Attention" for n in model.graph.node)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("S", [1, 8, 37])
+@pytest.mark.parametrize("P", [0, 13])
+def test_step_graphs_parity(goldens_export, ref32, batch, S, P):
+    manifest = load_manifest(goldens_export)
+    rng = np.random.default_rng(batch * 100 + S + P)
+    cos, sin = rows(P + S)
+    for name, block, layers, heads in [("deep_step", 5, 2, 2), ("shallow_step_2", 2, 1, 1)]:
+        feeds = {"tokens": rng.standard_normal((batch, S, 4), dtype=np.float32),
+                 "past_kv": rng.standard_normal((P, layers, 2, batch, heads, 32), dtype=np.float32),
+                 "rope_cos": cos[P:], "rope_sin": sin[P:]}
+        assert_parity(session(manifest.graph(name).path), StepGraph(ref32.blocks[block]), feeds)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_prefill_parity(goldens_export, ref32, batch):
+    manifest = load_manifest(goldens_export)
+    cos, sin = rows(4)
+    feeds = {"text": np.random.default_rng(batch).standard_normal((batch, 4, 16), dtype=np.float32),
+             "rope_cos": cos, "rope_sin": sin}
+    assert_parity(session(manifest.graph("deep_prefill").path), TextPrefillGraph(ref32.top), feeds)
+
+
+@pytest.mark.parametrize("batch,frames", [(1, 1), (4, 1), (1, 3), (4, 3), (2, 2)])
+def test_forward_and_denoiser_parity(goldens_export, ref32, batch, frames):
+    manifest = load_manifest(goldens_export)
+    rng = np.random.default_rng(batch * 10 + frames)
+    x = rng.standard_normal((batch, frames, 6, 4, 4), dtype=np.float32)
+    text = rng.standard_normal((batch, 4, 16), dtype=np.float32)
+    for k in range(6):
+        top = k == 5
+        cos, sin = rope_table(32, frames if top else 1, 6, 4, 4 if top else 0, 4)
+        feeds = {"x": x, "rope_cos": cos.numpy(), "rope_sin": sin.numpy()}
+        if top:
+            feeds["text"] = text
+        assert_parity(session(manifest.graph(f"forward_{k}").path), ForwardGraph(ref32.blocks[k], not top), feeds)
+    cos, sin = rope_table(32, frames, 6, 4, 4, 4)
+    feeds = {"x": x, "text": text, "rope_cos": cos.numpy(), "rope_sin": sin.numpy()}
+    assert_parity(session(manifest.graph("denoiser").path), DenoiserGraph(ref32.learnable_self_denoiser), feeds)
+
+
+def test_manifest_round_trip(goldens_export):
+    manifest = load_manifest(goldens_export, verify=True)
+    on_disk = json.loads((goldens_export / "manifest.json").read_text())
+    assert manifest.to_dict() == on_disk
+    assert manifest.config.hash() == on_disk["config_hash"]
+    step = manifest.graph("deep_step")
+    prof = step.profile()
+    assert prof["tokens"] == ((1, 1, 4), (2, 64 if 72 >= 64 else 72, 4), (8, 72, 4))
+    assert prof["past_kv"][2] == (4 + 72, 2, 2, 8, 2, 32)
+    assert len(step.extra["sos"]) == 4
+    assert manifest.geometry["kv_layout"].startswith("[P, layers, 2")
+
+
+def test_edited_graph_is_detected(goldens_export, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(goldens_export, copy)
+    with open(copy / "forward_3.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ManifestError, match="modified after export"):
+        load_manifest(copy, verify=True)
+    (copy / "deep_step.onnx").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        load_manifest(copy).graph("deep_step").verify()
+    (copy / "manifest.json").write_text("{bad json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_manifest(copy)
+
+
+def test_interrupted_export_leaves_nothing(goldens_dir, tmp_path, monkeypatch):
+    from starflow_trt.export import onnx_export
+
+    real = onnx_export.export_one
+    calls = []
+
+    def failing(plan, *args, **kwargs):
+        calls.append(plan.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_one", failing)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out,
+                                  graphs=["deep_prefill", "deep_step"])
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_bad_requests(goldens_dir, goldens_export, tmp_path):
+    from starflow_trt.export.onnx_export import export_graphs
+
+    with pytest.raises(StarflowError, match="not empty"):
+        export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", goldens_export)
+    with pytest.raises(StarflowError, match="unknown graph"):
+        export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", tmp_path / "o", graphs=["nope"])
+    with pytest.raises(StarflowError, match="opset"):
+        export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", tmp_path / "o", opset=23)
+
+
+def test_simplified_graph_keeps_parity(goldens_dir, ref32, tmp_path):
+    pytest.importorskip("onnxslim")
+    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
+
+    manifest, _ = export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", tmp_path / "s",
+                                graphs=["deep_step"], simplify=True, limits=ExportLimits(height=6, width=4))
+    rng = np.random.default_rng(7)
+    cos, sin = rows(5 + 8)
+    feeds = {"tokens": rng.standard_normal((2, 8, 4), dtype=np.float32),
+             "past_kv": rng.standard_normal((5, 2, 2, 2, 2, 32), dtype=np.float32),
+             "rope_cos": cos[5:], "rope_sin": sin[5:]}
+    assert_parity(session(manifest.graph("deep_step").path), StepGraph(ref32.top), feeds)

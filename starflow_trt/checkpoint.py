@@ -42,11 +42,8 @@ def sha256_file(path: PathLike, chunk: int = 1 << 24) -> str:
 
 def _refusal(exc: Exception) -> Optional[str]:
     """The offending global named by torch's weights-only unpickler, if that is why it failed."""
-    text = str(exc)
-    if "weights_only" not in text and "Unsupported global" not in text and "Unsupported operand" not in text:
-        return None
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"GLOBAL ([\w.]+)", text)
-    return match.group(1) if match else "a non-tensor object"
+    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return match.group(1) if match else None
 
 
 def load_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
@@ -150,7 +147,12 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous() for k, v in state.items()}
+        tensors, seen = {}, set()
+        for k, v in state.items():  # safetensors refuses aliased storage (e.g. tied buffers)
+            v = v.detach().contiguous()
+            ptr = v.untyped_storage().data_ptr()
+            tensors[k] = v.clone() if ptr in seen else v
+            seen.add(ptr)
         if p.suffix == ".safetensors":
             from safetensors.torch import save_file
 

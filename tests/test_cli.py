@@ -1,0 +1,60 @@
+"""CLI basics: version, error handling (one line, exit 2), inspect on the 7B config and the goldens."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from starflow_trt import __version__
+from starflow_trt.cli import COMMANDS, main
+from starflow_trt.errors import StarflowError
+
+CONFIG_7B = Path(__file__).resolve().parents[1] / "starflow_trt" / "configs" / "starflow_v_7b.yaml"
+
+
+def test_version_and_help():
+    runner = CliRunner()
+    out = runner.invoke(main, ["--version"])
+    assert out.exit_code == 0 and __version__ in out.output
+    out = runner.invoke(main, ["--help"])
+    assert out.exit_code == 0
+    for verb in ("inspect", "export", "generate", "score", "demo"):
+        assert verb in out.output
+
+
+def test_user_errors_are_one_line_exit_2(monkeypatch):
+    @click.command("boom")
+    def boom():
+        raise StarflowError("the cause\nand the fix")
+
+    monkeypatch.setitem(COMMANDS, "boom", "tests.test_cli:_boom")
+    globals()["_boom"] = boom
+    out = CliRunner().invoke(main, ["boom"])
+    assert out.exit_code == 2
+    assert out.output.strip() == "error: the cause and the fix"
+
+
+def test_inspect_7b_config_fast():
+    start = time.perf_counter()
+    out = CliRunner().invoke(main, ["inspect", str(CONFIG_7B)])
+    elapsed = time.perf_counter() - start
+    assert out.exit_code == 0, out.output
+    assert "6,890,096,528" in out.output and "5,977,211,744" in out.output
+    assert "4,842,107,024" in out.output and "1590 tokens/frame" in out.output and "21 latent frames" in out.output
+    assert elapsed < 30
+
+
+def test_inspect_validates_checkpoint(goldens_dir, tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(main, ["inspect", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth")])
+    assert out.exit_code == 0, out.output
+    assert "OK" in out.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((goldens_dir / "config.yaml").read_text().replace("channels: 32", "channels: 64"))
+    out = runner.invoke(main, ["inspect", str(bad), str(goldens_dir / "model.pth")])
+    assert out.exit_code == 2
+    assert out.output.startswith("error: checkpoint does not match the config") and "shape-mismatched" in out.output

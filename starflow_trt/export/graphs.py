@@ -31,6 +31,16 @@ from ..reference.flow import FlowBlock
 from ..reference.layers import KV, causal_mask
 
 
+def additive_causal_mask(queries: int, keys: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Float mask [S, P+S]: 0 where query i may attend key j (j <= P + i), −inf elsewhere.
+
+    Same attention as the bool mask, but the exported graph adds it to the scores instead
+    of the Where/IsNaN chain the exporter emits for bool masks (~25% of a step on ORT CPU).
+    """
+    allowed = causal_mask(queries, keys, device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+
+
 def kv_to_layers(kv: torch.Tensor) -> list[KV]:
     """[P, layers, 2, B, H, hd] → per layer (k, v) [B, H, P, hd]."""
     return [(kv[:, l, 0].permute(1, 2, 0, 3), kv[:, l, 1].permute(1, 2, 0, 3)) for l in range(kv.shape[1])]
@@ -69,7 +79,7 @@ class StepGraph(nn.Module):
     def forward(self, tokens: torch.Tensor, past_kv: torch.Tensor, rope_cos: torch.Tensor,
                 rope_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s, p = tokens.shape[1], past_kv.shape[0]
-        mask = causal_mask(s, p + s, tokens.device)
+        mask = additive_causal_mask(s, p + s, past_kv.dtype, tokens.device)
         a, b, kv = self.block.step(tokens, rope_cos, rope_sin, kv_to_layers(past_kv), mask=mask)
         return a.float(), b.float(), layers_to_kv(kv)
 
@@ -92,7 +102,7 @@ class ForwardGraph(nn.Module):
         shape = x.shape
         inp = x.reshape(-1, 1, *shape[2:]) if self.frame_local else x
         n = inp.shape[1] * inp.shape[2] * inp.shape[3] + (0 if text is None else text.shape[1])
-        mask = causal_mask(n, n, x.device)
+        mask = additive_causal_mask(n, n, x.dtype, x.device)
         z, logdet, _, _ = self.block(inp, text, rope=(rope_cos, rope_sin), mask=mask)
         if self.frame_local:
             logdet = logdet.reshape(shape[0], shape[1], -1, shape[-1])

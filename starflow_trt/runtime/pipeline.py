@@ -538,8 +538,7 @@ class _GenerateRun:
         frontier = s        # tokens < frontier have been given an initial guess
         sweeps_here = 0
         while s < target:
-            k = jac.block_size if s <= fs else 4 * jac.block_size
-            e = min(s + k, target)
+            e = min(s + jac.block_size, target)  # a window of block_size tokens, slid forward
             exact = max(exact, s)  # committed tokens are final
             if e > frontier:
                 lo = max(frontier, fs)

@@ -1,0 +1,237 @@
+"""``calibrate``: FP32 graph directory → complete INT8 (Q/DQ) or FP16 graph directory, gated on quality.
+
+1. Capture the inputs every graph sees while the FP32 graphs sample videos (and score them).
+2. INT8: Q/DQ graphs calibrated on 3/4 of the captured calls (+ a TensorRT calibration
+   cache per graph from the same ranges); FP16: mixed FP16/FP32 graphs.
+3. Quality gate on CPU with ORT: relative L2 error of every graph output vs FP32 on the
+   held-out 1/4 of calls; bits/dim increase on held-out clips; PSNR of generated latents vs
+   FP32 from the same noise and prompts. A failing gate writes nothing unless ``force``.
+4. OUT gets its own manifest (precision per graph, the numbers under ``quality``), so
+   ``Pipeline.from_dir(OUT, backend="ort")`` runs it as is.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import StarflowError
+from ..export.manifest import Manifest, load_manifest, sha256_path
+from ..reference.sampler import JacobiConfig
+from .capture import CaptureSet, capture_activations, iter_feeds
+from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
+from .trt_cache import write_cache
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """Limits a calibrated directory must meet (per precision defaults in :func:`default_gate`)."""
+
+    max_graph_error: float
+    max_bpd_increase: float
+    min_psnr_db: float
+
+
+def default_gate(precision: str) -> QualityGate:
+    if precision == "fp16":
+        return QualityGate(max_graph_error=0.01, max_bpd_increase=0.005, min_psnr_db=30.0)
+    return QualityGate(max_graph_error=0.1, max_bpd_increase=0.02, min_psnr_db=20.0)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def graph_errors(fp32_path: Path, new_path: Path, calls) -> dict[str, float]:
+    """Relative L2 error ‖new − fp32‖ / ‖fp32‖ of every output over the held-out calls."""
+    a, b = _session(fp32_path), _session(new_path)
+    names = [i.name for i in a.get_inputs()]
+    outs = [o.name for o in a.get_outputs()]
+    num = {o: 0.0 for o in outs}
+    den = {o: 0.0 for o in outs}
+    for feeds in iter_feeds(calls, names):
+        for o, x, y in zip(outs, a.run(None, feeds), b.run(None, feeds)):
+            num[o] += float(np.square(y.astype(np.float64) - x).sum())
+            den[o] += float(np.square(x.astype(np.float64)).sum())
+    return {o: math.sqrt(num[o] / max(den[o], 1e-30)) for o in outs}
+
+
+def psnr(test: torch.Tensor, ref: torch.Tensor) -> float:
+    """10·log10(range² / MSE), range = max − min of ``ref``."""
+    mse = float((test.double() - ref.double()).pow(2).mean())
+    peak = float(ref.max() - ref.min())
+    return float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+
+
+def _default_prompts(manifest: Manifest, samples: int):
+    """The bundled toy's prompts when DIR was exported from it; otherwise None."""
+    try:
+        from ..toy import PROMPTS, load_bundled
+
+        toy = load_bundled()
+    except Exception:  # noqa: BLE001 - no bundled model: caller must pass embeddings
+        return None
+    from ..checkpoint import sha256_file
+
+    if sha256_file(toy.checkpoint_path) != manifest.checkpoint.get("sha256"):
+        return None
+    prompts = [PROMPTS[(7 * i) % len(PROMPTS)] for i in range(samples)]
+    return toy.encode(prompts), toy.encode([""] * samples), toy
+
+
+def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: str = "entropy",
+                        samples: int = 16, text: Optional[torch.Tensor] = None, uncond: Optional[torch.Tensor] = None,
+                        guidance: float = 3.0, jacobi: Optional[JacobiConfig] = JacobiConfig(block_size=16),
+                        exclude: Sequence[str] = DEFAULT_EXCLUDE, gate: Optional[QualityGate] = None,
+                        eval_clips: Optional[tuple[torch.Tensor, torch.Tensor]] = None, max_calls: int = 48,
+                        trt_version: str = "10.3.0", force: bool = False, overwrite: bool = False,
+                        log: Callable[[str], None] = print) -> Manifest:
+    """Calibrate ``src`` (FP32 graphs) into ``out``; see the module docstring."""
+    from ..runtime.backends.ort_backend import OrtBackend
+    from ..runtime.pipeline import Pipeline
+
+    if precision not in ("int8", "fp16"):
+        raise StarflowError(f"--precision must be int8 or fp16, got {precision!r}")
+    src, out = Path(src), Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise StarflowError(f"{out} exists and is not empty; choose another -o or remove it")
+    manifest = load_manifest(src, verify=True)
+    if manifest.precision != "fp32":
+        raise StarflowError(f"{src} holds {manifest.precision} graphs; calibrate from the FP32 export")
+    gate = gate or default_gate(precision)
+    toy = None
+    if text is None:
+        found = _default_prompts(manifest, samples)
+        if found is None:
+            raise StarflowError("no calibration prompts: pass --text-embeddings (and --uncond for guidance) "
+                                "with the kind of prompts the model will serve")
+        text, uncond, toy = found
+    if guidance > 0 and uncond is None:
+        raise StarflowError("guidance > 0 needs --uncond embeddings for calibration")
+    pipe32 = Pipeline(manifest, OrtBackend())
+    t0 = time.perf_counter()
+    seeds = [1000]
+    log(f"capturing graph inputs: {text.shape[0]} prompts x {len(seeds)} seed(s), guidance {guidance}")
+    captured = capture_activations(pipe32, text, uncond, seeds, guidance, jacobi, max_calls=max_calls)
+    cal, held = captured.split(0.25)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log)
+        quality = {"graphs": {}}
+        for name, spec in new.graphs.items():
+            if spec.precision != precision:
+                continue
+            errs = graph_errors(manifest.graph(name).path, spec.path, held.calls.get(name, []))
+            quality["graphs"][name] = {"rel_l2": errs, "calls": len(held.calls.get(name, []))}
+        quality.update(_end_to_end(manifest, new, text, uncond, guidance, jacobi, eval_clips, toy))
+        failures = _check_gate(quality, gate)
+        quality["gate"] = {**asdict(gate), "passed": not failures, "failures": failures, "forced": bool(failures and force)}
+        new.extra["quality"] = quality
+        new.extra["calibration"] = {"precision": precision, "method": method, "exclude": list(exclude),
+                                    "prompts": int(text.shape[0]), "seeds": seeds, "guidance": guidance,
+                                    "captured_calls": captured.seen, "seconds": round(time.perf_counter() - t0, 1),
+                                    "source": str(src), "trt_cache_versions": "TensorRT 8.x-10.x (implicit INT8)"}
+        if failures and not force:
+            raise StarflowError(f"{precision} graphs fail the quality gate ({'; '.join(failures)}); nothing written. "
+                                "Loosen --exclude, try another --method, or pass --force to write them anyway")
+        new.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for spec in new.graphs.values():
+        spec.root = out
+    new.root = out
+    return new
+
+
+def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, cal: CaptureSet,
+                    exclude: Sequence[str], trt_version: str, log) -> Manifest:
+    from .fp16 import convert_fp16
+
+    new = Manifest.__new__(Manifest)
+    new.__dict__.update(manifest.__dict__)
+    new.root, new.precision = tmp, precision
+    new.graphs = {}
+    new.extra = dict(manifest.extra)
+    for name, spec in manifest.graphs.items():
+        dst = tmp / spec.file
+        calls = cal.calls.get(name, [])
+        info: dict = {}
+        if precision == "int8" and calls:
+            log(f"  int8 {name}: {len(calls)} calibration calls")
+            ranges = tmp / f"{name}.ranges.json"
+            info = quantize_graph(spec.path, dst, calls, method, exclude, ranges_path=ranges)
+            cache = write_cache(tmp / f"{name}.calib.cache", load_ranges(ranges), method, trt_version)
+            hits, total = weight_quantized_matmuls(dst)
+            info.update({"trt_calibration_cache": cache.name, "weight_qdq_matmuls": hits, "matmuls": total})
+            ranges.unlink()
+            graph_precision = "int8"
+        elif precision == "fp16":
+            log(f"  fp16 {name}")
+            info = convert_fp16(spec.path, dst)
+            graph_precision = "fp16"
+        else:
+            log(f"  {name}: never called during capture, kept fp32")
+            shutil.copy2(spec.path, dst)
+            graph_precision = "fp32"
+        clone = type(spec)(**{**spec.__dict__})
+        clone.root, clone.precision = tmp, graph_precision
+        clone.sha256 = sha256_path(dst)
+        clone.extra = {**spec.extra, "conversion": info}
+        new.graphs[name] = clone
+    return new
+
+
+def _end_to_end(m32: Manifest, mq: Manifest, text, uncond, guidance, jacobi, eval_clips, toy) -> dict:
+    """bits/dim increase and latent PSNR of the new graphs vs FP32 (ORT CPU, same inputs)."""
+    from ..runtime.backends.ort_backend import OrtBackend
+    from ..runtime.pipeline import Pipeline
+
+    p32, pq = Pipeline(m32, OrtBackend()), Pipeline(mq, OrtBackend())
+    batch = m32.geometry["max_batch"]
+    y, u = text[:batch], (uncond[:batch] if uncond is not None else None)
+    kwargs = dict(guidance=guidance, jacobi=jacobi, seed=2024)
+    a, b = p32.generate(y, u, **kwargs), pq.generate(y, u, **kwargs)
+    if eval_clips is None and toy is not None:
+        from ..toy.train import held_out_set
+
+        clips, prompts = held_out_set(64, m32.geometry["max_frames"])
+        noisy = clips + m32.config.noise_std * torch.randn(clips.shape, generator=torch.Generator().manual_seed(12345))
+        eval_clips = (noisy, toy.encode(prompts))
+    if eval_clips is None:  # the model's own samples from seeds never used in calibration
+        eval_clips = (p32.generate(y, u, guidance=guidance, jacobi=jacobi, seed=4242).raw, y)
+    x, ey = eval_clips
+    bpd32 = torch.cat([p32.score(x[i:i + batch], ey[i:i + batch])[1] for i in range(0, len(x), batch)])
+    bpdq = torch.cat([pq.score(x[i:i + batch], ey[i:i + batch])[1] for i in range(0, len(x), batch)])
+    return {"bpd_fp32": float(bpd32.mean()), "bpd": float(bpdq.mean()),
+            "bpd_increase": float(bpdq.mean() - bpd32.mean()), "eval_clips": int(len(x)),
+            "latent_psnr_db": psnr(b.latents, a.latents), "raw_latent_psnr_db": psnr(b.raw, a.raw)}
+
+
+def _check_gate(quality: dict, gate: QualityGate) -> list[str]:
+    failures = []
+    for name, g in quality["graphs"].items():
+        worst = max(g["rel_l2"].values()) if g["rel_l2"] else 0.0
+        if worst > gate.max_graph_error:
+            failures.append(f"{name} rel error {worst:.3g} > {gate.max_graph_error}")
+    if quality["bpd_increase"] > gate.max_bpd_increase:
+        failures.append(f"bits/dim +{quality['bpd_increase']:.4f} > {gate.max_bpd_increase}")
+    if quality["latent_psnr_db"] < gate.min_psnr_db:
+        failures.append(f"latent PSNR {quality['latent_psnr_db']:.1f} dB < {gate.min_psnr_db}")
+    return failures

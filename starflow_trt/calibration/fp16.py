@@ -1,0 +1,62 @@
+"""FP16 graphs with FP32 islands (onnxconverter-common's float16 converter).
+
+FP16 runs inside the transformer layers and the input projections; kept in FP32: everything
+of the affine head (final RMSNorm, ``proj_out``, soft clip, softplus/exp of the scale), the
+index/mask arithmetic, and inside the layers the norms, softmax and erf (GELU).
+Graph inputs/outputs stay FP32 (casts inside), so the runtime's buffers do not change;
+the result runs on ORT (CPU, CUDA) and in a strongly typed TensorRT build. The legacy
+``BuilderFlag.FP16`` is only for TensorRT <= 10.x builds of FP32 graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FP32_OPS = ("Softplus", "Exp", "Log", "Tanh", "Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt",
+            "Reciprocal", "Erf", "Cast", "Floor", "Div", "Range")  # + index arithmetic done in float
+FP16_MODULES = ("attn_blocks", "proj_in", "proj_txt")
+
+
+def convert_fp16(src: Path, dst: Path) -> dict:
+    """Write the mixed FP16/FP32 version of ``src``; returns counts of FP32-kept nodes."""
+    import warnings
+
+    import onnx
+
+    try:
+        from onnxconverter_common import float16
+    except ImportError as exc:  # pragma: no cover - dependency of the cpu extra
+        from ..errors import StarflowError
+
+        raise StarflowError("FP16 conversion needs onnxconverter-common: pip install 'starflow-trt[cpu]'") from exc
+    model = onnx.load(str(src))
+    # intermediate type annotations go stale once tensors become fp16 (Cast nodes keep their
+    # target type); drop them and let the runtime infer types
+    del model.graph.value_info[:]
+    keep = []
+    for node in model.graph.node:
+        ns = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        if node.op_type in FP32_OPS or not any(m in ns for m in FP16_MODULES):
+            keep.append(node.name)
+    with warnings.catch_warnings():  # "-3.4e38 truncated to -10000": masked logits, harmless
+        warnings.simplefilter("ignore")
+        converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+    _float32_outputs(converted)
+    onnx.save(converted, str(dst))
+    return {"fp32_nodes": len(keep), "nodes": len(model.graph.node)}
+
+
+def _float32_outputs(model) -> None:
+    """Cast any FP16 graph output back to FP32 (the manifest's IO contract stays FP32)."""
+    from onnx import TensorProto, helper
+
+    for out in model.graph.output:
+        if out.type.tensor_type.elem_type != TensorProto.FLOAT16:
+            continue
+        inner = f"{out.name}__fp16"
+        for node in model.graph.node:
+            node.output[:] = [inner if o == out.name else o for o in node.output]
+            node.input[:] = [inner if i == out.name else i for i in node.input]
+        model.graph.node.append(helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT,
+                                                 name=f"{out.name}_to_fp32"))
+        out.type.tensor_type.elem_type = TensorProto.FLOAT

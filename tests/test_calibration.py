@@ -1,0 +1,97 @@
+"""Calibration: TensorRT cache format round trip, Q/DQ structure, capture shards, gate refusal, FP16."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from starflow_trt.calibration.capture import CallReservoir, CaptureSet
+from starflow_trt.calibration.trt_cache import decode_scale, encode_scale, read_cache, trt_version_tag, write_cache
+from starflow_trt.errors import StarflowError
+
+pytest.importorskip("onnxruntime")
+
+
+def test_trt_cache_round_trip(tmp_path):
+    amax = {"tokens": 3.25, "layer_norm": 17.0, "val_12": 1e-3, "odd:name": 250.5}
+    path = write_cache(tmp_path / "c.cache", amax, "entropy", "10.3.0")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "TRT-100300-EntropyCalibration2"
+    header, scales = read_cache(path)
+    assert header == lines[0] and set(scales) == set(amax)
+    for name, value in amax.items():
+        assert scales[name] == struct.unpack(">f", struct.pack(">f", value / 127.0))[0]
+    # the hex is the big-endian float32 of amax/127
+    assert encode_scale(1.0) == "3f800000" and decode_scale("3f800000") == 1.0
+    assert trt_version_tag("8.6.1") == 8601 and trt_version_tag("10.0.1") == 100001
+    bad = tmp_path / "bad.cache"
+    bad.write_text("tokens 3.0\n")
+    with pytest.raises(ValueError, match="TRT-"):
+        read_cache(bad)
+
+
+def test_reservoir_and_shards(tmp_path):
+    res = CallReservoir(max_calls=5, seed=1)
+    for i in range(40):
+        res.offer("g", {"x": torch.full((2, i % 3 + 1), float(i))})
+    assert len(res.calls["g"]) == 5 and res.seen["g"] == 40
+    values = sorted(int(c["x"].flat[0]) for c in res.calls["g"])
+    assert values != [0, 1, 2, 3, 4]  # a sample of the whole stream, not its head
+    cap = CaptureSet(calls=res.calls, seen=res.seen)
+    index = cap.save(tmp_path / "cap", shard_bytes=40)
+    assert len(index["graphs"]["g"]["shards"]) > 1  # size-bounded
+    again = CaptureSet.load(tmp_path / "cap")
+    for a, b in zip(cap.calls["g"], again.calls["g"]):
+        np.testing.assert_array_equal(a["x"], b["x"])
+    cal, held = again.split(0.25)
+    assert len(cal.calls["g"]) + len(held.calls["g"]) == 5 and held.calls["g"]
+
+
+@pytest.fixture(scope="module")
+def int8_dir(goldens_export, cases, tmp_path_factory):
+    """The goldens export calibrated to INT8 (forced: random weights are not a quality target)."""
+    from starflow_trt.calibration import calibrate_directory
+
+    out = tmp_path_factory.mktemp("int8") / "g"
+    y, u = cases["y"], cases["y_uncond"]
+    return calibrate_directory(goldens_export, out, "int8", method="percentile", text=y, uncond=u, guidance=2.0,
+                               force=True, eval_clips=(cases["x"], y), log=lambda m: None)
+
+
+def test_int8_graphs_have_weight_qdq_and_run(int8_dir, cases):
+    from starflow_trt.calibration.int8 import weight_quantized_matmuls
+    from starflow_trt.runtime import Pipeline
+
+    for name, spec in int8_dir.graphs.items():
+        conv = spec.extra["conversion"]
+        assert spec.precision == "int8" and conv["QuantizeLinear"] > 0
+        hits, total = weight_quantized_matmuls(spec.path)
+        assert hits == conv["quantized_nodes"] == total - len(conv["excluded_nodes"])
+        header, scales = read_cache(spec.root / conv["trt_calibration_cache"])
+        assert header.startswith("TRT-") and scales
+    pipe = Pipeline.from_dir(int8_dir.root, backend="ort", precision="int8")
+    result = pipe.generate(cases["y"], noise=cases["noise"], denoise=False)
+    assert torch.isfinite(result.latents).all()
+    q = int8_dir.extra["quality"]
+    assert set(q) >= {"graphs", "bpd_increase", "latent_psnr_db", "gate"}
+
+
+def test_gate_refuses_without_force(goldens_export, cases, tmp_path):
+    from starflow_trt.calibration import QualityGate, calibrate_directory
+
+    strict = QualityGate(max_graph_error=1e-9, max_bpd_increase=1e-9, min_psnr_db=500.0)
+    out = tmp_path / "refused"
+    with pytest.raises(StarflowError, match="quality gate"):
+        calibrate_directory(goldens_export, out, "fp16", text=cases["y"], uncond=cases["y_uncond"], guidance=2.0,
+                            gate=strict, eval_clips=(cases["x"], cases["y"]), log=lambda m: None)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_calibrate_needs_prompts_for_foreign_models(goldens_export, tmp_path):
+    from starflow_trt.calibration import calibrate_directory
+
+    with pytest.raises(StarflowError, match="text-embeddings"):
+        calibrate_directory(goldens_export, tmp_path / "x", "int8", log=lambda m: None)

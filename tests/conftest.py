@@ -76,3 +76,15 @@ def goldens_export(goldens_dir: Path, tmp_path_factory) -> Path:
     export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out,
                   limits=ExportLimits(height=6, width=4, max_frames=3, max_batch=4))
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_export(tmp_path_factory) -> Path:
+    """The bundled toy model exported once per session (batch up to 8)."""
+    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
+    from starflow_trt.toy import load_bundled
+
+    toy = load_bundled()
+    out = tmp_path_factory.mktemp("toy") / "graphs"
+    export_graphs(toy.config_path, toy.checkpoint_path, out, limits=ExportLimits(max_batch=8))
+    return out

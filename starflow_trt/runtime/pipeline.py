@@ -129,11 +129,12 @@ class Pipeline:
         values = self.manifest.graph(name).extra.get("sos")
         if values is None:
             raise ManifestError(f"graph {name!r} has no 'sos' vector in the manifest; re-export")
-        return torch.tensor(values, dtype=torch.float32)
+        return torch.tensor(values, dtype=torch.float32, device=self.backend.device)
 
     def _rope(self, frames: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) [rows, hd] on the backend's device."""
         g = self.geo
-        return rope_table(g["head_dim"], frames, g["h"], g["w"], text_len, g["pt_seq_len"])
+        return rope_table(g["head_dim"], frames, g["h"], g["w"], text_len, g["pt_seq_len"], device=self.backend.device)
 
     # -------------------------------------------------------------- checks
     def _check_text(self, y: torch.Tensor, batch: Optional[int], name: str) -> None:
@@ -248,9 +249,11 @@ class Pipeline:
         if x.shape[0] > g["max_batch"] or x.shape[1] > g["max_frames"]:
             raise InputError(f"score supports batch <= {g['max_batch']} and frames <= {g['max_frames']} "
                              f"for this export, got {tuple(x.shape[:2])}")
-        h = patchify(x, g["patch_size"]).contiguous()
+        dev = self.backend.device
+        h = patchify(x, g["patch_size"]).contiguous().to(dev)
+        y = y.to(dev)
         b, t = h.shape[:2]
-        logdet_sum = torch.zeros(b, dtype=torch.float64)
+        logdet_sum = torch.zeros(b, dtype=torch.float64, device=dev)
         for k in range(g["num_blocks"]):
             if k in g["identity_blocks"]:
                 continue
@@ -259,7 +262,7 @@ class Pipeline:
             cos, sin = self._rope(1 if local else t, g["text_length"] if top else 0)
             z = torch.empty_like(h)
             logdet = torch.empty((b, t, g["tokens_per_frame"], h.shape[-1]) if local else
-                                 (b, t * g["tokens_per_frame"], h.shape[-1]), dtype=torch.float32)
+                                 (b, t * g["tokens_per_frame"], h.shape[-1]), dtype=torch.float32, device=dev)
             inputs = {"x": h, "rope_cos": cos.contiguous(), "rope_sin": sin.contiguous()}
             if top:
                 inputs["text"] = y
@@ -268,7 +271,7 @@ class Pipeline:
             h = z
         nll = 0.5 * h.double().pow(2).flatten(1).mean(1) - logdet_sum
         bpd = (nll + 0.5 * math.log(2 * math.pi)) / math.log(2)
-        return nll.float(), bpd.float()
+        return nll.float().cpu(), bpd.float().cpu()
 
 
 class _GenerateRun:
@@ -285,12 +288,14 @@ class _GenerateRun:
         self.runs: list[_BlockRun] = []
         g = self.geo
         self.batch, self.frames = noise.shape[:2]
-        self.text = torch.cat([y, y_uncond]) if w > 0 else y
+        self.device = dev = pipe.backend.device
+        self.y = y.to(dev)
+        self.text = (torch.cat([y, y_uncond]) if w > 0 else y).to(dev)
         self.bp = self.text.shape[0]
         self.F = g["tokens_per_frame"]
         self.c = g["token_channels"]
         self.L = g["text_length"]
-        self.x = patchify(noise, g["patch_size"]).contiguous()  # [B, T, h, w, c]
+        self.x = patchify(noise, g["patch_size"]).contiguous().to(dev)  # [B, T, h, w, c]
         self.n_tokens = self.frames * self.F
         top = g["blocks"][g["top_index"]]
         cap = self.L + (window * self.F if window else self.n_tokens)
@@ -328,7 +333,7 @@ class _GenerateRun:
         self._denoise_upto(self.frames)
         raw = unpatchify(self.shallow_out, g["patch_size"])
         final = unpatchify(self.final if self.denoise else self.shallow_out, g["patch_size"])
-        return final, raw
+        return final.cpu(), raw.cpu()
 
     def stats(self) -> dict:
         st = self.pipe._stats
@@ -365,7 +370,7 @@ class _GenerateRun:
         self._prefill_text()
         t0 = time.perf_counter()
         start = 0
-        work = torch.empty(self.bp, self.n_tokens + 1, self.c)
+        work = torch.empty(self.bp, self.n_tokens + 1, self.c, device=self.device)
         work[:, 0] = self.pipe._sos(top)
         work[:, 1:] = seq
         if self.context is not None:
@@ -414,7 +419,7 @@ class _GenerateRun:
         """Shallow forward graphs on the context, then the deep K/V of its tokens (spec §11)."""
         g = self.geo
         t0 = time.perf_counter()
-        h = patchify(self.context, g["patch_size"]).contiguous()
+        h = patchify(self.context, g["patch_size"]).contiguous().to(self.device)
         n = h.shape[1]
         self.ctx_inputs = [h]
         for k in range(g["num_blocks"] - 1):
@@ -426,7 +431,7 @@ class _GenerateRun:
             z = torch.empty_like(h)
             shape = (h.shape[0], n, self.F, self.c) if local else (h.shape[0], n * self.F, self.c)
             self.pipe._call(f"forward_{k}", {"x": h, "rope_cos": cos.contiguous(), "rope_sin": sin.contiguous()},
-                            {"z": z, "logdet": torch.empty(shape)})
+                            {"z": z, "logdet": torch.empty(shape, device=self.device)})
             h = z
             self.ctx_inputs.append(h)
         hh = torch.cat([h, h]) if self.w > 0 else h
@@ -608,7 +613,7 @@ class _GenerateRun:
         bs, n = seq.shape[:2]
         hd = g["head_dim"]
         kv = KVCache(self.ws.view("shallow_kv", (n, blk["layers"], 2, bs, blk["heads"], hd)))
-        work = torch.empty(bs, n + 1, self.c)
+        work = torch.empty(bs, n + 1, self.c, device=self.device)
         work[:, 0] = self.pipe._sos(k)
         work[:, 1:] = seq
         cos, sin = self.pipe._rope(1 if local else hin.shape[1], 0)
@@ -683,5 +688,5 @@ class _GenerateRun:
         if self.on_frame is not None:
             p = self.geo["patch_size"]
             for t in range(self.frames_emitted, upto):
-                self.on_frame(t, unpatchify(source[:, t], p).clone())
+                self.on_frame(t, unpatchify(source[:, t], p).cpu().clone())
         self.frames_emitted = upto

@@ -3,6 +3,8 @@
     from starflow_trt.toy import load_bundled, render_clip, PROMPTS
     toy = load_bundled()            # .config_path, .checkpoint_path, .encode(prompts) -> y [B, L, D]
     clip = render_clip(prompt, seed)   # [T, 3, H, W] float in [-1, 1]
+
+Viewing helpers (mp4, contact sheets) live in :mod:`starflow_trt.runtime.video_io`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from typing import Sequence
 
 import torch
 
-from .data import PROMPTS, make_dataset, parse_prompt, render_clip, score_clips
+from .data import PROMPTS, detect_colour, detect_direction, make_dataset, parse_prompt, render_clip, score_clips
 from .text import ToyTextEncoder
 
 __all__ = ["load_bundled", "BundledToy", "render_clip", "make_dataset", "PROMPTS", "ToyTextEncoder",
-           "score_clips", "parse_prompt", "ASSETS"]
+           "score_clips", "detect_colour", "detect_direction", "parse_prompt", "ASSETS"]
 
 ASSETS = Path(str(resources.files(__package__) / "assets"))
 

@@ -27,10 +27,14 @@ OBJECT_SIZE = 5.0
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
     """``"a red square moving left"`` → ("red", "square", "left")."""
     words = prompt.lower().split()
-    if len(words) != 5 or words[0] != "a" or words[3] != "moving" or words[1] not in COLOURS \
-            or words[2] not in SHAPES or words[4] not in DIRECTIONS:
-        raise ValueError(f"not a toy prompt: {prompt!r}; expected 'a <{'|'.join(COLOURS)}> "
-                         f"<{'|'.join(SHAPES)}> moving <{'|'.join(DIRECTIONS)}>'")
+    expected = (f"expected 'a <{'|'.join(COLOURS)}> <{'|'.join(SHAPES)}> moving <{'|'.join(DIRECTIONS)}>'")
+    if len(words) != 5:
+        raise ValueError(f"not a toy prompt: {prompt!r} has {len(words)} words; {expected}")
+    slots = [("article", {"a"}), ("colour", COLOURS), ("shape", SHAPES), ("verb", {"moving"}),
+             ("direction", DIRECTIONS)]
+    bad = [f"unknown {name} {w!r}" for w, (name, allowed) in zip(words, slots) if w not in allowed]
+    if bad:
+        raise ValueError(f"not a toy prompt: {prompt!r} ({', '.join(bad)}); {expected}")
     return words[1], words[2], words[4]
 
 
@@ -53,7 +57,8 @@ def render_clip(prompt: str, seed: int, *, frames: int = 9, size: int = 16) -> t
     starts on the side it moves away from and bounces at the edges.
     """
     colour, shape, direction = parse_prompt(prompt)
-    rng = np.random.default_rng([seed, PROMPTS.index(prompt) if prompt in PROMPTS else 0])
+    # the stream depends on the canonical prompt, so "A  Red disc moving LEFT" == "a red disc moving left"
+    rng = np.random.default_rng([seed, PROMPTS.index(f"a {colour} {shape} moving {direction}")])
     dy, dx = DIRECTIONS[direction]
     r = OBJECT_SIZE / 2
     lo, hi = r, size - r

@@ -4,7 +4,10 @@
 zero (as upstream's T5 output times the attention mask), so the empty prompt
 ``""`` encodes to all zeros: the unconditional embedding for guidance. The table
 and vocabulary are stored in one safetensors file beside the checkpoint (the
-vocabulary as UTF-8 bytes of the newline-joined words).
+vocabulary as UTF-8 bytes of the newline-joined words, ``length`` as a 1-element tensor).
+
+There is no explicit ``<pad>`` token: padding is implicit (zero rows), so the vocabulary is
+exactly the 12 prompt words and a prompt of ``length`` words or fewer never needs one.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ class ToyTextEncoder:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ToyTextEncoder":
+        missing = [k for k in ("table", "vocab", "length") if k not in tensors]
+        if missing:
+            raise ValueError(f"not a toy text encoder: missing tensor(s) {missing}, have {sorted(tensors)}")
         vocab = bytes(tensors["vocab"].tolist()).decode("utf-8").split("\n")
         return cls(tensors["table"], vocab, int(tensors["length"][0]))
 

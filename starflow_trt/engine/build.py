@@ -1,0 +1,165 @@
+"""Build one TensorRT engine per graph of a graph directory (fp32 / fp16 / int8 graphs).
+
+Precision comes from the ONNX itself (Q/DQ, FP16 tensors): networks are strongly typed
+(TensorRT 11 only has strongly typed networks; on 10.x the STRONGLY_TYPED creation flag).
+The legacy ``BuilderFlag.FP16`` is only offered for FP32 graphs on TensorRT <= 10 (weakly
+typed). Profiles come from the manifest dims (overridable), the timing cache is reused
+across graphs and runs, engines are written atomically with their metadata, and the
+output directory gets a manifest whose graph entries are the engines, so
+``Pipeline.from_dir(OUT, backend="trt")`` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from ..errors import BackendUnavailable, StarflowError
+from ..export.manifest import Manifest, load_manifest, sha256_path
+from .metadata import DeviceInfo, EngineMetadata
+from .ops import check_graph_ops
+from .profiles import graph_profile
+
+
+@dataclass
+class BuildOptions:
+    opt_level: int = 3
+    workspace_gb: float = 8.0
+    timing_cache: Optional[Path] = None
+    legacy_fp16_flag: bool = False  # weakly typed FP16 on TensorRT <= 10 (FP32 graphs only)
+    overrides: dict[str, dict[str, int]] = field(default_factory=dict)
+    graphs: Optional[list[str]] = None
+
+
+def build_plan(graph_dir: Path, options: BuildOptions, trt_version: str = "10") -> dict[str, Any]:
+    """The exact build configuration per graph, computed without TensorRT (``--dry-run``)."""
+    manifest = load_manifest(graph_dir, verify=True)
+    major = int(str(trt_version).split(".")[0])
+    legacy = options.legacy_fp16_flag
+    if legacy and major >= 11:
+        raise StarflowError("--fp16-flag (BuilderFlag.FP16) does not exist in TensorRT 11: calibrate an fp16 "
+                            "graph directory (`starflow-trt calibrate --precision fp16`) instead")
+    if legacy and manifest.precision != "fp32":
+        raise StarflowError("--fp16-flag applies to FP32 graphs only; this directory is " + manifest.precision)
+    graphs = {}
+    for name, spec in manifest.graphs.items():
+        if options.graphs and name not in options.graphs:
+            continue
+        unsupported = check_graph_ops(spec.path, str(major))
+        if unsupported:
+            raise StarflowError(f"graph {name} has ops TensorRT {major} cannot parse: {unsupported}")
+        graphs[name] = {
+            "onnx": str(spec.path), "precision": spec.precision,
+            "network": "weakly typed + BuilderFlag.FP16" if legacy else "strongly typed",
+            "profile": {k: [list(s) for s in v] for k, v in graph_profile(spec, options.overrides).items()},
+        }
+    return {"source": str(graph_dir), "tensorrt_major": major, "builder_optimization_level": options.opt_level,
+            "workspace_bytes": int(options.workspace_gb * (1 << 30)),
+            "timing_cache": str(options.timing_cache) if options.timing_cache else None, "graphs": graphs}
+
+
+def _tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailable("building engines needs TensorRT: pip install 'starflow-trt[gpu]' on a machine "
+                                 "with an NVIDIA GPU (use --dry-run to print the build plan here)") from exc
+    return trt
+
+
+def cuda_device() -> DeviceInfo:
+    """The current CUDA device, or BackendUnavailable."""
+    try:
+        import torch
+
+        available = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        available = False
+    if not available:
+        raise BackendUnavailable("no CUDA device here: TensorRT engines need an NVIDIA GPU "
+                                 "(use --dry-run to print the build plan; `starflow-trt doctor` shows what is usable)")
+    major, minor = torch.cuda.get_device_capability(0)
+    return DeviceInfo(torch.cuda.get_device_name(0), f"{major}.{minor}")
+
+
+def _build_one(trt, onnx_path: Path, profile: Mapping[str, Any], options: BuildOptions, strongly_typed: bool,
+               timing_cache_bytes: bytes) -> tuple[bytes, bytes]:
+    """Serialized engine + updated timing cache for one ONNX graph."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    flags = 0
+    if strongly_typed and major < 11:  # always strongly typed in 11 (the flag is deprecated there)
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise StarflowError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
+    config.builder_optimization_level = options.opt_level
+    if not strongly_typed and options.legacy_fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+    prof = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.items():
+        prof.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+    config.add_optimization_profile(prof)
+    cache = config.create_timing_cache(timing_cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise StarflowError(f"TensorRT failed to build an engine for {onnx_path} (see the log above)")
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+
+
+def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=print) -> Manifest:
+    """Build every graph's engine into ``out_dir`` (atomically); returns the engine manifest."""
+    trt = _tensorrt()
+    device = cuda_device()
+    plan = build_plan(graph_dir, options, trt.__version__)
+    source = load_manifest(graph_dir, verify=True)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    cache_path = options.timing_cache or out_dir.parent / "timing.cache"
+    cache = cache_path.read_bytes() if cache_path.exists() else b""
+    try:
+        manifest = Manifest.__new__(Manifest)
+        manifest.__dict__.update(source.__dict__)
+        manifest.root, manifest.graphs, manifest.extra = tmp, {}, dict(source.extra)
+        for name, item in plan["graphs"].items():
+            log(f"building {name} ({item['network']}, precision {item['precision']})")
+            spec = source.graph(name)
+            engine, cache = _build_one(trt, spec.path, graph_profile(spec, options.overrides), options,
+                                       not options.legacy_fp16_flag, cache)
+            engine_path = tmp / f"{name}.engine"
+            engine_path.write_bytes(engine)
+            meta = EngineMetadata(graph=name, graph_sha256=spec.sha256, precision=spec.precision,
+                                  tensorrt_version=trt.__version__, gpu_name=device.name,
+                                  compute_capability=device.compute_capability, profiles=item["profile"],
+                                  build_options={k: v for k, v in plan.items() if k != "graphs"},
+                                  engine_sha256=sha256_path(engine_path))
+            meta.save(tmp / f"{name}.engine.json")
+            clone = type(spec)(**{**spec.__dict__})
+            clone.file, clone.sha256, clone.root = engine_path.name, meta.engine_sha256, tmp
+            clone.extra = {**spec.extra, "engine": meta.to_dict()}
+            manifest.graphs[name] = clone
+        manifest.extra["engines"] = {"tensorrt": trt.__version__, "gpu": device.name,
+                                     "compute_capability": device.compute_capability, "source": str(graph_dir)}
+        manifest.save(tmp)
+        fd, tmp_cache = tempfile.mkstemp(dir=Path(cache_path).parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(cache)
+        os.replace(tmp_cache, cache_path)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_manifest(out_dir)

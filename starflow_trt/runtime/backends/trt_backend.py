@@ -1,0 +1,102 @@
+"""``trt`` backend: TensorRT engines with device-resident buffers and named bindings.
+
+Every buffer is a CUDA torch tensor owned by the pipeline (KV caches live on the GPU
+for the whole call; a step reads a prefix view and writes its new K/V into the next
+slots: no host round trips). Per call: ``set_input_shape`` + ``set_tensor_address``
+for every binding, then ``execute_async_v3`` on the current torch stream, the pattern
+of NVIDIA's TensorRT diffusion demos. Optional CUDA-graph replay for repeated calls
+with identical shapes and addresses (the iterations of one Jacobi chunk).
+
+Written against the TensorRT 10/11 Python API documentation; it cannot be run here
+(no GPU): ``pytest -m gpu`` verifies it on a machine that has one.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ...errors import BackendUnavailable, StarflowError
+from ...export.manifest import GraphSpec, Manifest
+from .base import Backend, GraphRunner
+
+
+class TrtRunner(GraphRunner):
+    def __init__(self, spec: GraphSpec, engine, device: torch.device, cuda_graphs: bool):
+        super().__init__(spec)
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.device = device
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._dummy = torch.zeros(16, device=device)  # a valid address for empty tensors (P = 0)
+
+    def _bind(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        ctx = self.context
+        for name, t in inputs.items():
+            if t.device != self.device:
+                raise StarflowError(f"trt input {name!r} is on {t.device}, expected {self.device}")
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr())
+        for name, t in outputs.items():
+            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr())
+
+    def run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        stream = torch.cuda.current_stream(self.device)
+        key = None
+        if self.cuda_graphs:
+            key = tuple((n, tuple(t.shape), t.data_ptr()) for n, t in (*inputs.items(), *outputs.items()))
+            graph = self._graphs.get(key)
+            if graph is not None:
+                graph.replay()
+                return
+        self._bind(inputs, outputs)
+        if key is None:
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise StarflowError(f"TensorRT execution of {self.spec.name} failed")
+            return
+        # first call with these shapes/addresses: run once (lazy init), then capture for replays
+        self.context.execute_async_v3(stream.cuda_stream)
+        graph = torch.cuda.CUDAGraph()
+        capture = torch.cuda.Stream(self.device)
+        capture.wait_stream(stream)
+        with torch.cuda.graph(graph, stream=capture):
+            self.context.execute_async_v3(capture.cuda_stream)
+        stream.wait_stream(capture)
+        self._graphs[key] = graph
+
+
+class TrtBackend(Backend):
+    """Deserializes ``<graph>.engine`` files of an engine directory (``starflow-trt build``)."""
+
+    name = "trt"
+
+    def __init__(self, manifest: Manifest, cuda_graphs: bool = False):
+        from ...engine.build import _tensorrt, cuda_device
+
+        self.trt = _tensorrt()
+        self.device_info = cuda_device()
+        if "engines" not in manifest.extra:
+            raise BackendUnavailable(f"{manifest.root} holds ONNX graphs, not engines; run "
+                                     "`starflow-trt build DIR -o ENGINES` and pass that directory")
+        self.device = torch.device("cuda", 0)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)
+        self.cuda_graphs = cuda_graphs
+
+    def load(self, spec: GraphSpec) -> GraphRunner:
+        from ...engine.metadata import EngineMetadata, check_engine_metadata
+
+        # the metadata written beside the engine must match the graph the manifest names,
+        # this GPU and this TensorRT
+        meta = EngineMetadata.load(spec.root / f"{spec.name}.engine.json")
+        check_engine_metadata(meta, spec.extra["engine"]["graph_sha256"], self.device_info, self.trt.__version__)
+        engine = self.runtime.deserialize_cuda_engine(spec.path.read_bytes())
+        if engine is None:
+            raise StarflowError(f"TensorRT could not deserialize {spec.path}; rebuild it")
+        return TrtRunner(spec, engine, self.device, self.cuda_graphs)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": f"{self.device_info.name} (sm {self.device_info.compute_capability})",
+                "tensorrt": self.trt.__version__, "cuda_graphs": self.cuda_graphs}

@@ -55,11 +55,18 @@ def generate_command(directory, text, uncond, noise, seed, frames, guidance, jac
     jacobi = None if autoregressive else JacobiConfig(block_size=jacobi_block, max_iter=jacobi_iters,
                                                       threshold=jacobi_threshold, schedule=schedule)
     total = frames or (np.load(noise, mmap_mode="r").shape[1] if noise else pipe.geo["max_frames"])
-    bar = tqdm(total=total, desc="frames", unit="frame")
+    bars = []  # created at the first final frame, so input errors print on a clean line
+
+    def on_frame(index, frame) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="frames", unit="frame"))
+        bars[0].update(1)
+
     result = pipe.generate(y, y_uncond=_load_npy(uncond, "--uncond"), noise=_load_npy(noise, "--noise"), seed=seed,
                            num_frames=frames, guidance=guidance, jacobi=jacobi, context=_load_npy(context, "--context"),
-                           denoise=not no_denoise, on_frame=lambda i, f: bar.update(1))
-    bar.close()
+                           denoise=not no_denoise, on_frame=on_frame)
+    for bar in bars:
+        bar.close()
     files = write_outputs(result, pipe, Path(out_dir))
     s = result.stats
     click.echo(f"{s['frames']} frames x batch {s['batch']} in {s['seconds']['total']:.2f} s "

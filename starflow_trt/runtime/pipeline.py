@@ -320,9 +320,12 @@ class _GenerateRun:
         self.frames_shallow = 0   # frames final after the shallow blocks
         self.frames_emitted = 0
         self.ctx_inputs: list[torch.Tensor] = []
-        # upstream's stopping test averages over every sequence of a shallow batch (all frames),
-        # so the upstream-exact thresholded schedule must invert all frames in one batch
-        self.stream = not (jacobi is not None and schedule == "upstream" and jacobi.threshold > 0)
+        # Frames go through the shallow blocks as soon as they are final only when the caller
+        # streams (on_frame): one batch of all frames needs far fewer graph calls. Upstream's
+        # stopping test averages over every sequence of a shallow batch (all frames), so the
+        # upstream-exact thresholded schedule always inverts all frames in one batch.
+        self.stream = on_frame is not None and not (jacobi is not None and schedule == "upstream"
+                                                    and jacobi.threshold > 0)
 
     # ------------------------------------------------------------ driver
     def execute(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -531,42 +534,46 @@ class _GenerateRun:
         return s
 
     def _sliding_phase(self, graph, run, work, seq, kv, w, fs, s, target, cos, sin, progress) -> int:
-        """Sliding-window Jacobi: commit the converged prefix after every sweep, keep the window full.
+        """Sliding-window Jacobi: after every sweep commit the longest converged prefix, refill the window.
 
-        Same fixed point as AR. A token is committed when it is exact (all its inputs were final
-        before the sweep) or its per-token change is below ``threshold``; its K/V then come from
-        the inputs of that sweep, as upstream's last iteration. New window positions start from
-        the co-located token one frame earlier (video prior) instead of the noise.
+        Windows have upstream's sizes (``block_size`` in frame 0, ``4·block_size`` after). A prefix
+        is committed when upstream's own test holds on it (mean squared update over mean squared
+        value below ``threshold``) or when it is exact (all its inputs were final before the sweep);
+        its K/V come from the inputs of that sweep, as upstream's last iteration. Instead of
+        re-solving a converged chunk head while its tail converges, the window slides on.
+        ``threshold = 0`` commits exact tokens only: the autoregressive result.
         """
         jac = self.jacobi
         exact = s           # tokens < exact are exact
-        frontier = s        # tokens < frontier have been given an initial guess
-        sweeps_here = 0
+        frontier = s        # tokens < frontier have an initial guess
+        sweeps = 0          # sweeps since the window start last moved
         while s < target:
-            e = min(s + jac.block_size, target)  # a window of block_size tokens, slid forward
-            exact = max(exact, s)  # committed tokens are final
-            if e > frontier:
+            k = jac.block_size if s <= fs else 4 * jac.block_size
+            e = min(s + k, target)
+            exact = max(exact, s)
+            if e > frontier:  # new positions start from the co-located token one frame earlier
                 lo = max(frontier, fs)
-                if e > lo:  # previous-frame initialisation of the new positions
+                if e > lo:
                     work[:, lo + 1 : e + 1] = work[:, lo + 1 - fs : e + 1 - fs].clone()
                 frontier = e
             a, b = self._step(graph, kv, work[:, s:e], cos, sin, w)
             run.calls += 1
             run.tokens += e - s
             new = b + a * seq[:, s:e]
-            old = work[:, s + 1 : e + 1]
-            err = ((new - old) ** 2).mean(dim=(0, 2)) / (new ** 2).mean()
+            sq = ((new - work[:, s + 1 : e + 1]) ** 2).mean(dim=(0, 2))   # per token
+            mag = (new ** 2).mean(dim=(0, 2))
+            prefix_delta = torch.cumsum(sq, 0) / torch.cumsum(mag, 0).clamp_min(1e-30)
             work[:, s + 1 : e + 1] = new
             exact = min(e, exact + 1)
-            sweeps_here += 1
-            converged = int(torch.cumprod((err < jac.threshold).int(), 0).sum())
-            m = max(exact - s, converged)
-            if sweeps_here >= jac.max_iter:
+            sweeps += 1
+            ok = (prefix_delta < jac.threshold).nonzero()
+            m = max(exact - s, int(ok[-1]) + 1 if len(ok) else 0)
+            if sweeps >= jac.max_iter:
                 m = e - s  # give up on this window, like upstream's max_iter
-            run.chunks.append(ChunkLog(s, m, 1, float(err.max())))
+            run.chunks.append(ChunkLog(s, m, sweeps, float(prefix_delta[max(m, 1) - 1])))
             kv.idx += m
             s += m
-            sweeps_here = 0 if m else sweeps_here
+            sweeps = 0
             if progress is not None:
                 progress(s)
         return s

@@ -153,3 +153,18 @@ def test_missing_graph_and_backend(goldens_export, tmp_path, cases):
         Pipeline.from_dir(tmp_path)
     with pytest.raises(ManifestError, match="fp16"):
         Pipeline.from_dir(goldens_export, precision="fp16")
+
+
+def test_ort_providers_are_checked(goldens_export):
+    import onnxruntime as ort
+
+    from starflow_trt.errors import BackendUnavailable
+    from starflow_trt.runtime.backends.ort_backend import choose_providers
+
+    assert choose_providers(None) == ["CPUExecutionProvider"]
+    assert choose_providers("auto")[-1] == "CPUExecutionProvider"
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="TensorrtExecutionProvider"):
+            Pipeline.from_dir(goldens_export, providers=["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    pipe = Pipeline.from_dir(goldens_export, providers=["CPUExecutionProvider"])
+    assert pipe.backend.describe()["providers"] == ["CPUExecutionProvider"]

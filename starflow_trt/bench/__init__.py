@@ -1,0 +1,1 @@
+"""Benchmarks: machine probes, workloads, roofline, GPU projections, reports."""

@@ -1,0 +1,92 @@
+"""GPU projections for the real 7B config from the analytic cost model and datasheet rates.
+
+PROJECTIONS, not measurements: each graph call takes max(FLOPs / peak, bytes / bandwidth)
+(a roofline), summed over the calls of one latent frame / one 81-frame 480p video. Peaks are
+dense (no sparsity) tensor-core rates from NVIDIA's datasheets; real kernels reach a
+fraction of them, so read these as lower bounds on time.
+"""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from ..costs import step_cost
+
+GPUS = {  # dense tensor-core peaks and memory, per the NVIDIA datasheets named
+    "H100 80GB SXM": {"fp16_tflops": 989.0, "int8_tops": 1979.0, "bandwidth_gbs": 3350.0, "memory_gb": 80,
+                      "source": "NVIDIA H100 Tensor Core GPU datasheet (SXM5, dense)"},
+    "L4": {"fp16_tflops": 121.0, "int8_tops": 242.0, "bandwidth_gbs": 300.0, "memory_gb": 24,
+           "source": "NVIDIA L4 Tensor Core GPU datasheet (dense = half the sparsity figures)"},
+    "Jetson AGX Orin 64GB": {"fp16_tflops": 42.5, "int8_tops": 85.0, "bandwidth_gbs": 204.8, "memory_gb": 64,
+                             "source": "NVIDIA Jetson AGX Orin series datasheet (GPU only, dense; 275 TOPS is "
+                                       "sparse INT8 GPU+DLA)"},
+}
+
+
+def _frame_calls(cfg: ModelConfig, frame: int, tokens: int, chunk: int, guidance: bool, dtype_bytes: int):
+    """Deep-step calls that generate latent frame ``frame`` (0-based) with ``chunk`` tokens per call."""
+    bp = 2 if guidance else 1
+    L = cfg.txt_size
+    start = frame * tokens
+    out = []
+    for i in range(0, tokens, chunk):
+        s = min(chunk, tokens - i)
+        out.append(step_cost(cfg, cfg.top_index, bp, s, L + start + i, dtype_bytes))
+    return out
+
+
+def project(cfg: ModelConfig, tokens_per_frame: int, frames: int, gpu: dict, precision: str = "fp16",
+            sweeps_per_token: float = 1.0, chunk: int = 1, guidance: bool = True) -> dict:
+    """Seconds per latent frame (average) and per video for the deep block + shallow blocks + denoiser.
+
+    chunk=1 is token-by-token decoding (each call streams all deep weights: memory bound);
+    chunk=64 with ``sweeps_per_token`` Jacobi sweeps is compute bound.
+    """
+    dtype_bytes = 1 if precision == "int8" else 2
+    peak = (gpu["int8_tops"] if precision == "int8" else gpu["fp16_tflops"]) * 1e12
+    bw = gpu["bandwidth_gbs"] * 1e9
+    deep = 0.0
+    bound = {"compute": 0, "memory": 0}
+    for t in range(frames):
+        for cost in _frame_calls(cfg, t, tokens_per_frame, chunk, guidance, dtype_bytes):
+            tc, tm = cost.flops / peak, cost.bytes / bw
+            bound["compute" if tc >= tm else "memory"] += 1
+            deep += max(tc, tm) * (sweeps_per_token if chunk > 1 else 1.0)
+    shallow = 0.0
+    for k in range(cfg.num_blocks - 1):
+        if cfg.layers[k] == 0:
+            continue
+        for i in range(0, tokens_per_frame, max(chunk, 1)):
+            s = min(max(chunk, 1), tokens_per_frame - i)
+            c = step_cost(cfg, k, frames, s, i, dtype_bytes)  # all frames of the video batched
+            shallow += max(c.flops / peak, c.bytes / bw) * (sweeps_per_token if chunk > 1 else 1.0)
+    from ..costs import denoiser_cost
+
+    den = denoiser_cost(cfg, 1, min(frames, cfg.local_attn_window or frames), tokens_per_frame, dtype_bytes)
+    den_s = max(den.flops / peak, den.bytes / bw)
+    total = deep + shallow + den_s
+    kv_gb = 2 * cfg.layers[cfg.top_index] * (2 if guidance else 1) * cfg.block_heads(cfg.top_index) * \
+        cfg.head_dim * (cfg.txt_size + frames * tokens_per_frame) * dtype_bytes / 1e9
+    weights_gb = (sum(p for p in _params(cfg))) * dtype_bytes / 1e9
+    return {"seconds_per_frame": total / frames, "seconds_per_video": total, "deep_s": deep, "shallow_s": shallow,
+            "denoiser_s": den_s, "calls_compute_bound": bound["compute"], "calls_memory_bound": bound["memory"],
+            "kv_cache_gb": kv_gb, "weights_gb": weights_gb,
+            "fits_in_memory": kv_gb + weights_gb < gpu["memory_gb"]}
+
+
+def _params(cfg: ModelConfig):
+    from ..costs import block_params, denoiser_params
+
+    yield from (block_params(cfg, k) for k in range(cfg.num_blocks))
+    yield denoiser_params(cfg)
+
+
+def projection_table(cfg: ModelConfig, sweeps_per_token: float, aspect: str = "16:9", frames: int = 21) -> list[dict]:
+    """Rows per GPU × (AR S=1 fp16, Jacobi S=64 fp16, Jacobi S=64 int8)."""
+    tokens = cfg.frame_geometry(aspect)["tokens_per_frame"]
+    rows = []
+    for name, gpu in GPUS.items():
+        for label, chunk, precision in (("AR S=1", 1, "fp16"), ("Jacobi S=64", 64, "fp16"),
+                                        ("Jacobi S=64", 64, "int8")):
+            r = project(cfg, tokens, frames, gpu, precision, sweeps_per_token, chunk)
+            rows.append({"gpu": name, "schedule": label, "precision": precision, **r, "source": gpu["source"]})
+    return rows

@@ -1,0 +1,89 @@
+"""Benchmark results → JSON, markdown tables and PNG bar charts (drawn with OpenCV)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
+    out = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(format(r.get(k, ""), f) if r.get(k) is not None and f else str(r.get(k, ""))
+                                     for _, k, f in columns) + " |")
+    return out
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = ["# Benchmark results", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, onnxruntime {m.get('onnxruntime')}. "
+             f"Measured peak fp32 GEMM {result['roofline']['peak_gemm_gflops']:.0f} GFLOP/s, copy bandwidth "
+             f"{result['roofline']['bandwidth_gbs']:.1f} GB/s. Medians of {result['runs']} runs after warm-up "
+             f"(min-max in brackets).", ""]
+    for name, rows in result["end_to_end"].items():
+        lines += [f"## End to end: {name}", ""]
+        lines += _table([{**r, "time": f"{r['s_median']:.3f} [{r['s_min']:.3f}-{r['s_max']:.3f}]"} for r in rows],
+                        [("backend", "backend", ""), ("precision", "precision", ""), ("schedule", "schedule", ""),
+                         ("seconds", "time", ""), ("× vs reference", "speedup_vs_reference_upstream", ".2f"),
+                         ("deep calls", "deep_calls", ""), ("deep tokens", "deep_tokens", ""),
+                         ("graph calls", "calls", ""), ("rel. L2 to AR", "dist_to_ar", ".2e")])
+        lines.append("")
+    for name, rows in result["per_graph"].items():
+        lines += [f"## Per graph: {name}", ""]
+        lines += _table(rows, [("graph", "graph", ""), ("shape", "shape", ""), ("ms", "ms", ""),
+                               ("GFLOP", "gflops", ".3f"), ("MB moved", "mbytes", ".1f"),
+                               ("GFLOP/s", "achieved_gflops", ".1f"), ("of peak GEMM", "fraction_of_peak_gemm", ".0%")])
+        lines.append("")
+    if result.get("quality"):
+        lines += ["## INT8 quality (toy)", "", "```", json.dumps(result["quality"], indent=1), "```", ""]
+    lines += ["## GPU projections for the 7B (16:9 480p, 21 latent frames) — PROJECTIONS, not measurements", "",
+              f"Roofline per graph call from the analytic cost model and datasheet peaks; Jacobi rows assume "
+              f"{result['projection_sweeps']:.1f} sweeps per token (measured on the bench config).", ""]
+    lines += _table(result["projection"], [("GPU", "gpu", ""), ("schedule", "schedule", ""),
+                                           ("precision", "precision", ""), ("s / latent frame", "seconds_per_frame", ".2f"),
+                                           ("s / video", "seconds_per_video", ".1f"),
+                                           ("KV cache GB", "kv_cache_gb", ".1f"), ("weights GB", "weights_gb", ".1f"),
+                                           ("fits", "fits_in_memory", "")])
+    lines += ["", "Sources: " + "; ".join(sorted({r["source"] for r in result["projection"]})), ""]
+    return "\n".join(lines)
+
+
+def _ms(v: float) -> str:
+    return f"{v * 1000:.1f}"
+
+
+def bar_chart(labels: list[str], values: list[float], title: str, path: Path) -> Path:
+    """A horizontal bar chart PNG (OpenCV; no plotting dependency)."""
+    import cv2
+
+    h = 28 * len(labels) + 50
+    img = np.full((h, 760, 3), 255, np.uint8)
+    cv2.putText(img, title, (10, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    top = max(values) if values else 1.0
+    for i, (lab, v) in enumerate(zip(labels, values)):
+        y = 40 + 28 * i
+        cv2.putText(img, lab[:38], (10, y + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+        width = int(400 * v / top) if top > 0 else 0
+        cv2.rectangle(img, (300, y + 2), (300 + width, y + 20), (180, 120, 40), -1)
+        cv2.putText(img, f"{v:.3g}", (305 + width, y + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.imwrite(str(path), img)
+    return path
+
+
+def write(result: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "latest.json", out_dir / "latest.md"]
+    files[0].write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    files[1].write_text(markdown(result), encoding="utf-8")
+    for name, rows in result["end_to_end"].items():
+        labels = [f"{r['backend']} {r['precision']} {r['schedule']}" for r in rows]
+        files.append(bar_chart(labels, [r["s_median"] for r in rows], f"{name}: seconds per video (lower is better)",
+                               out_dir / f"e2e_{name.replace(' ', '_')}.png"))
+    for name, rows in result["per_graph"].items():
+        labels = [f"{r['graph']} {r['shape']}" for r in rows]
+        files.append(bar_chart(labels, [100 * r["fraction_of_peak_gemm"] for r in rows],
+                               f"{name}: % of measured peak GEMM", out_dir / f"graphs_{name.replace(' ', '_')}.png"))
+    return files

@@ -44,9 +44,11 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
-            @click.command(name, help=f"(unavailable: {exc})")
+            reason = str(exc)  # `exc` is unbound once the except block ends
+
+            @click.command(name, help=f"(unavailable: {reason})")
             def unavailable() -> None:
-                raise StarflowError(f"command {name!r} is not available in this installation ({exc})")
+                raise StarflowError(f"command {name!r} is not available in this installation ({reason})")
             return unavailable
 
     def invoke(self, ctx: click.Context):

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import click
-import pytest
 from click.testing import CliRunner
 
 from starflow_trt import __version__
@@ -58,3 +57,9 @@ def test_inspect_validates_checkpoint(goldens_dir, tmp_path):
     out = runner.invoke(main, ["inspect", str(bad), str(goldens_dir / "model.pth")])
     assert out.exit_code == 2
     assert out.output.startswith("error: checkpoint does not match the config") and "shape-mismatched" in out.output
+
+
+def test_unavailable_verb_is_one_line(monkeypatch):
+    monkeypatch.setitem(COMMANDS, "ghost", "starflow_trt.no_such_module:cmd")
+    out = CliRunner().invoke(main, ["ghost"])
+    assert out.exit_code == 2 and "not available" in out.output and "no_such_module" in out.output

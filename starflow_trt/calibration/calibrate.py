@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import StarflowError
-from ..export.manifest import Manifest, load_manifest, sha256_path
+from ..export.manifest import Manifest, load_manifest, sha256_path, staged_directory
 from ..reference.sampler import JacobiConfig
 from .capture import CaptureSet, capture_activations, iter_feeds
 from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
@@ -126,9 +125,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
     log(f"capturing graph inputs: {text.shape[0]} prompts x {len(seeds)} seed(s), guidance {guidance}")
     captured = capture_activations(pipe32, text, uncond, seeds, guidance, jacobi, max_calls=max_calls)
     cal, held = captured.split(0.25)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log)
         quality = {"graphs": {}}
         for name, spec in new.graphs.items():
@@ -148,12 +145,6 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
             raise StarflowError(f"{precision} graphs fail the quality gate ({'; '.join(failures)}); nothing written. "
                                 "Loosen --exclude, try another --method, or pass --force to write them anyway")
         new.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for spec in new.graphs.values():
         spec.root = out
     new.root = out

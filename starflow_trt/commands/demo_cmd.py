@@ -49,7 +49,7 @@ def run_demo(out: Path, guidance: float = 3.0, seed: int = 0, block: int = 16, t
     log(f"[2/5] generate {batch} clips through ONNX Runtime (guidance {guidance}, Jacobi {jacobi.schedule or 'sliding'})")
     pipe.generate(y[:1], y_uncond[:1], noise=noise[:1], guidance=guidance, jacobi=jacobi)  # warm-up
     result = pipe.generate(y, y_uncond, noise=noise, guidance=guidance, jacobi=jacobi)
-    files = write_outputs(result, pipe, out, labels=DEMO_PROMPTS)
+    write_outputs(result, pipe, out, labels=DEMO_PROMPTS)
     (out / "video.mp4").replace(out / "demo.mp4")
     prompt_scores = score_clips(result.latents.clamp(-1, 1), DEMO_PROMPTS)
     log("[3/5] parity: ORT vs the PyTorch reference sampler on the same noise")

@@ -12,14 +12,13 @@ output directory gets a manifest whose graph entries are the engines, so
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..errors import BackendUnavailable, StarflowError
-from ..export.manifest import Manifest, load_manifest, sha256_path
+from ..export.manifest import Manifest, load_manifest, sha256_path, staged_directory
 from .metadata import DeviceInfo, EngineMetadata
 from .ops import check_graph_ops
 from .profiles import graph_profile
@@ -124,11 +123,9 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
     plan = build_plan(graph_dir, options, trt.__version__)
     source = load_manifest(graph_dir, verify=True)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    cache_path = options.timing_cache or out_dir.parent / "timing.cache"
+    cache_path = Path(options.timing_cache or out_dir.parent / "timing.cache")
     cache = cache_path.read_bytes() if cache_path.exists() else b""
-    try:
+    with staged_directory(out_dir) as tmp:
         manifest = Manifest.__new__(Manifest)
         manifest.__dict__.update(source.__dict__)
         manifest.root, manifest.graphs, manifest.extra = tmp, {}, dict(source.extra)
@@ -156,10 +153,4 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
         with os.fdopen(fd, "wb") as fh:
             fh.write(cache)
         os.replace(tmp_cache, cache_path)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_manifest(out_dir)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..reference.denoiser import Denoiser, denoiser_mask
+from ..reference.denoiser import Denoiser
 from ..reference.flow import FlowBlock
 from ..reference.layers import KV, causal_mask
 

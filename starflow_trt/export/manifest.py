@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 from ..config import ModelConfig
 from ..errors import ManifestError
@@ -232,6 +234,25 @@ def write_json_atomic(path: Union[str, os.PathLike], data: Any) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+@contextmanager
+def staged_directory(out: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Yield a temp directory beside ``out``; on success it replaces ``out``, on any error it is removed.
+
+    An interrupted export / calibration / build therefore never leaves an OUT that looks complete.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def load_manifest(directory: Union[str, os.PathLike], verify: bool = False) -> Manifest:

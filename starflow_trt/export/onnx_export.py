@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from ..reference.flow import FlowBlock
 from ..reference.model import deprecated_buffer_values
 from ..reference.rope import rope_table
 from .graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph
-from .manifest import DimRange, GraphSpec, Manifest, TensorInfo, sha256_path
+from .manifest import DimRange, GraphSpec, Manifest, TensorInfo, sha256_path, staged_directory
 
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(17, 21)
@@ -314,10 +312,8 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
         if unknown:
             raise StarflowError(f"unknown graph(s) {', '.join(unknown)}; choose from {', '.join(p.name for p in plans)}")
         plans = [p for p in plans if p.name in set(graphs)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     rows = []
-    try:
+    with staged_directory(out) as tmp:
         specs = {}
         for i, plan in enumerate(plans):
             if progress:
@@ -336,12 +332,6 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
         for spec in specs.values():
             spec.root = out
         manifest.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest, rows
 
 

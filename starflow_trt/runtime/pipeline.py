@@ -21,7 +21,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -680,7 +679,6 @@ class _GenerateRun:
             self.den_chunk += 1
 
     def _run_denoiser(self, chunk: torch.Tensor) -> torch.Tensor:
-        g = self.geo
         cos, sin = self.pipe._rope(chunk.shape[1], self.L)
         d = torch.empty_like(chunk)
         self.pipe._call("denoiser", {"x": chunk, "text": self.y, "rope_cos": cos.contiguous(),

@@ -58,7 +58,8 @@ def int8_dir(goldens_export, cases, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "g"
     y, u = cases["y"], cases["y_uncond"]
     return calibrate_directory(goldens_export, out, "int8", method="percentile", text=y, uncond=u, guidance=2.0,
-                               force=True, eval_clips=(cases["x"], y), log=lambda m: None)
+                               force=True, eval_clips=(cases["x"], y), capture_dir=out.parent / "capture",
+                               shard_bytes=1 << 20, log=lambda m: None)
 
 
 def test_int8_graphs_have_weight_qdq_and_run(int8_dir, cases):
@@ -77,6 +78,19 @@ def test_int8_graphs_have_weight_qdq_and_run(int8_dir, cases):
     assert torch.isfinite(result.latents).all()
     q = int8_dir.extra["quality"]
     assert set(q) >= {"graphs", "bpd_increase", "latent_psnr_db", "gate"}
+
+
+def test_capture_shards_hold_kv_and_iterates(int8_dir):
+    cap_dir = int8_dir.root.parent / "capture"
+    captured = CaptureSet.load(cap_dir)
+    assert set(captured.calls) == set(int8_dir.graphs)
+    steps = captured.calls["deep_step"]
+    assert {"tokens", "past_kv", "rope_cos", "rope_sin"} <= set(steps[0])
+    assert max(c["past_kv"].shape[0] for c in steps) > 4  # real caches (text + generated tokens)
+    assert captured.seen["deep_step"] >= len(steps)
+    assert any(c["tokens"].shape[1] > 1 for c in steps)  # Jacobi iterates (S > 1 chunks) are captured
+    shards = list((cap_dir / "deep_step").glob("shard_*.npz"))
+    assert len(shards) > 1 and all(p.stat().st_size < 3 << 20 for p in shards)
 
 
 def test_gate_refuses_without_force(goldens_export, cases, tmp_path):

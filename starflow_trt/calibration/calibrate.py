@@ -96,6 +96,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
                         exclude: Sequence[str] = DEFAULT_EXCLUDE, gate: Optional[QualityGate] = None,
                         eval_clips: Optional[tuple[torch.Tensor, torch.Tensor]] = None, max_calls: int = 48,
                         trt_version: str = "10.3.0", force: bool = False, overwrite: bool = False,
+                        capture_dir: Optional[Path] = None, shard_bytes: int = 64 << 20,
                         log: Callable[[str], None] = print) -> Manifest:
     """Calibrate ``src`` (FP32 graphs) into ``out``; see the module docstring."""
     from ..runtime.backends.ort_backend import OrtBackend
@@ -124,6 +125,10 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
     seeds = [1000]
     log(f"capturing graph inputs: {text.shape[0]} prompts x {len(seeds)} seed(s), guidance {guidance}")
     captured = capture_activations(pipe32, text, uncond, seeds, guidance, jacobi, max_calls=max_calls)
+    if capture_dir is not None:  # keep what the graphs saw, as size-bounded shards (reloadable with CaptureSet.load)
+        index = captured.save(Path(capture_dir), shard_bytes)
+        log(f"captured calls written to {capture_dir}: "
+            + ", ".join(f"{g} {i['calls']}/{i['seen']} in {len(i['shards'])} shard(s)" for g, i in index["graphs"].items()))
     cal, held = captured.split(0.25)
     with staged_directory(out) as tmp:
         new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log)

@@ -21,10 +21,12 @@ import click
               "default: proj_out and attention)")
 @click.option("--trt-version", default="10.3.0", show_default=True, help="header of the TensorRT calibration cache")
 @click.option("--force", is_flag=True, help="write graphs that fail the quality gate")
+@click.option("--capture-dir", type=click.Path(file_okay=False), help="also keep the captured graph inputs here "
+              "(size-bounded .npz shards)")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def calibrate_command(directory: str, precision: str, method: str, samples: int, text: Optional[str],
                       uncond: Optional[str], guidance: float, exclude: tuple, trt_version: str, force: bool,
-                      out_dir: str) -> None:
+                      capture_dir: Optional[str], out_dir: str) -> None:
     """Calibrate the FP32 graphs of DIRECTORY into INT8 (Q/DQ) or FP16 graphs in OUT, gated on quality."""
     import numpy as np
     import torch
@@ -36,7 +38,7 @@ def calibrate_command(directory: str, precision: str, method: str, samples: int,
     u = torch.from_numpy(np.load(uncond, allow_pickle=False)).float() if uncond else None
     manifest = calibrate_directory(Path(directory), Path(out_dir), precision, method, samples, y, u, guidance,
                                    exclude=exclude or DEFAULT_EXCLUDE, trt_version=trt_version, force=force,
-                                   log=click.echo)
+                                   capture_dir=Path(capture_dir) if capture_dir else None, log=click.echo)
     q = manifest.extra["quality"]
     click.echo(f"{'graph':18} {'rel L2 (worst output)':>22}")
     for name, g in q["graphs"].items():

@@ -8,7 +8,7 @@ shallow-local block. Guidance doubles the batch inside (``[z ; z]``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -150,29 +150,17 @@ def reverse_jacobi(block: FlowBlock, z: torch.Tensor, y: Optional[torch.Tensor],
         target = min(n_tokens, wtok)
     else:
         target = n_tokens
+    def step(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = slice(cache.idx, cache.idx + inp.shape[1])
+        a, b, kv = block.step(inp, cos[rows], sin[rows], cache.past())
+        cache.write(kv)
+        if trace is not None:
+            trace.steps += 1
+        return guide(a, b, w) if w > 0 else (a, b)
+
+    chunks = trace.chunks if trace is not None else []
     while True:
-        while s < target:
-            k = jacobi.block_size if s <= fs else 4 * jacobi.block_size
-            if s + k >= target:
-                k = target - s
-            for i in range(jacobi.max_iter):
-                inp = x[:, s - fs : s - fs + k] if (i == 0 and s > fs) else x[:, s : s + k]
-                rows = slice(cache.idx, cache.idx + k)
-                a, b, kv = block.step(inp, cos[rows], sin[rows], cache.past())
-                cache.write(kv)
-                if trace is not None:
-                    trace.steps += 1
-                if w > 0:
-                    a, b = guide(a, b, w)
-                new = b + a * seq[:, s : s + k]
-                delta = ((new - x[:, s + 1 : s + 1 + k]) ** 2).mean() / (new ** 2).mean()
-                x[:, s + 1 : s + 1 + k] = new
-                if delta < jacobi.threshold or i == jacobi.max_iter - 1:
-                    cache.advance(k)  # keep the K/V of this last sweep (no rewind)
-                    if trace is not None:
-                        trace.chunks.append(ChunkLog(s, k, i + 1, float(delta)))
-                    break
-            s += k
+        s = upstream_jacobi_phase(step, cache.advance, x, seq, s, target, fs, jacobi, chunks)
         if target >= n_tokens:
             break
         target = min(n_tokens, target + wtok - ctx)
@@ -183,6 +171,37 @@ def reverse_jacobi(block: FlowBlock, z: torch.Tensor, y: Optional[torch.Tensor],
     if w > 0:
         out = out[:batch]
     return unpermute_tokens(out, block.permutation, z.shape).to(z.dtype)
+
+
+def upstream_jacobi_phase(step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                          commit: Callable[[int], None], x: torch.Tensor, seq: torch.Tensor, s: int, target: int,
+                          fs: int, jacobi: JacobiConfig, chunks: list, progress: Optional[Callable[[int], None]] = None
+                          ) -> int:
+    """Upstream's block-wise Jacobi over tokens [s, target) (spec §10.2); returns the new ``s``.
+
+    Shared by the reference sampler (torch modules) and the runtime (exported graphs).
+    x [B', N+1, c] (row 0 = SOS, row n+1 = token n) is updated in place; seq [B', N, c] is the noise.
+    ``step(inp [B', k, c])`` runs the network at the cache's write index, writing but not committing
+    the chunk's K/V, and returns the guided (a, b); ``commit(k)`` keeps the K/V of the last call.
+    """
+    while s < target:
+        k = jacobi.block_size if s <= fs else 4 * jacobi.block_size
+        if s + k >= target:
+            k = target - s
+        for i in range(jacobi.max_iter):
+            inp = x[:, s - fs : s - fs + k] if (i == 0 and s > fs) else x[:, s : s + k]
+            a, b = step(inp)
+            new = b + a * seq[:, s : s + k]
+            delta = ((new - x[:, s + 1 : s + 1 + k]) ** 2).mean() / (new ** 2).mean()
+            x[:, s + 1 : s + 1 + k] = new
+            if delta < jacobi.threshold or i == jacobi.max_iter - 1:
+                commit(k)  # keep the K/V of this last sweep (no rewind)
+                chunks.append(ChunkLog(s, k, i + 1, float(delta)))
+                break
+        s += k
+        if progress is not None:
+            progress(s)
+    return s
 
 
 def _reencode(block: FlowBlock, x: torch.Tensor, s: int, ctx: int, y: Optional[torch.Tensor],

@@ -31,7 +31,7 @@ from ..errors import BackendUnavailable, InputError, ManifestError
 from ..export.manifest import Manifest, load_manifest
 from ..reference.flow import guide, patchify, permute_tokens, unpatchify, unpermute_tokens
 from ..reference.rope import rope_table
-from ..reference.sampler import ChunkLog, JacobiConfig
+from ..reference.sampler import ChunkLog, JacobiConfig, upstream_jacobi_phase
 from .backends.base import Backend, CallStats, GraphRunner
 from .kv import KVCache, Workspace
 
@@ -509,28 +509,16 @@ class _GenerateRun:
             run.calls += 1
 
     def _upstream_phase(self, graph, run, work, seq, kv, w, fs, s, target, cos, sin, progress) -> int:
-        """Upstream's block-wise Jacobi (spec §10.2), exactly."""
-        jac = self.jacobi
-        while s < target:
-            k = jac.block_size if s <= fs else 4 * jac.block_size
-            if s + k >= target:
-                k = target - s
-            for i in range(jac.max_iter):
-                inp = work[:, s - fs : s - fs + k] if (i == 0 and s > fs) else work[:, s : s + k]
-                a, b = self._step(graph, kv, inp, cos, sin, w)
-                run.calls += 1
-                run.tokens += k
-                new = b + a * seq[:, s : s + k]
-                delta = ((new - work[:, s + 1 : s + 1 + k]) ** 2).mean() / (new ** 2).mean()
-                work[:, s + 1 : s + 1 + k] = new
-                if delta < jac.threshold or i == jac.max_iter - 1:
-                    kv.idx += k
-                    run.chunks.append(ChunkLog(s, k, i + 1, float(delta)))
-                    break
-            s += k
-            if progress is not None:
-                progress(s)
-        return s
+        """Upstream's block-wise Jacobi (spec §10.2), exactly: the reference's loop over graph calls."""
+        def step(inp: torch.Tensor):
+            run.calls += 1
+            run.tokens += inp.shape[1]
+            return self._step(graph, kv, inp, cos, sin, w)
+
+        def commit(k: int) -> None:
+            kv.idx += k
+
+        return upstream_jacobi_phase(step, commit, work, seq, s, target, fs, self.jacobi, run.chunks, progress)
 
     def _sliding_phase(self, graph, run, work, seq, kv, w, fs, s, target, cos, sin, progress) -> int:
         """Sliding-window Jacobi: after every sweep commit the longest converged prefix, refill the window.

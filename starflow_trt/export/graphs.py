@@ -20,7 +20,6 @@ Contract (documented in the manifest and README):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -119,35 +118,3 @@ class DenoiserGraph(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor, rope_cos: torch.Tensor,
                 rope_sin: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x, text, rope=(rope_cos, rope_sin))
-
-
-@dataclass
-class TensorSpec:
-    """One graph input/output: name, dtype name, shape with symbolic dim names or ints."""
-
-    name: str
-    dtype: str
-    shape: list
-
-
-@dataclass
-class GraphDef:
-    """Everything needed to export one graph: module, example inputs, contract."""
-
-    name: str
-    kind: str  # prefill | step | forward | denoiser
-    block: Optional[int]
-    module: nn.Module
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    dims: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def example_inputs(self, sizes: dict[str, int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Random inputs with symbolic dims replaced by ``sizes``."""
-        g = torch.Generator().manual_seed(0)
-        out = []
-        for spec in self.inputs:
-            shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
-            t = torch.randn(*shape, generator=g, dtype=torch.float32)
-            out.append(t.to(dtype if spec.dtype != "float32" or spec.name.startswith("rope") is False else torch.float32))
-        return tuple(out)

@@ -318,6 +318,7 @@ class _GenerateRun:
         self.frames_deep = 0      # frames final after the deep block
         self.frames_shallow = 0   # frames final after the shallow blocks
         self.frames_emitted = 0
+        self._nested = 0.0  # seconds of shallow/denoiser work run from inside the deep loop (streaming)
         self.ctx_inputs: list[torch.Tensor] = []
         # Frames go through the shallow blocks as soon as they are final only when the caller
         # streams (on_frame): one batch of all frames needs far fewer graph calls. Upstream's
@@ -394,8 +395,6 @@ class _GenerateRun:
         self.seconds["deep"] += time.perf_counter() - t0 - self._nested
         self._frames_ready(self.frames, work, perm)
 
-    _nested = 0.0  # seconds spent in shallow/denoiser work triggered from inside the deep loop
-
     def _frames_ready(self, frames_done: int, work: torch.Tensor, perm: str) -> None:
         """Deep block finished frames [0, frames_done): publish them and run the later stages."""
         if frames_done <= self.frames_deep:
@@ -444,14 +443,11 @@ class _GenerateRun:
         rows = slice(kv.idx, kv.idx + s)
         self.pipe._call("deep_step", {"tokens": tokens.contiguous(), "past_kv": kv.past(),
                                       "rope_cos": self.cos[rows].contiguous(), "rope_sin": self.sin[rows].contiguous()},
-                        {"scale": self.pipe_ws("scale", (self.bp, s, self.c)),
-                         "shift": self.pipe_ws("shift", (self.bp, s, self.c)), "new_kv": kv.slots(s)})
+                        {"scale": self.ws.view("scale", (self.bp, s, self.c)),
+                         "shift": self.ws.view("shift", (self.bp, s, self.c)), "new_kv": kv.slots(s)})
         kv.idx += s
         self.seconds["prefill"] += time.perf_counter() - t0
         return prefix
-
-    def pipe_ws(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.ws.view(name, shape)
 
     # -------------------------------------------------------- block inverse
     def _step(self, graph: str, kv: KVCache, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -85,8 +85,8 @@ def test_capture_shards_hold_kv_and_iterates(int8_dir):
     captured = CaptureSet.load(cap_dir)
     assert set(captured.calls) == set(int8_dir.graphs)
     steps = captured.calls["deep_step"]
-    assert {"tokens", "past_kv", "rope_cos", "rope_sin"} <= set(steps[0])
-    assert max(c["past_kv"].shape[0] for c in steps) > 4  # real caches (text + generated tokens)
+    assert {"tokens", "past_k_0", "past_v_1", "rope_cos", "rope_sin"} <= set(steps[0])
+    assert max(c["past_k_0"].shape[0] for c in steps) > 4  # real caches (text + generated tokens)
     assert captured.seen["deep_step"] >= len(steps)
     assert any(c["tokens"].shape[1] > 1 for c in steps)  # Jacobi iterates (S > 1 chunks) are captured
     shards = list((cap_dir / "deep_step").glob("shard_*.npz"))

@@ -94,8 +94,8 @@ def test_overrides_and_parsing(goldens_export):
     spec = load_manifest(goldens_export).graph("deep_step")
     name, rng = parse_shape_override("P=0:32:64")
     prof = graph_profile(spec, {name: rng, "frames": {"max": 3}})
-    assert prof["past_kv"][2][0] == 64 and prof["past_kv"][1][0] == 32
-    assert within(prof, {"past_kv": (65, 2, 2, 1, 2, 32)})
+    assert prof["past_k_0"][2][0] == 64 and prof["past_v_1"][1][0] == 32
+    assert within(prof, {"past_k_0": (65, 1, 2, 32)})
     with pytest.raises(StarflowError, match="DIM=MIN:OPT:MAX"):
         parse_shape_override("P=1:2")
 
@@ -121,7 +121,7 @@ def test_build_dry_run_and_no_gpu(goldens_export, tmp_path):
     assert out.exit_code == 0, out.output
     plan = json.loads(out.output)
     assert plan["graphs"]["deep_step"]["network"] == "strongly typed"
-    assert plan["graphs"]["deep_step"]["profile"]["past_kv"][1][0] == 16
+    assert plan["graphs"]["deep_step"]["profile"]["past_k_0"][1][0] == 16
     out = runner.invoke(main, ["build", str(goldens_export), "--dry-run", "--fp16-flag", "--trt-version", "11"])
     assert out.exit_code == 2 and "TensorRT 11" in out.output
     if torch.cuda.is_available():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from starflow_trt.errors import ManifestError, StarflowError
-from starflow_trt.export.graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph
+from starflow_trt.export.graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph, kv_names
 from starflow_trt.export.manifest import load_manifest
 from starflow_trt.reference.rope import rope_table
 
@@ -58,9 +58,30 @@ def test_step_graphs_parity(goldens_export, ref32, batch, S, P):
     cos, sin = rows(P + S)
     for name, block, layers, heads in [("deep_step", 5, 2, 2), ("shallow_step_2", 2, 1, 1)]:
         feeds = {"tokens": rng.standard_normal((batch, S, 4), dtype=np.float32),
-                 "past_kv": rng.standard_normal((P, layers, 2, batch, heads, 32), dtype=np.float32),
-                 "rope_cos": cos[P:], "rope_sin": sin[P:]}
-        assert_parity(session(manifest.graph(name).path), StepGraph(ref32.blocks[block]), feeds)
+                 "rope_cos": cos[P:], "rope_sin": sin[P:],
+                 **{n: rng.standard_normal((P, batch, heads, 32), dtype=np.float32)
+                    for n in kv_names(layers, "past")}}
+        sess = session(manifest.graph(name).path)
+        assert [i.name for i in sess.get_inputs()] == list(feeds)
+        assert [o.name for o in sess.get_outputs()] == ["scale", "shift", *kv_names(layers, "new")]
+        assert_parity(sess, StepGraph(ref32.blocks[block]), feeds)
+
+
+def test_step_graph_equals_reference_step(ref32):
+    """The exported wrapper (per-layer seq-major K/V, two-part attention) is the reference block step."""
+    block = ref32.blocks[5]
+    g = torch.Generator().manual_seed(3)
+    P, S, B = 9, 6, 2
+    past = [(torch.randn(B, 2, P, 32, generator=g), torch.randn(B, 2, P, 32, generator=g)) for _ in range(2)]
+    tokens = torch.randn(B, S, 4, generator=g)
+    cos, sin = (torch.from_numpy(r) for r in rows(P + S))
+    a_ref, b_ref, kv_ref = block.step(tokens, cos[P:], sin[P:], past)  # concatenating SDPA path
+    flat = [t.permute(2, 0, 1, 3).contiguous() for kv in past for t in kv]
+    a, b, *new = StepGraph(block)(tokens, cos[P:], sin[P:], *flat)
+    torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(new, [t for kv in kv_ref for t in kv]):
+        torch.testing.assert_close(got, want.permute(2, 0, 1, 3), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -98,9 +119,9 @@ def test_manifest_round_trip(goldens_export):
     step = manifest.graph("deep_step")
     prof = step.profile()
     assert prof["tokens"] == ((1, 1, 4), (2, 64 if 72 >= 64 else 72, 4), (8, 72, 4))
-    assert prof["past_kv"][2] == (4 + 72, 2, 2, 8, 2, 32)
+    assert prof["past_k_0"][2] == (4 + 72, 8, 2, 32) and prof["past_v_1"][0] == (0, 1, 2, 32)
     assert len(step.extra["sos"]) == 4
-    assert manifest.geometry["kv_layout"].startswith("[P, layers, 2")
+    assert manifest.geometry["kv_layout"].startswith("per layer past_k_l")
 
 
 def test_edited_graph_is_detected(goldens_export, tmp_path):
@@ -160,7 +181,6 @@ def test_simplified_graph_keeps_parity(goldens_dir, ref32, tmp_path):
                                 graphs=["deep_step"], simplify=True, limits=ExportLimits(height=6, width=4))
     rng = np.random.default_rng(7)
     cos, sin = rows(5 + 8)
-    feeds = {"tokens": rng.standard_normal((2, 8, 4), dtype=np.float32),
-             "past_kv": rng.standard_normal((5, 2, 2, 2, 2, 32), dtype=np.float32),
-             "rope_cos": cos[5:], "rope_sin": sin[5:]}
+    feeds = {"tokens": rng.standard_normal((2, 8, 4), dtype=np.float32), "rope_cos": cos[5:], "rope_sin": sin[5:],
+             **{n: rng.standard_normal((5, 2, 2, 32), dtype=np.float32) for n in kv_names(2, "past")}}
     assert_parity(session(manifest.graph("deep_step").path), StepGraph(ref32.top), feeds)

@@ -71,8 +71,9 @@ def test_export_deep_block_over_2gb(tmp_path):
     assert report["external"], "a graph over 2 GB must use ONNX external data"
     assert report["peak_rss"] < bound
     sess = ort.InferenceSession(str(out / "deep_step.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {"tokens": torch.randn(1, 3, 4).numpy(), "past_kv": torch.randn(5, 11, 2, 1, 32, 64).numpy(),
-             "rope_cos": torch.ones(3, 64).numpy(), "rope_sin": torch.zeros(3, 64).numpy()}
-    scale, shift, new_kv = sess.run(None, feeds)
-    assert scale.shape == (1, 3, 4) and new_kv.shape == (3, 11, 2, 1, 32, 64)
+    feeds = {"tokens": torch.randn(1, 3, 4).numpy(), "rope_cos": torch.ones(3, 64).numpy(),
+             "rope_sin": torch.zeros(3, 64).numpy(),
+             **{f"past_{kind}_{l}": torch.randn(5, 1, 32, 64).numpy() for l in range(11) for kind in "kv"}}
+    scale, shift, *new_kv = sess.run(None, feeds)
+    assert scale.shape == (1, 3, 4) and len(new_kv) == 22 and new_kv[0].shape == (3, 1, 32, 64)
     assert (scale > 0).all()

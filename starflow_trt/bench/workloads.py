@@ -36,14 +36,18 @@ def make_bench_checkpoint(config: Path, out: Path, seed: int = 0) -> Path:
 
 
 def _step_inputs(spec, geo, batch: int, s: int, p: int, dev) -> tuple[dict, dict]:
-    kv_shape = [d for d in spec.input("past_kv").shape]
-    layers, heads, hd = kv_shape[1], kv_shape[4], kv_shape[5]
+    k0 = spec.input("past_k_0").shape
+    heads, hd = k0[2], k0[3]
     cos, sin = rope_table(geo["head_dim"], 1, 1, p + s, 0, geo["pt_seq_len"])
     c = geo["token_channels"]
-    inputs = {"tokens": torch.randn(batch, s, c), "past_kv": torch.randn(p, layers, 2, batch, heads, hd),
-              "rope_cos": cos[p:].contiguous(), "rope_sin": sin[p:].contiguous()}
-    outputs = {"scale": torch.empty(batch, s, c), "shift": torch.empty(batch, s, c),
-               "new_kv": torch.empty(s, layers, 2, batch, heads, hd)}
+    inputs = {"tokens": torch.randn(batch, s, c), "rope_cos": cos[p:].contiguous(), "rope_sin": sin[p:].contiguous()}
+    outputs = {"scale": torch.empty(batch, s, c), "shift": torch.empty(batch, s, c)}
+    for t in spec.inputs:
+        if t.name.startswith("past_"):
+            inputs[t.name] = torch.randn(p, batch, heads, hd)
+    for t in spec.outputs:
+        if t.name.startswith("new_"):
+            outputs[t.name] = torch.empty(s, batch, heads, hd)
     return inputs, outputs
 
 

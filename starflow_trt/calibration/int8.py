@@ -21,7 +21,8 @@ from .capture import Call, iter_feeds
 
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 #: module-path patterns (the exporter's ``namespace`` metadata) kept in float by default
-DEFAULT_EXCLUDE = ("proj_out", "scaled_dot_product_attention")
+#: (SDPA in full-sequence graphs; the explicit q·kᵀ / p·v matmuls of the step graphs' two-part attention)
+DEFAULT_EXCLUDE = ("proj_out", "scaled_dot_product_attention", r"Attention/matmul")
 
 
 def _namespace(node) -> str:

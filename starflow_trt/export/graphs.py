@@ -6,12 +6,14 @@ call (KV layout, frame folding); the maths is :meth:`FlowBlock.step`,
 
 Contract (documented in the manifest and README):
 
-* KV caches are **sequence-major** ``[P, layers, 2, B, heads, hd]`` (k = 0, v = 1),
-  K stored **after** RoPE. A prefix ``[:P]`` of a preallocated buffer is then a
-  contiguous view (zero-copy input) and a step's ``new_kv [S, …]`` is written
-  straight into ``[idx, idx + S)`` of the buffer (zero-copy output binding).
-  Rotating at write time equals upstream's re-rotation at every read because a
-  slot's RoPE row never changes while it is cached (spec §4.3, §8.1).
+* KV caches are **sequence-major per layer**: inputs ``past_k_{l}`` / ``past_v_{l}``
+  ``[P, B, heads, hd]`` and outputs ``new_k_{l}`` / ``new_v_{l}`` ``[S, B, heads, hd]``, K stored
+  **after** RoPE. The runtime keeps one buffer ``[layers, 2, capacity, B, heads, hd]``: every
+  ``[:P]`` prefix of a layer is a contiguous view (zero-copy input) and every new slot range
+  ``[idx, idx + S)`` is a contiguous view (zero-copy output). Inside the graph the past is
+  never concatenated with the new keys (two-part attention, :class:`TwoPartMask`), so a step
+  copies nothing of the cache. Rotating at write time equals upstream's re-rotation at every
+  read because a slot's RoPE row never changes while it is cached (spec §4.3, §8.1).
 * Positions enter as precomputed RoPE rows ``rope_cos / rope_sin [S, hd]`` (float32)
   of the slots being written, so graphs are shape- and position-agnostic
   (long-video re-encoding just feeds rows from slot 0 again).
@@ -27,7 +29,7 @@ from torch import nn
 
 from ..reference.denoiser import Denoiser
 from ..reference.flow import FlowBlock
-from ..reference.layers import KV, causal_mask
+from ..reference.layers import KV, TwoPartMask, causal_mask
 
 
 def additive_causal_mask(queries: int, keys: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -40,25 +42,30 @@ def additive_causal_mask(queries: int, keys: int, dtype: torch.dtype, device) ->
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
 
 
-def kv_to_layers(kv: torch.Tensor) -> list[KV]:
-    """[P, layers, 2, B, H, hd] → per layer (k, v) [B, H, P, hd]."""
-    return [(kv[:, l, 0].permute(1, 2, 0, 3), kv[:, l, 1].permute(1, 2, 0, 3)) for l in range(kv.shape[1])]
+def kv_names(layers: int, prefix: str) -> list[str]:
+    """Graph tensor names of a per-layer KV list: ``{prefix}_k_0, {prefix}_v_0, {prefix}_k_1, …``."""
+    return [f"{prefix}_{kind}_{l}" for l in range(layers) for kind in ("k", "v")]
 
 
-def layers_to_kv(layers: list[KV]) -> torch.Tensor:
-    """Per layer (k, v) [B, H, S, hd] → [S, layers, 2, B, H, hd]."""
-    stacked = torch.stack([torch.stack([k, v]) for k, v in layers])  # [layers, 2, B, H, S, hd]
-    return stacked.permute(4, 0, 1, 2, 3, 5).contiguous()
+def kv_to_layers(flat: tuple[torch.Tensor, ...]) -> list[KV]:
+    """(k_0, v_0, k_1, …) each [P, B, H, hd] → per layer (k, v) [B, H, P, hd]."""
+    return [(flat[i].permute(1, 2, 0, 3), flat[i + 1].permute(1, 2, 0, 3)) for i in range(0, len(flat), 2)]
+
+
+def layers_to_kv(layers: list[KV]) -> tuple[torch.Tensor, ...]:
+    """Per layer (k, v) [B, H, S, hd] → (k_0, v_0, k_1, …) each [S, B, H, hd]."""
+    return tuple(t.permute(2, 0, 1, 3).contiguous() for kv in layers for t in kv)
 
 
 class TextPrefillGraph(nn.Module):
-    """``deep_prefill``: text [B, L, D] + RoPE rows [L, hd] → kv [L, layers, 2, B, H, hd]."""
+    """``deep_prefill``: text [B, L, D] + RoPE rows [L, hd] → new_k_l, new_v_l [L, B, H, hd] per layer."""
 
     def __init__(self, block: FlowBlock):
         super().__init__()
         self.block = block
 
-    def forward(self, text: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, rope_cos: torch.Tensor,
+                rope_sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return layers_to_kv(self.block.prefill_text(text, rope_cos, rope_sin))
 
 
@@ -66,8 +73,8 @@ class StepGraph(nn.Module):
     """``deep_step`` / ``shallow_step_i``: S shifted tokens + past K/V → (scale, shift, new K/V).
 
     tokens [B, S, c] (sequence order, already shifted: SOS / previous tokens);
-    past_kv [P, layers, 2, B, H, hd]; rope_cos/sin [S, hd] (rows of slots P … P+S−1).
-    Outputs scale, shift [B, S, c] float32 and new_kv [S, layers, 2, B, H, hd].
+    rope_cos/sin [S, hd] (rows of slots P … P+S−1); then past_k_0, past_v_0, … [P, B, H, hd].
+    Outputs scale, shift [B, S, c] float32, then new_k_0, new_v_0, … [S, B, H, hd].
     Query i attends to the whole past and to new tokens ≤ i.
     """
 
@@ -75,12 +82,12 @@ class StepGraph(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, tokens: torch.Tensor, past_kv: torch.Tensor, rope_cos: torch.Tensor,
-                rope_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s, p = tokens.shape[1], past_kv.shape[0]
-        mask = additive_causal_mask(s, p + s, past_kv.dtype, tokens.device)
-        a, b, kv = self.block.step(tokens, rope_cos, rope_sin, kv_to_layers(past_kv), mask=mask)
-        return a.float(), b.float(), layers_to_kv(kv)
+    def forward(self, tokens: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = tokens.shape[1]
+        mask = TwoPartMask(additive_causal_mask(s, s, tokens.dtype, tokens.device))
+        a, b, kv = self.block.step(tokens, rope_cos, rope_sin, kv_to_layers(past), mask=mask)
+        return (a.float(), b.float(), *layers_to_kv(kv))
 
 
 class ForwardGraph(nn.Module):

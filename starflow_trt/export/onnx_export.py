@@ -16,6 +16,7 @@ Choices (also in the README):
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import time
 import warnings
@@ -35,7 +36,7 @@ from ..reference.denoiser import Denoiser
 from ..reference.flow import FlowBlock
 from ..reference.model import deprecated_buffer_values
 from ..reference.rope import rope_table
-from .graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph
+from .graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph, kv_names
 from .manifest import DimRange, GraphSpec, Manifest, TensorInfo, sha256_path, staged_directory
 
 DEFAULT_OPSET = 18
@@ -89,7 +90,7 @@ def geometry_for(cfg: ModelConfig, limits: ExportLimits) -> dict:
                     "permutation": cfg.block_permutation(k), "text": cfg.block_has_text(k)}
                    for k in range(cfg.num_blocks)],
         "denoiser": bool(cfg.learnable_self_denoiser), "noise_std": cfg.noise_std,
-        "kv_layout": "[P, layers, 2 (k, v), batch, heads, head_dim], K after RoPE",
+        "kv_layout": "per layer past_k_l / past_v_l [P, batch, heads, head_dim] (new_k_l / new_v_l [S, …]), K after RoPE",
     }
 
 
@@ -113,26 +114,27 @@ def plan_graphs(cfg: ModelConfig, geo: dict, limits: ExportLimits,
     grid = {"h": DimRange(h, h, h), "w": DimRange(w, w, w)}
     ex_grid = {"h": h, "w": w}
 
-    def kv(name: str, seq: str, k: int, batch: str = "batch") -> TensorInfo:
-        return _t(name, seq, cfg.layers[k], 2, batch, cfg.block_heads(k), hd)
+    def kv(prefix: str, seq, k: int) -> list[TensorInfo]:
+        """Per-layer K/V tensors ``{prefix}_k_l`` / ``{prefix}_v_l`` [seq, batch, heads, hd]."""
+        return [_t(n, seq, "batch", cfg.block_heads(k), hd) for n in kv_names(cfg.layers[k], prefix)]
+
+    def step_io(k: int) -> tuple[list[TensorInfo], list[TensorInfo]]:
+        return ([_t("tokens", "batch", "S", c), _t("rope_cos", "S", hd), _t("rope_sin", "S", hd), *kv("past", "P", k)],
+                [_t("scale", "batch", "S", c), _t("shift", "batch", "S", c), *kv("new", "S", k)])
 
     # deep block: text prefill + step
     plans.append(_Plan(
         "deep_prefill", "prefill", top, lambda: TextPrefillGraph(block_factory(f"blocks.{top}.")),
         [_t("text", "batch", L, D), _t("rope_cos", L, hd), _t("rope_sin", L, hd)],
-        [kv("kv", L, top)], {"batch": deep_batch}, {"batch": 3}, nparams(f"blocks.{top}.")))
+        kv("new", L, top), {"batch": deep_batch}, {"batch": 3}, nparams(f"blocks.{top}.")))
     plans.append(_Plan(
-        "deep_step", "step", top, lambda: StepGraph(block_factory(f"blocks.{top}.")),
-        [_t("tokens", "batch", "S", c), kv("past_kv", "P", top), _t("rope_cos", "S", hd), _t("rope_sin", "S", hd)],
-        [_t("scale", "batch", "S", c), _t("shift", "batch", "S", c), kv("new_kv", "S", top)],
+        "deep_step", "step", top, lambda: StepGraph(block_factory(f"blocks.{top}.")), *step_io(top),
         {"batch": deep_batch, "S": DimRange(1, opt_s, N), "P": DimRange(0, L + N // 2, L + N)},
         {"batch": 3, "S": 5, "P": 7}, nparams(f"blocks.{top}.")))
     for k in geo["shallow_blocks"]:
         fb = DimRange(1, T, B * T)
         plans.append(_Plan(
-            f"shallow_step_{k}", "step", k, lambda k=k: StepGraph(block_factory(f"blocks.{k}.")),
-            [_t("tokens", "batch", "S", c), kv("past_kv", "P", k), _t("rope_cos", "S", hd), _t("rope_sin", "S", hd)],
-            [_t("scale", "batch", "S", c), _t("shift", "batch", "S", c), kv("new_kv", "S", k)],
+            f"shallow_step_{k}", "step", k, lambda k=k: StepGraph(block_factory(f"blocks.{k}.")), *step_io(k),
             {"batch": fb, "S": DimRange(1, min(opt_s, F), F), "P": DimRange(0, F // 2, max(F - 1, 0))},
             {"batch": 3, "S": 5, "P": 7}, nparams(f"blocks.{k}.")))
     frames = DimRange(1, T, T)
@@ -206,9 +208,15 @@ class BlockLoader:
         return module.eval().requires_grad_(False)
 
 
-def _dynamic_shapes(plan: _Plan) -> dict[str, dict[int, object]]:
+def _dynamic_shapes(plan: _Plan, module: nn.Module) -> tuple:
+    """Positional, like the example args; a ``*past`` vararg gets its specs as one nested tuple."""
     auto = torch.export.Dim.AUTO
-    return {t.name: {i: auto for i, d in enumerate(t.shape) if isinstance(d, str)} for t in plan.inputs}
+    specs = [{i: auto for i, d in enumerate(t.shape) if isinstance(d, str)} for t in plan.inputs]
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        named = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        return (*specs[:named], tuple(specs[named:]))
+    return tuple(specs)
 
 
 def export_one(plan: _Plan, cfg: ModelConfig, directory: Path, opset: int, external_data: str,
@@ -226,7 +234,7 @@ def export_one(plan: _Plan, cfg: ModelConfig, directory: Path, opset: int, exter
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, dynamic_shapes=_dynamic_shapes(plan),
+            module, args, dynamo=True, opset_version=opset, dynamic_shapes=_dynamic_shapes(plan, module),
             input_names=[t.name for t in plan.inputs], output_names=[t.name for t in plan.outputs],
             optimize=True, verbose=False)
         program.save(path, external_data=use_external)

@@ -15,8 +15,23 @@ from torch import nn
 from .rope import apply_rope
 
 KV = tuple[torch.Tensor, torch.Tensor]
-#: Attention masks: ``"causal"`` (query i sees keys ``j <= P + i``), ``None`` (full) or a bool tensor.
-Mask = Union[str, torch.Tensor, None]
+
+
+class TwoPartMask:
+    """Causal attention over an uncopied past: scores against the past and the new keys apart.
+
+    ``new_bias`` [S, S] is added to the scores of the new keys (0 where key j <= query i, −inf
+    elsewhere); every past key is visible. The softmax runs over both parts together, so this is
+    the same attention as concatenating the K/V, without copying the cache (exported step graphs).
+    """
+
+    def __init__(self, new_bias: torch.Tensor):
+        self.new_bias = new_bias
+
+
+#: Attention masks: ``"causal"`` (query i sees keys ``j <= P + i``), ``None`` (full), a bool tensor,
+#: or a :class:`TwoPartMask`.
+Mask = Union[str, torch.Tensor, TwoPartMask, None]
 
 
 class RMSNorm(nn.Module):
@@ -70,8 +85,11 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         scale = (self.head_dim ** -0.25) ** 2 / temperature
+        if isinstance(mask, TwoPartMask):
+            out = _two_part_attention(q, k, v, past, mask.new_bias, scale)
+            return self.proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)), (k, v)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         attn_mask, is_causal = None, False
         if isinstance(mask, str):
             if keys.shape[2] == s:
@@ -83,6 +101,17 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
         out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self.proj(out), (k, v)
+
+
+def _two_part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Optional[KV],
+                        new_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax([q·Kpastᵀ, q·kᵀ + bias])·[Vpast; v] without concatenating K/V. q, k, v [B, H, S, hd]."""
+    new_scores = torch.matmul(q, k.transpose(-1, -2)) * scale + new_bias
+    if past is None:
+        return torch.matmul(torch.softmax(new_scores, -1), v)
+    p = past[0].shape[2]
+    probs = torch.softmax(torch.cat([torch.matmul(q, past[0].transpose(-1, -2)) * scale, new_scores], -1), -1)
+    return torch.matmul(probs[..., :p], past[1]) + torch.matmul(probs[..., p:], v)
 
 
 class MLP(nn.Module):

@@ -1,9 +1,10 @@
 """KV-cache and scratch buffers for one generate call, allocated once.
 
-Graph KV layout is sequence-major ``[slots, layers, 2, batch, heads, hd]``, so a
-cache prefix ``buf[:P]`` is a contiguous input and a step's ``new_kv`` output is
-bound straight to ``buf[idx:idx + S]``. Jacobi roll-back and prefix reuse only
-move ``idx``. Frame groups of different sizes share one flat workspace viewed
+A block's cache is one buffer ``[layers, 2 (k, v), slots, batch, heads, hd]``: the
+graphs take and give K/V per layer, sequence-major (``past_k_l`` [P, batch, heads, hd]),
+so every layer's prefix ``buf[l, i, :P]`` is a contiguous input and a step's
+``new_k_l`` / ``new_v_l`` outputs are bound straight to ``buf[l, i, idx:idx + S]``.
+Nothing is copied per call. Jacobi roll-back and prefix reuse only move ``idx``. Frame groups of different sizes share one flat workspace viewed
 with the shape each call needs, so nothing is reallocated inside the loop.
 """
 
@@ -41,20 +42,25 @@ class Workspace:
 
 
 class KVCache:
-    """One block's cache: a view ``[capacity, layers, 2, batch, heads, hd]`` and a write index."""
+    """One block's cache: a view ``[layers, 2, capacity, batch, heads, hd]`` and a write index."""
 
     def __init__(self, buffer: torch.Tensor):
         self.buffer = buffer
-        self.capacity = buffer.shape[0]
+        self.layers = buffer.shape[0]
+        self.capacity = buffer.shape[2]
         self.idx = 0
         self.prefix: Optional[torch.Tensor] = None
 
-    def past(self) -> torch.Tensor:
-        """Committed slots ``[0, idx)`` (a contiguous view)."""
-        return self.buffer[: self.idx]
+    def _named(self, prefix: str, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}_{kind}_{l}": self.buffer[l, i, lo:hi]
+                for l in range(self.layers) for i, kind in enumerate(("k", "v"))}
 
-    def slots(self, n: int) -> torch.Tensor:
-        """The next ``n`` slots ``[idx, idx + n)``, where a step writes its new K/V."""
+    def past(self) -> dict[str, torch.Tensor]:
+        """Committed slots ``[0, idx)`` as graph inputs ``past_k_l`` / ``past_v_l`` (contiguous views)."""
+        return self._named("past", 0, self.idx)
+
+    def slots(self, n: int) -> dict[str, torch.Tensor]:
+        """The next ``n`` slots ``[idx, idx + n)`` as graph outputs ``new_k_l`` / ``new_v_l``."""
         if self.idx + n > self.capacity:
             raise RuntimeError(f"KV cache overflow: {self.idx} + {n} > capacity {self.capacity}")
-        return self.buffer[self.idx : self.idx + n]
+        return self._named("new", self.idx, self.idx + n)

@@ -58,6 +58,9 @@ class _BlockRun:
     calls: int = 0
     tokens: int = 0
     chunks: list[ChunkLog] = field(default_factory=list)
+    scale: Optional[torch.Tensor] = None   # sliding schedule: latest (a, b) per position [B', N, c]
+    shift: Optional[torch.Tensor] = None
+    known: int = 0                          # positions [0, known) have (a, b)
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:
@@ -97,6 +100,9 @@ class Pipeline:
         self.cfg = manifest.config
         self.geo = manifest.geometry
         self._runners: dict[str, GraphRunner] = {}
+        self._ropes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # KV caches and scratch live across calls: a call only allocates when it needs more room
+        self.workspace = Workspace(backend.device)
         self.kv_allocations = 0  # buffers allocated by the last generate call
 
     @classmethod
@@ -131,9 +137,13 @@ class Pipeline:
         return torch.tensor(values, dtype=torch.float32, device=self.backend.device)
 
     def _rope(self, frames: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE (cos, sin) [rows, hd] on the backend's device."""
-        g = self.geo
-        return rope_table(g["head_dim"], frames, g["h"], g["w"], text_len, g["pt_seq_len"], device=self.backend.device)
+        """RoPE (cos, sin) [rows, hd] on the backend's device (computed once per shape)."""
+        key = (frames, text_len)
+        if key not in self._ropes:
+            g = self.geo
+            self._ropes[key] = rope_table(g["head_dim"], frames, g["h"], g["w"], text_len, g["pt_seq_len"],
+                                          device=self.backend.device)
+        return self._ropes[key]
 
     # -------------------------------------------------------------- checks
     def _check_text(self, y: torch.Tensor, batch: Optional[int], name: str) -> None:
@@ -182,7 +192,7 @@ class Pipeline:
         """
         start = time.perf_counter()
         self._stats = CallStats()
-        g = self.geo
+        g = self.geo  # one generate at a time per Pipeline: calls share its workspace and IO bindings
         y = _as_tensor(y, "y")
         self._check_text(y, None, "y")
         batch = y.shape[0]
@@ -227,9 +237,10 @@ class Pipeline:
             denoise = False  # model without a learnable denoiser
         run = _GenerateRun(self, y, y_uncond if w > 0 else None, noise, w, jacobi, schedule, window,
                            context, n_ctx, denoise, on_frame, start)
-        latents, raw = run.execute()
+        with self.backend.host_thread_limit():
+            latents, raw = run.execute()
         stats = run.stats()
-        self.kv_allocations = run.ws.allocations
+        self.kv_allocations = run.allocations
         return GenerateResult(latents=latents, raw=raw, stats=stats)
 
     # --------------------------------------------------------------- score
@@ -298,7 +309,8 @@ class _GenerateRun:
         self.n_tokens = self.frames * self.F
         top = g["blocks"][g["top_index"]]
         cap = self.L + (window * self.F if window else self.n_tokens)
-        self.ws = Workspace(pipe.backend.device)
+        self.ws = pipe.workspace
+        allocated_before = self.ws.allocations
         hd = g["head_dim"]
         self.ws.reserve("deep_kv", cap * top["layers"] * 2 * self.bp * top["heads"] * hd, torch.float32)
         shallow = [g["blocks"][k] for k in g["shallow_blocks"]]
@@ -310,7 +322,8 @@ class _GenerateRun:
         max_s = max(self.n_tokens, self.F * max(n_ctx, 1))
         self.ws.reserve("scale", max_s * max(self.bp, seqs) * self.c, torch.float32)
         self.ws.reserve("shift", max_s * max(self.bp, seqs) * self.c, torch.float32)
-        self.deep_kv = KVCache(self.ws.view("deep_kv", (cap, top["layers"], 2, self.bp, top["heads"], hd)))
+        self.allocations = self.ws.allocations - allocated_before
+        self.deep_kv = KVCache(self.ws.view("deep_kv", (top["layers"], 2, cap, self.bp, top["heads"], hd)))
         self.cos, self.sin = pipe._rope(self.frames, self.L)
         self.deep_out = torch.empty_like(self.x)   # channels-last deep output [B, T, h, w, c]
         self.shallow_out = torch.empty_like(self.x)
@@ -360,7 +373,7 @@ class _GenerateRun:
         kv = self.deep_kv
         kv.idx = 0
         self.pipe._call("deep_prefill", {"text": self.text, "rope_cos": self.cos[:L].contiguous(),
-                                          "rope_sin": self.sin[:L].contiguous()}, {"kv": kv.slots(L)})
+                                          "rope_sin": self.sin[:L].contiguous()}, kv.slots(L))
         kv.idx = L
         self.seconds["prefill"] += time.perf_counter() - t0
 
@@ -441,10 +454,10 @@ class _GenerateRun:
         s = prefix.shape[1]
         tokens = torch.cat([self.pipe._sos(g["top_index"]).expand(self.bp, 1, self.c), prefix[:, :-1]], 1)
         rows = slice(kv.idx, kv.idx + s)
-        self.pipe._call("deep_step", {"tokens": tokens.contiguous(), "past_kv": kv.past(),
+        self.pipe._call("deep_step", {"tokens": tokens.contiguous(), **kv.past(),
                                       "rope_cos": self.cos[rows].contiguous(), "rope_sin": self.sin[rows].contiguous()},
                         {"scale": self.ws.view("scale", (self.bp, s, self.c)),
-                         "shift": self.ws.view("shift", (self.bp, s, self.c)), "new_kv": kv.slots(s)})
+                         "shift": self.ws.view("shift", (self.bp, s, self.c)), **kv.slots(s)})
         kv.idx += s
         self.seconds["prefill"] += time.perf_counter() - t0
         return prefix
@@ -457,9 +470,9 @@ class _GenerateRun:
         a = self.ws.view("scale", (bsz, s, self.c))
         b = self.ws.view("shift", (bsz, s, self.c))
         rows = slice(kv.idx, kv.idx + s)
-        self.pipe._call(graph, {"tokens": tokens.contiguous(), "past_kv": kv.past(),
+        self.pipe._call(graph, {"tokens": tokens.contiguous(), **kv.past(),
                                 "rope_cos": cos[rows].contiguous(), "rope_sin": sin[rows].contiguous()},
-                        {"scale": a, "shift": b, "new_kv": kv.slots(s)})
+                        {"scale": a, "shift": b, **kv.slots(s)})
         if w > 0:
             return guide(a, b, w)
         return a, b
@@ -519,44 +532,63 @@ class _GenerateRun:
     def _sliding_phase(self, graph, run, work, seq, kv, w, fs, s, target, cos, sin, progress) -> int:
         """Sliding-window Jacobi: after every sweep commit the longest converged prefix, refill the window.
 
-        Windows have upstream's sizes (``block_size`` in frame 0, ``4·block_size`` after). A prefix
-        is committed when upstream's own test holds on it (mean squared update over mean squared
-        value below ``threshold``) or when it is exact (all its inputs were final before the sweep);
-        its K/V come from the inputs of that sweep, as upstream's last iteration. Instead of
-        re-solving a converged chunk head while its tail converges, the window slides on.
-        ``threshold = 0`` commits exact tokens only: the autoregressive result.
+        Windows start at upstream's sizes k (``block_size`` in frame 0, ``4·block_size`` after).
+        A prefix is committed when it is exact (all its inputs were final before the sweep) or
+        when upstream's own test holds on every prefix of it (mean squared update over mean
+        squared value below ``threshold``) and each of its tokens has been evaluated at least
+        twice, so that, as in upstream, the test compares two network evaluations and never a
+        heuristic guess. Its K/V come from the inputs of that sweep, as upstream's last iteration.
+
+        Instead of re-solving a converged chunk head while its tail converges, the window slides
+        on; after a sweep that committed everything it evaluated twice, the next window also takes
+        k new positions (at most 2k in all), so one call verifies a chunk and starts the next.
+        A new position n starts from ``b + a·ζ_n`` with (a, b) of the co-located token one frame
+        earlier (final by then): the same fixed point, a closer start than upstream's noise.
+        ``threshold = 0`` commits exact tokens only: the autoregressive result. A window whose
+        first position has been evaluated ``max_iter`` times is committed as it is (upstream's cap).
         """
         jac = self.jacobi
         exact = s           # tokens < exact are exact
         frontier = s        # tokens < frontier have an initial guess
-        sweeps = 0          # sweeps since the window start last moved
+        evals = torch.zeros(target, dtype=torch.int32)   # network evaluations of each position
+        if run.scale is None or run.scale.shape != seq.shape:
+            run.scale, run.shift = torch.empty_like(seq), torch.empty_like(seq)  # latest (a, b) per position
+            run.known = 0
+        verified = False    # the last sweep committed every position it evaluated for the second time
         while s < target:
             k = jac.block_size if s <= fs else 4 * jac.block_size
             e = min(s + k, target)
+            if verified and frontier > s:
+                e = min(target, max(e, frontier + k), s + 2 * k)
             exact = max(exact, s)
-            if e > frontier:  # new positions start from the co-located token one frame earlier
-                lo = max(frontier, fs)
-                if e > lo:
-                    work[:, lo + 1 : e + 1] = work[:, lo + 1 - fs : e + 1 - fs].clone()
+            if e > frontier:
+                lo = max(frontier, fs, s + 1)   # position s's input is final already
+                if e > lo and lo - fs < run.known:
+                    hi = min(e, run.known + fs)
+                    prev = slice(lo - fs, hi - fs)
+                    work[:, lo + 1 : hi + 1] = run.shift[:, prev] + run.scale[:, prev] * seq[:, lo:hi]
                 frontier = e
             a, b = self._step(graph, kv, work[:, s:e], cos, sin, w)
             run.calls += 1
             run.tokens += e - s
+            run.scale[:, s:e], run.shift[:, s:e] = a, b
+            run.known = max(run.known, e)
+            evals[s:e] += 1
             new = b + a * seq[:, s:e]
             sq = ((new - work[:, s + 1 : e + 1]) ** 2).mean(dim=(0, 2))   # per token
             mag = (new ** 2).mean(dim=(0, 2))
             prefix_delta = torch.cumsum(sq, 0) / torch.cumsum(mag, 0).clamp_min(1e-30)
             work[:, s + 1 : e + 1] = new
             exact = min(e, exact + 1)
-            sweeps += 1
-            ok = (prefix_delta < jac.threshold).nonzero()
-            m = max(exact - s, int(ok[-1]) + 1 if len(ok) else 0)
-            if sweeps >= jac.max_iter:
-                m = e - s  # give up on this window, like upstream's max_iter
-            run.chunks.append(ChunkLog(s, m, sweeps, float(prefix_delta[max(m, 1) - 1])))
+            twice = int(torch.cumprod(evals[s:e] >= 2, 0).sum())   # leading positions evaluated twice
+            bad = (prefix_delta[:twice] >= jac.threshold).nonzero()
+            m = max(exact - s, int(bad[0]) if len(bad) else twice)
+            if int(evals[s]) >= jac.max_iter:
+                m = e - s
+            verified = 0 < twice <= m
+            run.chunks.append(ChunkLog(s, m, int(evals[s]), float(prefix_delta[m - 1])))
             kv.idx += m
             s += m
-            sweeps = 0
             if progress is not None:
                 progress(s)
         return s
@@ -602,7 +634,7 @@ class _GenerateRun:
         seq = permute_tokens(hin, blk["permutation"]).contiguous()
         bs, n = seq.shape[:2]
         hd = g["head_dim"]
-        kv = KVCache(self.ws.view("shallow_kv", (n, blk["layers"], 2, bs, blk["heads"], hd)))
+        kv = KVCache(self.ws.view("shallow_kv", (blk["layers"], 2, n, bs, blk["heads"], hd)))
         work = torch.empty(bs, n + 1, self.c, device=self.device)
         work[:, 0] = self.pipe._sos(k)
         work[:, 1:] = seq

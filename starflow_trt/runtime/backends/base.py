@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from typing import Mapping
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Optional
 
 import torch
 
@@ -39,6 +40,19 @@ class Backend(ABC):
 
     name: str = "?"
     device: torch.device = torch.device("cpu")
+    #: torch threads for the runtime's own tensor ops while this backend runs graphs (None: leave as is)
+    host_threads: Optional[int] = None
+
+    @contextmanager
+    def host_thread_limit(self) -> Iterator[None]:
+        """Limit torch's threads to ``host_threads`` for the duration (restored after)."""
+        before = torch.get_num_threads()
+        if self.host_threads:
+            torch.set_num_threads(self.host_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     @abstractmethod
     def load(self, spec: GraphSpec) -> GraphRunner:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ def test_generate_and_score_cli(goldens_export, cases, tmp_path):
     runner = CliRunner()
     out = runner.invoke(main, ["generate", str(goldens_export), "--text-embeddings", str(y), "--uncond", str(u),
                                "--noise", str(tmp_path / "noise.npy"), "--guidance", "2", "--autoregressive",
-                               "--no-denoise", "-o", str(tmp_path / "gen")])
+                               "--no-denoise", "--thread-pool", "session", "-o", str(tmp_path / "gen")])
     assert out.exit_code == 0, out.output
     latents = np.load(tmp_path / "gen" / "latents.npy")
     golden = cases["reverse.g2"].numpy()
@@ -37,7 +39,8 @@ def test_generate_and_score_cli(goldens_export, cases, tmp_path):
     assert abs(np.mean(nll) - cases["forward.loss"].item()) <= 1e-5 * cases["forward.loss"].item()
     bad = tmp_path / "bad.npy"
     np.save(bad, cases["y"].numpy()[:, :, :8])
-    out = runner.invoke(main, ["generate", str(goldens_export), "--text-embeddings", str(bad), "-o", str(tmp_path / "b")])
+    out = runner.invoke(main, ["generate", str(goldens_export), "--text-embeddings", str(bad), "--thread-pool", "session",
+                               "-o", str(tmp_path / "b")])
     assert out.exit_code == 2 and out.output.startswith("error:") and "width 16" in out.output
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     out = runner.invoke(main, ["score", str(goldens_export), "--video", str(tmp_path / "junk.npy"),
@@ -55,3 +58,19 @@ def test_demo_end_to_end(tmp_path):
     assert report["parity"]["autoregressive"]["rel_max"] < 1e-3
     assert report["held_out_bits_per_dim"]["mean"] < report["held_out_bits_per_dim"]["identity_flow"]
     assert report["int8"]["bits_per_dim"]["increase"] <= 0.02
+
+
+def test_generate_cli_shared_thread_pool(goldens_export, cases, tmp_path):
+    # the shared ORT pool is process-wide (every later session must join it), so run in a subprocess
+    y, noise = tmp_path / "y.npy", tmp_path / "noise.npy"
+    np.save(y, cases["y"].numpy())
+    np.save(noise, cases["noise"].numpy())
+    out = subprocess.run([sys.executable, "-m", "starflow_trt.cli", "generate", str(goldens_export),
+                          "--text-embeddings", str(y), "--noise", str(noise), "--no-denoise",
+                          "-o", str(tmp_path / "gen")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads((tmp_path / "gen" / "stats.json").read_text())
+    assert stats["backend"]["thread_pool"] == "shared" and stats["schedule"] == "sliding"
+    # sliding Jacobi at threshold 1e-3 on the goldens model (g0): close to the AR golden, not equal to it
+    latents, golden = np.load(tmp_path / "gen" / "latents.npy"), cases["reverse.g0"].numpy()
+    assert np.linalg.norm(latents - golden) <= 0.2 * np.linalg.norm(golden)

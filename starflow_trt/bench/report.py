@@ -31,6 +31,14 @@ def markdown(result: dict) -> str:
                          ("deep calls", "deep_calls", ""), ("deep tokens", "deep_tokens", ""),
                          ("graph calls", "calls", ""), ("rel. L2 to AR", "dist_to_ar", ".2e")])
         lines.append("")
+    for name, q in result.get("schedule_quality", {}).items():
+        lines += [f"## Schedules over {q['rows'][0]['samples']} samples: {name} (ORT FP32, guidance {q['guidance']:g}, "
+                  f"block {q['block']}, threshold {q['threshold']:g})", ""]
+        lines += _table(q["rows"], [("schedule", "schedule", ""), ("rel. L2 to AR: median", "dist_median", ".2e"),
+                                    ("mean", "dist_mean", ".2e"), ("max", "dist_max", ".2e"),
+                                    ("deep calls (sum)", "deep_calls", ""), ("deep tokens (sum)", "deep_tokens", ""),
+                                    ("graph calls (sum)", "calls", "")])
+        lines.append("")
     for name, rows in result["per_graph"].items():
         lines += [f"## Per graph: {name}", ""]
         lines += _table(rows, [("graph", "graph", ""), ("shape", "shape", ""), ("ms", "ms", ""),
@@ -76,8 +84,10 @@ def bar_chart(labels: list[str], values: list[float], title: str, path: Path) ->
 def write(result: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "latest.json", out_dir / "latest.md"]
-    files[0].write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    files[1].write_text(markdown(result), encoding="utf-8")
+    for path, text in zip(files, (json.dumps(result, indent=1) + "\n", markdown(result))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
     for name, rows in result["end_to_end"].items():
         labels = [f"{r['backend']} {r['precision']} {r['schedule']}" for r in rows]
         files.append(bar_chart(labels, [r["s_median"] for r in rows], f"{name}: seconds per video (lower is better)",

@@ -40,17 +40,19 @@ def _load_npy(path: Optional[str], name: str):
 @click.option("--no-denoise", is_flag=True, help="skip the learnable denoiser")
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
+@click.option("--thread-pool", type=click.Choice(["shared", "session"]), default="shared", show_default=True,
+              help="ORT CPU threads: one pool shared by all graphs, or a pool per graph")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def generate_command(directory, text, uncond, noise, seed, frames, guidance, jacobi_block, jacobi_iters,
                      jacobi_threshold, schedule, autoregressive, context, no_denoise, backend, checkpoint,
-                     out_dir) -> None:
+                     thread_pool, out_dir) -> None:
     """Generate latents from text embeddings through the graphs (or engines) in DIRECTORY."""
     from tqdm import tqdm
 
     from ..runtime import JacobiConfig, Pipeline
     from ..runtime.outputs import write_outputs
 
-    pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint)
+    pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, thread_pool=thread_pool)
     y = _load_npy(text, "--text-embeddings")
     jacobi = None if autoregressive else JacobiConfig(block_size=jacobi_block, max_iter=jacobi_iters,
                                                       threshold=jacobi_threshold, schedule=schedule)

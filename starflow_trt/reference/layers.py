@@ -6,6 +6,8 @@ Module and parameter names follow the upstream state_dict
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Union
 
 import torch
@@ -82,9 +84,8 @@ class Attention(nn.Module):
         """
         b, s, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q, k = apply_rope(qkv[:2], cos, sin).unbind(0)   # q and k rotated together
+        v = qkv[2]
         scale = (self.head_dim ** -0.25) ** 2 / temperature
         if isinstance(mask, TwoPartMask):
             out = _two_part_attention(q, k, v, past, mask.new_bias, scale)
@@ -114,13 +115,25 @@ def _two_part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past:
     return torch.matmul(probs[..., :p], past[1]) + torch.matmul(probs[..., p:], v)
 
 
+class ExactGELU(nn.GELU):
+    """Exact (erf) GELU. Eager: torch's fused kernel. While exporting: spelled
+    ``(erf(x / √2) + 1) · x · 0.5``, the order ONNX Runtime fuses (with the preceding bias
+    add) into one kernel; torch's own decomposition multiplies in another order that no
+    fusion matches and leaves five element-wise ops on the widest activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return (torch.erf(x / math.sqrt(2.0)) + 1.0) * x * 0.5
+        return super().forward(x)
+
+
 class MLP(nn.Module):
     """LayerNorm → Linear(E, 4E) → exact GELU → Linear(4E, E)."""
 
     def __init__(self, width: int):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-5)
-        self.main = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.main = nn.Sequential(nn.Linear(width, 4 * width), ExactGELU(), nn.Linear(4 * width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(self.norm(x))

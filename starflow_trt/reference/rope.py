@@ -64,11 +64,21 @@ def rope_table(
     return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
 
+def pair_rotation(head_dim: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """R [hd, hd] with ``(u @ R)_{2m} = −u_{2m+1}``, ``(u @ R)_{2m+1} = u_{2m}`` (one ±1 per column)."""
+    r = torch.zeros(head_dim, head_dim, dtype=dtype, device=device)
+    even = torch.arange(0, head_dim, 2, device=device)
+    r[even + 1, even] = -1.0
+    r[even, even + 1] = 1.0
+    return r
+
+
 def apply_rope(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of ``u`` [..., S, hd] by the angles of ``cos``/``sin`` [S, hd].
 
     ``u'_{2m} = u_{2m} cos − u_{2m+1} sin``, ``u'_{2m+1} = u_{2m+1} cos + u_{2m} sin``.
+    The pair swap is a product with a signed permutation matrix: exact (each output is one
+    ±u plus zeros) and one MatMul in an exported graph instead of split/negate/stack/reshape.
     """
-    pairs = u.unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    rotated = torch.matmul(u, pair_rotation(u.shape[-1], u.dtype, u.device))
     return (u * cos + rotated * sin).to(u.dtype)

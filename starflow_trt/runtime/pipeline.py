@@ -71,12 +71,18 @@ def _as_tensor(value, name: str) -> torch.Tensor:
     return value.detach().to("cpu", torch.float32).contiguous()
 
 
-def make_backend(kind: str, manifest: Manifest, providers=None, checkpoint=None, threads=None) -> Backend:
-    """Backend by name: ``ort`` | ``torch`` | ``trt``."""
+THREAD_POOLS = ("session", "shared")
+
+
+def make_backend(kind: str, manifest: Manifest, providers=None, checkpoint=None, threads=None,
+                 thread_pool: str = "session") -> Backend:
+    """Backend by name: ``ort`` | ``torch`` | ``trt``. ``thread_pool`` (ort): ``session`` | ``shared``."""
+    if thread_pool not in THREAD_POOLS:
+        raise InputError(f"unknown thread pool {thread_pool!r}: choose {' or '.join(THREAD_POOLS)}")
     if kind == "ort":
         from .backends.ort_backend import OrtBackend
 
-        return OrtBackend(providers=providers, threads=threads)
+        return OrtBackend(providers=providers, threads=threads, shared_pool=thread_pool == "shared")
     if kind == "torch":
         from .backends.torch_backend import TorchBackend
 
@@ -108,17 +114,20 @@ class Pipeline:
     @classmethod
     def from_dir(cls, directory: Union[str, os.PathLike], backend: str = "ort", precision: Optional[str] = None,
                  providers: Optional[Sequence] = None, checkpoint: Optional[Union[str, os.PathLike]] = None,
-                 threads: Optional[int] = None, verify: bool = True) -> "Pipeline":
+                 threads: Optional[int] = None, verify: bool = True, thread_pool: str = "session") -> "Pipeline":
         """Load ``directory/manifest.json``; verify graph hashes; pick a backend.
 
         precision: expected precision of the directory (``None``: whatever it holds).
         providers: ORT execution providers (default CPU; ``"auto"``: best available).
+        thread_pool: ``"session"`` (default) or ``"shared"``: all ORT CPU sessions of the process
+        share one spinning pool (measured faster end to end; once on, every later ORT session of
+        the process must share it, so ORT's quantization tools no longer run in that process).
         """
         manifest = load_manifest(directory, verify=verify)
         if precision is not None and precision != manifest.precision:
             raise ManifestError(f"{directory} holds {manifest.precision} graphs, not {precision}; "
                                 f"use `starflow-trt calibrate --precision {precision}` to make them")
-        return cls(manifest, make_backend(backend, manifest, providers, checkpoint, threads))
+        return cls(manifest, make_backend(backend, manifest, providers, checkpoint, threads, thread_pool))
 
     # ------------------------------------------------------------ plumbing
     def runner(self, name: str) -> GraphRunner:

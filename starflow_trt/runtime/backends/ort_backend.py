@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -15,6 +16,31 @@ from .base import Backend, GraphRunner
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
              torch.int32: np.int32, torch.int8: np.int8, torch.bool: np.bool_}
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+#: intra-op size of the process-wide ORT thread pool once this module has set it (0: ORT's default)
+_SHARED_POOL: Optional[int] = None
+
+
+def _shared_pool(threads: Optional[int]) -> bool:
+    """Create (once per process) the global intra-op pool that CPU sessions share; False if unsupported.
+
+    One pipeline runs a dozen sessions one after another. With a pool per session, each pool's
+    threads spin after its run while the next session's pool wants the same cores, so per-session
+    pools must not spin and pay a wake-up per op; one shared pool spins without contention.
+    ORT's rule: once the global pool exists, every later session of the process must use it
+    (``onnxruntime.quantization`` does not, so calibrate before creating a shared-pool backend).
+    """
+    global _SHARED_POOL
+    import onnxruntime as ort
+
+    if not hasattr(ort, "set_global_thread_pool_sizes"):   # onnxruntime < 1.23
+        return False
+    if _SHARED_POOL is None:
+        ort.set_global_thread_pool_sizes(threads or 0, 1)
+        _SHARED_POOL = threads or 0
+    elif threads and threads != _SHARED_POOL:
+        warnings.warn(f"the process-wide ORT thread pool has {_SHARED_POOL or 'default'} threads; "
+                      f"threads={threads} is ignored", stacklevel=3)
+    return True
 
 
 def choose_providers(requested: Optional[Sequence] = None) -> list:
@@ -62,12 +88,16 @@ class OrtRunner(GraphRunner):
 
 
 class OrtBackend(Backend):
-    """``ort``: one InferenceSession per graph."""
+    """``ort``: one InferenceSession per graph.
+
+    ``shared_pool``: CPU sessions share ORT's process-wide thread pool (faster for a pipeline of
+    many graphs, but process-wide: see :func:`_shared_pool`); default: a non-spinning pool per session.
+    """
 
     name = "ort"
 
     def __init__(self, providers: Optional[Sequence] = None, threads: Optional[int] = None,
-                 cache_dir: Optional[str] = None, spin: bool = False):
+                 cache_dir: Optional[str] = None, spin: bool = False, shared_pool: bool = False):
         try:
             import onnxruntime  # noqa: F401
         except ImportError as exc:
@@ -75,7 +105,8 @@ class OrtBackend(Backend):
         self.providers = choose_providers(providers)
         self.threads = threads
         self.cache_dir = cache_dir
-        self.spin = spin
+        self.spin = spin              # per-session pools only
+        self.shared_pool = shared_pool
         first = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
         on_gpu = first in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
@@ -101,12 +132,15 @@ class OrtBackend(Backend):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
-        # One session (and intra-op pool) per graph, with torch glue between calls: pools that
-        # spin after a run take the cores the next graph's pool needs (1.5x slower on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        shared = _SHARED_POOL is not None or (self.shared_pool and self.device_type == "cpu")
+        if shared and _shared_pool(self.threads):
+            options.use_per_session_threads = False
+        else:
+            if self.threads:
+                options.intra_op_num_threads = self.threads
+            # per-session pools that spin after a run take the cores the next graph's pool needs
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         session = ort.InferenceSession(str(spec.path), sess_options=options,
                                        providers=self._provider_options(spec))
         return OrtRunner(spec, session, self.device_type)
@@ -115,4 +149,5 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         return {"backend": self.name, "device": str(self.device), "onnxruntime": ort.__version__,
-                "providers": [p if isinstance(p, str) else p[0] for p in self.providers]}
+                "providers": [p if isinstance(p, str) else p[0] for p in self.providers],
+                "thread_pool": "shared" if self.shared_pool and _SHARED_POOL is not None else "per session"}

@@ -15,6 +15,13 @@ from starflow_trt.costs import block_params, step_cost
 CONFIG_7B = Path(__file__).resolve().parents[1] / "starflow_trt" / "configs" / "starflow_v_7b.yaml"
 
 
+def test_bench_entry_points_import():
+    from starflow_trt.bench import run
+    from starflow_trt.commands import bench_cmd
+
+    assert callable(run.run_benchmarks) and bench_cmd.bench_command.name == "bench"
+
+
 def test_probes_are_positive():
     assert peak_gemm_flops(256, 2) > 1e8 and memory_bandwidth(16, 2) > 1e8
     info = machine_info()
@@ -60,3 +67,15 @@ def test_projection_table_and_report(tmp_path):
     assert "Schedules over 8 samples: x" in text and "| upstream | 3.10e-02 | 5.00e-02 | 2.00e-01 | 10 |" in text
     files = write(result, tmp_path)
     assert all(f.exists() and f.stat().st_size > 0 for f in files)
+
+
+def test_op_profile_of_deep_step(goldens_export):
+    pytest.importorskip("onnxruntime")
+    from starflow_trt.bench.workloads import op_profile
+    from starflow_trt.runtime import Pipeline
+
+    prof = op_profile(Pipeline.from_dir(goldens_export), s=8, p=10, runs=2)
+    ops = {r["op"]: r for r in prof["ops"]}
+    assert prof["shape"] == "B=2 S=8 P=10" and prof["wall_ms"] > 0
+    assert sum(r["share"] for r in prof["ops"]) == pytest.approx(1.0)
+    assert "MatMul (weights)" in ops and "Softmax" in ops and prof["weight_gemm_gflops"] > 0

@@ -32,7 +32,7 @@ def machine_info() -> dict:
     return info
 
 
-def peak_gemm_flops(n: int = 2048, repeats: int = 5) -> float:
+def peak_gemm_flops(n: int = 2048, repeats: int = 10) -> float:
     """Best fp32 FLOP/s of an n×n×n torch matmul (the machine's practical GEMM peak)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b

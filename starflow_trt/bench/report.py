@@ -45,6 +45,13 @@ def markdown(result: dict) -> str:
                                ("GFLOP", "gflops", ".3f"), ("MB moved", "mbytes", ".1f"),
                                ("GFLOP/s", "achieved_gflops", ".1f"), ("of peak GEMM", "fraction_of_peak_gemm", ".0%")])
         lines.append("")
+    if result.get("op_profile"):
+        prof = result["op_profile"]
+        lines += [f"## Where a bench `deep_step` call goes ({prof['shape']}, ORT profile by op type)", ""]
+        lines += _table(prof["ops"][:12], [("op", "op", ""), ("ms", "ms", ".2f"), ("share", "share", ".1%")])
+        if prof.get("weight_gemm_gflops"):
+            lines += ["", f"The weight GEMMs alone run at {prof['weight_gemm_gflops']:.0f} GFLOP/s inside the graph."]
+        lines.append("")
     if result.get("quality"):
         lines += ["## INT8 quality (toy)", "", "```", json.dumps(result["quality"], indent=1), "```", ""]
     lines += ["## GPU projections for the 7B (16:9 480p, 21 latent frames) — PROJECTIONS, not measurements", "",

@@ -11,7 +11,8 @@ from ..config import load_config
 from .machine import machine_info, memory_bandwidth, peak_gemm_flops
 from .projection import projection_table
 from .report import write
-from .workloads import BENCH_CONFIG, end_to_end, make_bench_checkpoint, per_graph, schedule_quality
+from .workloads import (BENCH_CONFIG, end_to_end, make_bench_checkpoint, op_profile, per_graph,
+                        schedule_quality)
 
 REPO = Path(__file__).resolve().parents[2]
 #: ORT CPU threading of every pipeline benchmarked (what ``starflow-trt generate`` uses by default)
@@ -75,6 +76,7 @@ def run_benchmarks(out_dir: Path = REPO / "benchmarks" / "results", cache: Path 
                                                                   tuple(noise.shape), 2.0, "bench")
     log("bench config: per graph")
     result["per_graph"]["bench config"] = per_graph(pipe, runs, peak, bw, "bench")
+    result["op_profile"] = op_profile(pipe)
     if int8:
         log("bench config: per graph INT8")
         result["per_graph"]["bench int8"] = per_graph(Pipeline.from_dir(bench8, precision="int8", thread_pool=POOL),

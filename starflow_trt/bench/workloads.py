@@ -174,3 +174,55 @@ def schedule_quality(pipe, texts: torch.Tensor, uncond: torch.Tensor, noise_shap
         rows.append({"workload": label, "schedule": name, "samples": len(d), "dist_median": d[len(d) // 2],
                      "dist_mean": sum(d) / len(d), "dist_max": d[-1], **work[name]})
     return {"guidance": guidance, "block": block, "threshold": threshold, "rows": rows}
+
+
+def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> dict:
+    """Where a ``deep_step`` call's time goes: ONNX Runtime's per-node profile summed by op type.
+
+    A separate profiling session of the same graph with the pipeline's threading; the kernel
+    times add up to a little more than the call (profiling overhead), shares are what matter.
+    """
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    from ..runtime.backends import ort_backend
+
+    g = pipe.geo
+    p = g["text_length"] + g["max_frames"] * g["tokens_per_frame"] // 2 if p is None else p
+    spec = pipe.manifest.graph("deep_step")
+    inputs, _ = _step_inputs(spec, g, 2, s, p, None)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if ort_backend._SHARED_POOL is not None:
+        options.use_per_session_threads = False
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="sftrt-prof.") as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "deep_step")
+        session = ort.InferenceSession(str(spec.path), options, providers=["CPUExecutionProvider"])
+        session.run(None, feed)
+        start = time.perf_counter()
+        for _ in range(runs):
+            session.run(None, feed)
+        wall = (time.perf_counter() - start) / runs
+        with open(session.end_profiling(), encoding="utf-8") as fh:
+            events = json.load(fh)
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            if op in ("MatMul", "FusedMatMul"):   # prepacked weights are not listed as inputs
+                op += " (weights)" if len(e["args"].get("input_type_shape", [])) == 1 else " (activations)"
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3
+    total = sum(by_op.values())
+    rows = [{"op": op, "ms": ms / (runs + 1), "share": ms / total}
+            for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])]
+    weight_ms = sum(r["ms"] for r in rows if r["op"].endswith("(weights)"))
+    # fp32 weight bytes / 4 = parameters; one multiply-add per parameter and row
+    weight_flops = 2 * 2 * s * step_cost(pipe.cfg, g["top_index"], 2, s, p).weight_bytes / 4
+    return {"shape": f"B=2 S={s} P={p}", "wall_ms": wall * 1e3, "ops": rows,
+            "weight_gemm_gflops": weight_flops / (weight_ms / 1e3) / 1e9 if weight_ms else None}

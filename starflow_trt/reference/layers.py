@@ -7,7 +7,6 @@ Module and parameter names follow the upstream state_dict
 from __future__ import annotations
 
 import math
-
 from typing import Optional, Union
 
 import torch

@@ -1,11 +1,12 @@
-"""KV-cache and scratch buffers for one generate call, allocated once.
+"""KV-cache and scratch buffers: allocated once per pipeline, grown only when a call needs more.
 
 A block's cache is one buffer ``[layers, 2 (k, v), slots, batch, heads, hd]``: the
 graphs take and give K/V per layer, sequence-major (``past_k_l`` [P, batch, heads, hd]),
 so every layer's prefix ``buf[l, i, :P]`` is a contiguous input and a step's
 ``new_k_l`` / ``new_v_l`` outputs are bound straight to ``buf[l, i, idx:idx + S]``.
-Nothing is copied per call. Jacobi roll-back and prefix reuse only move ``idx``. Frame groups of different sizes share one flat workspace viewed
-with the shape each call needs, so nothing is reallocated inside the loop.
+Nothing is copied per call. Jacobi roll-back and prefix reuse only move ``idx``.
+Frame groups of different sizes share one flat workspace viewed with the shape
+each call needs, so nothing is reallocated inside the loop.
 """
 
 from __future__ import annotations

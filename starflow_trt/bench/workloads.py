@@ -100,6 +100,13 @@ def per_graph(pipe, runs: int, peak_flops: float, bandwidth: float, label: str) 
     return rows
 
 
+def _work(stats: dict) -> dict:
+    """Deep-block calls and tokens evaluated, and all graph calls, of one ``generate`` result."""
+    return {"deep_calls": stats["graph_calls"]["deep_step"],
+            "deep_tokens": sum(j["tokens"] for j in stats["jacobi"] if j["block"] == "deep_step"),
+            "calls": stats["total_graph_calls"]}
+
+
 def end_to_end(ref, pipe, y, u, noise, runs: int, guidance: float = 2.0, block: int = 16, threshold: float = 1e-3,
                label: str = "", extra_pipes: Optional[dict] = None) -> list[dict]:
     """AR, upstream-exact Jacobi and the default schedule: seconds, calls, tokens, distance to AR.
@@ -134,10 +141,7 @@ def end_to_end(ref, pipe, y, u, noise, runs: int, guidance: float = 2.0, block: 
             row.update(deep_calls=ref.last_trace[0].steps, calls=sum(tr.steps for tr in ref.last_trace),
                        dist_to_ar=dist(out))
         else:
-            st = out.stats
-            row.update(deep_calls=st["graph_calls"]["deep_step"],
-                       deep_tokens=sum(j["tokens"] for j in st["jacobi"] if j["block"] == "deep_step"),
-                       calls=st["total_graph_calls"], dist_to_ar=dist(out.raw))
+            row.update(**_work(out.stats), dist_to_ar=dist(out.raw))
         rows.append(row)
     base = rows[0]["s_median"]
     for r in rows:
@@ -164,10 +168,8 @@ def schedule_quality(pipe, texts: torch.Tensor, uncond: torch.Tensor, noise_shap
         for name, cfg in jac.items():
             r = pipe.generate(y, u, noise=noise, guidance=guidance, jacobi=cfg, denoise=False)
             dists[name].append(float((r.raw - ar).norm() / ar.norm()))
-            st = r.stats
-            work[name]["deep_calls"] += st["graph_calls"]["deep_step"]
-            work[name]["deep_tokens"] += sum(j["tokens"] for j in st["jacobi"] if j["block"] == "deep_step")
-            work[name]["calls"] += st["total_graph_calls"]
+            for key, value in _work(r.stats).items():
+                work[name][key] += value
     rows = []
     for name, d in dists.items():
         d = sorted(d)
@@ -179,7 +181,7 @@ def schedule_quality(pipe, texts: torch.Tensor, uncond: torch.Tensor, noise_shap
 def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> dict:
     """Where a ``deep_step`` call's time goes: ONNX Runtime's per-node profile summed by op type.
 
-    A separate profiling session of the same graph with the pipeline's threading; the kernel
+    A separate profiling session of the same graph with the pipeline's ORT options; the kernel
     times add up to a little more than the call (profiling overhead), shares are what matter.
     """
     import json
@@ -188,18 +190,12 @@ def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> di
 
     import onnxruntime as ort
 
-    from ..runtime.backends import ort_backend
-
     g = pipe.geo
     p = g["text_length"] + g["max_frames"] * g["tokens_per_frame"] // 2 if p is None else p
     spec = pipe.manifest.graph("deep_step")
     inputs, _ = _step_inputs(spec, g, 2, s, p, None)
     feed = {k: v.numpy() for k, v in inputs.items()}
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if ort_backend._SHARED_POOL is not None:
-        options.use_per_session_threads = False
+    options = pipe.backend.session_options()   # the pipeline's ORT backend: same threading
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="sftrt-prof.") as tmp:
         options.profile_file_prefix = os.path.join(tmp, "deep_step")

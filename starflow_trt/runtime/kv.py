@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from ..export.graphs import kv_names
+
 
 class Workspace:
     """Flat preallocated buffers handed out as shaped, contiguous views."""
@@ -53,8 +55,8 @@ class KVCache:
         self.prefix: Optional[torch.Tensor] = None
 
     def _named(self, prefix: str, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        return {f"{prefix}_{kind}_{l}": self.buffer[l, i, lo:hi]
-                for l in range(self.layers) for i, kind in enumerate(("k", "v"))}
+        views = [self.buffer[l, i, lo:hi] for l in range(self.layers) for i in range(2)]  # k_0, v_0, k_1, …
+        return dict(zip(kv_names(self.layers, prefix), views))
 
     def past(self) -> dict[str, torch.Tensor]:
         """Committed slots ``[0, idx)`` as graph inputs ``past_k_l`` / ``past_v_l`` (contiguous views)."""

@@ -127,7 +127,8 @@ class OrtBackend(Backend):
                 out.append(p)
         return out
 
-    def load(self, spec: GraphSpec) -> GraphRunner:
+    def session_options(self):
+        """The ``onnxruntime.SessionOptions`` every session of this backend gets (threading included)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -141,6 +142,12 @@ class OrtBackend(Backend):
                 options.intra_op_num_threads = self.threads
             # per-session pools that spin after a run take the cores the next graph's pool needs
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        return options
+
+    def load(self, spec: GraphSpec) -> GraphRunner:
+        import onnxruntime as ort
+
+        options = self.session_options()
         session = ort.InferenceSession(str(spec.path), sess_options=options,
                                        providers=self._provider_options(spec))
         return OrtRunner(spec, session, self.device_type)

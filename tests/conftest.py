@@ -1,4 +1,4 @@
-"""Shared fixtures: the goldens (../shared/goldens beside the repo) and a loaded reference."""
+"""Shared fixtures: the goldens (tests/data/goldens, copied from the upstream-produced tensors) and a loaded reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDENS = (REPO / ".." / "shared" / "goldens" / "tiny_t2v").resolve()
+GOLDENS = Path(__file__).resolve().parent / "data" / "goldens" / "tiny_t2v"
 TOLERANCES = {  # goldens README: max|ours - golden| <= rtol * max|golden| + atol
     "forward": (1e-5, 1e-5),
     "denoiser.out": (1e-5, 1e-5),
@@ -43,8 +43,7 @@ def assert_golden(ours: torch.Tensor, golden: torch.Tensor, name: str) -> None:
 
 @pytest.fixture(scope="session")
 def goldens_dir() -> Path:
-    if not (GOLDENS / "cases.pt").exists():
-        pytest.skip(f"goldens not found at {GOLDENS} (expected ../shared/goldens beside the repo)")
+    assert (GOLDENS / "cases.pt").exists(), f"goldens missing at {GOLDENS}: they ship with the repository"
     return GOLDENS
 
 

@@ -85,7 +85,7 @@ def test_profiles_cover_full_generation_toy(toy_export):
     seen = record_shapes(pipe)
     prompts = ["a red square moving left", "a blue disc moving up"]
     g = pipe.geo
-    noise = torch.randn(2, g["max_frames"], 3, g["height"], g["width"], generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, g.max_frames, 3, g.height, g.width, generator=torch.Generator().manual_seed(0))
     walk_generations(pipe, toy.encode(prompts), toy.encode(["", ""]), noise, noise[:, :1])
     assert_covered(pipe, seen)
 

@@ -121,7 +121,7 @@ def test_manifest_round_trip(goldens_export):
     assert prof["tokens"] == ((1, 1, 4), (2, 64 if 72 >= 64 else 72, 4), (8, 72, 4))
     assert prof["past_k_0"][2] == (4 + 72, 8, 2, 32) and prof["past_v_1"][0] == (0, 1, 2, 32)
     assert len(step.extra["sos"]) == 4
-    assert manifest.geometry["kv_layout"].startswith("per layer past_k_l")
+    assert manifest.extra["kv_layout"].startswith("per layer past_k_l")
 
 
 def test_edited_graph_is_detected(goldens_export, tmp_path):

@@ -1,4 +1,4 @@
-"""Every tensor of ../shared/goldens/tiny_t2v/cases.pt through the public reference API."""
+"""Every tensor of tests/data/goldens/tiny_t2v/cases.pt through the public reference API."""
 
 from __future__ import annotations
 

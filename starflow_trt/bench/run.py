@@ -54,7 +54,7 @@ def run_benchmarks(out_dir: Path = REPO / "benchmarks" / "results", cache: Path 
         if not (bench8 / "manifest.json").exists():
             log("calibrating the bench config to INT8 (random prompts; random weights are no quality target)")
             gc = torch.Generator().manual_seed(7)
-            calib_y = torch.randn(4, geo["text_length"], geo["text_width"], generator=gc)
+            calib_y = torch.randn(4, geo.text_length, geo.text_width, generator=gc)
             calibrate_directory(graphs, bench8, "int8", text=calib_y, uncond=torch.zeros_like(calib_y),
                                 guidance=2.0, force=True, overwrite=True, log=lambda m: None)
         if not (int8_dir / "manifest.json").exists():
@@ -63,15 +63,15 @@ def run_benchmarks(out_dir: Path = REPO / "benchmarks" / "results", cache: Path 
     ref, pipe = load_reference(BENCH_CONFIG, ckpt), Pipeline.from_dir(graphs, thread_pool=POOL)
     result["machine"]["ort_thread_pool"] = POOL
     g = torch.Generator().manual_seed(1)
-    y = torch.randn(1, geo["text_length"], geo["text_width"], generator=g)
+    y = torch.randn(1, geo.text_length, geo.text_width, generator=g)
     u = torch.zeros_like(y)
-    noise = torch.randn(1, geo["max_frames"], geo["channel_size"], geo["height"], geo["width"], generator=g)
+    noise = torch.randn(1, geo.max_frames, geo.channel_size, geo.height, geo.width, generator=g)
     log("bench config: end to end (guidance 2, block 16, threshold 1e-3)")
     rows = end_to_end(ref, pipe, y, u, noise, runs, label="bench")
     result["end_to_end"]["bench config"] = rows
     log("bench config: schedules over 8 samples")
     gq = torch.Generator().manual_seed(3)
-    texts = torch.randn(8, geo["text_length"], geo["text_width"], generator=gq)
+    texts = torch.randn(8, geo.text_length, geo.text_width, generator=gq)
     result["schedule_quality"]["bench config"] = schedule_quality(pipe, texts, torch.zeros_like(texts),
                                                                   tuple(noise.shape), 2.0, "bench")
     log("bench config: per graph")
@@ -82,7 +82,7 @@ def run_benchmarks(out_dir: Path = REPO / "benchmarks" / "results", cache: Path 
         result["per_graph"]["bench int8"] = per_graph(Pipeline.from_dir(bench8, precision="int8", thread_pool=POOL),
                                                       runs, peak, bw, "bench int8")
     sliding = next(r for r in rows if r["backend"] == "ORT" and r["schedule"].startswith("sliding"))
-    sweeps = sliding["deep_tokens"] / (geo["max_frames"] * geo["tokens_per_frame"])
+    sweeps = sliding["deep_tokens"] / (geo.max_frames * geo.tokens_per_frame)
     # --- toy model (+ INT8)
     toy_pipe, toy_ref = Pipeline.from_dir(toy_graphs, thread_pool=POOL), load_reference(toy.config_path, toy.checkpoint_path)
     extra = {}
@@ -95,7 +95,7 @@ def run_benchmarks(out_dir: Path = REPO / "benchmarks" / "results", cache: Path 
                              "graph_rel_l2_worst": {k: max(v["rel_l2"].values()) for k, v in q["graphs"].items()}}
     ty, tu = toy.encode(["a red square moving right"]), toy.encode([""])
     tg = toy_pipe.geo
-    tnoise = torch.randn(1, tg["max_frames"], 3, tg["height"], tg["width"], generator=torch.Generator().manual_seed(2))
+    tnoise = torch.randn(1, tg.max_frames, 3, tg.height, tg.width, generator=torch.Generator().manual_seed(2))
     log("toy: end to end")
     result["end_to_end"]["toy"] = end_to_end(toy_ref, toy_pipe, ty, tu, tnoise, runs, guidance=3.0, label="toy",
                                              extra_pipes=extra)

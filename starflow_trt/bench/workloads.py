@@ -39,8 +39,8 @@ def make_bench_checkpoint(config: Path, out: Path, seed: int = 0) -> Path:
 def _step_inputs(spec, geo, batch: int, s: int, p: int, dev) -> tuple[dict, dict]:
     k0 = spec.input("past_k_0").shape
     heads, hd = k0[2], k0[3]
-    cos, sin = rope_table(geo["head_dim"], 1, 1, p + s, 0, geo["pt_seq_len"])
-    c = geo["token_channels"]
+    cos, sin = rope_table(geo.head_dim, 1, 1, p + s, 0, geo.rope_length)
+    c = geo.token_channels
     inputs = {"tokens": torch.randn(batch, s, c), "rope_cos": cos[p:].contiguous(), "rope_sin": sin[p:].contiguous()}
     outputs = {"scale": torch.empty(batch, s, c), "shift": torch.empty(batch, s, c)}
     for t in spec.inputs:
@@ -55,9 +55,9 @@ def _step_inputs(spec, geo, batch: int, s: int, p: int, dev) -> tuple[dict, dict
 def per_graph(pipe, runs: int, peak_flops: float, bandwidth: float, label: str) -> list[dict]:
     """deep_step at S = 1, 16, 64 × several past lengths; shallow_step, forward_i, denoiser."""
     g, cfg = pipe.geo, pipe.cfg
-    L, F, T = g["text_length"], g["tokens_per_frame"], g["max_frames"]
+    L, F, T = g.text_length, g.tokens_per_frame, g.max_frames
     N = T * F
-    bp = 2 * min(1, g["max_batch"])  # one prompt with guidance
+    bp = 2 * min(1, g.max_batch)  # one prompt with guidance
     rows = []
 
     def add(name, inputs, outputs, cost, shape):
@@ -74,27 +74,27 @@ def per_graph(pipe, runs: int, peak_flops: float, bandwidth: float, label: str) 
     for s in (1, 16, 64):
         for p in sorted({L, L + N // 2, L + N - s}):
             ins, outs = _step_inputs(spec, g, bp, s, p, None)
-            add("deep_step", ins, outs, step_cost(cfg, g["top_index"], bp, s, p), f"B={bp} S={s} P={p}")
-    for k in g["shallow_blocks"][:1]:
+            add("deep_step", ins, outs, step_cost(cfg, g.top_index, bp, s, p), f"B={bp} S={s} P={p}")
+    for k in g.shallow_blocks[:1]:
         spec = pipe.manifest.graph(f"shallow_step_{k}")
         for s in (16, F):
             ins, outs = _step_inputs(spec, g, T, min(s, F), 0, None)
             add(f"shallow_step_{k}", ins, outs, step_cost(cfg, k, T, min(s, F), 0), f"B={T} S={min(s, F)} P=0")
-    h, w, c = g["h"], g["w"], g["token_channels"]
-    for k in (g["shallow_blocks"][:1] + [g["top_index"]]):
-        top = k == g["top_index"]
-        cos, sin = rope_table(g["head_dim"], T if top else 1, h, w, L if top else 0, g["pt_seq_len"])
+    h, w, c = g.h, g.w, g.token_channels
+    for k in (*g.shallow_blocks[:1], g.top_index):
+        top = k == g.top_index
+        cos, sin = rope_table(g.head_dim, T if top else 1, h, w, L if top else 0, g.rope_length)
         ins = {"x": torch.randn(1, T, h, w, c), "rope_cos": cos, "rope_sin": sin}
         if top:
-            ins["text"] = torch.randn(1, L, g["text_width"])
+            ins["text"] = torch.randn(1, L, g.text_width)
         outs = {"z": torch.empty(1, T, h, w, c),
-                "logdet": torch.empty((1, T * F, c) if top or not g["frame_local"] else (1, T, F, c))}
+                "logdet": torch.empty((1, T * F, c) if top or not g.frame_local else (1, T, F, c))}
         n = T * F + (L if top else 0)
         cost = step_cost(cfg, k, 1 if top else T, n if top else F, 0)
         add(f"forward_{k}", ins, outs, cost, f"B=1 T={T}")
     if "denoiser" in pipe.manifest.graphs:
-        cos, sin = rope_table(g["head_dim"], T, h, w, L, g["pt_seq_len"])
-        ins = {"x": torch.randn(1, T, h, w, c), "text": torch.randn(1, L, g["text_width"]),
+        cos, sin = rope_table(g.head_dim, T, h, w, L, g.rope_length)
+        ins = {"x": torch.randn(1, T, h, w, c), "text": torch.randn(1, L, g.text_width),
                "rope_cos": cos, "rope_sin": sin}
         add("denoiser", ins, {"d": torch.empty(1, T, h, w, c)}, denoiser_cost(cfg, 1, T, F), f"B=1 T={T}")
     return rows
@@ -191,7 +191,7 @@ def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> di
     import onnxruntime as ort
 
     g = pipe.geo
-    p = g["text_length"] + g["max_frames"] * g["tokens_per_frame"] // 2 if p is None else p
+    p = g.text_length + g.max_frames * g.tokens_per_frame // 2 if p is None else p
     spec = pipe.manifest.graph("deep_step")
     inputs, _ = _step_inputs(spec, g, 2, s, p, None)
     feed = {k: v.numpy() for k, v in inputs.items()}
@@ -219,6 +219,6 @@ def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> di
             for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])]
     weight_ms = sum(r["ms"] for r in rows if r["op"].endswith("(weights)"))
     # fp32 weight bytes / 4 = parameters; one multiply-add per parameter and row
-    weight_flops = 2 * 2 * s * step_cost(pipe.cfg, g["top_index"], 2, s, p).weight_bytes / 4
+    weight_flops = 2 * 2 * s * step_cost(pipe.cfg, g.top_index, 2, s, p).weight_bytes / 4
     return {"shape": f"B=2 S={s} P={p}", "wall_ms": wall * 1e3, "ops": rows,
             "weight_gemm_gflops": weight_flops / (weight_ms / 1e3) / 1e9 if weight_ms else None}

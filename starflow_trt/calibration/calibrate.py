@@ -200,14 +200,14 @@ def _end_to_end(m32: Manifest, mq: Manifest, text, uncond, guidance, jacobi, eva
     from ..runtime.pipeline import Pipeline
 
     p32, pq = Pipeline(m32, OrtBackend()), Pipeline(mq, OrtBackend())
-    batch = m32.geometry["max_batch"]
+    batch = m32.geometry.max_batch
     y, u = text[:batch], (uncond[:batch] if uncond is not None else None)
     kwargs = dict(guidance=guidance, jacobi=jacobi, seed=2024)
     a, b = p32.generate(y, u, **kwargs), pq.generate(y, u, **kwargs)
     if eval_clips is None and toy is not None:
         from ..toy.train import held_out_set
 
-        clips, prompts = held_out_set(64, m32.geometry["max_frames"])
+        clips, prompts = held_out_set(64, m32.geometry.max_frames)
         noisy = clips + m32.config.noise_std * torch.randn(clips.shape, generator=torch.Generator().manual_seed(12345))
         eval_clips = (noisy, toy.encode(prompts))
     if eval_clips is None:  # the model's own samples from seeds never used in calibration

@@ -144,7 +144,7 @@ def capture_activations(pipe, prompts_y: torch.Tensor, uncond_y: Optional[torch.
 
     reservoir = CallReservoir(max_calls, seed)
     capture_pipe = Pipeline(pipe.manifest, CaptureBackend(pipe.backend, reservoir))
-    batch = pipe.geo["max_batch"]
+    batch = pipe.geo.max_batch
     n = prompts_y.shape[0]
     for i in range(0, n, batch):
         y = prompts_y[i:i + batch]

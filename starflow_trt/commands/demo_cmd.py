@@ -43,7 +43,7 @@ def run_demo(out: Path, guidance: float = 3.0, seed: int = 0, block: int = 16, t
     pipe = Pipeline.from_dir(out / "graphs", backend="ort")
     y, y_uncond = toy.encode(DEMO_PROMPTS), toy.encode([""] * batch)
     g = pipe.geo
-    noise = torch.randn(batch, g["max_frames"], g["channel_size"], g["height"], g["width"],
+    noise = torch.randn(batch, g.max_frames, g.channel_size, g.height, g.width,
                         generator=torch.Generator().manual_seed(seed))
     jacobi = JacobiConfig(block_size=block, max_iter=32, threshold=threshold)
     log(f"[2/5] generate {batch} clips through ONNX Runtime (guidance {guidance}, Jacobi {jacobi.schedule or 'sliding'})")
@@ -64,8 +64,8 @@ def run_demo(out: Path, guidance: float = 3.0, seed: int = 0, block: int = 16, t
     parity = {"upstream_jacobi_denoised": _rel(ort_up, ref_video), "autoregressive": _rel(ort_ar, ref_ar),
               "default_schedule_vs_ar": _rel(result.raw, ref_ar)}
     log(f"[4/5] bits/dim on {held_out} held-out noise-augmented clips")
-    clips, prompts = held_out_set(held_out, g["max_frames"])
-    noisy = clips + pipe.cfg.noise_std * torch.randn(clips.shape, generator=torch.Generator().manual_seed(12345))
+    clips, prompts = held_out_set(held_out, g.max_frames)
+    noisy = clips + pipe.geo.noise_std * torch.randn(clips.shape, generator=torch.Generator().manual_seed(12345))
     bpd = torch.cat([pipe.score(noisy[i:i + batch], toy.encode(prompts[i:i + batch]))[1]
                      for i in range(0, held_out, batch)])
     summary = json.loads(toy.summary_path.read_text()) if toy.summary_path.exists() else {}

@@ -56,7 +56,7 @@ def generate_command(directory, text, uncond, noise, seed, frames, guidance, jac
     y = _load_npy(text, "--text-embeddings")
     jacobi = None if autoregressive else JacobiConfig(block_size=jacobi_block, max_iter=jacobi_iters,
                                                       threshold=jacobi_threshold, schedule=schedule)
-    total = frames or (np.load(noise, mmap_mode="r").shape[1] if noise else pipe.geo["max_frames"])
+    total = frames or (np.load(noise, mmap_mode="r").shape[1] if noise else pipe.geo.max_frames)
     bars = []  # created at the first final frame, so input errors print on a clean line
 
     def on_frame(index, frame) -> None:

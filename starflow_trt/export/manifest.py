@@ -30,10 +30,11 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from ..config import ModelConfig
 from ..errors import ManifestError
+from ..geometry import Geometry
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "starflow-trt/graphs"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "bool": 1}
 
@@ -194,7 +195,7 @@ class Manifest:
     config: ModelConfig
     config_hash: str
     checkpoint: dict[str, Any]
-    geometry: dict[str, Any]
+    geometry: Geometry
     opset: int
     exporter: str
     versions: dict[str, str]
@@ -210,7 +211,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": self.precision,
                 "config": self.config.to_dict(), "config_hash": self.config_hash,
-                "checkpoint": self.checkpoint, "geometry": self.geometry, "opset": self.opset,
+                "checkpoint": self.checkpoint, "geometry": self.geometry.to_dict(), "opset": self.opset,
                 "exporter": self.exporter, "versions": self.versions,
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, **self.extra}
 
@@ -279,7 +280,7 @@ def load_manifest(directory: Union[str, os.PathLike], verify: bool = False) -> M
         config = ModelConfig.from_dict(data["config"])
         manifest = Manifest(
             root=root, precision=data["precision"], config=config, config_hash=data["config_hash"],
-            checkpoint=data["checkpoint"], geometry=data["geometry"], opset=int(data["opset"]),
+            checkpoint=data["checkpoint"], geometry=Geometry.from_dict(data["geometry"]), opset=int(data["opset"]),
             exporter=data["exporter"], versions=data["versions"],
             graphs={k: GraphSpec.from_dict(k, v, root) for k, v in data["graphs"].items()},
             extra={k: v for k, v in data.items() if k not in known})

@@ -31,6 +31,7 @@ from .. import __version__
 from ..checkpoint import load_state_dict, sha256_file, strip_wrapper_prefixes, validate_state_dict
 from ..config import ModelConfig, load_config
 from ..errors import StarflowError
+from ..geometry import Geometry
 from ..reference import build_model, infer_text_width
 from ..reference.denoiser import Denoiser
 from ..reference.flow import FlowBlock
@@ -70,40 +71,27 @@ class _Plan:
     params: int
 
 
-def geometry_for(cfg: ModelConfig, limits: ExportLimits) -> dict:
+KV_LAYOUT = "per layer past_k_l / past_v_l [P, batch, heads, head_dim] (new_k_l / new_v_l [S, …]), K after RoPE"
+
+
+def geometry_for(cfg: ModelConfig, limits: ExportLimits) -> Geometry:
     """Token grid, sequence lengths and block layout recorded in the manifest."""
-    geo = cfg.frame_geometry(limits.aspect)
-    h = limits.height or geo["h"]
-    w = limits.width or geo["w"]
+    frame = cfg.frame_geometry(limits.aspect)
+    grid = (limits.height or frame["h"], limits.width or frame["w"])
     frames = limits.max_frames or max(cfg.latent_frames, cfg.local_attn_window or 0)
-    shallow = [k for k in range(cfg.num_blocks - 1) if cfg.layers[k] > 0]
-    return {
-        "channel_size": cfg.channel_size, "patch_size": cfg.patch_size, "token_channels": cfg.token_channels,
-        "h": h, "w": w, "height": h * cfg.patch_size, "width": w * cfg.patch_size, "tokens_per_frame": h * w,
-        "max_frames": frames, "max_batch": limits.max_batch, "text_length": cfg.txt_size,
-        "text_width": cfg.text_width, "head_dim": cfg.head_dim, "num_blocks": cfg.num_blocks,
-        "top_index": cfg.top_index, "shallow_blocks": shallow,
-        "identity_blocks": [k for k in range(cfg.num_blocks - 1) if cfg.layers[k] == 0],
-        "frame_local": bool(cfg.shallow_block_local), "local_attn_window": cfg.local_attn_window,
-        "denoiser_window": cfg.denoiser_window, "pt_seq_len": cfg.rope_seq_len,
-        "blocks": [{"index": k, "layers": cfg.layers[k], "heads": cfg.block_heads(k), "width": cfg.block_width(k),
-                    "permutation": cfg.block_permutation(k), "text": cfg.block_has_text(k)}
-                   for k in range(cfg.num_blocks)],
-        "denoiser": bool(cfg.learnable_self_denoiser), "noise_std": cfg.noise_std,
-        "kv_layout": "per layer past_k_l / past_v_l [P, batch, heads, head_dim] (new_k_l / new_v_l [S, …]), K after RoPE",
-    }
+    return Geometry.from_config(cfg, grid, frames, limits.max_batch)
 
 
 def _t(name: str, *shape, dtype: str = "float32") -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape))
 
 
-def plan_graphs(cfg: ModelConfig, geo: dict, limits: ExportLimits,
+def plan_graphs(cfg: ModelConfig, geo: Geometry, limits: ExportLimits,
                 block_factory: Callable[[str], nn.Module]) -> list[_Plan]:
     """Every graph of the model with its contract, dims and example sizes."""
     c, hd, L, D = cfg.token_channels, cfg.head_dim, cfg.txt_size, cfg.text_width
-    F, T, B = geo["tokens_per_frame"], geo["max_frames"], limits.max_batch
-    h, w = geo["h"], geo["w"]
+    F, T, B = geo.tokens_per_frame, geo.max_frames, limits.max_batch
+    h, w = geo.h, geo.w
     N = T * F
     opt_s = min(limits.opt_chunk, N)
     meta = build_model(cfg, "meta")
@@ -131,7 +119,7 @@ def plan_graphs(cfg: ModelConfig, geo: dict, limits: ExportLimits,
         "deep_step", "step", top, lambda: StepGraph(block_factory(f"blocks.{top}.")), *step_io(top),
         {"batch": deep_batch, "S": DimRange(1, opt_s, N), "P": DimRange(0, L + N // 2, L + N)},
         {"batch": 3, "S": 5, "P": 7}, nparams(f"blocks.{top}.")))
-    for k in geo["shallow_blocks"]:
+    for k in geo.shallow_blocks:
         fb = DimRange(1, T, B * T)
         plans.append(_Plan(
             f"shallow_step_{k}", "step", k, lambda k=k: StepGraph(block_factory(f"blocks.{k}.")), *step_io(k),
@@ -336,7 +324,7 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
             checkpoint={"file": Path(checkpoint).name, "path": str(Path(checkpoint).resolve()),
                         "sha256": sha256_file(checkpoint)},
             geometry=geo, opset=opset, exporter=EXPORTER, versions=_versions(), graphs=specs,
-            extra={"simplified": simplify})
+            extra={"simplified": simplify, "kv_layout": KV_LAYOUT})
         for spec in specs.values():
             spec.root = out
         manifest.save(tmp)

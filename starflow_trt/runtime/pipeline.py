@@ -139,7 +139,7 @@ class Pipeline:
         self._stats.timed(self.runner(name), inputs, outputs)
 
     def _sos(self, block: int) -> torch.Tensor:
-        name = "deep_step" if block == self.geo["top_index"] else f"shallow_step_{block}"
+        name = "deep_step" if block == self.geo.top_index else f"shallow_step_{block}"
         values = self.manifest.graph(name).extra.get("sos")
         if values is None:
             raise ManifestError(f"graph {name!r} has no 'sos' vector in the manifest; re-export")
@@ -150,13 +150,13 @@ class Pipeline:
         key = (frames, text_len)
         if key not in self._ropes:
             g = self.geo
-            self._ropes[key] = rope_table(g["head_dim"], frames, g["h"], g["w"], text_len, g["pt_seq_len"],
+            self._ropes[key] = rope_table(g.head_dim, frames, g.h, g.w, text_len, g.rope_length,
                                           device=self.backend.device)
         return self._ropes[key]
 
     # -------------------------------------------------------------- checks
     def _check_text(self, y: torch.Tensor, batch: Optional[int], name: str) -> None:
-        L, D = self.geo["text_length"], self.geo["text_width"]
+        L, D = self.geo.text_length, self.geo.text_width
         if y.dim() != 3 or y.shape[1] != L or y.shape[2] != D or (batch is not None and y.shape[0] != batch):
             want = f"[{batch if batch is not None else 'B'}, {L}, {D}]"
             raise InputError(f"{name} must be text embeddings {want} (length {L}, width {D}), got {tuple(y.shape)}")
@@ -165,7 +165,7 @@ class Pipeline:
 
     def _check_video(self, x: torch.Tensor, name: str) -> None:
         g = self.geo
-        want = (g["channel_size"], g["height"], g["width"])
+        want = (g.channel_size, g.height, g.width)
         if x.dim() != 5 or tuple(x.shape[2:]) != want:
             raise InputError(f"{name} must be [B, T, {want[0]}, {want[1]}, {want[2]}] (the exported geometry), "
                              f"got {tuple(x.shape)}")
@@ -173,10 +173,10 @@ class Pipeline:
             raise InputError(f"{name} contains NaN or Inf")
 
     def _window(self, jacobi: Optional[JacobiConfig], frames: int) -> Optional[int]:
-        window = (jacobi.window if jacobi is not None and jacobi.window else self.cfg.local_attn_window)
+        window = (jacobi.window if jacobi is not None and jacobi.window else self.geo.local_attn_window)
         if window is not None and frames <= window:
             return None
-        max_frames = self.geo["max_frames"]
+        max_frames = self.geo.max_frames
         if window is None and frames > max_frames:
             raise InputError(f"{frames} latent frames exceed the {max_frames} this export supports without an "
                              "attention window; re-export with --max-frames or use a Jacobi window")
@@ -205,8 +205,8 @@ class Pipeline:
         y = _as_tensor(y, "y")
         self._check_text(y, None, "y")
         batch = y.shape[0]
-        if batch > g["max_batch"]:
-            raise InputError(f"batch {batch} exceeds the export's max_batch {g['max_batch']}; re-export with --max-batch")
+        if batch > g.max_batch:
+            raise InputError(f"batch {batch} exceeds the export's max_batch {g.max_batch}; re-export with --max-batch")
         w = float(guidance)
         if w < 0:
             raise InputError(f"guidance must be >= 0, got {guidance}")
@@ -223,11 +223,11 @@ class Pipeline:
             if num_frames is not None and num_frames != noise.shape[1]:
                 raise InputError(f"num_frames={num_frames} but noise has {noise.shape[1]} frames")
         else:
-            frames = num_frames or g["max_frames"]
+            frames = num_frames or g.max_frames
             if frames < 1:
                 raise InputError(f"num_frames must be >= 1, got {frames}")
             gen = torch.Generator().manual_seed(int(seed))
-            noise = torch.randn(batch, frames, g["channel_size"], g["height"], g["width"], generator=gen)
+            noise = torch.randn(batch, frames, g.channel_size, g.height, g.width, generator=gen)
         frames = noise.shape[1]
         window = self._window(jacobi, frames)
         schedule = None
@@ -265,23 +265,23 @@ class Pipeline:
         self._check_video(x, "x")
         y = _as_tensor(y, "y")
         self._check_text(y, x.shape[0], "y")
-        if x.shape[0] > g["max_batch"] or x.shape[1] > g["max_frames"]:
-            raise InputError(f"score supports batch <= {g['max_batch']} and frames <= {g['max_frames']} "
+        if x.shape[0] > g.max_batch or x.shape[1] > g.max_frames:
+            raise InputError(f"score supports batch <= {g.max_batch} and frames <= {g.max_frames} "
                              f"for this export, got {tuple(x.shape[:2])}")
         dev = self.backend.device
-        h = patchify(x, g["patch_size"]).contiguous().to(dev)
+        h = patchify(x, g.patch_size).contiguous().to(dev)
         y = y.to(dev)
         b, t = h.shape[:2]
         logdet_sum = torch.zeros(b, dtype=torch.float64, device=dev)
-        for k in range(g["num_blocks"]):
-            if k in g["identity_blocks"]:
+        for k in range(g.num_blocks):
+            if k in g.identity_blocks:
                 continue
-            top = k == g["top_index"]
-            local = g["frame_local"] and not top
-            cos, sin = self._rope(1 if local else t, g["text_length"] if top else 0)
+            top = k == g.top_index
+            local = g.frame_local and not top
+            cos, sin = self._rope(1 if local else t, g.text_length if top else 0)
             z = torch.empty_like(h)
-            logdet = torch.empty((b, t, g["tokens_per_frame"], h.shape[-1]) if local else
-                                 (b, t * g["tokens_per_frame"], h.shape[-1]), dtype=torch.float32, device=dev)
+            logdet = torch.empty((b, t, g.tokens_per_frame, h.shape[-1]) if local else
+                                 (b, t * g.tokens_per_frame, h.shape[-1]), dtype=torch.float32, device=dev)
             inputs = {"x": h, "rope_cos": cos.contiguous(), "rope_sin": sin.contiguous()}
             if top:
                 inputs["text"] = y
@@ -311,28 +311,28 @@ class _GenerateRun:
         self.y = y.to(dev)
         self.text = (torch.cat([y, y_uncond]) if w > 0 else y).to(dev)
         self.bp = self.text.shape[0]
-        self.F = g["tokens_per_frame"]
-        self.c = g["token_channels"]
-        self.L = g["text_length"]
-        self.x = patchify(noise, g["patch_size"]).contiguous().to(dev)  # [B, T, h, w, c]
+        self.F = g.tokens_per_frame
+        self.c = g.token_channels
+        self.L = g.text_length
+        self.x = patchify(noise, g.patch_size).contiguous().to(dev)  # [B, T, h, w, c]
         self.n_tokens = self.frames * self.F
-        top = g["blocks"][g["top_index"]]
+        top = g.blocks[g.top_index]
         cap = self.L + (window * self.F if window else self.n_tokens)
         self.ws = pipe.workspace
         allocated_before = self.ws.allocations
-        hd = g["head_dim"]
-        self.ws.reserve("deep_kv", cap * top["layers"] * 2 * self.bp * top["heads"] * hd, torch.float32)
-        shallow = [g["blocks"][k] for k in g["shallow_blocks"]]
-        seqs = self.batch * (self.frames if g["frame_local"] else 1)
-        s_len = self.F if g["frame_local"] else self.n_tokens
+        hd = g.head_dim
+        self.ws.reserve("deep_kv", cap * top.layers * 2 * self.bp * top.heads * hd, torch.float32)
+        shallow = [g.blocks[k] for k in g.shallow_blocks]
+        seqs = self.batch * (self.frames if g.frame_local else 1)
+        s_len = self.F if g.frame_local else self.n_tokens
         if shallow:
-            per_slot = max(b["layers"] * b["heads"] for b in shallow) * 2 * hd
+            per_slot = max(b.layers * b.heads for b in shallow) * 2 * hd
             self.ws.reserve("shallow_kv", s_len * per_slot * seqs, torch.float32)
         max_s = max(self.n_tokens, self.F * max(n_ctx, 1))
         self.ws.reserve("scale", max_s * max(self.bp, seqs) * self.c, torch.float32)
         self.ws.reserve("shift", max_s * max(self.bp, seqs) * self.c, torch.float32)
         self.allocations = self.ws.allocations - allocated_before
-        self.deep_kv = KVCache(self.ws.view("deep_kv", (top["layers"], 2, cap, self.bp, top["heads"], hd)))
+        self.deep_kv = KVCache(self.ws.view("deep_kv", (top.layers, 2, cap, self.bp, top.heads, hd)))
         self.cos, self.sin = pipe._rope(self.frames, self.L)
         self.deep_out = torch.empty_like(self.x)   # channels-last deep output [B, T, h, w, c]
         self.shallow_out = torch.empty_like(self.x)
@@ -356,8 +356,8 @@ class _GenerateRun:
         self._deep()
         self._shallow_upto(self.frames)
         self._denoise_upto(self.frames)
-        raw = unpatchify(self.shallow_out, g["patch_size"])
-        final = unpatchify(self.final if self.denoise else self.shallow_out, g["patch_size"])
+        raw = unpatchify(self.shallow_out, g.patch_size)
+        final = unpatchify(self.final if self.denoise else self.shallow_out, g.patch_size)
         return final.cpu(), raw.cpu()
 
     def stats(self) -> dict:
@@ -388,8 +388,8 @@ class _GenerateRun:
 
     def _deep(self) -> None:
         g = self.geo
-        top = g["top_index"]
-        perm = g["blocks"][top]["permutation"]
+        top = g.top_index
+        perm = g.blocks[top].permutation
         x = torch.cat([self.x, self.x]) if self.w > 0 else self.x
         seq = permute_tokens(x, perm).contiguous()          # ζ [B', N, c]
         self._prefill_text()
@@ -428,12 +428,12 @@ class _GenerateRun:
             full = unpermute_tokens(out.contiguous(), perm, self.x.shape)
             self.deep_out.copy_(full)
         else:
-            part = out[:, lo * self.F : hi * self.F].reshape(self.batch, hi - lo, self.geo["h"], self.geo["w"], self.c)
+            part = out[:, lo * self.F : hi * self.F].reshape(self.batch, hi - lo, self.geo.h, self.geo.w, self.c)
             if perm == "flip_within_frame":
                 part = unpermute_tokens(part.reshape(self.batch, -1, self.c), perm, part.shape)
             self.deep_out[:, lo:hi] = part
         self.frames_deep = frames_done
-        if self.geo["frame_local"] and (self.stream or frames_done == self.frames):
+        if self.geo.frame_local and (self.stream or frames_done == self.frames):
             self._shallow_upto(frames_done)
             self._denoise_upto(self.frames_shallow)
         self._nested += time.perf_counter() - t0
@@ -442,14 +442,14 @@ class _GenerateRun:
         """Shallow forward graphs on the context, then the deep K/V of its tokens (spec §11)."""
         g = self.geo
         t0 = time.perf_counter()
-        h = patchify(self.context, g["patch_size"]).contiguous().to(self.device)
+        h = patchify(self.context, g.patch_size).contiguous().to(self.device)
         n = h.shape[1]
         self.ctx_inputs = [h]
-        for k in range(g["num_blocks"] - 1):
-            if k in g["identity_blocks"]:
+        for k in range(g.num_blocks - 1):
+            if k in g.identity_blocks:
                 self.ctx_inputs.append(h)
                 continue
-            local = g["frame_local"]
+            local = g.frame_local
             cos, sin = self.pipe._rope(1 if local else n, 0)
             z = torch.empty_like(h)
             shape = (h.shape[0], n, self.F, self.c) if local else (h.shape[0], n * self.F, self.c)
@@ -461,7 +461,7 @@ class _GenerateRun:
         prefix = permute_tokens(hh, perm).contiguous()      # [B', n·F, c]
         kv = self.deep_kv
         s = prefix.shape[1]
-        tokens = torch.cat([self.pipe._sos(g["top_index"]).expand(self.bp, 1, self.c), prefix[:, :-1]], 1)
+        tokens = torch.cat([self.pipe._sos(g.top_index).expand(self.bp, 1, self.c), prefix[:, :-1]], 1)
         rows = slice(kv.idx, kv.idx + s)
         self.pipe._call("deep_step", {"tokens": tokens.contiguous(), **kv.past(),
                                       "rope_cos": self.cos[rows].contiguous(), "rope_sin": self.sin[rows].contiguous()},
@@ -617,14 +617,14 @@ class _GenerateRun:
         """Invert every shallow block on deep-final frames [frames_shallow, frames_done)."""
         g = self.geo
         lo, hi = self.frames_shallow, frames_done
-        if hi <= lo or (not g["frame_local"] and hi < self.frames):
+        if hi <= lo or (not g.frame_local and hi < self.frames):
             return
         t0 = time.perf_counter()
-        skip = max(0, self.n_ctx - lo) if g["frame_local"] else 0
+        skip = max(0, self.n_ctx - lo) if g.frame_local else 0
         h = self.deep_out[:, lo:hi]
         todo = h[:, skip:]
-        for k in reversed(range(g["num_blocks"] - 1)):
-            if k in g["identity_blocks"] or todo.shape[1] == 0:
+        for k in reversed(range(g.num_blocks - 1)):
+            if k in g.identity_blocks or todo.shape[1] == 0:
                 continue
             todo = self._invert_shallow(k, todo)
         out = self.shallow_out[:, lo:hi]
@@ -637,13 +637,13 @@ class _GenerateRun:
     def _invert_shallow(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Block k's inverse on frames h [B, g, h, w, c] (frame-local: frames folded into the batch)."""
         g = self.geo
-        blk = g["blocks"][k]
-        local = g["frame_local"]
+        blk = g.blocks[k]
+        local = g.frame_local
         hin = h.reshape(-1, 1, *h.shape[2:]) if local else h
-        seq = permute_tokens(hin, blk["permutation"]).contiguous()
+        seq = permute_tokens(hin, blk.permutation).contiguous()
         bs, n = seq.shape[:2]
-        hd = g["head_dim"]
-        kv = KVCache(self.ws.view("shallow_kv", (blk["layers"], 2, n, bs, blk["heads"], hd)))
+        hd = g.head_dim
+        kv = KVCache(self.ws.view("shallow_kv", (blk.layers, 2, n, bs, blk.heads, hd)))
         work = torch.empty(bs, n + 1, self.c, device=self.device)
         work[:, 0] = self.pipe._sos(k)
         work[:, 1:] = seq
@@ -652,26 +652,26 @@ class _GenerateRun:
         self.runs.append(run)
         self._invert(f"shallow_step_{k}", run, work, seq, kv, 0.0, frames=1 if local else hin.shape[1],
                      text_len=0, cos=cos, sin=sin)
-        out = unpermute_tokens(work[:, 1:], blk["permutation"], hin.shape)
+        out = unpermute_tokens(work[:, 1:], blk.permutation, hin.shape)
         return out.reshape(h.shape)
 
     # ------------------------------------------------------------ denoiser
     def _denoise_plan(self) -> None:
         """Chunks (start, end, write_from) of the sample-time denoising (spec §12.4)."""
         T = self.frames
-        steps = self.window or self.cfg.local_attn_window or T
+        steps = self.window or self.geo.local_attn_window or T
         chunks, s, overlap = [], 0, 0
         while s < T:
             chunks.append((s, min(s + steps, T), s + overlap))
             if s + steps >= T:
                 break
-            overlap = self.cfg.denoiser_window if self.cfg.denoiser_window is not None else steps - 1
+            overlap = self.geo.denoiser_window if self.geo.denoiser_window is not None else steps - 1
             if steps - overlap <= 0:
                 raise InputError(f"denoising chunks of {steps} frames with overlap {overlap} cannot advance")
             s += steps - overlap
         self.den_chunks = chunks
         self.den_chunk = 0
-        A = self.cfg.temporal_causal
+        A = self.geo.temporal_causal
         # receptive field of one output frame: A − 1 future frames per layer (full attention if A == 0)
         self.den_lookahead = DENOISER_LAYERS * (A - 1) if A > 0 else T
 
@@ -716,7 +716,7 @@ class _GenerateRun:
         if self.first_frame_s is None:
             self.first_frame_s = time.perf_counter() - self.start
         if self.on_frame is not None:
-            p = self.geo["patch_size"]
+            p = self.geo.patch_size
             for t in range(self.frames_emitted, upto):
                 self.on_frame(t, unpatchify(source[:, t], p).cpu().clone())
         self.frames_emitted = upto

@@ -48,8 +48,8 @@ class TorchBackend(Backend):
             raise ManifestError(f"checkpoint {path} is not the one {manifest.root} was exported from (sha256 differs)")
         state, _ = strip_wrapper_prefixes(load_state_dict(path))
         self.loader = BlockLoader(manifest.config, state)
-        self.frame_local = bool(manifest.geometry.get("frame_local"))
-        self.top = manifest.geometry["top_index"]
+        self.frame_local = manifest.geometry.frame_local
+        self.top = manifest.geometry.top_index
 
     def load(self, spec: GraphSpec) -> GraphRunner:
         from ...export.graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph

@@ -40,13 +40,19 @@ def doctor_report() -> dict[str, Any]:
                    "polygraphy": _version("polygraphy"), "cuda_python": "installed" if _find("cuda") else None})
     gpu = bool(report["gpus"]) and trt is not None
     why_gpu = None if gpu else "needs an NVIDIA GPU with TensorRT ('pip install starflow-trt[gpu]')"
+    from .runtime.backends.registry import BACKENDS, backend_status
+
+    report["backends"] = {name: {"usable": ok, "why": why, "summary": BACKENDS[name].summary}
+                          for name, (ok, why) in backend_status().items()}
     why_ort = None if ort_version else "needs onnxruntime ('pip install starflow-trt[cpu]')"
     report["verbs"] = {
         "inspect": (True, None), "export": (True, None),
         "generate": (bool(ort_version), why_ort), "score": (bool(ort_version), why_ort),
         "calibrate": (bool(ort_version) and report["onnxconverter_common"] is not None,
                       why_ort or (None if report["onnxconverter_common"] else "fp16 needs onnxconverter-common")),
-        "build": (gpu, why_gpu), "generate --backend trt": (gpu, why_gpu),
+        "build": (gpu, why_gpu),
+        **{f"generate --backend {name}": (b["usable"], b["why"]) for name, b in report["backends"].items()
+           if name != "ort"},
         "demo": (bool(ort_version), why_ort), "bench": (bool(ort_version), why_ort),
     }
     return report
@@ -67,6 +73,9 @@ def render(report: dict[str, Any]) -> str:
                  f"{', '.join(report['onnxruntime_providers']) or '-'}")
     for key in ("onnx", "onnxscript", "onnxconverter_common", "onnxslim", "tensorrt", "polygraphy", "cuda_python"):
         lines.append(f"{key}: {report[key] or 'not installed'}")
+    lines.append("backends:")
+    for name, b in report["backends"].items():
+        lines.append(f"  {name:24} {'yes' if b['usable'] else 'no: ' + b['why']} - {b['summary']}")
     lines.append("verbs:")
     for verb, (ok, why) in report["verbs"].items():
         lines.append(f"  {verb:24} {'yes' if ok else 'no: ' + why}")

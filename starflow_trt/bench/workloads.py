@@ -10,8 +10,9 @@ from typing import Optional
 import torch
 
 from ..config import load_config
-from ..costs import denoiser_cost, step_cost
-from ..reference.rope import rope_table
+from ..export import names
+from ..export.registry import find_graph_kind, graph_kind
+from ..runtime.backends.base import TORCH_DTYPES
 from ..reference.sampler import JacobiConfig
 from .machine import timed
 
@@ -36,74 +37,42 @@ def make_bench_checkpoint(config: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def _step_inputs(spec, geo, batch: int, s: int, p: int, dev) -> tuple[dict, dict]:
-    k0 = spec.input("past_k_0").shape
-    heads, hd = k0[2], k0[3]
-    cos, sin = rope_table(geo.head_dim, 1, 1, p + s, 0, geo.rope_length)
-    c = geo.token_channels
-    inputs = {"tokens": torch.randn(batch, s, c), "rope_cos": cos[p:].contiguous(), "rope_sin": sin[p:].contiguous()}
-    outputs = {"scale": torch.empty(batch, s, c), "shift": torch.empty(batch, s, c)}
-    for t in spec.inputs:
-        if t.name.startswith("past_"):
-            inputs[t.name] = torch.randn(p, batch, heads, hd)
-    for t in spec.outputs:
-        if t.name.startswith("new_"):
-            outputs[t.name] = torch.empty(s, batch, heads, hd)
+def graph_tensors(pipe, spec, sizes: dict[str, int], seed: int = 0) -> tuple[dict, dict]:
+    """Random inputs and empty outputs of graph ``spec`` at ``sizes`` (every dim of its IO), from its kind."""
+    kind = graph_kind(spec.kind)
+    inputs = dict(zip((t.name for t in spec.inputs), kind.example_inputs(spec.inputs, sizes, pipe.geo, seed)))
+    outputs = {t.name: torch.empty(t.concrete(sizes), dtype=TORCH_DTYPES[t.dtype]) for t in spec.outputs}
     return inputs, outputs
 
 
 def per_graph(pipe, runs: int, peak_flops: float, bandwidth: float, label: str) -> list[dict]:
-    """deep_step at S = 1, 16, 64 × several past lengths; shallow_step, forward_i, denoiser."""
-    g, cfg = pipe.geo, pipe.cfg
-    L, F, T = g.text_length, g.tokens_per_frame, g.max_frames
-    N = T * F
-    bp = 2 * min(1, g.max_batch)  # one prompt with guidance
+    """Every graph at the sizes its kind benchmarks (deep_step at S = 1, 16, 64 × several past lengths,
+    the first shallow_step and forward_k, the top forward_k, the denoiser), with roofline fractions."""
     rows = []
-
-    def add(name, inputs, outputs, cost, shape):
-        runner = pipe.runner(name)
-        t = timed(lambda: runner.run(inputs, outputs), runs=runs)
-        achieved = cost.flops / t["median"]
-        rows.append({"workload": label, "graph": name, "shape": shape, "ms": round(t["median"] * 1000, 3),
-                     **{f"s_{k}": v for k, v in t.items()},
-                     "gflops": cost.flops / 1e9, "mbytes": cost.bytes / 1e6, "achieved_gflops": achieved / 1e9,
-                     "fraction_of_peak_gemm": achieved / peak_flops,
-                     "roofline_bound_s": max(cost.flops / peak_flops, cost.bytes / bandwidth)})
-
-    spec = pipe.manifest.graph("deep_step")
-    for s in (1, 16, 64):
-        for p in sorted({L, L + N // 2, L + N - s}):
-            ins, outs = _step_inputs(spec, g, bp, s, p, None)
-            add("deep_step", ins, outs, step_cost(cfg, g.top_index, bp, s, p), f"B={bp} S={s} P={p}")
-    for k in g.shallow_blocks[:1]:
-        spec = pipe.manifest.graph(f"shallow_step_{k}")
-        for s in (16, F):
-            ins, outs = _step_inputs(spec, g, T, min(s, F), 0, None)
-            add(f"shallow_step_{k}", ins, outs, step_cost(cfg, k, T, min(s, F), 0), f"B={T} S={min(s, F)} P=0")
-    h, w, c = g.h, g.w, g.token_channels
-    for k in (*g.shallow_blocks[:1], g.top_index):
-        top = k == g.top_index
-        cos, sin = rope_table(g.head_dim, T if top else 1, h, w, L if top else 0, g.rope_length)
-        ins = {"x": torch.randn(1, T, h, w, c), "rope_cos": cos, "rope_sin": sin}
-        if top:
-            ins["text"] = torch.randn(1, L, g.text_width)
-        outs = {"z": torch.empty(1, T, h, w, c),
-                "logdet": torch.empty((1, T * F, c) if top or not g.frame_local else (1, T, F, c))}
-        n = T * F + (L if top else 0)
-        cost = step_cost(cfg, k, 1 if top else T, n if top else F, 0)
-        add(f"forward_{k}", ins, outs, cost, f"B=1 T={T}")
-    if "denoiser" in pipe.manifest.graphs:
-        cos, sin = rope_table(g.head_dim, T, h, w, L, g.rope_length)
-        ins = {"x": torch.randn(1, T, h, w, c), "text": torch.randn(1, L, g.text_width),
-               "rope_cos": cos, "rope_sin": sin}
-        add("denoiser", ins, {"d": torch.empty(1, T, h, w, c)}, denoiser_cost(cfg, 1, T, F), f"B=1 T={T}")
+    for spec in pipe.manifest.graphs.values():
+        kind = find_graph_kind(spec.kind)
+        if kind is None:
+            continue
+        for sizes in kind.bench_cases(spec, pipe.geo):
+            inputs, outputs = graph_tensors(pipe, spec, sizes)
+            runner = pipe.runner(spec.name)
+            t = timed(lambda: runner.run(inputs, outputs), runs=runs)
+            cost = kind.cost(pipe.cfg, spec.block, sizes)
+            achieved = cost.flops / t["median"]
+            dims = kind.label_dims or tuple(sizes)
+            shape = " ".join(f"{'B' if d == 'batch' else d}={sizes[d]}" for d in dims)
+            rows.append({"workload": label, "graph": spec.name, "shape": shape, "ms": round(t["median"] * 1000, 3),
+                         **{f"s_{k}": v for k, v in t.items()},
+                         "gflops": cost.flops / 1e9, "mbytes": cost.bytes / 1e6, "achieved_gflops": achieved / 1e9,
+                         "fraction_of_peak_gemm": achieved / peak_flops,
+                         "roofline_bound_s": max(cost.flops / peak_flops, cost.bytes / bandwidth)})
     return rows
 
 
 def _work(stats: dict) -> dict:
     """Deep-block calls and tokens evaluated, and all graph calls, of one ``generate`` result."""
-    return {"deep_calls": stats["graph_calls"]["deep_step"],
-            "deep_tokens": sum(j["tokens"] for j in stats["jacobi"] if j["block"] == "deep_step"),
+    return {"deep_calls": stats["graph_calls"][names.DEEP_STEP],
+            "deep_tokens": sum(j["tokens"] for j in stats["jacobi"] if j["block"] == names.DEEP_STEP),
             "calls": stats["total_graph_calls"]}
 
 
@@ -192,8 +161,8 @@ def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> di
 
     g = pipe.geo
     p = g.text_length + g.max_frames * g.tokens_per_frame // 2 if p is None else p
-    spec = pipe.manifest.graph("deep_step")
-    inputs, _ = _step_inputs(spec, g, 2, s, p, None)
+    spec = pipe.manifest.graph(names.DEEP_STEP)
+    inputs, _ = graph_tensors(pipe, spec, {"batch": 2, "S": s, "P": p})
     feed = {k: v.numpy() for k, v in inputs.items()}
     options = pipe.backend.session_options()   # the pipeline's ORT backend: same threading
     options.enable_profiling = True
@@ -219,6 +188,7 @@ def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> di
             for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])]
     weight_ms = sum(r["ms"] for r in rows if r["op"].endswith("(weights)"))
     # fp32 weight bytes / 4 = parameters; one multiply-add per parameter and row
-    weight_flops = 2 * 2 * s * step_cost(pipe.cfg, g.top_index, 2, s, p).weight_bytes / 4
+    cost = graph_kind(spec.kind).cost(pipe.cfg, spec.block, {"batch": 2, "S": s, "P": p})
+    weight_flops = 2 * 2 * s * cost.weight_bytes / 4
     return {"shape": f"B=2 S={s} P={p}", "wall_ms": wall * 1e3, "ops": rows,
             "weight_gemm_gflops": weight_flops / (weight_ms / 1e3) / 1e9 if weight_ms else None}

@@ -45,17 +45,12 @@ def default_gate(precision: str) -> QualityGate:
     return QualityGate(max_graph_error=0.1, max_bpd_increase=0.02, min_psnr_db=20.0)
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def graph_errors(fp32_path: Path, new_path: Path, calls) -> dict[str, float]:
-    """Relative L2 error ‖new − fp32‖ / ‖fp32‖ of every output over the held-out calls."""
-    a, b = _session(fp32_path), _session(new_path)
+    """Relative L2 error ‖new − fp32‖ / ‖fp32‖ of every output over the held-out calls (ORT CPU)."""
+    from ..runtime.backends.ort_backend import OrtBackend
+
+    backend = OrtBackend()   # the runtime's session options, CPU EP
+    a, b = backend.session(fp32_path), backend.session(new_path)
     names = [i.name for i in a.get_inputs()]
     outs = [o.name for o in a.get_outputs()]
     num = {o: 0.0 for o in outs}
@@ -99,7 +94,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
                         capture_dir: Optional[Path] = None, shard_bytes: int = 64 << 20,
                         log: Callable[[str], None] = print) -> Manifest:
     """Calibrate ``src`` (FP32 graphs) into ``out``; see the module docstring."""
-    from ..runtime.backends.ort_backend import OrtBackend
+    from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
 
     if precision not in ("int8", "fp16"):
@@ -120,11 +115,12 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
         text, uncond, toy = found
     if guidance > 0 and uncond is None:
         raise StarflowError("guidance > 0 needs --uncond embeddings for calibration")
-    pipe32 = Pipeline(manifest, OrtBackend())
+    pipe32 = Pipeline(manifest, make_backend("ort", manifest))
     t0 = time.perf_counter()
     seeds = [1000]
     log(f"capturing graph inputs: {text.shape[0]} prompts x {len(seeds)} seed(s), guidance {guidance}")
-    captured = capture_activations(pipe32, text, uncond, seeds, guidance, jacobi, max_calls=max_calls)
+    with pipe32.backend:
+        captured = capture_activations(pipe32, text, uncond, seeds, guidance, jacobi, max_calls=max_calls)
     if capture_dir is not None:  # keep what the graphs saw, as size-bounded shards (reloadable with CaptureSet.load)
         index = captured.save(Path(capture_dir), shard_bytes)
         log(f"captured calls written to {capture_dir}: "
@@ -150,29 +146,25 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
             raise StarflowError(f"{precision} graphs fail the quality gate ({'; '.join(failures)}); nothing written. "
                                 "Loosen --exclude, try another --method, or pass --force to write them anyway")
         new.save(tmp)
-    for spec in new.graphs.values():
-        spec.root = out
-    new.root = out
-    return new
+    return new.relocate(out)
 
 
 def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, cal: CaptureSet,
                     exclude: Sequence[str], trt_version: str, log) -> Manifest:
-    from .fp16 import convert_fp16
+    from ..export.registry import find_graph_kind
+    from .fp16 import FP16_MODULES, convert_fp16
 
-    new = Manifest.__new__(Manifest)
-    new.__dict__.update(manifest.__dict__)
-    new.root, new.precision = tmp, precision
-    new.graphs = {}
-    new.extra = dict(manifest.extra)
+    new = manifest.derive(tmp, precision=precision)
     for name, spec in manifest.graphs.items():
         dst = tmp / spec.file
         calls = cal.calls.get(name, [])
+        kind = find_graph_kind(spec.kind)   # its calibration policy (an unknown kind gets the defaults)
         info: dict = {}
-        if precision == "int8" and calls:
+        if precision == "int8" and calls and (kind is None or kind.int8):
             log(f"  int8 {name}: {len(calls)} calibration calls")
             ranges = tmp / f"{name}.ranges.json"
-            info = quantize_graph(spec.path, dst, calls, method, exclude, ranges_path=ranges)
+            excluded = (*exclude, *(kind.int8_exclude if kind else ()))
+            info = quantize_graph(spec.path, dst, calls, method, excluded, ranges_path=ranges)
             cache = write_cache(tmp / f"{name}.calib.cache", load_ranges(ranges), method, trt_version)
             hits, total = weight_quantized_matmuls(dst)
             info.update({"trt_calibration_cache": cache.name, "weight_qdq_matmuls": hits, "matmuls": total})
@@ -180,26 +172,29 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
             graph_precision = "int8"
         elif precision == "fp16":
             log(f"  fp16 {name}")
-            info = convert_fp16(spec.path, dst)
+            info = convert_fp16(spec.path, dst, (kind.fp16_modules if kind else None) or FP16_MODULES)
             graph_precision = "fp16"
         else:
-            log(f"  {name}: never called during capture, kept fp32")
+            log(f"  {name}: {'never called during capture' if not calls else 'not quantized (its kind)'}, kept fp32")
             shutil.copy2(spec.path, dst)
             graph_precision = "fp32"
-        clone = type(spec)(**{**spec.__dict__})
-        clone.root, clone.precision = tmp, graph_precision
-        clone.sha256 = sha256_path(dst)
-        clone.extra = {**spec.extra, "conversion": info}
-        new.graphs[name] = clone
+        new.graphs[name] = spec.derive(root=tmp, precision=graph_precision, sha256=sha256_path(dst),
+                                       extra={**spec.extra, "conversion": info})
     return new
 
 
 def _end_to_end(m32: Manifest, mq: Manifest, text, uncond, guidance, jacobi, eval_clips, toy) -> dict:
     """bits/dim increase and latent PSNR of the new graphs vs FP32 (ORT CPU, same inputs)."""
-    from ..runtime.backends.ort_backend import OrtBackend
+    from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
 
-    p32, pq = Pipeline(m32, OrtBackend()), Pipeline(mq, OrtBackend())
+    with make_backend("ort", m32) as b32, make_backend("ort", mq) as bq:
+        return _compare(Pipeline(m32, b32), Pipeline(mq, bq), text, uncond, guidance, jacobi, eval_clips, toy)
+
+
+def _compare(p32, pq, text, uncond, guidance, jacobi, eval_clips, toy) -> dict:
+    """The numbers of :func:`_end_to_end` from the FP32 and the new pipeline."""
+    m32 = p32.manifest
     batch = m32.geometry.max_batch
     y, u = text[:batch], (uncond[:batch] if uncond is not None else None)
     kwargs = dict(guidance=guidance, jacobi=jacobi, seed=2024)

@@ -52,21 +52,26 @@ class _CaptureRunner(GraphRunner):
         self.inner = inner
         self.reservoir = reservoir
 
-    def run(self, inputs, outputs) -> None:
+    def infer_impl(self, inputs, outputs) -> None:   # checked by run() already
         self.reservoir.offer(self.spec.name, inputs)
-        self.inner.run(inputs, outputs)
+        self.inner.infer_impl(inputs, outputs)
+
+    def close(self) -> None:
+        super().close()
+        self.inner.close()
 
 
 class CaptureBackend(Backend):
     """Delegates to ``inner`` and records every call's inputs into ``reservoir``."""
 
     def __init__(self, inner: Backend, reservoir: CallReservoir):
+        super().__init__()
         self.inner = inner
         self.reservoir = reservoir
         self.name = f"capture({inner.name})"
         self.device = inner.device
 
-    def load(self, spec: GraphSpec) -> GraphRunner:
+    def load_impl(self, spec: GraphSpec) -> GraphRunner:
         return _CaptureRunner(self.inner.load(spec), self.reservoir)
 
     def describe(self) -> dict:

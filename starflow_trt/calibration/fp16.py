@@ -11,14 +11,18 @@ the result runs on ORT (CPU, CUDA) and in a strongly typed TensorRT build. The l
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 FP32_OPS = ("Softplus", "Exp", "Log", "Tanh", "Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt",
             "Reciprocal", "Erf", "Cast", "Floor", "Div", "Range")  # + index arithmetic done in float
 FP16_MODULES = ("attn_blocks", "proj_in", "proj_txt")
 
 
-def convert_fp16(src: Path, dst: Path) -> dict:
-    """Write the mixed FP16/FP32 version of ``src``; returns counts of FP32-kept nodes."""
+def convert_fp16(src: Path, dst: Path, modules: Sequence[str] = FP16_MODULES) -> dict:
+    """Write the mixed FP16/FP32 version of ``src``; returns counts of FP32-kept nodes.
+
+    ``modules``: module paths (the exporter's ``namespace`` metadata) whose nodes may run in FP16.
+    """
     import warnings
 
     import onnx
@@ -36,7 +40,7 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     keep = []
     for node in model.graph.node:
         ns = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-        if node.op_type in FP32_OPS or not any(m in ns for m in FP16_MODULES):
+        if node.op_type in FP32_OPS or not any(m in ns for m in modules):
             keep.append(node.name)
     with warnings.catch_warnings():  # "-3.4e38 truncated to -10000": masked logits, harmless
         warnings.simplefilter("ignore")

@@ -126,9 +126,7 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
     cache_path = Path(options.timing_cache or out_dir.parent / "timing.cache")
     cache = cache_path.read_bytes() if cache_path.exists() else b""
     with staged_directory(out_dir) as tmp:
-        manifest = Manifest.__new__(Manifest)
-        manifest.__dict__.update(source.__dict__)
-        manifest.root, manifest.graphs, manifest.extra = tmp, {}, dict(source.extra)
+        manifest = source.derive(tmp)
         for name, item in plan["graphs"].items():
             log(f"building {name} ({item['network']}, precision {item['precision']})")
             spec = source.graph(name)
@@ -142,10 +140,8 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
                                   build_options={k: v for k, v in plan.items() if k != "graphs"},
                                   engine_sha256=sha256_path(engine_path))
             meta.save(tmp / f"{name}.engine.json")
-            clone = type(spec)(**{**spec.__dict__})
-            clone.file, clone.sha256, clone.root = engine_path.name, meta.engine_sha256, tmp
-            clone.extra = {**spec.extra, "engine": meta.to_dict()}
-            manifest.graphs[name] = clone
+            manifest.graphs[name] = spec.derive(root=tmp, file=engine_path.name, sha256=meta.engine_sha256,
+                                                extra={**spec.extra, "engine": meta.to_dict()})
         manifest.extra["engines"] = {"tensorrt": trt.__version__, "gpu": device.name,
                                      "compute_capability": device.compute_capability, "source": str(graph_dir)}
         manifest.save(tmp)

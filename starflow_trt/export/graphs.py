@@ -30,6 +30,7 @@ from torch import nn
 from ..reference.denoiser import Denoiser
 from ..reference.flow import FlowBlock
 from ..reference.layers import KV, TwoPartMask, causal_mask
+from .names import kv_names  # noqa: F401  (re-exported: the KV naming lives in names.py)
 
 
 def additive_causal_mask(queries: int, keys: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -40,11 +41,6 @@ def additive_causal_mask(queries: int, keys: int, dtype: torch.dtype, device) ->
     """
     allowed = causal_mask(queries, keys, device)
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
-
-
-def kv_names(layers: int, prefix: str) -> list[str]:
-    """Graph tensor names of a per-layer KV list: ``{prefix}_k_0, {prefix}_v_0, {prefix}_k_1, …``."""
-    return [f"{prefix}_{kind}_{l}" for l in range(layers) for kind in ("k", "v")]
 
 
 def kv_to_layers(flat: tuple[torch.Tensor, ...]) -> list[KV]:

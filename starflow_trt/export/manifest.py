@@ -2,7 +2,7 @@
 
 A graph directory holds ``*.onnx`` files (+ external data) and ``manifest.json``::
 
-    {"format": "starflow-trt/graphs", "format_version": 1, "precision": "fp32",
+    {"format": "starflow-trt/graphs", "format_version": 3, "precision": "fp32",
      "config": {...}, "config_hash": "…", "checkpoint": {"file": "…", "sha256": "…"},
      "geometry": {...}, "opset": 18, "exporter": "…", "versions": {...},
      "graphs": {"deep_step": {"file": "deep_step.onnx", "sha256": "…", "kind": "step",
@@ -10,10 +10,16 @@ A graph directory holds ``*.onnx`` files (+ external data) and ``manifest.json``
                               "inputs": [{"name": "tokens", "dtype": "float32",
                                           "shape": ["batch", "S", 4]}, …],
                               "outputs": […],
-                              "dims": {"batch": {"min": 1, "opt": 2, "max": 8}, …}}, …}}
+                              "dims": {"batch": {"min": 1, "opt": 2, "max": 8}, …}}, …},
+     "content_sha256": "…"}
 
 Symbolic input dims name a key of the graph's ``dims``; the engine builder turns
-them into optimisation profiles, the runtime checks its shapes against them.
+them into optimisation profiles, the runtime checks its shapes against them
+(:meth:`GraphSpec.check_shapes`). Graph and tensor names are those of :mod:`.names`.
+
+``content_sha256`` is the sha256 of the rest of the manifest (canonical JSON): a manifest
+edited by hand (a raised ``max_batch``, widened dims, another graph hash) is refused on load,
+as an edited graph file is refused by its own sha256.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
@@ -34,7 +40,8 @@ from ..geometry import Geometry
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "starflow-trt/graphs"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+CONTENT_HASH = "content_sha256"
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "bool": 1}
 
@@ -46,6 +53,13 @@ def sha256_path(path: Union[str, os.PathLike], chunk: int = 1 << 24) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def content_hash(data: Mapping[str, Any]) -> str:
+    """sha256 of a manifest dict without its ``content_sha256`` (canonical JSON: sorted keys, no spaces)."""
+    body = {k: v for k, v in data.items() if k != CONTENT_HASH}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -143,26 +157,47 @@ class GraphSpec:
             out[t.name] = shapes
         return out
 
-    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """Raise ManifestError if concrete input shapes fall outside the recorded dims."""
+    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]],
+                     outputs: Optional[Mapping[str, tuple[int, ...]]] = None) -> None:
+        """Raise ManifestError if concrete shapes break the recorded contract.
+
+        ``shapes``: every input by name; they must have the recorded ranks and fixed sizes, each
+        symbolic dim one size per call within its exported range. ``outputs`` (optional): every
+        output, checked the same way against the dims the inputs bound.
+        """
         bound: dict[str, int] = {}
-        for t in self.inputs:
+        self._check_group("input", self.inputs, shapes, bound, ranges=True)
+        if outputs is not None:
+            self._check_group("output", self.outputs, outputs, bound, ranges=False)
+
+    def _check_group(self, what: str, infos: list[TensorInfo], shapes: Mapping[str, tuple[int, ...]],
+                     bound: dict[str, int], ranges: bool) -> None:
+        known = {t.name for t in infos}
+        extra = [name for name in shapes if name not in known]
+        if extra:
+            raise ManifestError(f"graph {self.name!r} has no {what} {extra[0]!r} "
+                                f"({what}s: {', '.join(t.name for t in infos)})")
+        for t in infos:
             if t.name not in shapes:
-                raise ManifestError(f"graph {self.name!r}: input {t.name!r} not given")
+                raise ManifestError(f"graph {self.name!r}: {what} {t.name!r} not given")
             got = tuple(shapes[t.name])
             if len(got) != len(t.shape):
-                raise ManifestError(f"graph {self.name!r}: input {t.name!r} has rank {len(got)}, expected {len(t.shape)}")
+                raise ManifestError(f"graph {self.name!r}: {what} {t.name!r} has rank {len(got)}, expected {len(t.shape)}")
             for want, size in zip(t.shape, got):
                 if isinstance(want, int):
                     if want != size:
-                        raise ManifestError(f"graph {self.name!r}: input {t.name!r} shape {got} != {t.shape}")
+                        raise ManifestError(f"graph {self.name!r}: {what} {t.name!r} shape {got} != {t.shape}")
                     continue
                 if bound.setdefault(want, size) != size:
                     raise ManifestError(f"graph {self.name!r}: dim {want!r} is {bound[want]} and {size} in one call")
-                r = self.dims.get(want)
+                r = self.dims.get(want) if ranges else None
                 if r is not None and not r.min <= size <= r.max:
                     raise ManifestError(f"graph {self.name!r}: dim {want}={size} outside the exported range "
                                         f"[{r.min}, {r.max}]; re-export with a larger limit")
+
+    def derive(self, **changes: Any) -> "GraphSpec":
+        """A copy with ``changes`` (e.g. ``root``, ``file``, ``sha256``, ``precision``, ``extra``)."""
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "sha256": self.sha256, "kind": self.kind, "block": self.block,
@@ -208,12 +243,33 @@ class Manifest:
                                 f"(has: {', '.join(sorted(self.graphs))}); export it with --graphs")
         return self.graphs[name]
 
+    def derive(self, root: Union[str, os.PathLike], precision: Optional[str] = None,
+               graphs: Optional[Mapping[str, GraphSpec]] = None, extra: Optional[Mapping[str, Any]] = None
+               ) -> "Manifest":
+        """The manifest of a directory made from this one (calibrated graphs, engines).
+
+        Same config, geometry, checkpoint and export facts; ``root`` and ``precision`` replaced,
+        ``graphs`` (default: none yet), ``extra`` merged over a copy of this one's.
+        """
+        return replace(self, root=Path(root), precision=precision or self.precision,
+                       graphs=dict(graphs or {}), extra={**self.extra, **(extra or {})},
+                       checkpoint=dict(self.checkpoint), versions=dict(self.versions))
+
+    def relocate(self, root: Union[str, os.PathLike]) -> "Manifest":
+        """Point this manifest and its graphs at ``root`` (after a staged directory was renamed)."""
+        self.root = Path(root)
+        for spec in self.graphs.values():
+            spec.root = self.root
+        return self
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": self.precision,
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": self.precision,
                 "config": self.config.to_dict(), "config_hash": self.config_hash,
                 "checkpoint": self.checkpoint, "geometry": self.geometry.to_dict(), "opset": self.opset,
                 "exporter": self.exporter, "versions": self.versions,
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, **self.extra}
+        data[CONTENT_HASH] = content_hash(data)
+        return data
 
     def save(self, root: Optional[Union[str, os.PathLike]] = None) -> Path:
         """Write ``manifest.json`` atomically into ``root`` (default: this manifest's root)."""
@@ -269,13 +325,17 @@ def load_manifest(directory: Union[str, os.PathLike], verify: bool = False) -> M
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); re-export") from exc
-    if data.get("format") != FORMAT:
-        raise ManifestError(f"{path} is not a starflow-trt manifest (format {data.get('format')!r})")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{path} is not a starflow-trt manifest (no format {FORMAT!r}); "
+                            "pass a directory written by `starflow-trt export`")
     if data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path} has format_version {data.get('format_version')}, this starflow-trt reads "
                             f"{FORMAT_VERSION}; re-export with this version")
+    if data.get(CONTENT_HASH) != content_hash(data):
+        raise ManifestError(f"{path} was edited after it was written (content hash mismatch): "
+                            "re-export (or re-run calibrate / build), or restore the original manifest")
     known = {"format", "format_version", "precision", "config", "config_hash", "checkpoint", "geometry",
-             "opset", "exporter", "versions", "graphs"}
+             "opset", "exporter", "versions", "graphs", CONTENT_HASH}
     try:
         config = ModelConfig.from_dict(data["config"])
         manifest = Manifest(

@@ -17,6 +17,7 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
+from ...errors import ManifestError, StarflowError
 from ...export.manifest import GraphSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -24,24 +25,65 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 class GraphRunner(ABC):
-    """One loaded graph."""
+    """One loaded graph: ``run`` (= ``infer``) checks the call against the manifest, then ``infer_impl`` runs it.
+
+    The check (:meth:`GraphSpec.check_shapes` on every input and output, plus dtypes) runs once
+    per shape signature; later calls with the same shapes pay one set lookup.
+    """
 
     def __init__(self, spec: GraphSpec):
         self.spec = spec
+        self.closed = False
+        self._checked: set[tuple] = set()
+        self._dtypes = {t.name: TORCH_DTYPES.get(t.dtype) for t in (*spec.inputs, *spec.outputs)}
 
-    @abstractmethod
     def run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         """Run once. ``inputs``/``outputs``: every graph input/output by name, contiguous,
         on the backend's device, outputs preallocated with their exact shapes."""
+        if self.closed:
+            raise StarflowError(f"graph {self.spec.name!r} was used after its backend was closed")
+        key = (*((n, t.shape, t.dtype) for n, t in inputs.items()), None,
+               *((n, t.shape, t.dtype) for n, t in outputs.items()))
+        if key not in self._checked:
+            self.check(inputs, outputs)
+            self._checked.add(key)
+        self.infer_impl(inputs, outputs)
+
+    def infer(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]
+              ) -> Mapping[str, torch.Tensor]:
+        """:meth:`run`, returning ``outputs`` (polygraphy's ``infer`` spelling)."""
+        self.run(inputs, outputs)
+        return outputs
+
+    def check(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        """Raise ManifestError if names, shapes or dtypes break the graph's manifest entry."""
+        self.spec.check_shapes({k: tuple(v.shape) for k, v in inputs.items()},
+                               {k: tuple(v.shape) for k, v in outputs.items()})
+        for name, t in (*inputs.items(), *outputs.items()):
+            want = self._dtypes[name]
+            if want is not None and t.dtype != want:
+                raise ManifestError(f"graph {self.spec.name!r}: {name!r} is {t.dtype}, the manifest says {want}")
+
+    @abstractmethod
+    def infer_impl(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        """Run once on checked buffers (what a backend implements)."""
+
+    def close(self) -> None:
+        """Release what the runner holds (sessions, contexts, captured graphs); idempotent."""
+        self.closed = True
 
 
 class Backend(ABC):
-    """Loads graphs for one execution engine."""
+    """Loads graphs for one execution engine; ``close()`` (or ``with backend:``) frees every loaded graph."""
 
     name: str = "?"
     device: torch.device = torch.device("cpu")
     #: torch threads for the runtime's own tensor ops while this backend runs graphs (None: leave as is)
     host_threads: Optional[int] = None
+
+    def __init__(self) -> None:
+        self._runners: list[GraphRunner] = []
+        self._closed = False
 
     @contextmanager
     def host_thread_limit(self) -> Iterator[None]:
@@ -54,9 +96,35 @@ class Backend(ABC):
         finally:
             torch.set_num_threads(before)
 
-    @abstractmethod
     def load(self, spec: GraphSpec) -> GraphRunner:
-        """Prepare ``spec`` for running (parse, build or deserialize)."""
+        """Prepare ``spec`` for running; the backend keeps the runner to close it."""
+        if self._closed:
+            raise StarflowError(f"backend {self.name!r} is closed; make a new one")
+        runner = self.load_impl(spec)
+        self._runners.append(runner)
+        return runner
+
+    @abstractmethod
+    def load_impl(self, spec: GraphSpec) -> GraphRunner:
+        """Parse, build or deserialize ``spec`` (what a backend implements)."""
+
+    def close(self) -> None:
+        """Close every runner this backend loaded, then release the backend's own resources; idempotent."""
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            runner.close()
+        if not self._closed:
+            self._closed = True
+            self.release()
+
+    def release(self) -> None:
+        """Backend-wide resources to free on close (TensorRT runtime, ...)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device)}

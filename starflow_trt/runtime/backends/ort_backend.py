@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class OrtRunner(GraphRunner):
         self.device_type = device_type
         self.binding = session.io_binding()
 
-    def run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+    def infer_impl(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         binding = self.binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -85,6 +85,10 @@ class OrtRunner(GraphRunner):
             binding.bind_output(name, self.device_type, t.device.index or 0, NP_DTYPES[t.dtype],
                                 tuple(t.shape), t.data_ptr())
         self.session.run_with_iobinding(binding)
+
+    def close(self) -> None:
+        super().close()
+        self.binding = self.session = None   # the session's memory goes with its last reference
 
 
 class OrtBackend(Backend):
@@ -102,6 +106,7 @@ class OrtBackend(Backend):
             import onnxruntime  # noqa: F401
         except ImportError as exc:
             raise BackendUnavailable("backend 'ort' needs onnxruntime: pip install 'starflow-trt[cpu]'") from exc
+        super().__init__()
         self.providers = choose_providers(providers)
         self.threads = threads
         self.cache_dir = cache_dir
@@ -144,13 +149,15 @@ class OrtBackend(Backend):
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         return options
 
-    def load(self, spec: GraphSpec) -> GraphRunner:
+    def session(self, path: Union[str, os.PathLike], spec: Optional[GraphSpec] = None):
+        """An ``onnxruntime.InferenceSession`` of ``path`` with this backend's options and providers."""
         import onnxruntime as ort
 
-        options = self.session_options()
-        session = ort.InferenceSession(str(spec.path), sess_options=options,
-                                       providers=self._provider_options(spec))
-        return OrtRunner(spec, session, self.device_type)
+        providers = self._provider_options(spec) if spec is not None else self.providers
+        return ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
+
+    def load_impl(self, spec: GraphSpec) -> GraphRunner:
+        return OrtRunner(spec, self.session(spec.path, spec), self.device_type)
 
     def describe(self) -> dict:
         import onnxruntime as ort

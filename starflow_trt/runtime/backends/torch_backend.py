@@ -23,23 +23,27 @@ class TorchRunner(GraphRunner):
         self.module = module
 
     @torch.no_grad()
-    def run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
-        args = [inputs[t.name] for t in self.spec.inputs if t.name in inputs]
-        result = self.module(*args)
+    def infer_impl(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        result = self.module(*(inputs[t.name] for t in self.spec.inputs))
         result = result if isinstance(result, tuple) else (result,)
         for info, value in zip(self.spec.outputs, result):
             outputs[info.name].copy_(value)
 
+    def close(self) -> None:
+        super().close()
+        self.module = None
+
 
 class TorchBackend(Backend):
-    """``torch``: the reference modules behind the same named-binding interface."""
+    """``torch``: the export wrappers (built by each graph's registered kind) behind the same interface."""
 
     name = "torch"
 
     def __init__(self, manifest: Manifest, checkpoint: Optional[Union[str, os.PathLike]] = None):
         from ...checkpoint import load_state_dict, sha256_file, strip_wrapper_prefixes
-        from ...export.onnx_export import BlockLoader
+        from ...export.weights import BlockLoader
 
+        super().__init__()
         path = Path(checkpoint or manifest.checkpoint.get("path", ""))
         if not path.is_file():
             raise ManifestError(f"backend 'torch' needs the checkpoint the graphs came from; "
@@ -48,19 +52,12 @@ class TorchBackend(Backend):
             raise ManifestError(f"checkpoint {path} is not the one {manifest.root} was exported from (sha256 differs)")
         state, _ = strip_wrapper_prefixes(load_state_dict(path))
         self.loader = BlockLoader(manifest.config, state)
-        self.frame_local = manifest.geometry.frame_local
-        self.top = manifest.geometry.top_index
+        self.geo = manifest.geometry
 
-    def load(self, spec: GraphSpec) -> GraphRunner:
-        from ...export.graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph
+    def load_impl(self, spec: GraphSpec) -> GraphRunner:
+        from ...export.registry import graph_kind
 
-        if spec.kind == "denoiser":
-            return TorchRunner(spec, DenoiserGraph(self.loader("learnable_self_denoiser.")))
-        block = self.loader(f"blocks.{spec.block}.")
-        if spec.kind == "prefill":
-            module = TextPrefillGraph(block)
-        elif spec.kind == "step":
-            module = StepGraph(block)
-        else:
-            module = ForwardGraph(block, self.frame_local and spec.block != self.top)
-        return TorchRunner(spec, module)
+        return TorchRunner(spec, graph_kind(spec.kind).build(self.geo, spec.block, self.loader))
+
+    def release(self) -> None:
+        self.loader = None

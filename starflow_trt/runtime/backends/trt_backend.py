@@ -5,7 +5,8 @@ for the whole call; a step reads a prefix view and writes its new K/V into the n
 slots: no host round trips). Per call: ``set_input_shape`` + ``set_tensor_address``
 for every binding, then ``execute_async_v3`` on the current torch stream, the pattern
 of NVIDIA's TensorRT diffusion demos. Optional CUDA-graph replay for repeated calls
-with identical shapes and addresses (the iterations of one Jacobi chunk).
+with identical shapes and addresses (the iterations of one Jacobi chunk). ``close()`` frees
+the captured graphs, the execution contexts, the engines and the runtime, in that order.
 
 Written against the TensorRT 10/11 Python API documentation; it cannot be run here
 (no GPU): ``pytest -m gpu`` verifies it on a machine that has one.
@@ -42,7 +43,7 @@ class TrtRunner(GraphRunner):
         for name, t in outputs.items():
             ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr())
 
-    def run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+    def infer_impl(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         stream = torch.cuda.current_stream(self.device)
         key = None
         if self.cuda_graphs:
@@ -66,6 +67,18 @@ class TrtRunner(GraphRunner):
         stream.wait_stream(capture)
         self._graphs[key] = graph
 
+    def close(self) -> None:
+        """Free the captured CUDA graphs, then the execution context (its activation memory)."""
+        super().close()
+        if self._graphs:
+            torch.cuda.synchronize(self.device)   # no replay may still be in flight
+            for graph in self._graphs.values():
+                graph.reset()
+            self._graphs.clear()
+        self.context = None
+        self.engine = None
+        self._dummy = None
+
 
 class TrtBackend(Backend):
     """Deserializes ``<graph>.engine`` files of an engine directory (``starflow-trt build``)."""
@@ -75,6 +88,7 @@ class TrtBackend(Backend):
     def __init__(self, manifest: Manifest, cuda_graphs: bool = False):
         from ...engine.build import _tensorrt, cuda_device
 
+        super().__init__()
         self.trt = _tensorrt()
         self.device_info = cuda_device()
         if "engines" not in manifest.extra:
@@ -85,7 +99,7 @@ class TrtBackend(Backend):
         self.runtime = self.trt.Runtime(self.logger)
         self.cuda_graphs = cuda_graphs
 
-    def load(self, spec: GraphSpec) -> GraphRunner:
+    def load_impl(self, spec: GraphSpec) -> GraphRunner:
         from ...engine.metadata import EngineMetadata, check_engine_metadata
 
         # the metadata written beside the engine must match the graph the manifest names,
@@ -96,6 +110,9 @@ class TrtBackend(Backend):
         if engine is None:
             raise StarflowError(f"TensorRT could not deserialize {spec.path}; rebuild it")
         return TrtRunner(spec, engine, self.device, self.cuda_graphs)
+
+    def release(self) -> None:
+        self.runtime = None   # after every engine and context of it (closed by Backend.close)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": f"{self.device_info.name} (sm {self.device_info.compute_capability})",

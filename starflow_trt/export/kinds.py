@@ -1,0 +1,239 @@
+"""The built-in graph kinds: text prefill, step, forward (scoring) and denoiser.
+
+Each class is the whole contract of its graphs (see :mod:`.registry`); the torch wrappers
+are in :mod:`.graphs`, the cost formulas in :mod:`starflow_trt.costs`.
+Notation: B max batch, T max frames, F = h·w tokens per frame, N = T·F, L text length,
+D text width, c token channels, hd head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import nn
+
+from .. import costs
+from ..config import ModelConfig
+from ..geometry import Geometry
+from . import names as n
+from .graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph
+from .manifest import DimRange, GraphSpec, TensorInfo
+from .registry import ExportContext, GraphKind, kv_tensors, register_graph, tensor
+
+
+def _kv(ctx: ExportContext, prefix: str, seq, block: int) -> list[TensorInfo]:
+    b = ctx.geo.blocks[block]
+    return kv_tensors(prefix, seq, b.layers, b.heads, ctx.geo.head_dim)
+
+
+def _grid(geo: Geometry) -> dict[str, DimRange]:
+    return {"h": DimRange(geo.h, geo.h, geo.h), "w": DimRange(geo.w, geo.w, geo.w)}
+
+
+@register_graph
+class PrefillKind(GraphKind):
+    """``deep_prefill``: text [batch, L, D] + RoPE rows [L, hd] → ``new_k_l`` / ``new_v_l`` [L, batch, heads, hd]."""
+
+    kind = "prefill"
+    wrapper = TextPrefillGraph
+
+    def instances(self, ctx):
+        return [(n.DEEP_PREFILL, ctx.geo.top_index)]
+
+    def inputs(self, ctx, block):
+        g = ctx.geo
+        return [tensor(n.TEXT, "batch", g.text_length, g.text_width), tensor(n.ROPE_COS, g.text_length, g.head_dim),
+                tensor(n.ROPE_SIN, g.text_length, g.head_dim)]
+
+    def outputs(self, ctx, block):
+        return _kv(ctx, n.NEW, ctx.geo.text_length, block)
+
+    def dims(self, ctx, block):
+        return {"batch": DimRange(1, 2, 2 * ctx.geo.max_batch)}   # guidance doubles the batch
+
+    def example_sizes(self, ctx, block):
+        return {"batch": 3}
+
+    def build(self, geo, block, weights) -> nn.Module:
+        return TextPrefillGraph(weights.block(block))
+
+    def cost(self, cfg: ModelConfig, block, sizes: Mapping[str, int]):
+        return costs.prefill_cost(cfg, sizes["batch"])
+
+    def bench_cases(self, spec: GraphSpec, geo: Geometry):
+        return []   # once per call: not a hot-loop graph
+
+
+@register_graph
+class StepKind(GraphKind):
+    """``deep_step`` / ``shallow_step_k``: S shifted tokens + past K/V → (scale, shift, new K/V).
+
+    tokens [batch, S, c], rope_cos/sin [S, hd], past_k_l / past_v_l [P, batch, heads, hd] →
+    scale, shift [batch, S, c], new_k_l / new_v_l [S, batch, heads, hd].
+    """
+
+    kind = "step"
+    wrapper = StepGraph
+    label_dims = ("batch", "S", "P")
+
+    def instances(self, ctx):
+        g = ctx.geo
+        return [(n.DEEP_STEP, g.top_index), *((n.shallow_step_graph(k), k) for k in g.shallow_blocks)]
+
+    def inputs(self, ctx, block):
+        g = ctx.geo
+        return [tensor(n.TOKENS, "batch", "S", g.token_channels), tensor(n.ROPE_COS, "S", g.head_dim),
+                tensor(n.ROPE_SIN, "S", g.head_dim), *_kv(ctx, n.PAST, "P", block)]
+
+    def outputs(self, ctx, block):
+        c = ctx.geo.token_channels
+        return [tensor(n.SCALE, "batch", "S", c), tensor(n.SHIFT, "batch", "S", c), *_kv(ctx, n.NEW, "S", block)]
+
+    def dims(self, ctx, block):
+        g = ctx.geo
+        F, T, B, L = g.tokens_per_frame, g.max_frames, g.max_batch, g.text_length
+        N = T * F
+        opt_s = min(ctx.limits.opt_chunk, N)
+        if block == g.top_index:   # text prefix + every video token, guidance-doubled batch
+            return {"batch": DimRange(1, 2, 2 * B), "S": DimRange(1, opt_s, N), "P": DimRange(0, L + N // 2, L + N)}
+        if g.frame_local:          # one frame per sequence, frames folded into the batch
+            return {"batch": DimRange(1, T, B * T), "S": DimRange(1, min(opt_s, F), F),
+                    "P": DimRange(0, F // 2, max(F - 1, 0))}
+        return {"batch": DimRange(1, 1, B), "S": DimRange(1, opt_s, N), "P": DimRange(0, N // 2, N - 1)}
+
+    def example_sizes(self, ctx, block):
+        return {"batch": 3, "S": 5, "P": 7}
+
+    def build(self, geo, block, weights) -> nn.Module:
+        return StepGraph(weights.block(block))
+
+    def manifest_extra(self, module: nn.Module) -> dict:
+        return {"sos": module.block.sos_embed.detach().flatten().tolist()}  # the runtime feeds SOS first
+
+    def cost(self, cfg, block, sizes):
+        return costs.step_cost(cfg, block, sizes["batch"], sizes["S"], sizes["P"])
+
+    def bench_cases(self, spec, geo):
+        L, F, T = geo.text_length, geo.tokens_per_frame, geo.max_frames
+        N = T * F
+        if spec.block == geo.top_index:   # one prompt with guidance: decode, small and large chunks
+            bp = 2 * min(1, geo.max_batch)
+            return [{"batch": bp, "S": s, "P": p} for s in (1, 16, 64) for p in sorted({L, L + N // 2, L + N - s})]
+        if spec.block in geo.shallow_blocks[:1]:   # all frames of a video batched, from an empty cache
+            return [{"batch": T, "S": min(s, F), "P": 0} for s in (16, F)]
+        return []
+
+
+@register_graph
+class ForwardKind(GraphKind):
+    """``forward_k``: block input x [batch, T, h, w, c] (+ text) → (z [batch, T, h, w, c], logdet).
+
+    Frame-local shallow blocks: rope rows [F, hd], logdet [batch, T, F, c]; the top block:
+    rope rows [L + T·F, hd], logdet [batch, N, c].
+    """
+
+    kind = "forward"
+    wrapper = ForwardGraph
+    label_dims = ("batch", "T")
+
+    @staticmethod
+    def _local(geo: Geometry, block: int) -> bool:
+        return block != geo.top_index and geo.frame_local
+
+    def instances(self, ctx):
+        g = ctx.geo
+        return [(n.forward_graph(k), k) for k in range(g.num_blocks) if k not in g.identity_blocks]
+
+    def inputs(self, ctx, block):
+        g = ctx.geo
+        c, hd = g.token_channels, g.head_dim
+        out = [tensor(n.X, "batch", "T", "h", "w", c), tensor(n.ROPE_COS, "rows", hd), tensor(n.ROPE_SIN, "rows", hd)]
+        if g.blocks[block].text:
+            out.append(tensor(n.TEXT, "batch", g.text_length, g.text_width))
+        return out
+
+    def outputs(self, ctx, block):
+        c = ctx.geo.token_channels
+        logdet = tensor(n.LOGDET, "batch", "T", "F", c) if self._local(ctx.geo, block) else tensor(n.LOGDET, "batch", "N", c)
+        return [tensor(n.Z, "batch", "T", "h", "w", c), logdet]
+
+    def _text(self, geo: Geometry, block: int) -> int:
+        return geo.text_length if geo.blocks[block].text else 0
+
+    def dims(self, ctx, block):
+        g = ctx.geo
+        F, T = g.tokens_per_frame, g.max_frames
+        rows = (F if self._local(g, block) else T * F) + self._text(g, block)
+        return {"batch": DimRange(1, 1, g.max_batch), "T": DimRange(1, T, T), **_grid(g),
+                "rows": DimRange(F + self._text(g, block), rows, rows)}
+
+    def example_sizes(self, ctx, block):
+        g = ctx.geo
+        frames = 1 if self._local(g, block) else 2
+        return {"batch": 3, "T": 2, "h": g.h, "w": g.w, "rows": frames * g.h * g.w + self._text(g, block)}
+
+    def build(self, geo, block, weights) -> nn.Module:
+        return ForwardGraph(weights.block(block), self._local(geo, block))
+
+    def cost(self, cfg, block, sizes):
+        """Per sequence: one frame (frame-local, frames folded into the batch) or the whole video (+ text)."""
+        frames, F = sizes["T"], sizes["h"] * sizes["w"]
+        local = block != cfg.top_index and bool(cfg.shallow_block_local)
+        text = cfg.txt_size if cfg.block_has_text(block) else 0
+        return costs.step_cost(cfg, block, sizes["batch"] * (frames if local else 1),
+                               (F if local else frames * F) + text, 0)
+
+    def bench_cases(self, spec, geo):
+        if spec.block not in (*geo.shallow_blocks[:1], geo.top_index):
+            return []
+        T, F = geo.max_frames, geo.tokens_per_frame
+        local = self._local(geo, spec.block)
+        rows = (F if local else T * F) + self._text(geo, spec.block)
+        return [{"batch": 1, "T": T, "h": geo.h, "w": geo.w, "rows": rows, "F": F, "N": T * F}]
+
+
+@register_graph
+class DenoiserKind(GraphKind):
+    """``denoiser``: x [batch, T, h, w, c], text [batch, L, D], rope rows [L + T·F, hd] → d [batch, T, h, w, c]."""
+
+    kind = "denoiser"
+    wrapper = DenoiserGraph
+    label_dims = ("batch", "T")
+
+    def instances(self, ctx):
+        return [(n.DENOISER, None)] if ctx.geo.has_denoiser else []
+
+    def inputs(self, ctx, block):
+        g = ctx.geo
+        c = g.token_channels
+        return [tensor(n.X, "batch", "T", "h", "w", c), tensor(n.TEXT, "batch", g.text_length, g.text_width),
+                tensor(n.ROPE_COS, "rows", g.head_dim), tensor(n.ROPE_SIN, "rows", g.head_dim)]
+
+    def outputs(self, ctx, block):
+        return [tensor(n.D, "batch", "T", "h", "w", ctx.geo.token_channels)]
+
+    @staticmethod
+    def _frames(geo: Geometry) -> int:
+        """Frames of one denoising chunk at most (the attention window, else the whole video)."""
+        return geo.local_attn_window or geo.max_frames
+
+    def dims(self, ctx, block):
+        g = ctx.geo
+        dt, F, L = self._frames(g), g.tokens_per_frame, g.text_length
+        return {"batch": DimRange(1, 1, g.max_batch), "T": DimRange(1, dt, dt), **_grid(g),
+                "rows": DimRange(L + F, L + dt * F, L + dt * F)}
+
+    def example_sizes(self, ctx, block):
+        g = ctx.geo
+        return {"batch": 3, "T": 2, "h": g.h, "w": g.w, "rows": g.text_length + 2 * g.h * g.w}
+
+    def build(self, geo, block, weights) -> nn.Module:
+        return DenoiserGraph(weights.denoiser())
+
+    def cost(self, cfg, block, sizes):
+        return costs.denoiser_cost(cfg, sizes["batch"], sizes["T"], sizes["h"] * sizes["w"])
+
+    def bench_cases(self, spec, geo):
+        T = min(geo.max_frames, self._frames(geo))
+        return [{"batch": 1, "T": T, "h": geo.h, "w": geo.w, "rows": geo.text_length + T * geo.tokens_per_frame}]
+

@@ -1,0 +1,43 @@
+"""Graph and tensor names of the manifest contract, defined once.
+
+Export writes them into the ONNX graphs and the manifest; the runtime, calibration and
+benchmarks bind tensors by these names (``inputs[names.TOKENS] = …``).
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------ graphs
+DEEP_PREFILL = "deep_prefill"
+DEEP_STEP = "deep_step"
+DENOISER = "denoiser"
+
+
+def shallow_step_graph(block: int) -> str:
+    """Step graph of shallow block ``block``."""
+    return f"shallow_step_{block}"
+
+
+def forward_graph(block: int) -> str:
+    """Forward (scoring) graph of block ``block``."""
+    return f"forward_{block}"
+
+
+# ------------------------------------------------------------------ tensors
+TOKENS = "tokens"        # step input [batch, S, c]
+TEXT = "text"            # text embeddings [batch, L, D]
+X = "x"                  # block / denoiser input [batch, T, h, w, c]
+ROPE_COS = "rope_cos"    # RoPE rows [rows, head_dim] of the slots written
+ROPE_SIN = "rope_sin"
+SCALE = "scale"          # step outputs [batch, S, c] (a after softplus, b)
+SHIFT = "shift"
+Z = "z"                  # forward outputs
+LOGDET = "logdet"
+D = "d"                  # denoiser output
+PAST = "past"            # KV inputs past_k_l / past_v_l [P, batch, heads, head_dim]
+NEW = "new"              # KV outputs new_k_l / new_v_l [S, batch, heads, head_dim]
+ROPE_INPUTS = (ROPE_COS, ROPE_SIN)
+
+
+def kv_names(layers: int, prefix: str) -> list[str]:
+    """Graph tensor names of a per-layer KV list: ``{prefix}_k_0, {prefix}_v_0, {prefix}_k_1, …``."""
+    return [f"{prefix}_{kind}_{l}" for l in range(layers) for kind in ("k", "v")]

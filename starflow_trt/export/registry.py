@@ -1,0 +1,220 @@
+"""Graph registry: one :class:`GraphKind` per kind of graph declares everything about its graphs.
+
+A kind declares (the per-model classes of TensorRT's demo_diffusion, optimum's OnnxConfig):
+
+* ``kind`` and the graphs it yields (:meth:`GraphKind.instances`: name and block),
+* the torch wrapper with its weights (:meth:`GraphKind.build`),
+* IO: :class:`TensorInfo` names, dtypes and symbolic dims (:meth:`inputs`, :meth:`outputs`;
+  names from :mod:`.names`), and the dims' min/opt/max from the export limits (:meth:`dims`),
+* example sizes and tensors for tracing (:meth:`example_sizes`, :meth:`example_inputs`),
+* manifest extras (:meth:`manifest_extra`), FLOP/byte cost of a call (:meth:`cost`),
+  benchmark shapes (:meth:`bench_cases`) and calibration policy (class attributes).
+
+Export plans its graphs with :func:`plan_graphs`; the torch backend, calibration and the
+benchmarks look a graph's kind up by ``GraphSpec.kind`` (:func:`graph_kind`). Nothing else
+dispatches on kinds, so a new kind is one decorated class::
+
+    @register_graph
+    class MyKind(GraphKind):
+        kind = "mine"
+        ...
+
+Built-in kinds live in the modules of :data:`BUILTIN_MODULES` (the one list to extend when a
+new built-in module of kinds is added).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ManifestError, StarflowError
+from ..geometry import Geometry
+from .limits import ExportLimits
+from .manifest import DimRange, GraphSpec, TensorInfo
+from .names import ROPE_COS, ROPE_INPUTS, kv_names
+
+#: modules whose import registers the built-in kinds, in manifest order
+BUILTIN_MODULES: tuple[str, ...] = ("starflow_trt.export.kinds",)
+
+_KINDS: dict[str, "GraphKind"] = {}
+_builtins_loaded = False
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What a kind plans its graphs from: the model config, the export geometry and limits."""
+
+    cfg: ModelConfig
+    geo: Geometry
+    limits: ExportLimits
+
+
+@dataclass
+class GraphPlan:
+    """One graph to export: its contract (IO, dims), example sizes and a factory of its torch module."""
+
+    name: str
+    kind: str
+    block: Optional[int]
+    make: Callable[[], nn.Module]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    dims: dict[str, DimRange]
+    example: dict[str, int]
+
+
+def tensor(name: str, *shape, dtype: str = "float32") -> TensorInfo:
+    """A graph tensor: ``tensor("tokens", "batch", "S", 4)`` (str dims are symbolic)."""
+    return TensorInfo(name, dtype, tuple(shape))
+
+
+def kv_tensors(prefix: str, seq, layers: int, heads: int, head_dim: int) -> list[TensorInfo]:
+    """Per-layer K/V tensors ``{prefix}_k_l`` / ``{prefix}_v_l`` [seq, batch, heads, head_dim]."""
+    return [tensor(n, seq, "batch", heads, head_dim) for n in kv_names(layers, prefix)]
+
+
+class GraphKind:
+    """Base of a graph kind. Subclasses set ``kind`` and implement the abstract methods.
+
+    ``block`` is the flow-block index a graph belongs to (None for graphs of no block).
+    Sizes are dicts of symbolic dim name → int (``{"batch": 2, "S": 16, "P": 40}``).
+    """
+
+    kind: ClassVar[str] = ""
+    #: the torch wrapper class (what :meth:`build` returns); inputs are its positional arguments in order
+    wrapper: ClassVar[Optional[type]] = None
+    #: dims named in a benchmark row's shape label (None: every dim of the case)
+    label_dims: ClassVar[Optional[tuple[str, ...]]] = None
+    #: calibration: quantize this kind to INT8 (False: an int8 directory keeps it fp32)
+    int8: ClassVar[bool] = True
+    #: MatMul module-path regexes kept in float, added to calibration's ``exclude``
+    int8_exclude: ClassVar[tuple[str, ...]] = ()
+    #: module paths converted to FP16 (None: calibration's default, the flow transformer's modules)
+    fp16_modules: ClassVar[Optional[tuple[str, ...]]] = None
+
+    # ----------------------------------------------------------- export contract
+    def instances(self, ctx: ExportContext) -> list[tuple[str, Optional[int]]]:
+        """(graph name, block) of every graph of this kind for the export."""
+        raise NotImplementedError
+
+    def inputs(self, ctx: ExportContext, block: Optional[int]) -> list[TensorInfo]:
+        raise NotImplementedError
+
+    def outputs(self, ctx: ExportContext, block: Optional[int]) -> list[TensorInfo]:
+        raise NotImplementedError
+
+    def dims(self, ctx: ExportContext, block: Optional[int]) -> dict[str, DimRange]:
+        """min / opt / max of every symbolic input dim (the TensorRT profile and the runtime check)."""
+        raise NotImplementedError
+
+    def example_sizes(self, ctx: ExportContext, block: Optional[int]) -> dict[str, int]:
+        """Sizes for tracing: inside the ranges and distinct (>= 2) so no dim is specialised."""
+        raise NotImplementedError
+
+    def build(self, geo: Geometry, block: Optional[int], weights) -> nn.Module:
+        """The torch wrapper with its weights (``weights``: an :class:`~.weights.BlockLoader`)."""
+        raise NotImplementedError
+
+    def manifest_extra(self, module: nn.Module) -> dict:
+        """Extra fields of the graph's manifest entry (e.g. the SOS vector of step graphs)."""
+        return {}
+
+    # ------------------------------------------------------------ tensors, costs
+    def example_inputs(self, infos: Sequence[TensorInfo], sizes: Mapping[str, int], geo: Geometry,
+                       seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Tensors in ``infos`` order: real RoPE rows for RoPE inputs, seeded normal values otherwise."""
+        from ..reference.rope import rope_table
+
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for t in infos:
+            shape = t.concrete(sizes)
+            if t.name in ROPE_INPUTS:
+                cos, sin = rope_table(geo.head_dim, 1, 1, shape[0], 0, geo.rope_length)
+                out.append((cos if t.name == ROPE_COS else sin).contiguous())
+            else:
+                out.append(torch.randn(*shape, generator=g).to(_torch_dtype(t.dtype)))
+        return tuple(out)
+
+    def cost(self, cfg: ModelConfig, block: Optional[int], sizes: Mapping[str, int]):
+        """:class:`~starflow_trt.costs.Cost` (FLOPs, bytes) of one call with these sizes."""
+        raise NotImplementedError
+
+    def bench_cases(self, spec: GraphSpec, geo: Geometry) -> list[dict[str, int]]:
+        """Sizes the per-graph benchmark times (default: the opt of every dim; [] skips the graph)."""
+        return [{k: r.opt for k, r in spec.dims.items()}]
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, ctx: ExportContext, name: str, block: Optional[int], weights) -> GraphPlan:
+        return GraphPlan(name=name, kind=self.kind, block=block,
+                         make=lambda: self.build(ctx.geo, block, weights),
+                         inputs=self.inputs(ctx, block), outputs=self.outputs(ctx, block),
+                         dims=self.dims(ctx, block), example=self.example_sizes(ctx, block))
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from ..runtime.backends.base import TORCH_DTYPES
+
+    return TORCH_DTYPES[name]
+
+
+# -------------------------------------------------------------------- registry
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True  # before importing: their modules call register_graph
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def register_graph(cls: type[GraphKind]) -> type[GraphKind]:
+    """Class decorator: register a :class:`GraphKind` subclass under its ``kind``."""
+    _load_builtins()
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} must set `kind`")
+    if cls.kind in _KINDS:
+        raise ValueError(f"graph kind {cls.kind!r} is already registered ({type(_KINDS[cls.kind]).__name__})")
+    _KINDS[cls.kind] = cls()
+    return cls
+
+
+def unregister_graph(kind: str) -> None:
+    """Remove a registered kind (tests, plug-ins)."""
+    _KINDS.pop(kind, None)
+
+
+def graph_kinds() -> list[GraphKind]:
+    """Every registered kind, built-ins first, in registration order (the manifest's graph order)."""
+    _load_builtins()
+    return list(_KINDS.values())
+
+
+def find_graph_kind(kind: str) -> Optional[GraphKind]:
+    _load_builtins()
+    return _KINDS.get(kind)
+
+
+def graph_kind(kind: str) -> GraphKind:
+    """The registered kind named ``kind`` (ManifestError if none is)."""
+    found = find_graph_kind(kind)
+    if found is None:
+        raise ManifestError(f"graph kind {kind!r} is not registered here (known: {', '.join(_KINDS)}); "
+                            "import the module that registers it or upgrade starflow-trt")
+    return found
+
+
+def plan_graphs(cfg: ModelConfig, geo: Geometry, limits: ExportLimits, weights) -> list[GraphPlan]:
+    """Every graph of every registered kind, with its contract, dims and example sizes."""
+    ctx = ExportContext(cfg, geo, limits)
+    plans = [kind.plan(ctx, name, block, weights) for kind in graph_kinds() for name, block in kind.instances(ctx)]
+    names = [p.name for p in plans]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise StarflowError(f"graph name(s) {', '.join(dup)} are declared by more than one kind; rename one")
+    return plans

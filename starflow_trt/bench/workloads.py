@@ -12,8 +12,8 @@ import torch
 from ..config import load_config
 from ..export import names
 from ..export.registry import find_graph_kind, graph_kind
-from ..runtime.backends.base import TORCH_DTYPES
 from ..reference.sampler import JacobiConfig
+from ..runtime.backends.base import TORCH_DTYPES
 from .machine import timed
 
 BENCH_CONFIG = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "bench.yaml"
@@ -40,7 +40,8 @@ def make_bench_checkpoint(config: Path, out: Path, seed: int = 0) -> Path:
 def graph_tensors(pipe, spec, sizes: dict[str, int], seed: int = 0) -> tuple[dict, dict]:
     """Random inputs and empty outputs of graph ``spec`` at ``sizes`` (every dim of its IO), from its kind."""
     kind = graph_kind(spec.kind)
-    inputs = dict(zip((t.name for t in spec.inputs), kind.example_inputs(spec.inputs, sizes, pipe.geo, seed)))
+    geo = pipe.manifest.geometry
+    inputs = dict(zip((t.name for t in spec.inputs), kind.example_inputs(spec.inputs, sizes, geo, seed)))
     outputs = {t.name: torch.empty(t.concrete(sizes), dtype=TORCH_DTYPES[t.dtype]) for t in spec.outputs}
     return inputs, outputs
 
@@ -49,15 +50,16 @@ def per_graph(pipe, runs: int, peak_flops: float, bandwidth: float, label: str) 
     """Every graph at the sizes its kind benchmarks (deep_step at S = 1, 16, 64 × several past lengths,
     the first shallow_step and forward_k, the top forward_k, the denoiser), with roofline fractions."""
     rows = []
-    for spec in pipe.manifest.graphs.values():
+    manifest = pipe.manifest
+    for spec in manifest.graphs.values():
         kind = find_graph_kind(spec.kind)
         if kind is None:
             continue
-        for sizes in kind.bench_cases(spec, pipe.geo):
+        for sizes in kind.bench_cases(spec, manifest.geometry):
             inputs, outputs = graph_tensors(pipe, spec, sizes)
             runner = pipe.runner(spec.name)
             t = timed(lambda: runner.run(inputs, outputs), runs=runs)
-            cost = kind.cost(pipe.cfg, spec.block, sizes)
+            cost = kind.cost(manifest.config, spec.block, sizes)
             achieved = cost.flops / t["median"]
             dims = kind.label_dims or tuple(sizes)
             shape = " ".join(f"{'B' if d == 'batch' else d}={sizes[d]}" for d in dims)
@@ -188,7 +190,7 @@ def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> di
             for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])]
     weight_ms = sum(r["ms"] for r in rows if r["op"].endswith("(weights)"))
     # fp32 weight bytes / 4 = parameters; one multiply-add per parameter and row
-    cost = graph_kind(spec.kind).cost(pipe.cfg, spec.block, {"batch": 2, "S": s, "P": p})
+    cost = graph_kind(spec.kind).cost(pipe.manifest.config, spec.block, {"batch": 2, "S": s, "P": p})
     weight_flops = 2 * 2 * s * cost.weight_bytes / 4
     return {"shape": f"B=2 S={s} P={p}", "wall_ms": wall * 1e3, "ops": rows,
             "weight_gemm_gflops": weight_flops / (weight_ms / 1e3) / 1e9 if weight_ms else None}

@@ -5,6 +5,11 @@ Every buffer the runtime hands to a backend is a contiguous ``torch.Tensor`` on
 ORT's CUDA/TensorRT EPs). Inputs and outputs are bound by name and address, so
 KV caches are never copied between steps: a step reads a prefix view of the
 cache and writes its new entries straight into the next slots.
+
+A runner checks every call against its manifest entry (names, shapes within the exported
+dims, dtypes) the first time it sees a shape signature, so a bad buffer is refused with one
+line instead of being bound. ``Backend.close()`` (or ``with backend:``) closes every runner
+it loaded: sessions, TensorRT contexts and captured CUDA graphs are freed.
 """
 
 from __future__ import annotations

@@ -290,3 +290,28 @@ def test_rewritten_manifest_with_same_content_loads(goldens_export, tmp_path):
     data = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps(dict(reversed(list(data.items())))))
     assert load_manifest(copy, verify=True).geometry.max_batch == 4
+
+
+# ---------------------------------------------------------------- calibration reads each kind's policy
+def test_calibration_follows_the_kind_policy(goldens_export, tmp_path, monkeypatch):
+    pytest.importorskip("onnxconverter_common")
+    from starflow_trt.calibration.calibrate import _convert_graphs
+    from starflow_trt.calibration.capture import CaptureSet
+    from starflow_trt.export.kinds import StepKind
+
+    source = load_manifest(goldens_export)
+    one = source.derive(goldens_export, graphs={"deep_step": source.graph("deep_step")})
+    call = {"tokens": torch.zeros(1, 1, 4).numpy()}
+    monkeypatch.setattr(StepKind, "int8", False)   # a kind that must stay in float
+    kept = _convert_graphs(one, tmp_path, "int8", "minmax", CaptureSet(calls={"deep_step": [call]}), (), "10.3.0",
+                           log=lambda _: None)
+    assert kept.graph("deep_step").precision == "fp32"
+    assert kept.graph("deep_step").sha256 == source.graph("deep_step").sha256
+
+    default = _convert_graphs(one, tmp_path, "fp16", "minmax", CaptureSet(), (), "10.3.0", log=lambda _: None)
+    info = default.graph("deep_step").extra["conversion"]
+    assert 0 < info["fp32_nodes"] < info["nodes"]
+    monkeypatch.setattr(StepKind, "fp16_modules", ("no_such_module",))
+    none = _convert_graphs(one, tmp_path, "fp16", "minmax", CaptureSet(), (), "10.3.0", log=lambda _: None)
+    info = none.graph("deep_step").extra["conversion"]
+    assert info["fp32_nodes"] == info["nodes"]   # no module of the kind's list: every node stays fp32

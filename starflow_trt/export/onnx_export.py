@@ -11,6 +11,8 @@ Choices (also in the README):
   block's tensors are touched, so a 7B checkpoint exports within 24 GB.
 * Everything is written into a temp directory next to OUT_DIR and renamed at
   the end: an interrupted export leaves no OUT_DIR that looks complete.
+* Which graphs, their IO, dims and example inputs come from the graph registry
+  (:mod:`.registry`, kinds in :mod:`.kinds`); this module only traces and checks them.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class StepKind(GraphKind):
         return StepGraph(weights.block(block))
 
     def manifest_extra(self, module: nn.Module) -> dict:
-        return {"sos": module.block.sos_embed.detach().flatten().tolist()}  # the runtime feeds SOS first
+        return {n.SOS: module.block.sos_embed.detach().flatten().tolist()}  # the runtime feeds SOS first
 
     def cost(self, cfg, block, sizes):
         return costs.step_cost(cfg, block, sizes["batch"], sizes["S"], sizes["P"])

@@ -6,6 +6,11 @@ benchmarks bind tensors by these names (``inputs[names.TOKENS] = …``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..geometry import Geometry
+
 # ------------------------------------------------------------------ graphs
 DEEP_PREFILL = "deep_prefill"
 DEEP_STEP = "deep_step"
@@ -15,6 +20,11 @@ DENOISER = "denoiser"
 def shallow_step_graph(block: int) -> str:
     """Step graph of shallow block ``block``."""
     return f"shallow_step_{block}"
+
+
+def step_graph(block: int, geo: Geometry) -> str:
+    """The step graph of block ``block``: ``deep_step`` (top) or ``shallow_step_{k}``."""
+    return DEEP_STEP if block == geo.top_index else shallow_step_graph(block)
 
 
 def forward_graph(block: int) -> str:
@@ -36,6 +46,7 @@ D = "d"                  # denoiser output
 PAST = "past"            # KV inputs past_k_l / past_v_l [P, batch, heads, head_dim]
 NEW = "new"              # KV outputs new_k_l / new_v_l [S, batch, heads, head_dim]
 ROPE_INPUTS = (ROPE_COS, ROPE_SIN)
+SOS = "sos"              # manifest extra of step graphs: the block's start-of-sequence vector [c]
 
 
 def kv_names(layers: int, prefix: str) -> list[str]:

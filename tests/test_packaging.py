@@ -115,10 +115,12 @@ def test_wheel_install_runs_demo_and_quick_bench_elsewhere(tmp_path):
     shutil.copytree(REPO / "starflow_trt", src / "starflow_trt",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # no pip of its own: ensurepip's old setuptools cannot build with the installed wheel; the base
+    # interpreter's pip, setuptools, torch and onnxruntime are visible and pip installs into the venv
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     py, cli = venv / "bin" / "python", venv / "bin" / "starflow-trt"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", str(src)],
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "./src"],
                    check=True, env=env, cwd=tmp_path)
     t_install = time.perf_counter() - t0
     work = tmp_path / "work"

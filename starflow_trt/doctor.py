@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import platform
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Union
 
 
 def _version(module: str) -> str | None:
@@ -53,9 +54,61 @@ def doctor_report() -> dict[str, Any]:
         "build": (gpu, why_gpu),
         **{f"generate --backend {name}": (b["usable"], b["why"]) for name, b in report["backends"].items()
            if name != "ort"},
-        "demo": (bool(ort_version), why_ort), "bench": (bool(ort_version), why_ort),
+        "demo": (bool(ort_version), why_ort),
     }
+    report["bench"] = bench_checks()
+    failed = [why for name, (ok, why) in report["bench"].items() if not ok and name in _BENCH_REQUIRED]
+    report["verbs"]["bench"] = (not failed, "; ".join(failed) or None)
     return report
+
+
+#: checks every ``bench`` run needs; the others are needed by some runs (INT8, the toy) or optional (charts)
+_BENCH_REQUIRED = ("onnxruntime", "bench configs", "output directory")
+
+
+def bench_checks(out: Union[str, Path, None] = None, cache: Union[str, Path, None] = None
+                 ) -> dict[str, tuple[bool, Optional[str]]]:
+    """What ``starflow-trt bench -o OUT`` needs: check → (usable, why not / what is lost)."""
+    from .bench.paths import BENCH_CONFIGS, BenchPaths, bench_config, model_config_7b, writable_dir
+    from .errors import StarflowError
+
+    checks: dict[str, tuple[bool, Optional[str]]] = {}
+    ort = _find("onnxruntime") is not None
+    checks["onnxruntime"] = (ort, None if ort else "needs onnxruntime ('pip install starflow-trt[cpu]')")
+    try:
+        for name in BENCH_CONFIGS:
+            bench_config(name)
+        model_config_7b()
+        checks["bench configs"] = (True, None)
+    except StarflowError as exc:
+        checks["bench configs"] = (False, str(exc))
+    paths = BenchPaths.under(out, cache)
+    why = writable_dir(paths.out) or writable_dir(paths.cache)
+    checks["output directory"] = (why is None, why and f"cannot write results: {why} (choose another with -o)")
+    quant = ort and _find("onnxruntime.quantization") is not None
+    checks["int8"] = (quant, None if quant else "INT8 rows need onnxruntime.quantization (run with --no-int8)")
+    try:
+        from .toy import load_bundled
+
+        load_bundled()
+        checks["toy model"] = (True, None)
+    except StarflowError as exc:
+        checks["toy model"] = (False, f"{exc} (or run --quick, which skips the toy)")
+    cv2 = _find("cv2") is not None
+    checks["charts"] = (cv2, None if cv2 else "PNG charts need opencv-python-headless; JSON + markdown only")
+    return checks
+
+
+def require_bench(paths, int8: bool, toy: bool = True) -> None:
+    """Raise :class:`StarflowError` (one line) if ``bench`` cannot run with these paths and options."""
+    from .errors import StarflowError
+
+    checks = bench_checks(paths.out, paths.cache)
+    needed = [*_BENCH_REQUIRED, *(["int8"] if int8 else []), *(["toy model"] if toy else [])]
+    for name in needed:
+        ok, why = checks[name]
+        if not ok:
+            raise StarflowError(f"bench cannot run: {why}")
 
 
 def _find(name: str):
@@ -76,6 +129,9 @@ def render(report: dict[str, Any]) -> str:
     lines.append("backends:")
     for name, b in report["backends"].items():
         lines.append(f"  {name:24} {'yes' if b['usable'] else 'no: ' + b['why']} - {b['summary']}")
+    lines.append("bench needs (output ./bench_out):")
+    for check, (ok, why) in report["bench"].items():
+        lines.append(f"  {check:24} {'yes' if ok else 'no: ' + why}")
     lines.append("verbs:")
     for verb, (ok, why) in report["verbs"].items():
         lines.append(f"  {verb:24} {'yes' if ok else 'no: ' + why}")

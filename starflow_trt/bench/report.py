@@ -1,4 +1,4 @@
-"""Benchmark results → JSON, markdown tables and PNG bar charts (drawn with OpenCV)."""
+"""Benchmark results → JSON, markdown tables and PNG bar charts (drawn with OpenCV when installed)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def markdown(result: dict) -> str:
              f"Measured peak fp32 GEMM {result['roofline']['peak_gemm_gflops']:.0f} GFLOP/s, copy bandwidth "
              f"{result['roofline']['bandwidth_gbs']:.1f} GB/s. Medians of {result['runs']} runs after warm-up "
              f"(min-max in brackets).", ""]
+    if result.get("plan", {}).get("quick"):
+        lines += ["**Quick run** (`starflow-trt bench --quick`): a smoke run at small shapes, one timed run; "
+                  "not the published figures.", ""]
     for name, rows in result["end_to_end"].items():
         lines += [f"## End to end: {name}", ""]
         lines += _table([{**r, "time": f"{r['s_median']:.3f} [{r['s_min']:.3f}-{r['s_max']:.3f}]"} for r in rows],
@@ -47,7 +50,9 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("op_profile"):
         prof = result["op_profile"]
-        lines += [f"## Where a bench `deep_step` call goes ({prof['shape']}, ORT profile by op type)", ""]
+        where = "a bench" if result.get("plan", {}).get("label", "bench config") == "bench config" else \
+            f"a {result['plan']['label']}"
+        lines += [f"## Where {where} `deep_step` call goes ({prof['shape']}, ORT profile by op type)", ""]
         lines += _table(prof["ops"][:12], [("op", "op", ""), ("ms", "ms", ".2f"), ("share", "share", ".1%")])
         if prof.get("weight_gemm_gflops"):
             lines += ["", f"The weight GEMMs alone run at {prof['weight_gemm_gflops']:.0f} GFLOP/s inside the graph."]
@@ -89,12 +94,17 @@ def bar_chart(labels: list[str], values: list[float], title: str, path: Path) ->
 
 
 def write(result: dict, out_dir: Path) -> list[Path]:
+    """``latest.json``, ``latest.md`` and (with OpenCV) one PNG chart per table, all in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "latest.json", out_dir / "latest.md"]
     for path, text in zip(files, (json.dumps(result, indent=1) + "\n", markdown(result))):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
+    try:
+        import cv2  # noqa: F401 - charts only; `starflow-trt doctor` reports it
+    except ImportError:
+        return files
     for name, rows in result["end_to_end"].items():
         labels = [f"{r['backend']} {r['precision']} {r['schedule']}" for r in rows]
         files.append(bar_chart(labels, [r["s_median"] for r in rows], f"{name}: seconds per video (lower is better)",

@@ -1,93 +1,178 @@
-"""Run every benchmark workload and write ``benchmarks/results/latest.{json,md}`` + PNG charts."""
+"""Run the benchmark workloads and write ``<out>/latest.{json,md}`` + PNG charts.
+
+Configs come from the package (:mod:`.paths`); results, checkpoints and exports go under the
+output directory only. :data:`FULL` is the published benchmark (about 10 minutes on 2 cores);
+:data:`QUICK` is a smoke run of the same code path at small shapes (one run, a small bench
+config, no toy, no INT8 unless asked; under 3 minutes on 2 cores). Its figures are not the
+published ones.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable, Optional, Union
 
 import torch
 
 from ..config import load_config
+from ..errors import StarflowError
 from .machine import machine_info, memory_bandwidth, peak_gemm_flops
+from .paths import BenchPaths, bench_config, model_config_7b
 from .projection import projection_table
 from .report import write
-from .workloads import (BENCH_CONFIG, end_to_end, make_bench_checkpoint, op_profile, per_graph,
-                        schedule_quality)
+from .workloads import end_to_end, make_bench_checkpoint, op_profile, per_graph, schedule_quality
 
-REPO = Path(__file__).resolve().parents[2]
 #: ORT CPU threading of every pipeline benchmarked (what ``starflow-trt generate`` uses by default)
 POOL = "shared"
 
 
-def run_benchmarks(out_dir: Path = REPO / "benchmarks" / "results", cache: Path = REPO / "benchmarks" / ".cache",
-                   runs: int = 5, int8: bool = True, log=print) -> dict:
+@dataclass(frozen=True)
+class BenchPlan:
+    """What one run measures: the bench config workload, optionally the toy, optionally INT8."""
+
+    runs: int = 5                 # timed runs per measurement (median reported)
+    int8: bool = True             # INT8 calibration + per-graph INT8 rows (+ toy INT8 end to end)
+    config: str = "bench.yaml"    # packaged bench config (starflow_trt/bench/configs)
+    label: str = "bench config"   # its name in the result tables
+    samples: int = 8              # schedule-quality samples on the bench config
+    toy: bool = True              # the bundled toy model workloads
+    toy_samples: int = 16         # schedule-quality prompts on the toy
+    quick: bool = False
+
+    @property
+    def int8_label(self) -> str:
+        return "bench int8" if self.label == "bench config" else f"{self.label} int8"
+
+
+FULL = BenchPlan()
+QUICK = BenchPlan(runs=1, int8=False, config="bench_quick.yaml", label="bench quick", samples=2, toy=False,
+                  toy_samples=0, quick=True)
+
+
+def bench_plan(quick: bool = False, runs: Optional[int] = None, int8: Optional[bool] = None) -> BenchPlan:
+    """:data:`QUICK` or :data:`FULL` with ``runs`` / ``int8`` overridden where given."""
+    base = QUICK if quick else FULL
+    plan = replace(base, runs=base.runs if runs is None else runs, int8=base.int8 if int8 is None else int8)
+    if plan.runs < 1:
+        raise StarflowError(f"--runs must be at least 1, got {plan.runs}")
+    return plan
+
+
+def run_benchmarks(out_dir: Union[str, Path, None] = None, cache: Union[str, Path, None] = None,
+                   runs: Optional[int] = None, int8: Optional[bool] = None, log: Callable[[str], None] = print,
+                   quick: bool = False) -> dict:
+    """Run the plan (:func:`bench_plan`) and write its results under ``out_dir`` (default ``./bench_out``).
+
+    ``cache`` (default ``out_dir/.cache``) keeps the random checkpoint, exports and calibrations
+    between runs; delete it after changing the exporter or the calibration.
+    """
+    plan = bench_plan(quick, runs, int8)
+    paths = BenchPaths.under(out_dir, cache)
+    start = time.perf_counter()
+    paths.cache.mkdir(parents=True, exist_ok=True)
+    log("probing peak GEMM and bandwidth")
+    peak, bw = peak_gemm_flops(), memory_bandwidth()
+    result = {"machine": machine_info(), "runs": plan.runs, "plan": asdict(plan),
+              "roofline": {"peak_gemm_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9},
+              "end_to_end": {}, "schedule_quality": {}, "per_graph": {}, "quality": {}}
+    dirs = _prepare(plan, paths, log)
+    result["machine"]["ort_thread_pool"] = POOL
+    sweeps = _bench_workloads(plan, dirs, result, peak, bw, log)
+    if plan.toy:
+        _toy_workloads(plan, dirs, result, peak, bw, log)
+    result["projection_sweeps"] = sweeps
+    result["projection"] = projection_table(load_config(model_config_7b()), sweeps)
+    result["seconds"] = time.perf_counter() - start
+    write(result, paths.out)
+    return result
+
+
+def _prepare(plan: BenchPlan, paths: BenchPaths, log) -> dict[str, Path]:
+    """Random checkpoint, exports and INT8 calibrations (cached); returns their directories.
+
+    INT8 calibration runs before any shared-pool session: ORT's quantization tools cannot join that pool.
+    """
     from ..export.manifest import load_manifest
     from ..export.onnx_export import ExportLimits, export_graphs
+
+    config = bench_config(plan.config)
+    stem = Path(plan.config).stem
+    dirs = {"config": config, "ckpt": make_bench_checkpoint(config, paths.cache / f"{stem}_model.pth"),
+            "graphs": paths.cache / f"{stem}_graphs", "int8": paths.cache / f"{stem}_int8"}
+    if not (dirs["graphs"] / "manifest.json").exists():
+        log(f"exporting the {plan.label}")
+        export_graphs(config, dirs["ckpt"], dirs["graphs"], limits=ExportLimits(max_batch=1), force=True)
+    if plan.toy:
+        from ..toy import load_bundled
+
+        toy = load_bundled()
+        dirs.update(toy_graphs=paths.cache / "toy_graphs", toy_int8=paths.cache / "toy_int8")
+        if not (dirs["toy_graphs"] / "manifest.json").exists():
+            log("exporting the toy model")
+            export_graphs(toy.config_path, toy.checkpoint_path, dirs["toy_graphs"],
+                          limits=ExportLimits(max_batch=8), force=True)
+    if plan.int8:
+        from ..calibration import calibrate_directory
+
+        geo = load_manifest(dirs["graphs"]).geometry
+        if not (dirs["int8"] / "manifest.json").exists():
+            log(f"calibrating the {plan.label} to INT8 (random prompts; random weights are no quality target)")
+            gc = torch.Generator().manual_seed(7)
+            calib_y = torch.randn(4, geo.text_length, geo.text_width, generator=gc)
+            calibrate_directory(dirs["graphs"], dirs["int8"], "int8", text=calib_y, uncond=torch.zeros_like(calib_y),
+                                guidance=2.0, force=True, overwrite=True, log=lambda m: None)
+        if plan.toy and not (dirs["toy_int8"] / "manifest.json").exists():
+            log("calibrating the toy model to INT8")
+            calibrate_directory(dirs["toy_graphs"], dirs["toy_int8"], "int8", overwrite=True, log=lambda m: None)
+    return dirs
+
+
+def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float, log) -> float:
+    """Random-weight bench config: end to end, schedules, per graph (+ INT8), op profile. Returns sweeps/token."""
     from ..reference import load_reference
     from ..runtime import Pipeline
 
-    start = time.perf_counter()
-    cache.mkdir(parents=True, exist_ok=True)
-    log("probing peak GEMM and bandwidth")
-    peak, bw = peak_gemm_flops(), memory_bandwidth()
-    result = {"machine": machine_info(), "runs": runs, "roofline": {"peak_gemm_gflops": peak / 1e9,
-                                                                   "bandwidth_gbs": bw / 1e9},
-              "end_to_end": {}, "schedule_quality": {}, "per_graph": {}, "quality": {}}
-    # --- bench config: random weights sized like a scaled-down 7B
-    ckpt = make_bench_checkpoint(BENCH_CONFIG, cache / "bench_model.pth")
-    graphs = cache / "bench_graphs"
-    if not (graphs / "manifest.json").exists():
-        log("exporting the bench config")
-        export_graphs(BENCH_CONFIG, ckpt, graphs, limits=ExportLimits(max_batch=1), force=True)
-    from ..toy import PROMPTS, load_bundled
-
-    toy = load_bundled()
-    toy_graphs = cache / "toy_graphs"
-    if not (toy_graphs / "manifest.json").exists():
-        log("exporting the toy model")
-        export_graphs(toy.config_path, toy.checkpoint_path, toy_graphs, limits=ExportLimits(max_batch=8), force=True)
-    geo = load_manifest(graphs).geometry
-    bench8, int8_dir = cache / "bench_int8", cache / "toy_int8"
-    if int8:   # before any shared-pool session: ORT's quantization tools cannot join that pool
-        from ..calibration import calibrate_directory
-
-        if not (bench8 / "manifest.json").exists():
-            log("calibrating the bench config to INT8 (random prompts; random weights are no quality target)")
-            gc = torch.Generator().manual_seed(7)
-            calib_y = torch.randn(4, geo.text_length, geo.text_width, generator=gc)
-            calibrate_directory(graphs, bench8, "int8", text=calib_y, uncond=torch.zeros_like(calib_y),
-                                guidance=2.0, force=True, overwrite=True, log=lambda m: None)
-        if not (int8_dir / "manifest.json").exists():
-            log("calibrating the toy model to INT8")
-            calibrate_directory(toy_graphs, int8_dir, "int8", overwrite=True, log=lambda m: None)
-    ref, pipe = load_reference(BENCH_CONFIG, ckpt), Pipeline.from_dir(graphs, thread_pool=POOL)
-    result["machine"]["ort_thread_pool"] = POOL
+    ref, pipe = load_reference(dirs["config"], dirs["ckpt"]), Pipeline.from_dir(dirs["graphs"], thread_pool=POOL)
+    geo = pipe.geo
     g = torch.Generator().manual_seed(1)
     y = torch.randn(1, geo.text_length, geo.text_width, generator=g)
     u = torch.zeros_like(y)
     noise = torch.randn(1, geo.max_frames, geo.channel_size, geo.height, geo.width, generator=g)
-    log("bench config: end to end (guidance 2, block 16, threshold 1e-3)")
-    rows = end_to_end(ref, pipe, y, u, noise, runs, label="bench")
-    result["end_to_end"]["bench config"] = rows
-    log("bench config: schedules over 8 samples")
+    log(f"{plan.label}: end to end (guidance 2, block 16, threshold 1e-3)")
+    rows = end_to_end(ref, pipe, y, u, noise, plan.runs, label="bench")
+    result["end_to_end"][plan.label] = rows
+    log(f"{plan.label}: schedules over {plan.samples} samples")
     gq = torch.Generator().manual_seed(3)
-    texts = torch.randn(8, geo.text_length, geo.text_width, generator=gq)
-    result["schedule_quality"]["bench config"] = schedule_quality(pipe, texts, torch.zeros_like(texts),
-                                                                  tuple(noise.shape), 2.0, "bench")
-    log("bench config: per graph")
-    result["per_graph"]["bench config"] = per_graph(pipe, runs, peak, bw, "bench")
-    result["op_profile"] = op_profile(pipe)
-    if int8:
-        log("bench config: per graph INT8")
-        result["per_graph"]["bench int8"] = per_graph(Pipeline.from_dir(bench8, precision="int8", thread_pool=POOL),
-                                                      runs, peak, bw, "bench int8")
+    texts = torch.randn(plan.samples, geo.text_length, geo.text_width, generator=gq)
+    result["schedule_quality"][plan.label] = schedule_quality(pipe, texts, torch.zeros_like(texts),
+                                                              tuple(noise.shape), 2.0, "bench")
+    log(f"{plan.label}: per graph")
+    result["per_graph"][plan.label] = per_graph(pipe, plan.runs, peak, bw, "bench")
+    tokens = geo.max_frames * geo.tokens_per_frame
+    # the profiled call (S tokens after half the video) must fit the export's context
+    result["op_profile"] = op_profile(pipe, s=min(64, tokens - tokens // 2))
+    if plan.int8:
+        log(f"{plan.label}: per graph INT8")
+        pipe8 = Pipeline.from_dir(dirs["int8"], precision="int8", thread_pool=POOL)
+        result["per_graph"][plan.int8_label] = per_graph(pipe8, plan.runs, peak, bw, "bench int8")
     sliding = next(r for r in rows if r["backend"] == "ORT" and r["schedule"].startswith("sliding"))
-    sweeps = sliding["deep_tokens"] / (geo.max_frames * geo.tokens_per_frame)
-    # --- toy model (+ INT8)
-    toy_pipe, toy_ref = Pipeline.from_dir(toy_graphs, thread_pool=POOL), load_reference(toy.config_path, toy.checkpoint_path)
+    return sliding["deep_tokens"] / tokens
+
+
+def _toy_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float, log) -> None:
+    """Bundled toy model: end to end (+ ORT INT8 and its calibration quality), schedules, per graph."""
+    from ..reference import load_reference
+    from ..runtime import Pipeline
+    from ..toy import PROMPTS, load_bundled
+
+    toy = load_bundled()
+    toy_pipe = Pipeline.from_dir(dirs["toy_graphs"], thread_pool=POOL)
+    toy_ref = load_reference(toy.config_path, toy.checkpoint_path)
     extra = {}
-    if int8:
-        pipe8 = Pipeline.from_dir(int8_dir, precision="int8", thread_pool=POOL)
+    if plan.int8:
+        pipe8 = Pipeline.from_dir(dirs["toy_int8"], precision="int8", thread_pool=POOL)
         extra["ORT INT8"] = pipe8
         q = pipe8.manifest.extra["quality"]
         result["quality"] = {"bpd_fp32": q["bpd_fp32"], "bpd_int8": q["bpd"], "bpd_increase": q["bpd_increase"],
@@ -97,20 +182,13 @@ def run_benchmarks(out_dir: Path = REPO / "benchmarks" / "results", cache: Path 
     tg = toy_pipe.geo
     tnoise = torch.randn(1, tg.max_frames, 3, tg.height, tg.width, generator=torch.Generator().manual_seed(2))
     log("toy: end to end")
-    result["end_to_end"]["toy"] = end_to_end(toy_ref, toy_pipe, ty, tu, tnoise, runs, guidance=3.0, label="toy",
+    result["end_to_end"]["toy"] = end_to_end(toy_ref, toy_pipe, ty, tu, tnoise, plan.runs, guidance=3.0, label="toy",
                                              extra_pipes=extra)
-    log("toy: schedules over 16 prompts")
-    prompts = PROMPTS[:: max(1, len(PROMPTS) // 16)][:16]
+    log(f"toy: schedules over {plan.toy_samples} prompts")
+    prompts = PROMPTS[:: max(1, len(PROMPTS) // plan.toy_samples)][: plan.toy_samples]
     result["schedule_quality"]["toy"] = schedule_quality(toy_pipe, toy.encode(prompts), toy.encode([""] * len(prompts)),
                                                          tuple(tnoise.shape), 3.0, "toy")
-    log("toy: per graph (FP32" + (", INT8)" if int8 else ")"))
-    result["per_graph"]["toy fp32"] = per_graph(toy_pipe, runs, peak, bw, "toy fp32")
-    if int8:
-        result["per_graph"]["toy int8"] = per_graph(extra["ORT INT8"], runs, peak, bw, "toy int8")
-    # --- projections for the real 7B
-    cfg7 = load_config(REPO / "starflow_trt" / "configs" / "starflow_v_7b.yaml")
-    result["projection_sweeps"] = sweeps
-    result["projection"] = projection_table(cfg7, sweeps)
-    result["seconds"] = time.perf_counter() - start
-    write(result, out_dir)
-    return result
+    log("toy: per graph (FP32" + (", INT8)" if plan.int8 else ")"))
+    result["per_graph"]["toy fp32"] = per_graph(toy_pipe, plan.runs, peak, bw, "toy fp32")
+    if plan.int8:
+        result["per_graph"]["toy int8"] = per_graph(extra["ORT INT8"], plan.runs, peak, bw, "toy int8")

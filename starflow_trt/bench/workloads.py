@@ -16,7 +16,6 @@ from ..reference.sampler import JacobiConfig
 from ..runtime.backends.base import TORCH_DTYPES
 from .machine import timed
 
-BENCH_CONFIG = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "bench.yaml"
 
 
 def make_bench_checkpoint(config: Path, out: Path, seed: int = 0) -> Path:

@@ -17,7 +17,6 @@ from ..runtime.backends.base import TORCH_DTYPES
 from .machine import timed
 
 
-
 def make_bench_checkpoint(config: Path, out: Path, seed: int = 0) -> Path:
     """Random, well-conditioned weights for ``config`` (the flow is not the identity)."""
     from ..checkpoint import save_state_dict

@@ -41,8 +41,11 @@ def export_module(module: nn.Module, args: Sequence[torch.Tensor], path: Union[s
                   opset: int = DEFAULT_OPSET, external_data: Optional[bool] = None) -> float:
     """Export ``module(*args)`` to ``path``; ``axes[i]`` marks the dynamic axes of input ``i``. Returns seconds.
 
-    Example inputs must have every dynamic axis ≥ 2 (a size-1 axis is specialised to 1).
+    Example inputs must have every dynamic axis ≥ 2 (a size-1 axis is specialised to 1). They are
+    made contiguous first: a strided example (a slice) makes the exporter emit ``sym_stride``,
+    which has no ONNX conversion.
     """
+    args = tuple(a.contiguous() for a in args)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

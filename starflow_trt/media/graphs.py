@@ -5,7 +5,8 @@ One :class:`MediaGraph` per ONNX graph, ready for the graph registry / manifest:
 * ``text_encoder``: input_ids, attention_mask [batch, tokens] int64 → text [batch, tokens, D].
 * ``vae_decode_first``: latents [batch, 1, z, h, w] → frames [batch, 1, 3, H, W], new_cache_i.
 * ``vae_decode_step``: latents [batch, k, z, h, w], cache_i → frames [batch, 4k, 3, H, W], new_cache_i.
-* ``vae_encode``: frames [batch, 1, 3, H, W] → mean, logvar [batch, 1, z, h, w] (images).
+* ``vae_encode``: frames [batch, 1, 3, H, W] → latent_mean, latent_logvar [batch, 1, z, h, w] (images;
+  not ``mean``: the exporter also names an internal value ``mean`` and ORT rejects the duplicate).
 * ``vae_encode_first`` / ``vae_encode_step``: the chunked video encoder (1 frame, then 4k
   frames per step) with explicit caches.
 
@@ -111,19 +112,19 @@ def vae_graphs(vae, h: int = 2, w: int = 3, batch: int = 2, frames_per_step: int
         "vae_encode": MediaGraph(
             "vae_encode", VaeEncode(vae), (frames[:, :1],),
             [TensorInfo("frames", "float32", pix)],
-            [TensorInfo("mean", "float32", lat), TensorInfo("logvar", "float32", lat)], dict(extra)),
+            [TensorInfo("latent_mean", "float32", lat), TensorInfo("latent_logvar", "float32", lat)], dict(extra)),
         "vae_encode_first": MediaGraph(
             "vae_encode_first", VaeEncodeFirst(vae, enc_plan), (frames[:, :1],),
             [TensorInfo("frames", "float32", pix)],
-            [TensorInfo("mean", "float32", lat), TensorInfo("logvar", "float32", lat),
+            [TensorInfo("latent_mean", "float32", lat), TensorInfo("latent_logvar", "float32", lat),
              *_caches(enc_plan, enc_plan.output_names())],
             {**extra, "cache_plan": enc_plan.to_dict()}),
         "vae_encode_step": MediaGraph(
             "vae_encode_step", VaeEncodeStep(vae, enc_plan), (frames[:, 1:], *enc_caches),
             [TensorInfo("frames", "float32", ("batch", 4 * k, 3, "H", "W")),
              *_caches(enc_plan, enc_plan.input_names())],
-            [TensorInfo("mean", "float32", ("batch", k, z, "h", "w")),
-             TensorInfo("logvar", "float32", ("batch", k, z, "h", "w")),
+            [TensorInfo("latent_mean", "float32", ("batch", k, z, "h", "w")),
+             TensorInfo("latent_logvar", "float32", ("batch", k, z, "h", "w")),
              *_caches(enc_plan, enc_plan.output_names())],
             {**extra, "cache_plan": enc_plan.to_dict()}),
     }

@@ -496,7 +496,7 @@ class VaeEncodeFirst(nn.Module):
         self.plan = plan or probe_cache_plan(vae, "encoder")
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = _patchify(self.vae, frames.permute(0, 2, 1, 3, 4))
+        x = _patchify(self.vae, frames.permute(0, 2, 1, 3, 4).contiguous())
         feat: list = [None] * len(self.plan)
         out = self.vae.encoder(x, feat_cache=feat, feat_idx=[0])
         mean, logvar = _moments(self.vae, out)
@@ -512,7 +512,7 @@ class VaeEncodeStep(nn.Module):
         self.plan = plan or probe_cache_plan(vae, "encoder")
 
     def forward(self, frames: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = _patchify(self.vae, frames.permute(0, 2, 1, 3, 4))
+        x = _patchify(self.vae, frames.permute(0, 2, 1, 3, 4).contiguous())
         feat = list(caches)
         out = self.vae.encoder(x, feat_cache=feat, feat_idx=[0])
         return (*_moments(self.vae, out), *feat)
@@ -532,7 +532,7 @@ class VaeEncode(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_frame_count(frames.shape[1])
-        x = _patchify(self.vae, frames.permute(0, 2, 1, 3, 4))
+        x = _patchify(self.vae, frames.permute(0, 2, 1, 3, 4).contiguous())
         feat: list = [None] * len(_cached_convs(self.vae.encoder))
         outs = [self.vae.encoder(x[:, :, :1], feat_cache=feat, feat_idx=[0])]
         for i in range(1, x.shape[2], 4):

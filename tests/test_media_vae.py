@@ -153,7 +153,7 @@ def test_temporal_scale_touches_frames_after_the_first_only():
     m = torch.tensor([0.1, -0.2, 0.3]).view(1, 1, 3, 1, 1)
     inv = 1.0 / torch.tensor([0.5, 2.0, 1.5]).view(1, 1, 3, 1, 1)
     expected = (raw - m) * inv
-    z = norm.from_vae_moments(raw, torch.zeros_like(raw), sample=False)
+    z = norm.latents_from_moments(raw, torch.zeros_like(raw), sample=False)
     assert torch.equal(z[:, :1], expected[:, :1])  # frame 0 untouched
     torch.testing.assert_close(z[:, 1:], expected[:, 1:] * 0.6, rtol=0, atol=0)
     # a later chunk (start=1) has every frame scaled; inverse undoes both steps
@@ -168,7 +168,7 @@ def test_latent_draw_uses_raw_logvar_clamped():
     norm = V.LatentNorm(mean=(0.0, 1.0), std=(2.0, 4.0), temporal_scale=0.6)
     mean = torch.ones(1, 2, 2, 1, 1)
     logvar = torch.tensor([-1.0, 50.0]).view(1, 1, 2, 1, 1).expand(1, 2, 2, 1, 1)
-    z = norm.from_vae_moments(mean, logvar, sample=True, generator=torch.Generator().manual_seed(3))
+    z = norm.latents_from_moments(mean, logvar, sample=True, generator=torch.Generator().manual_seed(3))
     eps = torch.randn(1, 2, 2, 1, 1, generator=torch.Generator().manual_seed(3))
     std = torch.exp(0.5 * torch.tensor([-1.0, 20.0])).view(1, 1, 2, 1, 1)  # logvar clamped to 20, not normalised
     expected = (mean - torch.tensor([0.0, 1.0]).view(1, 1, 2, 1, 1)) * (1 / torch.tensor([2.0, 4.0]).view(1, 1, 2, 1, 1))
@@ -178,6 +178,12 @@ def test_latent_draw_uses_raw_logvar_clamped():
     noisy = V.add_noise(z, 0.5, torch.Generator().manual_seed(4))
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(4))
     assert torch.equal(noisy, z + 0.5 * eps)
+    # i2v context: sample eps first, then the noise, from one generator
+    g = torch.Generator().manual_seed(9)
+    ctx = V.context_latents(mean, logvar, norm, 0.5, g)
+    g = torch.Generator().manual_seed(9)
+    z = norm.latents_from_moments(mean, logvar, sample=True, generator=g)
+    assert torch.equal(ctx, z + 0.5 * torch.randn(z.shape, generator=g))
 
 
 def test_whole_clip_oracle_is_diffusers_decode_without_clamp(vae):

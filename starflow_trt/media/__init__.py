@@ -5,9 +5,11 @@
 * :mod:`.vae` — the Wan2.2 VAE (diffusers ``AutoencoderKLWan``) from upstream's
   ``Wan2.2_VAE.pth`` or a diffusers directory, latent normalisation (spec §14) and the
   cache-explicit ``vae_decode_first`` / ``vae_decode_step`` / ``vae_encode*`` wrappers.
-* :mod:`.io` — image/video loading (resize to cover, centre crop, [-1, 1]), the VAE
-  latent draw and the mp4 writer (clamp, truncate to uint8, H.264).
-* :mod:`.onnx` — export one wrapper to ONNX and compare it with ONNX Runtime.
+* :mod:`.io` — image/video loading (resize to cover, centre crop, [-1, 1]) and
+  the mp4 writer (clamp, truncate to uint8, H.264, frames appended as they are decoded).
+* :mod:`.graphs` — the graph contracts (names, symbolic shapes, example inputs) of
+  ``text_encoder`` and the ``vae_*`` graphs; :mod:`.export` exports one and runs it on ORT.
+* :mod:`.tiny` — tiny random T5 / Wan VAE builders (tests, demos) and the flan-t5-xl dims.
 
 transformers / diffusers are optional (the ``[media]`` extra); importing this package
 does not import them.

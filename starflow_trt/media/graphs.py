@@ -53,11 +53,15 @@ class MediaGraph:
         """Per input: its symbolic axes (index → dim name)."""
         return [{i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs]
 
-    def export(self, directory: Union[str, os.PathLike], opset: int = 18) -> tuple[Path, float]:
-        """Write ``{directory}/{name}.onnx``; returns its path and the export seconds."""
+    def export(self, directory: Union[str, os.PathLike], opset: int = 18, dynamic: bool = True) -> tuple[Path, float]:
+        """Write ``{directory}/{name}.onnx``; returns its path and the export seconds.
+
+        ``dynamic=False`` fixes every axis to the example's (3-4x faster to export; tests).
+        """
         path = Path(directory) / f"{self.name}.onnx"
+        axes = self.axes if dynamic else [{} for _ in self.inputs]
         seconds = export_module(self.module, self.example, path, [t.name for t in self.inputs],
-                                [t.name for t in self.outputs], self.axes, opset=opset)
+                                [t.name for t in self.outputs], axes, opset=opset)
         return path, seconds
 
 

@@ -214,7 +214,3 @@ class T5TextEncoder:
         out = self.encode_texts(texts)
         b = len(texts) // 2
         return out[:b], out[b:]
-
-    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-        """Export inputs: batch ≥ 2 (a batch of 1 bakes the batch dim into the graph)."""
-        return self.tokenize(self.template.captions(["an example"] * max(1, batch // 2))[: max(2, batch)])

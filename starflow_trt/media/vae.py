@@ -279,7 +279,7 @@ class LatentNorm:
         m, inv_std = self._stats(z)
         return self.unscale_time(z.float(), start) / inv_std + m
 
-    def from_vae_moments(self, mean: torch.Tensor, logvar: torch.Tensor, *, sample: bool = True,
+    def latents_from_moments(self, mean: torch.Tensor, logvar: torch.Tensor, *, sample: bool = True,
                          generator: Optional[torch.Generator] = None, start: int = 0) -> torch.Tensor:
         """Encoder ``mean, logvar`` [B, T, z, h, w] → model latents (normalised, drawn, time-scaled).
 
@@ -305,6 +305,17 @@ def add_noise(z: torch.Tensor, noise_std: float, generator: Optional[torch.Gener
     """``z + noise_std * randn`` (the training noise the flow models; spec §11, §14)."""
     eps = torch.randn(z.shape, generator=generator, dtype=torch.float32, device="cpu").to(z.device)
     return z.float() + noise_std * eps
+
+
+def context_latents(mean: torch.Tensor, logvar: torch.Tensor, norm: LatentNorm, noise_std: float,
+                    generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
+    """Image-to-video context (spec §11): encoder moments [B, 1, z, h, w] → drawn, normalised, noised latents.
+
+    Draws in upstream's order from one generator: the VAE sample's ``eps``, then the
+    ``noise_std`` noise. ``sample=False`` uses the mean (still noised).
+    """
+    return add_noise(norm.latents_from_moments(mean, logvar, sample=sample, generator=generator), noise_std,
+                     generator)
 
 
 # --------------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, y, y_uncond=None, noise=None, seed: int = 0, num_frames: Optional[int] = None,
                  guidance: float = 0.0, jacobi: Optional[JacobiConfig] = None, context=None,
-                 denoise: bool = True, on_frame: Optional[FrameCallback] = None) -> GenerateResult:
+                 denoise: bool = True, on_frame: Optional[FrameCallback] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> GenerateResult:
         """Sample latents [B, T, C, H, W] for text embeddings y [B, L, D].
 
         noise [B, T, C, H, W] or drawn from ``seed``; guidance > 0 needs y_uncond [B, L, D];
@@ -246,6 +247,7 @@ class Pipeline:
             denoise = False  # model without a learnable denoiser
         run = _GenerateRun(self, y, y_uncond if w > 0 else None, noise, w, jacobi, schedule, window,
                            context, n_ctx, denoise, on_frame, start)
+        run.should_stop = should_stop  # [serving stub] minimal cancellation hook; superseded at merge
         with self.backend.host_thread_limit():
             latents, raw = run.execute()
         stats = run.stats()
@@ -475,6 +477,7 @@ class _GenerateRun:
     def _step(self, graph: str, kv: KVCache, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               w: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One graph call at the cache's write index; returns (a, b) after guidance."""
+        self._check_stop()  # [serving stub]
         bsz, s = tokens.shape[:2]
         a = self.ws.view("scale", (bsz, s, self.c))
         b = self.ws.view("shift", (bsz, s, self.c))
@@ -710,9 +713,20 @@ class _GenerateRun:
                                      "rope_sin": sin.contiguous()}, {"d": d})
         return d
 
+    # [serving stub] begin: minimal should_stop hook (per graph call and per frame); superseded at merge
+    should_stop: Optional[Callable[[], bool]] = None
+
+    def _check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            from ..errors import GenerationCancelled
+
+            raise GenerationCancelled("generation cancelled: should_stop() returned True")
+    # [serving stub] end
+
     def _emit(self, upto: int, source: torch.Tensor) -> None:
         if upto <= self.frames_emitted:
             return
+        self._check_stop()  # [serving stub]
         if self.first_frame_s is None:
             self.first_frame_s = time.perf_counter() - self.start
         if self.on_frame is not None:

@@ -42,7 +42,7 @@ class ServeConfig:
     batch_wait_s: float = 0.02
     batch_approximate: bool = False          # also batch thresholded-Jacobi requests (frames then depend on the batch)
     max_ongoing: Optional[int] = None        # per generator replica; None: 2 x max_batch
-    max_queued: int = 16                     # per caller; beyond: 503
+    max_queued: int = 32                     # per ingress replica, beyond what replicas hold: 503
     timeout_s: float = 600.0
     limits: RequestLimits = field(default_factory=RequestLimits)
     warmup: bool = True
@@ -97,8 +97,11 @@ def build_app(directory: Union[str, os.PathLike], config: Optional[ServeConfig] 
         ray_actor_options=actor, max_ongoing_requests=cfg.max_ongoing or 2 * max_batch,
         max_queued_requests=cfg.max_queued, graceful_shutdown_timeout_s=5, **scaling,
     ).bind(model.directory, cfg.to_dict())
+    # The ingress only relays: it takes every request (the proxy's router also counts requests in
+    # flight to a replica as queued, so a small bound here would refuse bursts with idle replicas);
+    # back-pressure (503) comes from the generator's queue.
     return VideoIngress.options(
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, max_queued_requests=cfg.max_queued,
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, max_queued_requests=-1,
     ).bind(generator, model.to_dict(), cfg.to_dict())
 
 

@@ -62,6 +62,9 @@ class VideoGenerator:
         self._text = ThreadPoolExecutor(1, thread_name_prefix="starflow-text")
         self._closing = False
         self._queued = 0
+        self._busy = 0                  # batches running
+        self._idle = asyncio.Event()    # set while no batch runs: requests enter the batcher then
+        self._idle.set()
         self._recent: deque[dict] = deque(maxlen=512)
         self.metrics = GeneratorMetrics()
         ctx = serve.get_replica_context()
@@ -123,6 +126,9 @@ class VideoGenerator:
         self._queued += 1
         self.metrics.queue.set(self._queued)
         try:
+            # Requests that arrive while a batch runs wait here and enter @serve.batch together when
+            # it ends, so they form full batches instead of trickling in one wait window at a time.
+            await self._idle.wait()
             async for event in self._batched(ticket):
                 if event is None:
                     continue
@@ -142,13 +148,20 @@ class VideoGenerator:
     async def _batched(self, tickets: list[Ticket]) -> AsyncIterator[list]:
         """Streaming batch: each yield is one item per ticket (None: nothing new, StopIteration: ended)."""
         slot = {id(t): i for i, t in enumerate(tickets)}
-        for group in plan_groups(tickets, self.max_batch, self.config.batch_approximate):
-            async for updates in self._run_group(group):
-                row: list = [None] * len(tickets)
-                for t, event in updates:
-                    row[slot[id(t)]] = event
-                yield row
-        yield [StopIteration] * len(tickets)
+        self._busy += 1
+        self._idle.clear()
+        try:
+            for group in plan_groups(tickets, self.max_batch, self.config.batch_approximate):
+                async for updates in self._run_group(group):
+                    row: list = [None] * len(tickets)
+                    for t, event in updates:
+                        row[slot[id(t)]] = event
+                    yield row
+            yield [StopIteration] * len(tickets)
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
 
     async def _run_group(self, group: list[Ticket]) -> AsyncIterator[list[tuple[Ticket, dict]]]:
         """One ``generate`` call for ``group``; yields [(ticket, event)] as events arrive."""
@@ -278,6 +291,10 @@ class VideoGenerator:
         self._recent.append({"request_id": t.request.request_id, "status": status, "frames": t.request.frames,
                              "frames_generated": generated, "frames_sent": t.frames_sent,
                              "batch_size": t.batch_size})
+
+    def check_health(self) -> None:
+        """Serve calls this every few seconds: refresh the gauges (Ray drops gauges left unset)."""
+        self.metrics.queue.set(self._queued)
 
     # ------------------------------------------------------------ introspection
     def describe(self) -> dict:

@@ -52,6 +52,14 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
+def _cancel(response) -> None:
+    """Cancel a handle call; a call that already failed re-raises its error from ``cancel``: ignore it."""
+    try:
+        response.cancel()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -90,16 +98,16 @@ class VideoIngress:
             self.metrics.finished("invalid", time.perf_counter() - t0)
             return _error(400, str(exc), exc.field)
         deadline = t0 + req.timeout_s
-        response = self.generator.options(stream=True).stream.remote(req)
-        handed_over = False
+        response, handed_over = None, False
         try:
+            response = self.generator.options(stream=True).stream.remote(req)
             first = await asyncio.wait_for(response.__anext__(), max(deadline - time.perf_counter(), 1e-3))
             if first["type"] == "_rejected":
                 self.metrics.finished("invalid", time.perf_counter() - t0)
                 return _error(400, first["message"], first["field"])
             handed_over = True
             return StreamingResponse(self._relay(response, req, t0, deadline), media_type=MEDIA_TYPES[req.stream],
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": req.request_id})
+                                     headers={"Cache-Control": "no-cache", "X-Starflow-Request": req.request_id})
         except asyncio.TimeoutError:
             self.metrics.finished("timeout", time.perf_counter() - t0)
             return _error(408, f"request did not start within its timeout of {req.timeout_s:g} s "
@@ -112,8 +120,8 @@ class VideoIngress:
             self.metrics.finished("error", time.perf_counter() - t0)
             return _error(503, f"generation unavailable: {_short(exc)}", **{"Retry-After": "1"})
         finally:
-            if not handed_over:
-                response.cancel()
+            if response is not None and not handed_over:
+                _cancel(response)
 
     async def _relay(self, response, req: VideoRequest, t0: float, deadline: float) -> AsyncIterator[bytes]:
         """Replica events → response lines; ends with done or error; cancels the replica work otherwise."""
@@ -156,10 +164,14 @@ class VideoIngress:
             yield format_event(error_event(f"generation failed: {_short(exc)}"), req.stream)
         finally:
             if status != "ok":
-                response.cancel()
+                _cancel(response)
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
             self.metrics.finished(status, time.perf_counter() - t0)
+
+    def check_health(self) -> None:
+        """Serve calls this every few seconds: refresh the gauge (Ray drops gauges left unset)."""
+        self.metrics.in_flight.set(self._in_flight)
 
     # ------------------------------------------------------------ health, models
     @app.get("/healthz")

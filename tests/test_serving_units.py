@@ -194,3 +194,23 @@ def test_client_rejects_non_http_urls():
         VideoClient("https://example.org")
     c = VideoClient("http://127.0.0.1:9/prefix/")
     assert (c.host, c.port, c.prefix) == ("127.0.0.1", 9, "/prefix")
+
+
+def test_serve_command_refuses_a_directory_without_manifest(tmp_path):
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "manifest.json" in result.output
+
+
+def test_app_builder_names_unknown_args():
+    from starflow_trt.errors import InputError
+    from starflow_trt.serving.app import app_builder
+
+    with pytest.raises(InputError, match="directory"):
+        app_builder({"replicas": 2})
+    with pytest.raises(InputError, match="replica_count"):
+        app_builder({"directory": "/x", "replica_count": 2})

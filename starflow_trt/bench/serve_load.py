@@ -175,7 +175,7 @@ def ray_processes() -> list[dict]:
         try:
             cmd = p.cmdline()
             if cmd and cmd[0].startswith("ray::"):
-                name = cmd[0].split()[0]                     # actor / worker process title
+                name = cmd[0].split()[0].split(".")[0]       # actor process title (minus the running method)
             elif p.name().startswith("python") and len(cmd) > 1:
                 name = next((c for c in cmd[1:] if c.endswith(".py")), cmd[1]).rsplit("/", 2)[-1]
             else:

@@ -105,6 +105,22 @@ def build_app(directory: Union[str, os.PathLike], config: Optional[ServeConfig] 
     ).bind(generator, model.to_dict(), cfg.to_dict())
 
 
+def app_builder(args: dict):
+    """Application builder for Serve config files and KubeRay (``import_path: starflow_trt.serving.app:app_builder``).
+
+    ``args``: ``directory`` plus any :class:`ServeConfig` field (``limits`` as a mapping).
+    """
+    args = dict(args)
+    directory = args.pop("directory", None)
+    if not directory:
+        raise InputError("the serve config's args need `directory`: the export or engine directory to serve")
+    unknown = sorted(set(args) - {f.name for f in fields(ServeConfig)})
+    if unknown:
+        raise InputError(f"unknown serve arg(s) {unknown}; allowed: directory, "
+                         f"{', '.join(f.name for f in fields(ServeConfig))}")
+    return build_app(directory, ServeConfig.from_dict(args))
+
+
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None) -> None:
     """Connect to ``address`` (``"auto"``: the cluster running on this node) or start a loopback-only one."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

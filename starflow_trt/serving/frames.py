@@ -10,12 +10,14 @@ import base64
 import json
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from .limits import encode_npy
+
+if TYPE_CHECKING:   # torch stays out of the ingress process (its replicas only relay events)
+    import torch
 
 MEDIA_TYPES = {"ndjson": "application/x-ndjson", "sse": "text/event-stream"}
 
@@ -42,6 +44,8 @@ def png_bytes(frame: torch.Tensor) -> bytes:
 
 def mp4_bytes(frames: Sequence[torch.Tensor], fps: int) -> bytes:
     """Frames [3, H, W] in [-1, 1] → mp4 bytes (OpenCV ``mp4v``)."""
+    import torch
+
     from ..runtime.video_io import to_uint8, write_mp4
 
     video = to_uint8(torch.stack(list(frames)))

@@ -258,6 +258,34 @@ def test_concurrent_requests_are_batched_and_equal_their_solo_results(service, d
     assert max(results[i].stats["batch_size"] for i in range(4)) == 4
 
 
+def test_image_conditioning_sse_and_mp4(service, direct):
+    import cv2
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = (255, 0, 0)                                  # a red square, RGB
+    png = base64.b64encode(cv2.imencode(".png", img[..., ::-1])[1].tobytes()).decode()
+    # autoregressive: the sliding Jacobi schedule with context reads (a, b) of the context positions that
+    # were never computed (uninitialised memory), so its frames vary between identical calls (runtime bug)
+    body = {"prompt": PROMPTS[0], "seed": 21, "guidance": 3.0, "frames": 4, "image": png, "output": "latents",
+            "mp4": True, "fps": 4, "stream": "sse", "sampler": "autoregressive"}
+    conn, resp = service.open(body)
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
+    conn.close()
+    video = service.client.generate(body)
+    assert len(video.frames) == 4 and video.mp4[4:8] == b"ftyp"
+    # the same inputs by hand: noise then the image's conditioning noise from the request's generator
+    pipe, toy = direct
+    gen = torch.Generator().manual_seed(21)
+    noise = torch.randn(1, 4, 3, 16, 16, generator=gen)
+    small = cv2.resize(img, (16, 16), interpolation=cv2.INTER_AREA)
+    image = torch.from_numpy(small.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
+    context = image[None, None] + 0.15 * torch.randn(1, 1, 3, 16, 16, generator=gen)
+    want = pipe.generate(toy.encode([PROMPTS[0]]), toy.encode([""]), noise=noise, guidance=3.0, context=context,
+                         jacobi=None, on_frame=lambda i, f: None).latents[0]
+    err = float((torch.from_numpy(np.stack(video.frames)) - want).abs().max())
+    assert err < 1e-4, err
+
+
 def test_disconnect_after_frame_1_stops_production(service):
     conn, resp = service.open({**BLOCKER, "seed": 3})
     assert resp.status == 200

@@ -180,16 +180,11 @@ class VideoGenerator:
         yield [(t, {"type": "_started", "batch_size": len(group)}) for t in group]
 
         req = group[0].request
-        s = self.summary
-        inputs = [request_inputs(t.request, s.channels, s.height, s.width, s.noise_std) for t in group]
-        noise = torch.cat([n for n, _ in inputs])
-        context = torch.cat([c for _, c in inputs]) if inputs[0][1] is not None else None
-        y = torch.cat([t.y for t in group])
-        y_uncond = torch.cat([t.y_uncond for t in group]) if req.guidance > 0 else None
         generated = [0]
+        status, job, abort = "error", None, [False]
 
         def should_stop() -> bool:
-            return self._closing or all(t.gone for t in group)
+            return self._closing or abort[0] or all(t.gone for t in group)
 
         def on_frame(index: int, frame: torch.Tensor) -> None:
             if should_stop():   # per-frame stop for runtimes without the should_stop hook
@@ -197,7 +192,7 @@ class VideoGenerator:
             generated[0] = index + 1
             loop.call_soon_threadsafe(events.put_nowait, ("frame", index, frame))
 
-        def work() -> None:
+        def work(y, y_uncond, noise, context) -> None:
             hooks = {"should_stop": should_stop} if self._has_should_stop else {}
             try:
                 result = self.pipe.generate(y, y_uncond=y_uncond, noise=noise, guidance=req.guidance,
@@ -211,10 +206,14 @@ class VideoGenerator:
                     log.exception("generate failed")
                 loop.call_soon_threadsafe(events.put_nowait, ("error", exc))
 
-        job = loop.run_in_executor(self._worker, work)
         clips: dict[int, list[torch.Tensor]] = {id(t): [] for t in group if t.request.mp4}
-        status = "error"
         try:
+            s = self.summary
+            inputs = [request_inputs(t.request, s.channels, s.height, s.width, s.noise_std) for t in group]
+            context = torch.cat([c for _, c in inputs]) if inputs[0][1] is not None else None
+            y_uncond = torch.cat([t.y_uncond for t in group]) if req.guidance > 0 else None
+            job = loop.run_in_executor(self._worker, work, torch.cat([t.y for t in group]), y_uncond,
+                                       torch.cat([n for n, _ in inputs]), context)
             while True:
                 kind, *payload = await events.get()
                 if kind == "frame":
@@ -240,12 +239,12 @@ class VideoGenerator:
                     msg = str(exc) if isinstance(exc, StarflowError) else f"generation failed ({type(exc).__name__}: {exc})"
                     yield [(t, error_event(msg)) for t in group if not t.gone]
                 break
-        except asyncio.CancelledError:   # the replica is shutting down: stop the call
-            for t in group:
-                t.gone = True
+        except BaseException:   # shutting down, or a failure here: stop the call; callers get the error
+            abort[0] = True
             raise
         finally:
-            await job
+            if job is not None:
+                await job
             for t in group:
                 self._record(t, "cancelled" if t.gone else status, generated[0])
 

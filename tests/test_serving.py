@@ -16,18 +16,17 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-serve_mod = pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'starflow-trt[serve]'")
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'starflow-trt[serve]'")
 psutil = pytest.importorskip("psutil", reason="psutil is not installed: pip install 'starflow-trt[serve]'")
 
 pytestmark = pytest.mark.slow   # ~1-2 minutes: cluster start, a replica restart
 
-from starflow_trt.serving.client import ServiceError, VideoClient, decode_frame  # noqa: E402
+from starflow_trt.serving.client import VideoClient, decode_frame  # noqa: E402
 
 PROMPTS = ["a red square moving right", "a blue disc moving up", "a green square moving left",
            "a yellow disc moving down", "a red disc moving left"]

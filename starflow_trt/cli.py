@@ -27,6 +27,7 @@ COMMANDS = {
     "doctor": "starflow_trt.engine.cli:doctor",
     "demo": "starflow_trt.commands.demo_cmd:demo_command",
     "bench": "starflow_trt.commands.bench_cmd:bench_command",
+    "serve": "starflow_trt.commands.serve_cmd:serve_command",
 }
 
 

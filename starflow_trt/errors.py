@@ -27,3 +27,7 @@ class ManifestError(StarflowError, ValueError):
 
 class BackendUnavailable(StarflowError, RuntimeError):
     """A requested backend (TensorRT, CUDA, ...) is not installed or has no device here."""
+
+
+class GenerationCancelled(StarflowError):
+    """``Pipeline.generate`` stopped early because its ``should_stop`` hook returned True."""

@@ -1,0 +1,98 @@
+"""``starflow-trt serve DIR``: the Ray Serve application on a local or existing Ray cluster."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import Optional
+
+import click
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@click.command("serve")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--replicas", default=1, show_default=True, type=int, help="generation replicas (one Pipeline each)")
+@click.option("--max-replicas", type=int, default=None, help="autoscale between --replicas and this on ongoing requests")
+@click.option("--gpus-per-replica", type=float, default=None,
+              help="GPUs reserved per replica  [default: 1 with --backend trt or --providers auto, else 0]")
+@click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="logical CPUs per replica")
+@click.option("--accelerator-type", default=None,
+              help="pin replicas to one GPU model (Ray accelerator type, e.g. H100): engines run only on the GPU "
+                   "architecture they were built for")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--address", default=None,
+              help="join a running Ray cluster ('auto': the one started on this node with `ray start`); "
+                   "default: start a local, loopback-only one")
+@click.option("--max-queued", default=32, show_default=True, type=int,
+              help="requests queued beyond what the replicas hold; more get 503")
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
+              help="request deadline in seconds (not started by then: 408; streaming: ends with an error event)")
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--providers", type=click.Choice(["cpu", "auto"]), default="cpu", show_default=True,
+              help="ORT execution providers: CPU, or the best available (CUDA / TensorRT EPs)")
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads per replica")
+@click.option("--max-batch", type=int, default=None, help="requests per generate call (default: the export's)")
+@click.option("--batch-wait-ms", type=float, default=20.0, show_default=True,
+              help="how long a batch waits for more requests")
+@click.option("--batch-approximate", is_flag=True,
+              help="also batch thresholded-Jacobi requests (their frames then depend on their batch)")
+@click.option("--no-warmup", is_flag=True, help="skip the warm-up generate when a replica starts")
+def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_replica, accelerator_type, host, port,
+                  address, max_queued, timeout_s, backend, providers, threads, max_batch, batch_wait_ms,
+                  batch_approximate, no_warmup) -> None:
+    """Serve DIRECTORY over HTTP: POST /v1/videos streams frames as NDJSON; GET /healthz, GET /v1/models."""
+    from ..errors import StarflowError
+    from ..serving.app import ServeConfig
+    from ..serving.summary import ModelSummary
+
+    model = ModelSummary.from_dir(directory)          # a bad directory fails here, before Ray starts
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        raise StarflowError(f"serving needs Ray Serve ({exc}); pip install 'starflow-trt[serve]'") from exc
+    gpu = backend == "trt" or providers == "auto"
+    cfg = ServeConfig(backend=backend, providers="auto" if providers == "auto" else None, threads=threads,
+                      replicas=replicas, max_replicas=max_replicas,
+                      gpus_per_replica=(1.0 if gpu else 0.0) if gpus_per_replica is None else gpus_per_replica,
+                      cpus_per_replica=cpus_per_replica, accelerator_type=accelerator_type, max_batch=max_batch,
+                      batch_wait_s=batch_wait_ms / 1000, batch_approximate=batch_approximate, max_queued=max_queued,
+                      timeout_s=timeout_s, warmup=not no_warmup)
+    if not _is_loopback(host):
+        click.echo(f"warning: binding {host}: the service is reachable from other machines and has no "
+                   "authentication; put an authenticating proxy in front", err=True)
+    if model.engines and not accelerator_type:
+        click.echo(f"warning: {directory} holds TensorRT engines built on {model.engines.get('gpu')} "
+                   f"(compute capability {model.engines.get('compute_capability')}); pin replicas with "
+                   "--accelerator-type on a cluster with other GPU models", err=True)
+    _run(directory, cfg, host, port, address)
+
+
+def _run(directory, cfg, host: str, port: int, address: Optional[str]) -> None:
+    import ray
+    from ray import serve
+
+    from ..serving.app import start
+
+    started_here = not ray.is_initialized() and not address
+    t0 = time.perf_counter()
+    start(directory, cfg, host=host, port=port, address=address)
+    click.echo(f"serving {directory} on http://{host}:{port} in {time.perf_counter() - t0:.1f} s "
+               f"(POST /v1/videos, GET /healthz, GET /v1/models); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        serve.delete(cfg.app_name)
+        if started_here:
+            serve.shutdown()
+            ray.shutdown()

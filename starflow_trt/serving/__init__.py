@@ -1,0 +1,36 @@
+"""Serving on Ray Serve: streaming video generation over HTTP, batched, cancellable, multi-GPU.
+
+    from starflow_trt.serving import ServeConfig, build_app, start
+    start("graphs/", ServeConfig(replicas=2, gpus_per_replica=1))   # POST /v1/videos on 127.0.0.1:8000
+
+    from starflow_trt.serving import VideoClient
+    video = VideoClient("http://127.0.0.1:8000").generate({"prompt": "a red square moving right", "seed": 0})
+
+Modules: ``limits`` (request schema, limits and validation, no Ray), ``summary`` (what an export
+directory serves), ``batching`` (which requests may share a ``generate`` call), ``frames`` (frame and
+event encoding), ``deployment`` (the generation replica), ``ingress`` (FastAPI routes), ``metrics``,
+``app`` (config, application graph, cluster start), ``client`` (stdlib HTTP client). Only
+``deployment``, ``ingress``, ``metrics`` and ``app`` import Ray (the ``[serve]`` extra).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ServeConfig", "build_app", "start", "VideoClient", "VideoRequest", "RequestLimits", "RequestError",
+           "ModelSummary"]
+
+_LAZY = {
+    "ServeConfig": "app", "build_app": "app", "start": "app",
+    "VideoClient": "client",
+    "VideoRequest": "limits", "RequestLimits": "limits", "RequestError": "limits",
+    "ModelSummary": "summary",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

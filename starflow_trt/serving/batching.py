@@ -1,0 +1,82 @@
+"""Which requests may share one ``Pipeline.generate`` call, and each request's own inputs.
+
+``@serve.batch`` hands the replica whatever arrived together; :func:`plan_groups` splits that
+into groups whose per-call options match (frames, guidance, sampler and Jacobi options,
+denoising, context length), at most ``max_batch`` each, in arrival order. Every request's
+noise comes from its own seed (:func:`request_noise`), so a request gives the same frames in
+any group, as long as its sampler commits tokens independently of the other rows
+(:attr:`VideoRequest.exact_batching`); thresholded-Jacobi requests run alone unless the server
+allows approximate batching.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Hashable, Optional
+
+import numpy as np
+import torch
+
+from .limits import VideoRequest
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request inside a replica: its inputs and what happened to it."""
+
+    request: VideoRequest
+    y: Optional[torch.Tensor] = None          # [1, L, D]
+    y_uncond: Optional[torch.Tensor] = None   # [1, L, D] (guidance > 0)
+    arrived: float = field(default_factory=time.perf_counter)
+    started: Optional[float] = None
+    gone: bool = False        # the caller disconnected or timed out
+    finished: bool = False    # the caller received done or error
+    frames_sent: int = 0
+    frames_generated: int = 0
+    batch_size: int = 0
+    status: str = "queued"
+
+
+def batch_key(req: VideoRequest, approximate: bool = False) -> Hashable:
+    """Requests with equal keys may run in one ``generate`` call."""
+    options = (req.frames, req.guidance, req.sampler, req.denoise, req.context_frames)
+    if req.sampler == "jacobi":
+        j = req.jacobi
+        options += (j.block_size, j.max_iter, j.threshold, j.schedule)
+    if not (req.exact_batching or approximate):
+        options += (req.request_id,)   # alone: a shared stopping test would change its frames
+    return options
+
+
+def plan_groups(tickets: list[Ticket], max_batch: int, approximate: bool = False) -> list[list[Ticket]]:
+    """Live tickets → groups of matching options, each at most ``max_batch``, ordered by first arrival."""
+    groups: dict[Hashable, list[list[Ticket]]] = {}
+    order: list[list[Ticket]] = []
+    for t in tickets:
+        if t.gone:
+            continue
+        chunks = groups.setdefault(batch_key(t.request, approximate), [])
+        if not chunks or len(chunks[-1]) >= max_batch:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(t)
+    return order
+
+
+def request_inputs(req: VideoRequest, channels: int, height: int, width: int,
+                   noise_std: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(noise [1, T, C, H, W], context [1, N, C, H, W] or None) of one request.
+
+    The noise is exactly what ``Pipeline.generate(seed=req.seed)`` draws for batch 1. An image
+    becomes one context frame plus ``noise_std`` Gaussian noise drawn next from the same generator
+    (spec §11, pixel-space models); context latents are used as given.
+    """
+    gen = torch.Generator().manual_seed(int(req.seed))
+    noise = torch.randn(1, req.frames, channels, height, width, generator=gen)
+    if req.image is not None:
+        eps = torch.randn(1, 1, channels, height, width, generator=gen)
+        return noise, torch.from_numpy(np.ascontiguousarray(req.image))[None, None] + noise_std * eps
+    if req.context is not None:
+        return noise, torch.from_numpy(np.ascontiguousarray(req.context))[None]
+    return noise, None

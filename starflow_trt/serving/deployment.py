@@ -1,0 +1,323 @@
+"""The generation deployment: one ``Pipeline`` per replica, batched, streamed, cancellable.
+
+``stream(request)`` (called through a streaming ``DeploymentHandle``) yields, in order:
+``{"type": "_rejected", "field", "message"}`` for a request the replica cannot take (bad prompt),
+or ``{"type": "_started", ...}`` when its batch starts, then frame events, then ``done`` or
+``error``. Events whose type starts with ``_`` are for the ingress only.
+
+Requests go through ``@serve.batch``; :func:`~.batching.plan_groups` splits a batch into
+``generate`` calls of matching options. ``generate`` runs on the replica's one worker thread and
+its ``on_frame`` events are forwarded to the callers as they come. A caller that goes away (client
+disconnect, timeout) gets no more events; when every caller of a call is gone the runtime's
+``should_stop`` hook stops the call at its next Jacobi sweep / autoregressive step / frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Optional
+
+import torch
+from ray import serve
+
+from ..errors import GenerationCancelled, StarflowError
+from .batching import Ticket, plan_groups, request_inputs
+from .frames import error_event, frame_event, mp4_bytes
+from .limits import RequestError, VideoRequest
+from .summary import ModelSummary
+
+log = logging.getLogger("ray.serve")
+
+#: batch size before ``__init__`` sets the export's (the decorator needs a value at import)
+_DEFAULT_BATCH = 8
+
+
+@serve.deployment(name="VideoGenerator")
+class VideoGenerator:
+    """Holds one ``Pipeline``; ``config`` is :meth:`ServeConfig.to_dict`."""
+
+    def __init__(self, directory: str, config: dict):
+        from ..runtime import Pipeline
+        from .app import ServeConfig
+        from .metrics import GeneratorMetrics
+
+        self.config = cfg = ServeConfig.from_dict(config)
+        t0 = time.perf_counter()
+        self.pipe = Pipeline.from_dir(directory, backend=cfg.backend, precision=cfg.precision,
+                                      providers=cfg.providers, threads=cfg.threads, thread_pool=cfg.thread_pool)
+        self.summary = ModelSummary.from_dir(directory)
+        self.max_batch = min(cfg.max_batch or self.summary.max_batch, self.summary.max_batch)
+        type(self)._batched.set_max_batch_size(self.max_batch)
+        type(self)._batched.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self._encoder = self._load_prompt_encoder()
+        params = inspect.signature(self.pipe.generate).parameters
+        self._has_should_stop = "should_stop" in params
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="starflow-generate")
+        self._text = ThreadPoolExecutor(1, thread_name_prefix="starflow-text")
+        self._closing = False
+        self._queued = 0
+        self._busy = 0                  # batches running
+        self._idle = asyncio.Event()    # set while no batch runs: requests enter the batcher then
+        self._idle.set()
+        self._recent: deque[dict] = deque(maxlen=512)
+        self.metrics = GeneratorMetrics()
+        ctx = serve.get_replica_context()
+        self.replica = getattr(getattr(ctx, "replica_id", None), "unique_id", None) or str(os.getpid())
+        if cfg.warmup:
+            self._warmup()
+        self.load_seconds = round(time.perf_counter() - t0, 3)
+
+    # ------------------------------------------------------------ prompt path
+    def _load_prompt_encoder(self):
+        if self.summary.prompt_encoder == "toy":
+            from ..toy import load_bundled
+
+            return load_bundled()
+        return None
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts → text embeddings y [B, L, D]; the one place a text-encoder graph plugs in.
+
+        Raises :class:`RequestError` (HTTP 400) for a prompt the encoder cannot take.
+        """
+        if self._encoder is None:
+            raise RequestError("prompt", "this replica has no text encoder; send text_embeddings")
+        try:
+            return self._encoder.encode(prompts)
+        except ValueError as exc:
+            raise RequestError("prompt", str(exc)) from None
+
+    def _text_inputs(self, req: VideoRequest) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(y [1, L, D], y_uncond [1, L, D] or None) of one request."""
+        y = self.encode_prompt([req.prompt]) if req.prompt is not None else torch.from_numpy(req.y)[None]
+        if req.guidance <= 0:
+            return y, None
+        if req.y_uncond is not None:
+            return y, torch.from_numpy(req.y_uncond)[None]
+        try:
+            return y, self.encode_prompt([req.negative_prompt or ""])
+        except RequestError as exc:
+            raise RequestError("negative_prompt", str(exc).split(": ", 1)[1]) from None
+
+    def _warmup(self) -> None:
+        """One short generate so the first request does not pay for session creation."""
+        from ..runtime import JacobiConfig
+
+        g = self.pipe.geo
+        y = torch.zeros(1, g.text_length, g.text_width)
+        self.pipe.generate(y, y_uncond=y, guidance=1.0, num_frames=min(2, g.max_frames), jacobi=JacobiConfig(16))
+
+    # ------------------------------------------------------------ requests
+    async def stream(self, req: VideoRequest) -> AsyncIterator[dict]:
+        """Events of one request (see the module docstring)."""
+        ticket = Ticket(req)
+        loop = asyncio.get_running_loop()
+        try:
+            ticket.y, ticket.y_uncond = await loop.run_in_executor(self._text, self._text_inputs, req)
+        except RequestError as exc:
+            yield {"type": "_rejected", "field": exc.field, "message": str(exc)}
+            return
+        self._queued += 1
+        self.metrics.queue.set(self._queued)
+        try:
+            # Requests that arrive while a batch runs wait here and enter @serve.batch together when
+            # it ends, so they form full batches instead of trickling in one wait window at a time.
+            await self._idle.wait()
+            async for event in self._batched(ticket):
+                if event is None:
+                    continue
+                ticket.finished = event["type"] in ("done", "error")
+                yield event
+                if ticket.finished:
+                    return
+        finally:
+            if ticket.status == "queued":       # never started: rejected by the batcher or left early
+                self._queued -= 1
+                self.metrics.queue.set(self._queued)
+                if not ticket.finished:
+                    self._record(ticket, "cancelled", 0)
+            ticket.gone = ticket.gone or not ticket.finished
+
+    @serve.batch(max_batch_size=_DEFAULT_BATCH, batch_wait_timeout_s=0.02)
+    async def _batched(self, tickets: list[Ticket]) -> AsyncIterator[list]:
+        """Streaming batch: each yield is one item per ticket (None: nothing new, StopIteration: ended)."""
+        slot = {id(t): i for i, t in enumerate(tickets)}
+        self._busy += 1
+        self._idle.clear()
+        try:
+            for group in plan_groups(tickets, self.max_batch, self.config.batch_approximate):
+                async for updates in self._run_group(group):
+                    row: list = [None] * len(tickets)
+                    for t, event in updates:
+                        row[slot[id(t)]] = event
+                    yield row
+            yield [StopIteration] * len(tickets)
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def _run_group(self, group: list[Ticket]) -> AsyncIterator[list[tuple[Ticket, dict]]]:
+        """One ``generate`` call for ``group``; yields [(ticket, event)] as events arrive."""
+        live = [t for t in group if not t.gone]
+        if not live:
+            return
+        group = live
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        started = time.perf_counter()
+        for t in group:
+            t.started, t.status, t.batch_size = started, "running", len(group)
+        self._queued -= len(group)
+        self.metrics.queue.set(self._queued)
+        self.metrics.batch.observe(len(group))
+        yield [(t, {"type": "_started", "batch_size": len(group)}) for t in group]
+
+        req = group[0].request
+        generated = [0]
+        status, job, abort = "error", None, [False]
+
+        def should_stop() -> bool:
+            return self._closing or abort[0] or all(t.gone for t in group)
+
+        def on_frame(index: int, frame: torch.Tensor) -> None:
+            if should_stop():   # per-frame stop for runtimes without the should_stop hook
+                raise GenerationCancelled("every caller of this batch is gone")
+            generated[0] = index + 1
+            loop.call_soon_threadsafe(events.put_nowait, ("frame", index, frame))
+
+        def work(y, y_uncond, noise, context) -> None:
+            hooks = {"should_stop": should_stop} if self._has_should_stop else {}
+            try:
+                result = self.pipe.generate(y, y_uncond=y_uncond, noise=noise, guidance=req.guidance,
+                                            jacobi=_jacobi_config(req), context=context, denoise=req.denoise,
+                                            on_frame=on_frame, **hooks)
+                loop.call_soon_threadsafe(events.put_nowait, ("done", result))
+            except GenerationCancelled:
+                loop.call_soon_threadsafe(events.put_nowait, ("cancelled", None))
+            except BaseException as exc:  # noqa: BLE001 - reported to the callers, logged here
+                if not isinstance(exc, StarflowError):
+                    log.exception("generate failed")
+                loop.call_soon_threadsafe(events.put_nowait, ("error", exc))
+
+        clips: dict[int, list[torch.Tensor]] = {id(t): [] for t in group if t.request.mp4}
+        try:
+            s = self.summary
+            inputs = [request_inputs(t.request, s.channels, s.height, s.width, s.noise_std) for t in group]
+            context = torch.cat([c for _, c in inputs]) if inputs[0][1] is not None else None
+            y_uncond = torch.cat([t.y_uncond for t in group]) if req.guidance > 0 else None
+            job = loop.run_in_executor(self._worker, work, torch.cat([t.y for t in group]), y_uncond,
+                                       torch.cat([n for n, _ in inputs]), context)
+            while True:
+                kind, *payload = await events.get()
+                if kind == "frame":
+                    index, frame = payload
+                    out = await asyncio.to_thread(self._frame_events, group, index, frame, clips)
+                    if out:
+                        yield out
+                    continue
+                if kind == "done":
+                    result = payload[0]
+                    gen_s = time.perf_counter() - started
+                    self.metrics.generate.observe(gen_s)
+                    self.metrics.frames.inc(len(group) * req.frames)
+                    self.metrics.fps.set(len(group) * req.frames / max(gen_s, 1e-9))
+                    out = await asyncio.to_thread(self._done_events, group, result, gen_s, clips)
+                    status = "ok"
+                    yield out
+                elif kind == "cancelled":
+                    status = "cancelled"
+                    self.metrics.cancelled.inc()
+                else:
+                    exc = payload[0]
+                    msg = str(exc) if isinstance(exc, StarflowError) else f"generation failed ({type(exc).__name__}: {exc})"
+                    yield [(t, error_event(msg)) for t in group if not t.gone]
+                break
+        except BaseException:   # shutting down, or a failure here: stop the call; callers get the error
+            abort[0] = True
+            raise
+        finally:
+            if job is not None:
+                await job
+            for t in group:
+                self._record(t, "cancelled" if t.gone else status, generated[0])
+
+    def _frame_events(self, group: list[Ticket], index: int, frame: torch.Tensor,
+                      clips: dict[int, list]) -> list[tuple[Ticket, dict]]:
+        out = []
+        for j, t in enumerate(group):
+            if t.gone:
+                continue
+            if id(t) in clips:
+                clips[id(t)].append(frame[j])
+            out.append((t, frame_event(index, frame[j], t.request.output)))
+            t.frames_sent += 1
+        return out
+
+    def _done_events(self, group: list[Ticket], result, gen_s: float, clips: dict[int, list]) -> list:
+        st = result.stats
+        out = []
+        for t in group:
+            if t.gone:
+                continue
+            req = t.request
+            stats = {
+                "seed": req.seed, "frames": req.frames, "batch_size": len(group), "batch_exact": req.exact_batching,
+                "seconds": {"queue": round(t.started - t.arrived, 6), "generate": round(gen_s, 6),
+                            **{k: v for k, v in st.get("seconds", {}).items() if k != "total"}},
+                "generate_time_to_first_frame": st.get("time_to_first_frame"),
+                "graph_calls": st.get("total_graph_calls"), "schedule": st.get("schedule"),
+                "backend": st.get("backend"), "replica": self.replica,
+            }
+            if "request" in st:
+                stats["request"] = st["request"]
+            event = {"type": "done", "stats": stats}
+            if id(t) in clips:
+                import base64
+
+                event["mp4"] = base64.b64encode(mp4_bytes(clips[id(t)], req.fps)).decode("ascii")
+            out.append((t, event))
+        return out
+
+    def _record(self, t: Ticket, status: str, generated: int) -> None:
+        t.status, t.frames_generated = status, generated
+        self._recent.append({"request_id": t.request.request_id, "status": status, "frames": t.request.frames,
+                             "frames_generated": generated, "frames_sent": t.frames_sent,
+                             "batch_size": t.batch_size})
+
+    def check_health(self) -> None:
+        """Serve calls this every few seconds: refresh the gauges (Ray drops gauges left unset)."""
+        self.metrics.queue.set(self._queued)
+
+    # ------------------------------------------------------------ introspection
+    def describe(self) -> dict:
+        """What this replica serves (``GET /v1/models``) and how it batches."""
+        return {"model": self.summary.to_dict(), "backend": self.pipe.backend.describe(), "replica": self.replica,
+                "pid": os.getpid(), "load_seconds": self.load_seconds, "max_batch": self.max_batch,
+                "batch_wait_s": self.config.batch_wait_s, "batch_approximate": self.config.batch_approximate,
+                "prompt": self._encoder is not None, "cancellation": "sweep" if self._has_should_stop else "frame"}
+
+    def recent(self) -> list[dict]:
+        """The last requests this replica finished: status (ok, error, cancelled), frames generated and sent."""
+        return list(self._recent)
+
+    def __del__(self):
+        self._closing = True
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _jacobi_config(req: VideoRequest):
+    from ..runtime import JacobiConfig
+
+    if req.sampler == "autoregressive":
+        return None
+    j = req.jacobi
+    return JacobiConfig(block_size=j.block_size, max_iter=j.max_iter, threshold=j.threshold, schedule=j.schedule)

@@ -1,0 +1,216 @@
+"""Serving pieces that need no Ray: request validation and limits, batch planning, noise per seed, events."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from starflow_trt.serving.batching import Ticket, batch_key, plan_groups, request_inputs
+from starflow_trt.serving.frames import format_event, frame_event, png_bytes
+from starflow_trt.serving.limits import RequestError, RequestLimits, decode_npy, encode_npy, parse_request
+from starflow_trt.serving.summary import ModelSummary
+
+MODEL = ModelSummary(directory="/x", precision="fp32", channels=3, height=16, width=16, max_frames=6, max_batch=8,
+                     text_length=6, text_width=16, pixel_space=True, has_denoiser=True, window=None,
+                     default_guidance=3.0, noise_std=0.15, prompt_encoder="toy", config_hash="h",
+                     checkpoint_sha256="s", graphs=("deep_step",))
+LATENT = ModelSummary(**{**MODEL.__dict__, "channels": 16, "pixel_space": False, "prompt_encoder": None})
+LIMITS = RequestLimits(max_timeout_s=60)
+
+
+def parse(body, model=MODEL, limits=LIMITS):
+    return parse_request(json.dumps(body).encode() if not isinstance(body, bytes) else body, model, limits)
+
+
+def bad(body, field, model=MODEL, limits=LIMITS) -> str:
+    with pytest.raises(RequestError) as info:
+        parse(body, model, limits)
+    assert info.value.field == field, str(info.value)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{field}: ")
+    return msg
+
+
+def test_contract_request_defaults():
+    req = parse({"prompt": "a red square moving right", "seed": 0, "guidance": 3.0})
+    assert (req.seed, req.guidance, req.frames, req.sampler, req.output, req.stream) == (0, 3.0, 6, "jacobi", "png",
+                                                                                         "ndjson")
+    assert req.jacobi.threshold == 1e-3 and not req.exact_batching
+    assert req.timeout_s == 60 and req.y is None
+    assert parse({"prompt": "a"}).guidance == 3.0                   # the checkpoint's cfg with a prompt
+    assert parse({"prompt": "a", "sampler": "autoregressive"}).exact_batching
+    assert parse({"prompt": "a", "jacobi": {"threshold": 0}}).exact_batching
+    seeds = {parse({"prompt": "a"}).seed for _ in range(4)}
+    assert len(seeds) > 1                                           # no seed: a fresh one each time
+
+
+def test_embeddings_round_trip_without_pickle():
+    y = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
+    req = parse({"text_embeddings": encode_npy(y), "guidance": 0})
+    np.testing.assert_array_equal(req.y, y)
+    req = parse({"text_embeddings": encode_npy(y[None].astype(np.float16)),
+                 "negative_embeddings": encode_npy(np.zeros((6, 16))), "guidance": 2.0})
+    assert req.y.shape == (6, 16) and req.y.dtype == np.float32 and req.y_uncond.shape == (6, 16)
+    np.testing.assert_array_equal(decode_npy(encode_npy(y)), y)
+    # an object array is a pickle inside .npy: refused, never unpickled
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    msg = bad({"text_embeddings": base64.b64encode(buf.getvalue()).decode(), "guidance": 0}, "text_embeddings")
+    assert "not a .npy array" in msg
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "a", "frames": 7}, "frames"),
+    ({"prompt": "a", "frames": 0}, "frames"),
+    ({"prompt": "a", "frames": 2.5}, "frames"),
+    ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "seed": True}, "seed"),
+    ({"prompt": "a", "guidance": -1}, "guidance"),
+    ({"prompt": "a", "guidance": 1e9}, "guidance"),
+    ({"prompt": "a", "colour": "red"}, "colour"),
+    ({"prompt": "a", "aspect": "16:9"}, "aspect"),
+    ({"prompt": "a", "sampler": "ddim"}, "sampler"),
+    ({"prompt": "a", "jacobi": {"block_size": 0}}, "jacobi.block_size"),
+    ({"prompt": "a", "jacobi": {"threshold": 2}}, "jacobi.threshold"),
+    ({"prompt": "a", "jacobi": {"window": 3}}, "jacobi.window"),
+    ({"prompt": "a", "sampler": "autoregressive", "jacobi": {}}, "jacobi"),
+    ({"prompt": "a", "output": "gif"}, "output"),
+    ({"prompt": "a", "timeout_s": 0}, "timeout_s"),
+    ({"prompt": "a", "timeout_s": 61}, "timeout_s"),
+    ({"prompt": "a", "stream": "ws"}, "stream"),
+    ({"prompt": 3}, "prompt"),
+    ({"prompt": "a" * 2001}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "a", "text_embeddings": "AAAA"}, "prompt"),
+    ({"text_embeddings": "not base64!"}, "text_embeddings"),
+    ({"text_embeddings": base64.b64encode(b"hello").decode()}, "text_embeddings"),
+    ({"prompt": "a", "image": base64.b64encode(b"GIF89a....").decode()}, "image"),
+    ({"prompt": "a", "mp4": "yes"}, "mp4"),
+])
+def test_bad_fields_are_named(body, field):
+    bad(body, field)
+
+
+def test_shapes_sizes_and_model_capabilities():
+    assert "[6, 16]" in bad({"text_embeddings": encode_npy(np.zeros((5, 16)))}, "text_embeddings")
+    assert "NaN" in bad({"text_embeddings": encode_npy(np.full((6, 16), np.nan)), "guidance": 0}, "text_embeddings")
+    bad({"text_embeddings": encode_npy(np.zeros((6, 16))), "guidance": 1.0}, "negative_embeddings")
+    bad(b"[1, 2]", "body")
+    bad(b"{not json", "body")
+    assert "exceed" in bad({"prompt": "a"}, "body", limits=RequestLimits(max_body_bytes=10))
+    # a latent-space export without a text encoder: embeddings only, latents only
+    bad({"prompt": "a"}, "prompt", model=LATENT)
+    bad({"text_embeddings": encode_npy(np.zeros((6, 16))), "guidance": 0, "output": "png"}, "output", model=LATENT)
+    bad({"text_embeddings": encode_npy(np.zeros((6, 16))), "guidance": 0, "mp4": True}, "mp4", model=LATENT)
+    ok = parse({"text_embeddings": encode_npy(np.zeros((6, 16))), "guidance": 0}, model=LATENT)
+    assert ok.output == "latents"
+    ctx = encode_npy(np.zeros((6, 3, 16, 16)))
+    bad({"prompt": "a", "context_latents": ctx}, "frames")          # 6 context frames leave none to generate
+    assert parse({"prompt": "a", "context_latents": encode_npy(np.zeros((2, 3, 16, 16)))}).context_frames == 2
+
+
+def test_image_is_fitted_and_bounded():
+    import cv2
+
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :, 0] = 255                                     # pure red (RGB)
+    ok, png = cv2.imencode(".png", img[..., ::-1])
+    req = parse({"prompt": "a", "image": base64.b64encode(png.tobytes()).decode()})
+    assert req.image.shape == (3, 16, 16) and req.context_frames == 1
+    np.testing.assert_allclose(req.image[0], 1.0)
+    np.testing.assert_allclose(req.image[1:], -1.0)
+    big = bytearray(png.tobytes())
+    big[16:24] = (100000).to_bytes(4, "big") * 2           # header claims 100000 x 100000 pixels
+    assert "pixels" in bad({"prompt": "a", "image": base64.b64encode(bytes(big)).decode()}, "image")
+
+
+def _ticket(body: dict) -> Ticket:
+    return Ticket(parse({"prompt": "a", **body}))
+
+
+def test_groups_match_options_and_respect_max_batch():
+    ar = [_ticket({"sampler": "autoregressive", "frames": 2}) for _ in range(5)]
+    other = _ticket({"sampler": "autoregressive", "frames": 3})
+    jac = [_ticket({"frames": 2}) for _ in range(2)]         # thresholded Jacobi: alone
+    exact = [_ticket({"frames": 2, "jacobi": {"threshold": 0}}) for _ in range(2)]
+    gone = _ticket({"sampler": "autoregressive", "frames": 2})
+    gone.gone = True
+    tickets = [ar[0], other, ar[1], jac[0], jac[1], gone, ar[2], exact[0], ar[3], exact[1], ar[4]]
+    groups = plan_groups(tickets, max_batch=3)
+    assert groups == [[ar[0], ar[1], ar[2]], [other], [jac[0]], [jac[1]], [exact[0], exact[1]], [ar[3], ar[4]]]
+    assert plan_groups(jac, max_batch=8, approximate=True) == [jac]
+    assert batch_key(ar[0].request) == batch_key(ar[1].request) != batch_key(other.request)
+    g15 = _ticket({"sampler": "autoregressive", "frames": 2, "guidance": 1.5})
+    assert batch_key(g15.request) != batch_key(ar[0].request)
+
+
+def test_request_noise_is_what_generate_draws_for_its_seed():
+    req = parse({"prompt": "a", "seed": 1234, "frames": 4})
+    noise, ctx = request_inputs(req, 3, 16, 16, 0.15)
+    want = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(1234))
+    assert ctx is None and torch.equal(noise, want)
+    req = parse({"prompt": "a", "seed": 7, "frames": 3, "context_latents": encode_npy(np.ones((1, 3, 16, 16)))})
+    noise, ctx = request_inputs(req, 3, 16, 16, 0.15)
+    assert ctx.shape == (1, 1, 3, 16, 16) and torch.equal(ctx, torch.ones(1, 1, 3, 16, 16))
+
+
+def test_events_and_lines():
+    frame = torch.linspace(-1, 1, 3 * 4 * 4).reshape(3, 4, 4)
+    ev = frame_event(2, frame, "latents")
+    assert ev["type"] == "frame" and ev["index"] == 2
+    np.testing.assert_array_equal(decode_npy(ev["latents"]), frame.numpy())
+    import cv2
+
+    png = cv2.imdecode(np.frombuffer(png_bytes(frame), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    want = ((frame.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(png, want)
+    line = format_event({"type": "done", "stats": {"a": 1}})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and json.loads(line) == {"type": "done", "stats": {"a": 1}}
+    assert format_event({"type": "x"}, "sse") == b'data: {"type":"x"}\n\n'
+
+
+def test_serve_config_round_trip_and_checks():
+    from starflow_trt.errors import InputError
+    from starflow_trt.serving.app import ServeConfig
+
+    cfg = ServeConfig(replicas=2, max_replicas=4, gpus_per_replica=1, timeout_s=30, limits=RequestLimits(max_fps=30))
+    back = ServeConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.request_limits().max_timeout_s == 30
+    for bad_cfg in ({"replicas": 0}, {"replicas": 3, "max_replicas": 2}, {"timeout_s": 0}, {"max_batch": 0}):
+        with pytest.raises(InputError):
+            ServeConfig(**bad_cfg)
+
+
+def test_client_rejects_non_http_urls():
+    from starflow_trt.errors import StarflowError
+    from starflow_trt.serving.client import VideoClient
+
+    with pytest.raises(StarflowError):
+        VideoClient("https://example.org")
+    c = VideoClient("http://127.0.0.1:9/prefix/")
+    assert (c.host, c.port, c.prefix) == ("127.0.0.1", 9, "/prefix")
+
+
+def test_serve_command_refuses_a_directory_without_manifest(tmp_path):
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "manifest.json" in result.output
+
+
+def test_app_builder_names_unknown_args():
+    from starflow_trt.errors import InputError
+    from starflow_trt.serving.app import app_builder
+
+    with pytest.raises(InputError, match="directory"):
+        app_builder({"replicas": 2})
+    with pytest.raises(InputError, match="replica_count"):
+        app_builder({"directory": "/x", "replica_count": 2})

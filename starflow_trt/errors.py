@@ -27,3 +27,7 @@ class ManifestError(StarflowError, ValueError):
 
 class BackendUnavailable(StarflowError, RuntimeError):
     """A requested backend (TensorRT, CUDA, ...) is not installed or has no device here."""
+
+
+class GenerationCancelled(StarflowError, RuntimeError):
+    """The caller's ``should_stop()`` asked a running generation to stop."""

@@ -114,9 +114,9 @@ def test_kv_buffers_allocated_once(pipe, cases, monkeypatch):
     allocated = []
     for frames, jacobi in [(1, None), (3, None), (3, JacobiConfig(block_size=8, max_iter=8)), (1, None)]:
         reserved.clear()
-        fresh.generate(cases["y"], cases["y_uncond"], guidance=2.0, num_frames=frames, jacobi=jacobi)
+        result = fresh.generate(cases["y"], cases["y_uncond"], guidance=2.0, num_frames=frames, jacobi=jacobi)
         assert sorted(reserved) == ["deep_kv", "scale", "shallow_kv", "shift"]  # once each, per call
-        allocated.append(fresh.kv_allocations)
+        allocated.append(result.stats["kv_allocations"])
     # the first call allocates all four; a longer video grows what it must; same or smaller reuses
     assert allocated[0] == 4 and 1 <= allocated[1] <= 4 and allocated[2:] == [0, 0]
 

@@ -66,9 +66,9 @@ class ChunkedDenoise:
             lo = max(self.done, write_from)
             if ready <= lo:
                 break
-            # frames before `lo` hold their denoised values (earlier chunks), the rest are raw
-            self.out[:, lo:stop] = self.raw[:, lo:stop]
-            chunk = self.out[:, s:stop]
+            # the chunk sees frames denoised by earlier chunks before `write_from`, raw frames after
+            # (also where an earlier, partial evaluation of this chunk already wrote final values)
+            chunk = torch.cat([self.out[:, s:write_from], self.raw[:, write_from:stop]], dim=1)
             clean = chunk - self.denoiser(chunk) * DENOISE_CONSTANT
             self.out[:, lo:ready] = clean[:, lo - s : ready - s]
             self.done = ready

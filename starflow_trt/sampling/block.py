@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import GenerationCancelled
+from .jacobi import PHASES
 from .kv import KVCache
 from .options import BlockTrace, JacobiConfig
 
@@ -136,8 +137,6 @@ class BlockInversion:
     # ------------------------------------------------------------ driver
     def run(self, solver: Solver, frames: int, start: int = 0) -> torch.Tensor:
         """Produce tokens ``[start, N)``; ``frames``: T_v (1 for frame-local sequences). Returns :attr:`tokens`."""
-        from .jacobi import PHASES
-
         n = self.seq.shape[1]
         if solver.jacobi is None:
             self._autoregressive(start)

@@ -29,5 +29,5 @@ class BackendUnavailable(StarflowError, RuntimeError):
     """A requested backend (TensorRT, CUDA, ...) is not installed or has no device here."""
 
 
-class GenerationCancelled(StarflowError):
-    """``Pipeline.generate`` stopped early because its ``should_stop`` hook returned True."""
+class GenerationCancelled(StarflowError, RuntimeError):
+    """The caller's ``should_stop()`` asked a running generation to stop."""

@@ -252,3 +252,16 @@ def test_ar_refuses_video_longer_than_window():
     noise, y, _ = inputs(model, frames=3)
     with pytest.raises(InputError, match="window"):
         model.sample(noise, y)
+
+
+def test_sample_request_checks():
+    model = small_model(torch.float32)
+    noise, y, yu = inputs(model)
+    with pytest.raises(InputError, match="guidance must be a finite number"):
+        model.sample(noise, y, yu, guidance=float("nan"))
+    with pytest.raises(InputError, match="choose upstream"):   # the reference runs upstream's schedule only
+        model.sample(noise, y, jacobi=JacobiConfig(schedule="sliding"))
+    with pytest.raises(InputError, match=r"context_length must be in \[1, 2\)"):
+        model.sample(noise, y, jacobi=JacobiConfig(window=2, context_length=2))
+    with pytest.raises(InputError, match="context must be"):
+        model.sample(noise, y, context=noise)

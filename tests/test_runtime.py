@@ -1,15 +1,18 @@
-"""Runtime over exported graphs (ORT CPU): goldens, scoring, streaming, determinism, buffers, errors."""
+"""Runtime over exported graphs (ORT CPU): goldens, scoring, streaming, long video, hooks,
+determinism, buffers, errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 
 import pytest
 import torch
 
-from starflow_trt.errors import InputError, ManifestError
+from starflow_trt.errors import GenerationCancelled, InputError, ManifestError
 from starflow_trt.export.manifest import load_manifest
-from starflow_trt.reference import JacobiConfig
+from starflow_trt.reference import JacobiConfig, load_reference
 from starflow_trt.runtime.pipeline import Pipeline
 
 from .conftest import assert_golden
@@ -18,6 +21,8 @@ pytest.importorskip("onnxruntime")
 
 UPSTREAM_EXACT = JacobiConfig(block_size=8, max_iter=40, threshold=0.0, schedule="upstream")
 UPSTREAM_TH = JacobiConfig(block_size=8, max_iter=32, threshold=1e-3, schedule="upstream")
+# 3 frames through a 2-frame window: one re-encoding with 1 context frame (spec §10.4)
+LONG = JacobiConfig(block_size=8, max_iter=40, threshold=0.0, schedule="upstream", window=2, context_length=1)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +119,9 @@ def test_kv_buffers_allocated_once(pipe, cases, monkeypatch):
     allocated = []
     for frames, jacobi in [(1, None), (3, None), (3, JacobiConfig(block_size=8, max_iter=8)), (1, None)]:
         reserved.clear()
-        fresh.generate(cases["y"], cases["y_uncond"], guidance=2.0, num_frames=frames, jacobi=jacobi)
+        result = fresh.generate(cases["y"], cases["y_uncond"], guidance=2.0, num_frames=frames, jacobi=jacobi)
         assert sorted(reserved) == ["deep_kv", "scale", "shallow_kv", "shift"]  # once each, per call
-        allocated.append(fresh.kv_allocations)
+        allocated.append(result.stats["kv_allocations"])
     # the first call allocates all four; a longer video grows what it must; same or smaller reuses
     assert allocated[0] == 4 and 1 <= allocated[1] <= 4 and allocated[2:] == [0, 0]
 
@@ -136,6 +141,8 @@ def test_torch_backend_matches(goldens_export, goldens_dir, cases):
     (lambda c: dict(y=c["y"], noise=c["noise"][:, :, :3]), "noise must be"),
     (lambda c: dict(y=c["y"], jacobi=JacobiConfig(schedule="magic")), "schedule"),
     (lambda c: dict(y=torch.cat([c["y"]] * 3)), "max_batch"),
+    (lambda c: dict(y=c["y"], num_frames=0), "num_frames must be a whole number >= 1"),
+    (lambda c: dict(y=c["y"], guidance=float("nan"), y_uncond=c["y_uncond"]), "guidance must be a finite"),
 ])
 def test_bad_input(pipe, cases, mutate, needle):
     with pytest.raises(InputError, match=needle):
@@ -199,3 +206,101 @@ def test_default_schedule_is_cheaper_and_as_close_to_ar(pipe, cases):
         assert calls["sliding"] < 0.8 * calls["upstream"], calls
     mean = {k: sum(v) / len(v) for k, v in dists.items()}
     assert mean["sliding"] <= mean["upstream"], dists
+
+
+def test_sliding_with_context_reaches_the_ar_fixed_point(pipe, cases):
+    # after a context the sliding schedule starts the next frame from noise: the context's (a, b) are
+    # never computed (reading them was reading uninitialised memory: NaN or garbage)
+    for on_frame in (None, lambda i, f: None):
+        result = pipe.generate(cases["y"], cases["y_uncond"], noise=cases["noise"], guidance=2.0, denoise=False,
+                               context=cases["cond_frame"], on_frame=on_frame,
+                               jacobi=JacobiConfig(block_size=8, max_iter=40, threshold=0.0))
+        assert result.stats["schedule"] == "sliding"
+        assert_golden(result.latents, cases["i2v.jacobi.g2"], "i2v.jacobi.g2")
+
+
+def test_long_video_without_denoising_matches_reference(pipe, ref32, cases):
+    # a window smaller than the video, upstream schedule, denoise=False (this used to fail on the
+    # denoising plan, which was computed although nothing was denoised)
+    y, yu, noise = cases["y"], cases["y_uncond"], cases["noise"]
+    ref = ref32.sample(noise, y, yu, guidance=2.0, jacobi=LONG)
+    result = pipe.generate(y, yu, noise=noise, guidance=2.0, jacobi=LONG, denoise=False)
+    assert_golden(result.latents, ref, "reverse.long_video")
+    deep = result.stats["jacobi"][0]
+    assert deep["calls"] == ref32.last_trace[0].steps          # the same schedule: re-encoding included
+    assert [(c["start"], c["length"]) for c in deep["chunks"]] == [(c.start, c.length) for c in ref32.last_trace[0].chunks]
+    assert result.stats["request"]["window"] == 2 and result.stats["request"]["context_length"] == 1
+    full = pipe.generate(y, yu, noise=noise, guidance=2.0, denoise=False,
+                         jacobi=dataclasses.replace(LONG, window=None, context_length=None)).latents
+    torch.testing.assert_close(result.latents[:, :2], full[:, :2], rtol=0, atol=0)   # the first window
+    assert (result.latents[:, 2] - full[:, 2]).abs().max() > 1e-3                     # then the context only
+
+
+def test_long_video_denoised_matches_reference(goldens_export, goldens_dir, cases):
+    # The goldens model's denoiser overlaps chunks by 10 frames, so no window of this 3-frame export lets
+    # denoising advance. Its weights with denoiser_window=1 do (chunks [0, 2), [1, 3)); the ORT denoiser
+    # graph has the 10-frame mask built in, so the graphs run on the torch backend.
+    from starflow_trt.export.manifest import load_manifest
+    from starflow_trt.runtime.backends.torch_backend import TorchBackend
+
+    m = load_manifest(goldens_export)
+    cfg = m.config.replace(denoiser_window=1)
+    m1 = dataclasses.replace(m, config=cfg, geometry=dataclasses.replace(m.geometry, denoiser_window=1))
+    pipe1 = Pipeline(m1, TorchBackend(m1, goldens_dir / "model.pth"))
+    ref = load_reference(cfg, goldens_dir / "model.pth")
+    y, yu, noise = cases["y"], cases["y_uncond"], cases["noise"]
+    frames = []
+    result = pipe1.generate(y, yu, noise=noise, guidance=2.0, jacobi=LONG, on_frame=lambda i, f: frames.append(i))
+    raw = ref.sample(noise, y, yu, guidance=2.0, jacobi=LONG)
+    assert_golden(result.raw, raw, "reverse.long_video")
+    assert_golden(result.latents, ref.denoise(raw, y, steps=2), "denoised.long_video")
+    assert frames == [0, 1, 2] and result.stats["graph_calls"]["denoiser"] == 2
+
+
+def test_long_video_denoising_that_cannot_advance(pipe, cases):
+    with pytest.raises(InputError, match=r"window=2 frames that overlap by denoiser_window=10 frames") as info:
+        pipe.generate(cases["y"], noise=cases["noise"], jacobi=LONG)
+    assert "\n" not in str(info.value) and "denoise=False" in str(info.value)
+
+
+def test_should_stop_cancels(pipe, cases):
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 10
+
+    with pytest.raises(GenerationCancelled):
+        pipe.generate(cases["y"], noise=cases["noise"], denoise=False, should_stop=stop)
+    assert len(asked) == 11   # checked before every AR step
+    frames = []
+    with pytest.raises(GenerationCancelled):   # and per frame: stop once the first frame is out
+        pipe.generate(cases["y"], noise=cases["noise"], denoise=False, on_frame=lambda i, f: frames.append(i),
+                      should_stop=lambda: len(frames) > 0)
+    assert frames == [0]
+    # the pipeline (its shared workspace) is fine afterwards
+    assert_golden(pipe.generate(cases["y"], noise=cases["noise"], denoise=False).latents, cases["reverse.g0"],
+                  "reverse.g0")
+
+
+def test_on_progress_reports_every_stage(pipe, cases):
+    events = []
+    result = pipe.generate(cases["y"], cases["y_uncond"], noise=cases["noise"], guidance=2.0,
+                           jacobi=JacobiConfig(block_size=8, max_iter=16), on_progress=lambda *e: events.append(e))
+    deep = [done for stage, done, total in events if stage == "deep" and total == 72]
+    chunks = result.stats["jacobi"][0]["chunks"]
+    assert len(deep) == len(chunks) == len([e for e in events if e[0] == "deep"])   # once per commit
+    assert deep == sorted(deep) and deep[-1] == 72
+    assert ("shallow", 3, 3) in events and events[-1] == ("denoiser", 3, 3)
+
+
+def test_request_in_stats(pipe, cases):
+    r = pipe.generate(cases["y"], cases["y_uncond"], seed=5, num_frames=2, guidance=1.5, context=cases["cond_frame"],
+                      jacobi=JacobiConfig(block_size=8, max_iter=8))
+    req = r.stats["request"]
+    assert json.loads(json.dumps(r.stats, allow_nan=False))["request"] == req
+    assert (req["seed"], req["noise"], req["guidance"], req["num_frames"], req["schedule"]) == (5, "seed", 1.5, 2,
+                                                                                                 "sliding")
+    assert req["jacobi"]["block_size"] == 8 and req["denoise"] is True and req["context_frames"] == 1
+    given = pipe.generate(cases["y"], noise=cases["noise"], denoise=False).stats["request"]
+    assert (given["seed"], given["noise"], given["jacobi"], given["denoise"]) == (None, "given", None, False)

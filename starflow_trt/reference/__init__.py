@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from ..config import ModelConfig, load_config
-from .cache import KVCache
+from ..sampling import KVCache
 from .flow import FlowBlock, guide, patchify, unpatchify
 from .model import StarflowV, deprecated_buffer_values
 from .sampler import JacobiConfig

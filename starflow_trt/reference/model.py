@@ -11,18 +11,18 @@ Public API (stable; later stages and outside checks call exactly this)::
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..config import DENOISE_CONSTANT, ModelConfig
+from ..config import ModelConfig
 from ..errors import InputError
-from .cache import KVCache
+from ..sampling import (BlockTrace, ChunkedDenoise, JacobiConfig, SamplerSpec, check_request, check_text,
+                        check_video, context_inputs, denoise_plan, denoise_steps, likelihood)
 from .denoiser import Denoiser
-from .flow import FlowBlock, IdentityBlock, patchify, unpatchify
-from .sampler import BlockTrace, JacobiConfig, reverse_ar, reverse_jacobi
+from .flow import FlowBlock, IdentityBlock, patchify, permute_tokens, unpatchify
+from .sampler import invert
 
 
 class RopeBuffers(nn.Module):
@@ -85,30 +85,21 @@ class StarflowV(nn.Module):
     def device(self) -> torch.device:
         return self.top.proj_in.weight.device
 
+    @property
+    def sampler_spec(self) -> SamplerSpec:
+        """What :meth:`sample` accepts (any patch-aligned size and length; the upstream schedule)."""
+        cfg = self.cfg
+        return SamplerSpec(channels=cfg.channel_size, patch_size=cfg.patch_size, text_length=cfg.txt_size,
+                           text_width=cfg.text_width, local_attn_window=cfg.local_attn_window,
+                           denoiser_window=cfg.denoiser_window, schedules=("upstream",), default_schedule="upstream")
+
     def check_video(self, x: torch.Tensor, name: str = "x") -> None:
         """Raise InputError unless x is [B, T, C, H, W] with this model's C and patch-aligned H, W."""
-        cfg = self.cfg
-        if not isinstance(x, torch.Tensor) or x.dim() != 5:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise InputError(f"{name} must be a [B, T, C, H, W] tensor, got {shape}")
-        if x.shape[2] != cfg.channel_size:
-            raise InputError(f"{name} has {x.shape[2]} channels, the model expects C={cfg.channel_size} "
-                             f"(shape {tuple(x.shape)} must be [B, T, C, H, W])")
-        p = cfg.patch_size
-        if x.shape[3] % p or x.shape[4] % p or x.shape[1] < 1:
-            raise InputError(f"{name} spatial size {tuple(x.shape[3:])} must be a multiple of patch_size {p}")
-        if not torch.isfinite(x).all():
-            raise InputError(f"{name} contains NaN or Inf")
+        check_video(x, self.sampler_spec, name)
 
     def check_text(self, y: torch.Tensor, batch: int, name: str = "y") -> None:
         """Raise InputError unless y is [batch, txt_size, txt_dim] and finite."""
-        cfg = self.cfg
-        want = (batch, cfg.txt_size, cfg.text_width)
-        if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape) != want:
-            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise InputError(f"{name} must be text embeddings [B, L, D] = {list(want)}, got {shape}")
-        if not torch.isfinite(y).all():
-            raise InputError(f"{name} contains NaN or Inf")
+        check_text(y, self.sampler_spec, batch, name)
 
     def _shallow_in(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, h, w, c] → [B·T, 1, h, w, c] when shallow blocks are frame-local."""
@@ -143,13 +134,11 @@ class StarflowV(nn.Module):
     def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[B]: ``0.5·mean(z²) − Σ_k mean(logdet_k)`` per sample, nats/dim without the Gaussian constant."""
         z, logdets = self.encode(x, y)
-        loss_z = 0.5 * z.to(logdets[0].dtype).pow(2).flatten(1).mean(1)
-        loss_logdet = -sum(ld.flatten(1).mean(1) for ld in logdets)
-        return loss_z + loss_logdet
+        return likelihood.nll(z, logdets, logdets[0].dtype)
 
     def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[B]: ``(nll + ½·ln 2π) / ln 2``."""
-        return (self.nll(x, y) + 0.5 * math.log(2 * math.pi)) / math.log(2)
+        return likelihood.bits_per_dim(self.nll(x, y))
 
     # ---------------------------------------------------------- denoiser
     def denoiser(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -171,50 +160,16 @@ class StarflowV(nn.Module):
         """
         self.check_video(x)
         T = x.shape[1]
-        steps = steps or self.cfg.local_attn_window or T
-        out = x.to(self.dtype).clone()
-        s, overlap = 0, 0
-        while s < T:
-            chunk = out[:, s : s + steps]
-            clean = chunk - self.denoiser(chunk, y) * DENOISE_CONSTANT
-            out[:, s + overlap : s + steps] = clean[:, overlap:]
-            if s + steps >= T:
-                break
-            overlap = self.cfg.denoiser_window if self.cfg.denoiser_window is not None else steps - 1
-            if steps - overlap <= 0:
-                raise InputError(f"denoising chunks of {steps} frames with overlap {overlap} cannot advance; "
-                                 "use a local_attn_window larger than denoiser_window")
-            s += steps - overlap
+        plan = denoise_plan(T, denoise_steps(steps, self.cfg.local_attn_window, T), self.cfg.denoiser_window)
+        raw = x.to(self.dtype)
+        out = raw.clone()
+        ChunkedDenoise(plan, 0, raw, out, lambda chunk: self.denoiser(chunk, y)).advance(T)
         return out
 
     # ------------------------------------------------------ noise → data
-    def prefill_context(self, context: torch.Tensor, y_all: torch.Tensor, total_frames: int,
-                        window: Optional[int] = None) -> tuple[KVCache, list[torch.Tensor]]:
-        """Top-block cache holding ``[text ; context tokens]`` and its prefix (spec §11).
-
-        context [B, N, C, H, W] (noisy latents); y_all [B or 2B, L, D] (2B: guidance on).
-        The cache is allocated once for the whole video of ``total_frames`` frames.
-        Also returns the context's input to every block, channels-last [B, N, h, w, c]
-        (index k = input of block k, the last = the top block's input).
-        """
-        p = self.cfg.patch_size
-        h = patchify(context.to(self.dtype), p)
-        inputs = [h]
-        for block in self.blocks[:-1]:
-            z, _, _, _ = block(self._shallow_in(h))
-            h = z.reshape(h.shape)
-            inputs.append(h)
-        if y_all.shape[0] == 2 * h.shape[0]:
-            h = torch.cat([h, h])
-        fs = h.shape[2] * h.shape[3]
-        text_len = y_all.shape[1]
-        cap = (window * fs if window else total_frames * fs) + text_len
-        top = self.top
-        cache = KVCache(top.num_layers, h.shape[0], top.heads, cap, top.head_dim, self.dtype, self.device)
-        _, _, prefix, kv = top(h, y_all)
-        cache.append(kv)
-        cache.prefix = prefix
-        return cache, inputs
+    def _forward_shallow(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Block k (below the top) forward on h [B, T, h, w, c] → z, same shape."""
+        return self.blocks[k](self._shallow_in(h))[0].reshape(h.shape)
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, y: torch.Tensor, y_uncond: Optional[torch.Tensor] = None,
@@ -224,54 +179,31 @@ class StarflowV(nn.Module):
         """Invert the flow: noise [B,T,C,H,W] → latents [B,T,C,H,W] (spec §9-§11).
 
         y, y_uncond [B, L, D]; guidance > 0 needs y_uncond (batch ``[y ; y_uncond]`` in the
-        top block). jacobi None → autoregressive. context [B, N, C, H, W] (noisy latents,
-        N < T): image-to-video (N=1) / video-to-video (N>1); the first N output frames
-        reconstruct it. return_sequence → [noise, after top, after block nb−2, …, after block 0].
+        top block). jacobi None → autoregressive (``attn_temp`` applies), else the upstream
+        schedule. context [B, N, C, H, W] (noisy latents, N < T): image-to-video (N=1) /
+        video-to-video (N>1); the first N output frames reconstruct it.
+        return_sequence → [noise, after top, after block nb−2, …, after block 0].
+        ``last_trace``: one :class:`BlockTrace` per inverted block, top first.
         """
         cfg = self.cfg
-        self.check_video(noise, "noise")
-        batch, frames = noise.shape[:2]
-        self.check_text(y, batch, "y")
-        w = float(guidance)
-        if w < 0:
-            raise InputError(f"guidance must be >= 0, got {guidance}")
-        if w > 0:
-            if y_uncond is None:
-                raise InputError("guidance > 0 needs y_uncond (the empty-prompt embeddings) [B, L, D]")
-            self.check_text(y_uncond, batch, "y_uncond")
-            y_all = torch.cat([y, y_uncond]).to(self.dtype)
-        else:
-            y_all = y.to(self.dtype)
-        window = (jacobi.window if jacobi is not None and jacobi.window else cfg.local_attn_window)
-        if window is not None and frames <= window:
-            window = None  # the whole video fits: identical to the non-window path (§10.4)
-        if window is not None and jacobi is None:
-            raise InputError(f"{frames} frames exceed the attention window of {window} frames; "
-                             "autoregressive sampling has no window: use Jacobi sampling or fewer frames")
-        context_length = None
-        if window is not None:
-            context_length = jacobi.context_length if jacobi.context_length is not None else window - 1
+        req = check_request(self.sampler_spec, y, noise, y_uncond=y_uncond, guidance=guidance, jacobi=jacobi,
+                            context=context)
+        w, p = req.guidance, cfg.patch_size
+        y_all = req.text().to(self.dtype)
         noise = noise.to(self.dtype)
-        cache, ctx_inputs, n_ctx = None, None, 0
+        ctx_inputs, prefix, n_ctx = None, None, req.n_ctx
         if context is not None:
-            self.check_video(context, "context")
-            if context.shape[0] != batch or context.shape[2:] != noise.shape[2:] or context.shape[1] >= frames:
-                raise InputError(f"context must be [B, N, C, H, W] with N < T={frames} and the noise's "
-                                 f"B, C, H, W {tuple(noise.shape)}, got {tuple(context.shape)}")
             noise = noise.clone()
-            noise[:, : context.shape[1]] = context.to(self.dtype)
-            cache, ctx_inputs = self.prefill_context(context, y_all, frames, window)
-            n_ctx = context.shape[1]
-        p = cfg.patch_size
+            noise[:, :n_ctx] = context.to(self.dtype)
+            ctx_inputs = context_inputs(patchify(context.to(self.dtype), p), self._forward_shallow, cfg.top_index)
+            top_in = ctx_inputs[-1]
+            prefix = permute_tokens(torch.cat([top_in, top_in]) if w > 0 else top_in, self.top.permutation)
+        temperature = attn_temp if jacobi is None else 1.0   # Jacobi ignores it (spec §9.3 note)
+        solver = req.solver
         seq = [noise]
-        self.last_trace = []
-        h = patchify(noise, p)
         trace = BlockTrace(cfg.top_index)
-        if jacobi is None:
-            h = reverse_ar(self.top, h, y_all, w, cache, attn_temp, trace)
-        else:
-            h = reverse_jacobi(self.top, h, y_all, w, jacobi, cache, window, context_length, frames, trace)
-        self.last_trace.append(trace)
+        self.last_trace = [trace]
+        h = invert(self.top, patchify(noise, p), y_all, w, solver, req.frames, trace, prefix, temperature)
         seq.append(unpatchify(h, p))
         local = bool(cfg.shallow_block_local)
         # With frame-local shallow blocks, the context frames' inverse is known exactly: it
@@ -283,13 +215,9 @@ class StarflowV(nn.Module):
                 seq.append(seq[-1])
                 continue
             trace = BlockTrace(block.index)
-            hin = self._shallow_in(h[:, skip:])
-            if jacobi is None:
-                hout = reverse_ar(block, hin, None, 0.0, None, attn_temp, trace)
-            else:
-                hout = reverse_jacobi(block, hin, None, 0.0, jacobi, None, None, None,
-                                      1 if local else frames, trace)
             self.last_trace.append(trace)
+            hout = invert(block, self._shallow_in(h[:, skip:]), None, 0.0, solver.unwindowed(),
+                          1 if local else req.frames, trace, temperature=temperature)
             h = h.clone()
             h[:, skip:] = hout.reshape(h[:, skip:].shape)
             if skip:

@@ -1,6 +1,6 @@
-"""Runtime over exported graphs: backends, KV buffers, the frame loop, Jacobi schedules."""
+"""Runtime over exported graphs: backends, KV buffers, stages (deep, shallow, denoiser), the Pipeline."""
 
-from ..reference.sampler import JacobiConfig
+from ..sampling import JacobiConfig
 from .pipeline import DEFAULT_SCHEDULE, GenerateResult, Pipeline
 
 __all__ = ["Pipeline", "JacobiConfig", "GenerateResult", "DEFAULT_SCHEDULE"]

@@ -1,0 +1,13 @@
+"""Runtime stages, one job each; :class:`~starflow_trt.runtime.Pipeline` wires them.
+
+* :mod:`.blocks`   a step graph as the sampling core's :class:`~starflow_trt.sampling.BlockModel`
+* :mod:`.deep`     the top block: text / context prefill, AR or Jacobi with long-video windows
+* :mod:`.shallow`  the blocks below the top on finished frames (frames batched)
+* :mod:`.denoiser` the learnable denoiser with its receptive-field lookahead
+"""
+
+from .deep import DeepStage
+from .denoiser import DenoiserStage
+from .shallow import ShallowStage
+
+__all__ = ["DeepStage", "ShallowStage", "DenoiserStage"]

@@ -1,0 +1,57 @@
+"""The blocks below the top on deep-final frames: frames batched (frame-local: folded into the batch)."""
+
+from __future__ import annotations
+
+import torch
+
+from ...reference.flow import permute_tokens, unpermute_tokens
+from ...sampling import BlockInversion, BlockTrace, KVCache
+from ..graphs import step_graph
+from ..run import GenerateRun
+from .blocks import GraphBlock
+
+
+class ShallowStage:
+    """Inverts every shallow block of ``run`` on frames ``[run.frames_shallow, frames_done)``."""
+
+    def __init__(self, run: GenerateRun):
+        self.run = run
+
+    def upto(self, frames_done: int) -> None:
+        run, g = self.run, self.run.geo
+        lo, hi = run.frames_shallow, frames_done
+        if hi <= lo or (not g.frame_local and hi < run.frames):
+            return
+        with run.timed("shallow"):
+            # frame-local: the context frames' inverse is their own forward intermediate (spec §11)
+            skip = max(0, run.n_ctx - lo) if g.frame_local else 0
+            todo = run.deep_out[:, lo:hi][:, skip:]
+            for k in reversed(range(g.num_blocks - 1)):
+                if k in g.identity_blocks or todo.shape[1] == 0:
+                    continue
+                todo = self._invert(k, todo)
+            out = run.shallow_out[:, lo:hi]
+            out[:, skip:] = todo
+            if skip:
+                out[:, :skip] = run.ctx_inputs[0][:, lo : lo + skip]
+            run.frames_shallow = hi
+        run.progress("shallow", hi, run.frames)
+
+    def _invert(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Block k's inverse on frames h [B, t, h, w, c]."""
+        run, g = self.run, self.run.geo
+        blk = g.blocks[k]
+        local = g.frame_local
+        hin = h.reshape(-1, 1, *h.shape[2:]) if local else h
+        frames = 1 if local else hin.shape[1]
+        seq = permute_tokens(hin, blk.permutation).contiguous()
+        bs, n = seq.shape[:2]
+        cache = KVCache(run.ws.view("shallow_kv", (blk.layers, 2, n, bs, blk.heads, g.head_dim)))
+        cos, sin = run.graphs.rope(frames, 0)
+        name = step_graph(k, g)
+        trace = BlockTrace(k, name)
+        run.traces.append(trace)
+        inv = BlockInversion(GraphBlock(run.calls, name, cache, cos, sin, run.graphs.sos(k), run.ws), seq, trace,
+                             run.hooks)
+        inv.run(run.req.solver.unwindowed(), frames, inv.prefill())
+        return unpermute_tokens(inv.tokens, blk.permutation, hin.shape).reshape(h.shape)

@@ -1,0 +1,80 @@
+"""Sample-time denoising in frame chunks (spec §12.3-12.4), emitted as soon as a frame is final."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from ..config import DENOISE_CONSTANT, DENOISER_LAYERS
+from ..errors import InputError
+
+
+class DenoiseChunk(NamedTuple):
+    """Frames ``[start, end)`` go through the denoiser; frames ``[write_from, end)`` take its output."""
+
+    start: int
+    end: int
+    write_from: int
+
+
+def denoise_plan(frames: int, steps: int, denoiser_window: Optional[int]) -> list[DenoiseChunk]:
+    """Chunks of ``steps`` frames; later chunks overlap the previous by ``denoiser_window`` frames
+    (None: steps − 1) and see already-denoised frames. Chunks that would write nothing are left out."""
+    chunks, s, overlap = [], 0, 0
+    while s < frames:
+        chunks.append(DenoiseChunk(s, min(s + steps, frames), s + overlap))
+        if s + steps >= frames:
+            break
+        overlap = denoiser_window if denoiser_window is not None else steps - 1
+        if steps - overlap <= 0:
+            raise InputError(f"denoising {frames} frames in chunks of window={steps} frames that overlap by "
+                             f"denoiser_window={overlap} frames cannot advance: pass a window larger than "
+                             f"{overlap} frames or denoise=False")
+        s += steps - overlap
+    return chunks
+
+
+def denoise_lookahead(temporal_causal: int, frames: int) -> int:
+    """Future frames one output frame of the denoiser depends on: A − 1 per layer (all if A == 0)."""
+    return DENOISER_LAYERS * (temporal_causal - 1) if temporal_causal > 0 else frames
+
+
+class ChunkedDenoise:
+    """Denoise ``raw`` [B, T, ...] into ``out`` chunk by chunk as raw frames arrive.
+
+    ``denoiser(chunk [B, t, ...]) → d`` is the learnable denoiser's raw output; a frame becomes
+    ``x − 0.3·d``. A chunk's output frame t depends on frames up to t + ``lookahead`` of the
+    chunk, so it is computed on the chunk's prefix as soon as that is in (identical to the
+    full-chunk value). ``on_ready(done)`` fires after every chunk that made frames final.
+    """
+
+    def __init__(self, plan: list[DenoiseChunk], lookahead: int, raw: torch.Tensor, out: torch.Tensor,
+                 denoiser: Callable[[torch.Tensor], torch.Tensor],
+                 on_ready: Optional[Callable[[int], None]] = None):
+        self.plan, self.lookahead, self.raw, self.out, self.denoiser = plan, lookahead, raw, out, denoiser
+        self.on_ready = on_ready
+        self.chunk = 0
+        self.done = 0   # frames [0, done) of ``out`` are final
+
+    def advance(self, available: int) -> int:
+        """Raw frames ``[0, available)`` are in: denoise what they make final; returns :attr:`done`."""
+        while self.chunk < len(self.plan):
+            s, e, write_from = self.plan[self.chunk]
+            stop = min(e, available)
+            ready = e if stop >= e else min(stop - self.lookahead, e)
+            lo = max(self.done, write_from)
+            if ready <= lo:
+                break
+            # the chunk sees frames denoised by earlier chunks before `write_from`, raw frames after
+            # (also where an earlier, partial evaluation of this chunk already wrote final values)
+            chunk = torch.cat([self.out[:, s:write_from], self.raw[:, write_from:stop]], dim=1)
+            clean = chunk - self.denoiser(chunk) * DENOISE_CONSTANT
+            self.out[:, lo:ready] = clean[:, lo - s : ready - s]
+            self.done = ready
+            if self.on_ready is not None:
+                self.on_ready(ready)
+            if ready < e:
+                break
+            self.chunk += 1
+        return self.done

@@ -1,0 +1,40 @@
+"""Window defaults (spec §10.4, §12.4): the long-video attention window, its context, the denoising chunk."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..errors import InputError
+from .options import JacobiConfig
+
+
+def resolve_window(jacobi: Optional[JacobiConfig], frames: int, local_attn_window: Optional[int],
+                   max_frames: Optional[int] = None) -> tuple[Optional[int], Optional[int]]:
+    """(window, context_length) in frames for a video of ``frames`` frames; (None, None): no windowing.
+
+    window: ``jacobi.window``, else the model's ``local_attn_window``; a window that covers the
+    video is the non-window path (§10.4). context_length: ``jacobi.context_length``, else window − 1.
+    ``max_frames``: the longest video the sampler takes without a window (exports), None: any.
+    """
+    window = jacobi.window if jacobi is not None and jacobi.window else local_attn_window
+    if window is not None and frames <= window:
+        return None, None
+    if window is None:
+        if max_frames is not None and frames > max_frames:
+            raise InputError(f"{frames} latent frames exceed the {max_frames} this export supports without an "
+                             "attention window; re-export with --max-frames or use a Jacobi window")
+        return None, None
+    if jacobi is None:
+        raise InputError(f"{frames} frames exceed the attention window of {window} frames; autoregressive "
+                         "sampling has no window: use Jacobi sampling or fewer frames")
+    if max_frames is not None and window > max_frames:
+        raise InputError(f"window of {window} frames exceeds the export's max_frames {max_frames}; re-export")
+    context = jacobi.context_length if jacobi.context_length is not None else window - 1
+    if not 1 <= context < window:
+        raise InputError(f"Jacobi context_length must be in [1, {window}) frames (the window), got {context}")
+    return window, context
+
+
+def denoise_steps(window: Optional[int], local_attn_window: Optional[int], frames: int) -> int:
+    """Frames per denoising chunk: the (resolved) window, else ``local_attn_window``, else all frames (§12.4)."""
+    return window or local_attn_window or frames

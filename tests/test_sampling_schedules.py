@@ -1,0 +1,144 @@
+"""The sampling core's loops against a fake step function: AR, upstream and sliding Jacobi,
+context prefill, long-video windows with re-encoding, hooks (no model, no export: milliseconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from starflow_trt.errors import GenerationCancelled
+from starflow_trt.sampling import BlockInversion, BlockTrace, Hooks, JacobiConfig, Solver
+from starflow_trt.sampling import jacobi as jacobi_module
+
+from .sampling_fakes import C, FakeBlock, reference_ar
+
+B, FRAMES, FS, L = 2, 4, 6, 2      # batch, frames, tokens per frame, text tokens
+N = FRAMES * FS
+
+
+def problem(seed: int = 0, frames: int = FRAMES):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randn(B, frames * FS, C, generator=g, dtype=torch.float64)
+    text = torch.randn(L, B, C, generator=g, dtype=torch.float64)
+    return seq, text
+
+
+def invert(seq, text, solver, frames=FRAMES, prefix=None, hooks=None, capacity=None):
+    block = FakeBlock(B, capacity or L + seq.shape[1], text)
+    trace = BlockTrace(0)
+    inv = BlockInversion(block, seq, trace, hooks)
+    out = inv.run(solver, frames, inv.prefill(prefix)).clone()
+    return out, trace, block
+
+
+def test_autoregressive_matches_the_token_loop():
+    seq, text = problem()
+    done = []
+    out, trace, block = invert(seq, text, Solver(), hooks=Hooks(progress=done.append))
+    torch.testing.assert_close(out, reference_ar(seq, FakeBlock(B, 1).sos, text), rtol=1e-12, atol=1e-12)
+    assert trace.steps == trace.tokens == N and block.evaluations == N
+    assert done == list(range(1, N + 1)) and block.prefills == ["text"]
+
+
+@pytest.mark.parametrize("schedule", ["upstream", "sliding"])
+def test_jacobi_threshold_zero_is_autoregressive(schedule):
+    seq, text = problem(1)
+    ar = reference_ar(seq, FakeBlock(B, 1).sos, text)
+    jac = JacobiConfig(block_size=4, max_iter=4 * 4 + 1, threshold=0.0, schedule=schedule)
+    out, trace, _ = invert(seq, text, Solver(jac, schedule))
+    torch.testing.assert_close(out, ar, rtol=1e-12, atol=1e-12)
+    assert sum(c.length for c in trace.chunks) == N   # every token committed once
+
+
+def test_upstream_chunk_schedule():
+    # chunks of block_size while the chunk starts in frame 0 (s <= F), 4·block_size after, clipped
+    seq, text = problem(2)
+    jac = JacobiConfig(block_size=2, max_iter=9, threshold=0.0, schedule="upstream")
+    _, trace, block = invert(seq, text, Solver(jac, "upstream"))
+    assert [(c.start, c.length) for c in trace.chunks] == [(0, 2), (2, 2), (4, 2), (6, 2), (8, 8), (16, 8)]
+    assert all(c.iterations == 9 for c in trace.chunks) and block.evaluations == trace.steps == 6 * 9
+
+
+def test_upstream_stops_at_threshold():
+    seq, text = problem(3)
+    jac = JacobiConfig(block_size=4, max_iter=30, threshold=1e-8, schedule="upstream")
+    out, trace, _ = invert(seq, text, Solver(jac, "upstream"))
+    assert all(c.iterations < 30 and c.delta < 1e-8 for c in trace.chunks)
+    assert (out - reference_ar(seq, FakeBlock(B, 1).sos, text)).abs().max() < 1e-4   # delta is squared
+
+
+def test_sliding_needs_fewer_evaluations_for_the_same_tolerance():
+    seq, text = problem(4)
+    ar = reference_ar(seq, FakeBlock(B, 1).sos, text)
+    runs = {}
+    for schedule in ("upstream", "sliding"):
+        jac = JacobiConfig(block_size=4, max_iter=30, threshold=1e-10, schedule=schedule)
+        out, trace, _ = invert(seq, text, Solver(jac, schedule))
+        runs[schedule] = trace.steps
+        assert (out - ar).abs().max() < 1e-5
+    assert runs["sliding"] < runs["upstream"], runs
+
+
+def test_sliding_max_iter_caps_a_window():
+    seq, text = problem(5)
+    jac = JacobiConfig(block_size=4, max_iter=1, threshold=0.0, schedule="sliding")
+    out, trace, _ = invert(seq, text, Solver(jac, "sliding"))
+    assert torch.isfinite(out).all() and sum(c.length for c in trace.chunks) == N
+    assert all(c.iterations == 1 for c in trace.chunks)
+
+
+@pytest.mark.parametrize("schedule", [None, "upstream", "sliding"])
+def test_context_prefix(monkeypatch, schedule):
+    # a known first frame (image-to-video): copied, prefilled as [text ; sos ; prefix[:-1]], never solved;
+    # scratch memory starts as NaN so that reading (a, b) of a never-evaluated position would show
+    real = torch.empty_like
+    monkeypatch.setattr(jacobi_module.torch, "empty_like", lambda t: real(t).fill_(float("nan")))
+    seq, text = problem(6)
+    prefix = torch.randn(B, FS, C, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    jac = None if schedule is None else JacobiConfig(block_size=1, max_iter=5, threshold=0.0, schedule=schedule)
+    out, trace, block = invert(seq, text, Solver(jac, schedule or "upstream"), prefix=prefix)
+    torch.testing.assert_close(out, reference_ar(seq, block.sos, text, prefix=prefix), rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[:, :FS], prefix) and block.prefills == ["context", "text"]
+    assert (trace.chunks[0].start if trace.chunks else FS) == FS
+
+
+@pytest.mark.parametrize("schedule", ["upstream", "sliding"])
+@pytest.mark.parametrize("window,context", [(2, 1), (3, 1), (3, 2)])
+def test_long_video_windows_reencode(schedule, window, context):
+    frames = 7
+    seq, text = problem(8, frames)
+    jac = JacobiConfig(block_size=3, max_iter=13, threshold=0.0, schedule=schedule)
+    solver = Solver(jac, schedule, window, context)
+    capacity = L + window * FS   # the window's slots only: overflowing would raise
+    out, trace, block = invert(seq, text, solver, frames=frames, capacity=capacity)
+    ref = reference_ar(seq, block.sos, text, fs=FS, window=window, context=context)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    phases = 1 + -(-(frames - window) // (window - context))
+    assert block.prefills == ["text"] * phases        # one text prefill per re-encoding
+    assert trace.steps == block.evaluations           # re-encodings are counted as steps
+    # the first window is the unwindowed result
+    full, _, _ = invert(seq, text, Solver(jac, schedule), frames=frames)
+    torch.testing.assert_close(out[:, : window * FS], full[:, : window * FS], rtol=0, atol=0)
+
+
+def test_should_stop_cancels_between_evaluations():
+    seq, text = problem(9)
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 5
+
+    with pytest.raises(GenerationCancelled, match="should_stop"):
+        invert(seq, text, Solver(JacobiConfig(block_size=4, max_iter=8, threshold=0.0), "sliding"),
+               hooks=Hooks(should_stop=stop))
+    assert len(asked) == 6
+
+
+def test_progress_is_monotone_and_complete():
+    seq, text = problem(10)
+    for schedule in ("upstream", "sliding"):
+        done = []
+        invert(seq, text, Solver(JacobiConfig(block_size=4, max_iter=8, threshold=1e-6), schedule),
+               hooks=Hooks(progress=done.append))
+        assert done == sorted(done) and done[-1] == N and len(set(done)) == len(done), (schedule, done)

@@ -46,6 +46,19 @@ def _refusal(exc: Exception) -> Optional[str]:
     return match.group(1) if match else None
 
 
+def _reason(exc: BaseException) -> str:
+    """A short reason for a failed ``torch.load``, without torch's advice to retry with
+    ``weights_only=False`` (which would execute code from the file: never for this project)."""
+    text = str(exc)
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if match:
+        return " ".join(match.group(1).split())[:200]
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if not first or "weights_only" in first or "Weights only" in first:
+        return type(exc).__name__
+    return first[:200]
+
+
 def load_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
     """Read a state_dict (``.safetensors`` or a torch ``.pth``) as {key: tensor}, stored dtypes kept.
 
@@ -74,10 +87,10 @@ def load_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Ten
             raise CheckpointError(
                 f"checkpoint {p} refused: it contains pickled code objects ({culprit}); only plain state_dicts "
                 "are loaded; re-save with torch.save(model.state_dict())") from exc
-        raise CheckpointError(f"checkpoint {p} is not a torch state_dict (unpickling failed: {exc}); "
-                              "check the file") from exc
+        raise CheckpointError(f"checkpoint {p} is not a torch state_dict (unpickling failed: {_reason(exc)}); "
+                              "pass a .pth saved with torch.save(model.state_dict()) or a .safetensors file") from exc
     except Exception as exc:  # noqa: BLE001 - garbage bytes make the unpickler raise anything
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = _reason(exc)
         raise CheckpointError(f"checkpoint {p} is truncated or not a torch checkpoint ({reason}); "
                               "re-download or re-save it") from exc
     if isinstance(data, Mapping) and len(data) == 1 and next(iter(data)) in ("model", "state_dict"):

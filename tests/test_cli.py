@@ -59,7 +59,21 @@ def test_inspect_validates_checkpoint(goldens_dir, tmp_path):
     assert out.output.startswith("error: checkpoint does not match the config") and "shape-mismatched" in out.output
 
 
-def test_unavailable_verb_is_one_line(monkeypatch):
+def test_unavailable_verb_is_one_line(monkeypatch, tmp_path):
+    # a verb whose optional dependency is missing: one line naming it, exit 2
+    (tmp_path / "sf_optional_verb.py").write_text("import no_such_optional_package\ncmd = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(COMMANDS, "ghost", "sf_optional_verb:cmd")
+    out = CliRunner().invoke(main, ["ghost", "--anything"])
+    assert out.exit_code == 2 and "not available" in out.output and "no_such_optional_package" in out.output
+    assert len(out.output.strip().splitlines()) == 1
+
+
+def test_import_bug_in_a_verb_is_not_hidden(monkeypatch):
+    # a missing starflow_trt module is a bug, not an optional dependency: reported as internal error, exit 1
     monkeypatch.setitem(COMMANDS, "ghost", "starflow_trt.no_such_module:cmd")
     out = CliRunner().invoke(main, ["ghost"])
-    assert out.exit_code == 2 and "not available" in out.output and "no_such_module" in out.output
+    assert out.exit_code == 1 and "internal error" in out.output and "--debug" in out.output
+    assert "not available" not in out.output and "Traceback" not in out.output
+    out = CliRunner().invoke(main, ["--debug", "ghost"])
+    assert isinstance(out.exception, ModuleNotFoundError)  # --debug re-raises: the traceback is shown

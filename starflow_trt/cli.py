@@ -143,6 +143,12 @@ class LazyGroup(click.Group):
                 raise
             click.echo(f"error: {_describe(exc)}", err=True)
             return self._finish(2, standalone_mode)
+        except UnicodeDecodeError as exc:  # a text input (manifest, config) holding binary garbage
+            if _Options.debug:
+                raise
+            click.echo(f"error: an input file that should be UTF-8 text (manifest.json, a config) is not "
+                       f"({exc.reason} at byte {exc.start}); check the files passed, or re-export", err=True)
+            return self._finish(2, standalone_mode)
         except Exception as exc:  # noqa: BLE001 - the last resort: one line, traceback only with --debug
             if _Options.debug:
                 raise

@@ -491,4 +491,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
             text = fh.read()
     except OSError as exc:
         raise ConfigError(f"cannot read config {os.fspath(path)!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {os.fspath(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "pass the upstream YAML file") from exc
     return parse_config(text)

@@ -151,6 +151,7 @@ def check_output_dir(out: PathLike, force: bool = False, inputs: Iterable[Option
     if out.is_symlink() and not out.exists():
         raise OutputError(f"output {out} is a dangling symlink; remove it or pass another -o")
     if not out.exists():
+        _check_creatable(out)
         return out
     if not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory; pass another -o")
@@ -166,6 +167,18 @@ def check_output_dir(out: PathLike, force: bool = False, inputs: Iterable[Option
         raise OutputError(f"{out} was not written by starflow-trt (no manifest.json or {MARKER_NAME}); "
                           "refusing to replace it even with --force: remove it yourself or pass another -o")
     return out
+
+
+def _check_creatable(out: Path) -> None:
+    """``out`` does not exist: its nearest existing ancestor must be a writable directory."""
+    missing = _missing_parents(out)
+    parent = (missing[-1] if missing else out.absolute()).parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create output directory {out}: {parent} is a file, not a directory; "
+                          "pass another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create output directory {out}: {parent} is not writable (read-only file "
+                          "system or permissions); pass -o a writable location")
 
 
 # ------------------------------------------------------------------ staging
@@ -233,11 +246,13 @@ def staged_directory(out: PathLike, force: bool = False, inputs: Iterable[Option
     """
     inputs = list(inputs)
     out = check_output_dir(out, force, inputs)
+    created = _missing_parents(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     except OSError as exc:
+        _remove_empty(created)
         raise OutputError(f"cannot create output directory {out} ({exc.strerror or exc}); "
                           "pass -o a writable location") from exc
     try:
@@ -251,7 +266,26 @@ def staged_directory(out: PathLike, force: bool = False, inputs: Iterable[Option
         _commit(tmp, out, force, inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)  # a failed run leaves no trace, not even the parents it made
         raise
+
+
+def _missing_parents(out: Path) -> list[Path]:
+    """Ancestors of ``out`` that do not exist yet, deepest first."""
+    missing = []
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for d in directories:  # deepest first; stops at one that is not empty (another run's)
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _commit(tmp: Path, out: Path, force: bool, inputs: list) -> None:

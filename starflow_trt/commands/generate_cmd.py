@@ -55,8 +55,7 @@ def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, f
                      jacobi_iters, jacobi_threshold, schedule, autoregressive, context, no_denoise, backend,
                      checkpoint, thread_pool, out_dir, force) -> None:
     """Generate latents from text embeddings through the graphs (or engines) in DIRECTORY."""
-    from tqdm import tqdm
-
+    from .. import logs
     from ..runtime import JacobiConfig, Pipeline
     from ..runtime.outputs import write_outputs
     from ..staging import check_output_dir, staged_directory
@@ -76,18 +75,19 @@ def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, f
 
     def on_frame(index, frame) -> None:
         if not bars:
-            bars.append(tqdm(total=total, desc="frames", unit="frame"))
+            bars.append(logs.progress(total=total, desc="frames", unit="frame", leave=True))
         bars[0].update(1)
 
-    try:
-        result = pipe.generate(y, y_uncond=y_uncond, noise=z, seed=seed, num_frames=frames, guidance=guidance,
-                               jacobi=jacobi, context=ctx_latents, denoise=not no_denoise, on_frame=on_frame)
-    finally:
-        for bar in bars:
-            bar.close()
-    result.stats["cli"] = cli_record(ctx, files, directory=str(Path(directory).resolve()),
-                                     noise_source="file" if noise else "seed")
+    # staged from the start: an unwritable OUT fails before sampling; a failed run leaves nothing
     with staged_directory(out_dir, force=force, inputs=inputs, kind="generate") as tmp:
+        try:
+            result = pipe.generate(y, y_uncond=y_uncond, noise=z, seed=seed, num_frames=frames, guidance=guidance,
+                                   jacobi=jacobi, context=ctx_latents, denoise=not no_denoise, on_frame=on_frame)
+        finally:
+            for bar in bars:
+                bar.close()
+        result.stats["cli"] = cli_record(ctx, files, directory=str(Path(directory).resolve()),
+                                         noise_source="file" if noise else "seed")
         written = write_outputs(result, pipe, tmp)
     s = result.stats
     click.echo(f"{s['frames']} frames x batch {s['batch']} in {s['seconds']['total']:.2f} s "

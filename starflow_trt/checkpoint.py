@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from .errors import CheckpointError
+from .staging import fix_mode
 
 PathLike = Union[str, os.PathLike]
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -89,6 +90,8 @@ def load_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Ten
                 "are loaded; re-save with torch.save(model.state_dict())") from exc
         raise CheckpointError(f"checkpoint {p} is not a torch state_dict (unpickling failed: {_reason(exc)}); "
                               "pass a .pth saved with torch.save(model.state_dict()) or a .safetensors file") from exc
+    except ImportError:
+        raise  # a broken installation, not a bad file: never reported as one
     except Exception as exc:  # noqa: BLE001 - garbage bytes make the unpickler raise anything
         reason = _reason(exc)
         raise CheckpointError(f"checkpoint {p} is truncated or not a torch checkpoint ({reason}); "
@@ -172,6 +175,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike) -> Path:
             save_file(tensors, tmp)
         else:
             torch.save(tensors, tmp)
+        fix_mode(tmp)  # mkstemp makes 0600; a saved checkpoint gets the usual umask mode
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

@@ -149,12 +149,24 @@ class LazyGroup(click.Group):
             click.echo(f"error: an input file that should be UTF-8 text (manifest.json, a config) is not "
                        f"({exc.reason} at byte {exc.start}); check the files passed, or re-export", err=True)
             return self._finish(2, standalone_mode)
+        except ImportError as exc:  # a missing optional package is the user's to install; anything else a bug
+            if _Options.debug:
+                raise
+            missing = _missing_dependency(exc)
+            if missing is None:
+                return self._internal(exc, standalone_mode)
+            click.echo(f"error: this needs the Python package {missing!r}, which is not installed; install the "
+                       "matching extra (pip install 'starflow-trt[cpu]' or '[gpu]')", err=True)
+            return self._finish(2, standalone_mode)
         except Exception as exc:  # noqa: BLE001 - the last resort: one line, traceback only with --debug
             if _Options.debug:
                 raise
-            click.echo(f"error: internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); this is a bug in "
-                       "starflow-trt: rerun with --debug for the traceback and report it", err=True)
-            return self._finish(1, standalone_mode)
+            return self._internal(exc, standalone_mode)
+
+    def _internal(self, exc: BaseException, standalone_mode: bool) -> int:
+        click.echo(f"error: internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); this is a bug in "
+                   "starflow-trt: rerun with --debug for the traceback and report it", err=True)
+        return self._finish(1, standalone_mode)
 
     @staticmethod
     def _finish(code: Optional[int], standalone_mode: bool) -> int:

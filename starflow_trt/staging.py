@@ -64,6 +64,18 @@ def fix_mode(path: PathLike, directory: bool = False) -> None:
     os.chmod(path, umask_mode(directory))
 
 
+def normalise_modes(root: PathLike) -> None:
+    """Give everything under ``root`` the umask modes (writers that used ``mkstemp`` leave 0600)."""
+    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, dir_mode)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o100
+                os.chmod(path, dir_mode if executable else file_mode)
+
+
 def temp_file_beside(path: PathLike, suffix: str = "") -> str:
     """A new empty temp file in ``path``'s directory with umask permissions (for write + rename)."""
     path = Path(path)
@@ -260,6 +272,7 @@ def staged_directory(out: PathLike, force: bool = False, inputs: Iterable[Option
         _mark_staging(tmp)
         yield tmp
         (tmp / STAGING_NAME).unlink()
+        normalise_modes(tmp)
         if kind is not None:
             (tmp / MARKER_NAME).write_text(json.dumps({"format": MARKER_FORMAT, "kind": kind}) + "\n",
                                            encoding="utf-8")

@@ -77,3 +77,23 @@ def test_import_bug_in_a_verb_is_not_hidden(monkeypatch):
     assert "not available" not in out.output and "Traceback" not in out.output
     out = CliRunner().invoke(main, ["--debug", "ghost"])
     assert isinstance(out.exception, ModuleNotFoundError)  # --debug re-raises: the traceback is shown
+
+
+def test_verbs_live_in_one_package_without_cycles():
+    import importlib
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "starflow_trt"
+    assert all(t.startswith("starflow_trt.commands.") for t in COMMANDS.values())
+    for target in COMMANDS.values():
+        module, attr = target.split(":")
+        assert isinstance(getattr(importlib.import_module(module), attr), click.Command), target
+    # only the CLI layer knows the commands; calibration never imports the demo (the old cycle)
+    for path in root.rglob("*.py"):
+        if path.parent.name != "commands" and path.name != "cli.py":
+            assert not re.search(r"from \.+commands|starflow_trt\.commands", path.read_text()), path
+    assert not (root / "calibration" / "demo.py").exists() and not (root / "calibration" / "cli.py").exists()
+    from starflow_trt.toy import DEMO_PROMPTS, PROMPTS
+
+    assert set(DEMO_PROMPTS) <= set(PROMPTS)
+    assert "DEMO_PROMPTS = [" not in (root / "commands" / "demo_cmd.py").read_text()

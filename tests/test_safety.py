@@ -461,3 +461,11 @@ def test_os_errors_are_one_line(goldens_export, npys, tmp_path, monkeypatch):
     monkeypatch.setattr("starflow_trt.runtime.outputs.save_npy_atomic", full)
     assert_user_error(run(*gen_args(goldens_export, npys, tmp_path / "gen")), "No space left on device")
     assert list(tmp_path.iterdir()) == []  # staging removed, no partial output
+
+
+def test_missing_optional_package_at_run_time_is_a_user_error(goldens_copy, monkeypatch):
+    def needs_ort(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
+
+    monkeypatch.setattr("starflow_trt.commands.inspect_cmd.inspect_report", needs_ort)
+    assert_user_error(run("inspect", goldens_copy / "config.yaml"), "'onnxruntime'", "pip install")

@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from .errors import CheckpointError
+from .staging import fix_mode
 
 PathLike = Union[str, os.PathLike]
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -44,6 +45,19 @@ def _refusal(exc: Exception) -> Optional[str]:
     """The offending global named by torch's weights-only unpickler, if that is why it failed."""
     match = re.search(r"GLOBAL ([\w.]+)", str(exc))
     return match.group(1) if match else None
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for a failed ``torch.load``, without torch's advice to retry with
+    ``weights_only=False`` (which would execute code from the file: never for this project)."""
+    text = str(exc)
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if match:
+        return " ".join(match.group(1).split())[:200]
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if not first or "weights_only" in first or "Weights only" in first:
+        return type(exc).__name__
+    return first[:200]
 
 
 def load_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
@@ -74,10 +88,12 @@ def load_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Ten
             raise CheckpointError(
                 f"checkpoint {p} refused: it contains pickled code objects ({culprit}); only plain state_dicts "
                 "are loaded; re-save with torch.save(model.state_dict())") from exc
-        raise CheckpointError(f"checkpoint {p} is not a torch state_dict (unpickling failed: {exc}); "
-                              "check the file") from exc
+        raise CheckpointError(f"checkpoint {p} is not a torch state_dict (unpickling failed: {_reason(exc)}); "
+                              "pass a .pth saved with torch.save(model.state_dict()) or a .safetensors file") from exc
+    except ImportError:
+        raise  # a broken installation, not a bad file: never reported as one
     except Exception as exc:  # noqa: BLE001 - garbage bytes make the unpickler raise anything
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = _reason(exc)
         raise CheckpointError(f"checkpoint {p} is truncated or not a torch checkpoint ({reason}); "
                               "re-download or re-save it") from exc
     if isinstance(data, Mapping) and len(data) == 1 and next(iter(data)) in ("model", "state_dict"):
@@ -159,6 +175,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike) -> Path:
             save_file(tensors, tmp)
         else:
             torch.save(tensors, tmp)
+        fix_mode(tmp)  # mkstemp makes 0600; a saved checkpoint gets the usual umask mode
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

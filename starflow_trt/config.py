@@ -250,16 +250,25 @@ class ModelConfig:
         except ValueError as exc:
             raise ConfigError(f"aspect ratio must look like '16:9', got {aspect!r}") from exc
         area = float((self.latent_img_size * VAE_SPATIAL_FACTOR) ** 2)
+        if not (rw > 0 and rh > 0 and math.isfinite(rw) and math.isfinite(rh)):
+            raise ConfigError(f"aspect ratio must be two positive numbers like '16:9', got {aspect!r}")
         ratio = rw / rh
         m = VAE_SPATIAL_FACTOR * p
         H = round(math.sqrt(area / ratio) / m) * m
         W = round(math.sqrt(area * ratio) / m) * m
         h, w = H // VAE_SPATIAL_FACTOR // p, W // VAE_SPATIAL_FACTOR // p
+        if not (rw > 0 and rh > 0 and h >= 1 and w >= 1):
+            raise ConfigError(f"aspect ratio {aspect!r} gives a {h}x{w} token grid; use a ratio like 16:9")
         return {"H": H, "W": W, "h": h, "w": w, "tokens_per_frame": h * w}
 
     # ------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for combinations upstream asserts against (spec §1.2)."""
+        """Raise :class:`ConfigError` naming every bad field: sizes, ranges, and the combinations
+        upstream asserts against (spec §1.2). Sizes are checked first: derived geometry (widths,
+        heads, FLOPs) is meaningless for a config that fails them."""
+        sizes = _size_problems(self)
+        if sizes:
+            raise ConfigError("invalid config: " + "; ".join(sizes) + "; fix these fields in the YAML")
         problems = []
         if self.local_attn_window is not None and not self.shallow_block_local:
             problems.append("local_attn_window requires shallow_block_local: 1")
@@ -292,6 +301,9 @@ class ModelConfig:
             problems.append("sos: 0 is not supported; STARFlow-V uses sos: 1")
         if self.use_pretrained_lm:
             problems.append("use_pretrained_lm (LLM-initialised top block) is not supported")
+        if self.num_heads is None and any(self.block_heads(k) < 1 for k in range(self.num_blocks)):
+            problems.append(f"head_dim {self.head_dim} is larger than a block width "
+                            f"({min(self.block_width(k) for k in range(self.num_blocks))})")
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -331,7 +343,7 @@ class ModelConfig:
             if f.name == "unknown":
                 continue
             v = getattr(self, f.name)
-            if v == getattr(defaults, f.name) or v is None:
+            if (v == getattr(defaults, f.name) or v is None) and f.name not in REQUIRED_KEYS:
                 continue
             if isinstance(v, tuple):
                 v = " ".join(str(x) for x in v)
@@ -341,6 +353,62 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _size_problems(cfg: "ModelConfig") -> list[str]:
+    """Non-positive sizes, out-of-range flags, unparsable derived fields: one message per field."""
+    problems = []
+
+    def need(name: str, ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+
+    for name in ("channel_size", "img_size", "patch_size", "channels", "head_dim", "blocks"):
+        need(name, isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1, "an integer >= 1")
+    for name in ("top_block_channels", "num_heads", "num_kv_heads", "txt_dim", "pt_seq_len", "denoiser_window",
+                 "local_attn_window"):
+        value = getattr(cfg, name)
+        need(name, value is None or (isinstance(value, int) and value >= 1), "an integer >= 1 (or None)")
+    need("txt_size", isinstance(cfg.txt_size, int) and cfg.txt_size >= 0, "an integer >= 0")
+    need("temporal_causal", isinstance(cfg.temporal_causal, int) and cfg.temporal_causal >= 0, "an integer >= 0")
+    for name in ("use_bias", "sos", "rope", "cond_top_only", "use_softplus", "use_final_norm",
+                 "learnable_self_denoiser", "conditional_denoiser", "shallow_block_local"):
+        need(name, getattr(cfg, name) in (0, 1), "0 or 1")
+    layers = cfg.layers_per_block
+    if not layers or any(not isinstance(n, int) or n < 0 for n in layers):
+        problems.append(f"layers_per_block must be integers >= 0, got {' '.join(map(str, layers)) or 'nothing'!r}")
+    elif len(layers) in (1, cfg.num_blocks) and cfg.layers[-1] < 1:
+        problems.append("layers_per_block: the top (last) block needs at least 1 layer")
+    for name in ("soft_clip", "noise_std"):
+        value = getattr(cfg, name)
+        need(name, isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, "a finite number >= 0")
+    if isinstance(cfg.patch_size, int) and isinstance(cfg.img_size, int) and cfg.patch_size >= 1 and cfg.img_size >= 1:
+        if cfg.latent_img_size < cfg.patch_size or cfg.latent_img_size % cfg.patch_size:
+            problems.append(f"img_size {cfg.img_size} (latent {cfg.latent_img_size}) must be a positive multiple "
+                            f"of patch_size {cfg.patch_size}")
+    if cfg.vid_size is not None:
+        try:
+            frames = cfg.video_frames
+            fps = cfg.fps
+            ok = frames is not None and frames >= 1 and (fps is None or fps >= 1)
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(f"vid_size must look like 'frames:fps' with frames >= 1, got {cfg.vid_size!r}")
+    if cfg.vae is not None:
+        try:
+            scale = cfg.vae_temporal_scale
+            ok = scale is None or (math.isfinite(scale) and scale > 0)
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(f"vae must be 'name' or 'name:scale' with a positive scale, got {cfg.vae!r}")
+    return problems
+
+
+#: fields every STARFlow-V config states: their parser defaults (rope 0, sos 0, head_dim 64, channels 512)
+#: describe other models, so a config without them is refused instead of silently misread
+REQUIRED_KEYS = ("channels", "head_dim", "rope", "sos")
 
 
 _PARSERS = {
@@ -407,6 +475,10 @@ def parse_config(data: Mapping[str, Any] | str) -> ModelConfig:
                 values[key] = _convert(key, raw, int if key in _INT_FIELDS else str)
             else:
                 unknown.append((str(key), raw))
+    missing = [k for k in REQUIRED_KEYS if k not in values]
+    if missing:
+        raise ConfigError(f"config lacks required key(s) {', '.join(missing)}: add them under 'arguments:' "
+                          "(STARFlow-V uses e.g. '- rope: 1', '- sos: 1', '- head_dim: 64')")
     cfg = ModelConfig(**values, unknown=tuple(unknown))
     cfg.validate()
     return cfg
@@ -419,4 +491,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
             text = fh.read()
     except OSError as exc:
         raise ConfigError(f"cannot read config {os.fspath(path)!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {os.fspath(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "pass the upstream YAML file") from exc
     return parse_config(text)

@@ -59,7 +59,41 @@ def test_inspect_validates_checkpoint(goldens_dir, tmp_path):
     assert out.output.startswith("error: checkpoint does not match the config") and "shape-mismatched" in out.output
 
 
-def test_unavailable_verb_is_one_line(monkeypatch):
+def test_unavailable_verb_is_one_line(monkeypatch, tmp_path):
+    # a verb whose optional dependency is missing: one line naming it, exit 2
+    (tmp_path / "sf_optional_verb.py").write_text("import no_such_optional_package\ncmd = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(COMMANDS, "ghost", "sf_optional_verb:cmd")
+    out = CliRunner().invoke(main, ["ghost", "--anything"])
+    assert out.exit_code == 2 and "not available" in out.output and "no_such_optional_package" in out.output
+    assert len(out.output.strip().splitlines()) == 1
+
+
+def test_import_bug_in_a_verb_is_not_hidden(monkeypatch):
+    # a missing starflow_trt module is a bug, not an optional dependency: reported as internal error, exit 1
     monkeypatch.setitem(COMMANDS, "ghost", "starflow_trt.no_such_module:cmd")
     out = CliRunner().invoke(main, ["ghost"])
-    assert out.exit_code == 2 and "not available" in out.output and "no_such_module" in out.output
+    assert out.exit_code == 1 and "internal error" in out.output and "--debug" in out.output
+    assert "not available" not in out.output and "Traceback" not in out.output
+    out = CliRunner().invoke(main, ["--debug", "ghost"])
+    assert isinstance(out.exception, ModuleNotFoundError)  # --debug re-raises: the traceback is shown
+
+
+def test_verbs_live_in_one_package_without_cycles():
+    import importlib
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "starflow_trt"
+    assert all(t.startswith("starflow_trt.commands.") for t in COMMANDS.values())
+    for target in COMMANDS.values():
+        module, attr = target.split(":")
+        assert isinstance(getattr(importlib.import_module(module), attr), click.Command), target
+    # only the CLI layer knows the commands; calibration never imports the demo (the old cycle)
+    for path in root.rglob("*.py"):
+        if path.parent.name != "commands" and path.name != "cli.py":
+            assert not re.search(r"from \.+commands|starflow_trt\.commands", path.read_text()), path
+    assert not (root / "calibration" / "demo.py").exists() and not (root / "calibration" / "cli.py").exists()
+    from starflow_trt.toy import DEMO_PROMPTS, PROMPTS
+
+    assert set(DEMO_PROMPTS) <= set(PROMPTS)
+    assert "DEMO_PROMPTS = [" not in (root / "commands" / "demo_cmd.py").read_text()

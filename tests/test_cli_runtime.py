@@ -50,14 +50,26 @@ def test_generate_and_score_cli(goldens_export, cases, tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    out = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "demo")])
-    assert out.exit_code == 0, out.output
+    # a subprocess: C-level output (ORT) counts too. Quiet by default: at most ~30 lines without --verbose
+    out = subprocess.run([sys.executable, "-m", "starflow_trt.cli", "demo", "-o", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert len(lines) <= 30, "\n".join(lines[:60])
+    assert not any("Attribute type is ambiguous" in ln or "Collecting tensor data" in ln for ln in lines)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     for name in ("demo.mp4", "contact_sheet.png", "report.md", "report.json"):
         assert (tmp_path / "demo" / name).stat().st_size > 0, name
     assert report["parity"]["autoregressive"]["rel_max"] < 1e-3
     assert report["held_out_bits_per_dim"]["mean"] < report["held_out_bits_per_dim"]["identity_flow"]
     assert report["int8"]["bits_per_dim"]["increase"] <= 0.02
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    # a second demo replaces the first one's directory (it is ours), never a foreign one
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.txt").write_text("keep")
+    again = subprocess.run([sys.executable, "-m", "starflow_trt.cli", "demo", "-o", str(tmp_path / "foreign")],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 2 and (tmp_path / "foreign" / "x.txt").read_text() == "keep"
 
 
 def test_generate_cli_shared_thread_pool(goldens_export, cases, tmp_path):

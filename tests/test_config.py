@@ -62,8 +62,8 @@ def test_round_trip_and_hash():
     ("channels: 3", "arguments"),
     ("arguments: 5", "list"),
     ("arguments:\n- channels: abc\n", "channels"),
-    ("arguments:\n- local_attn_window: 3\n- rope: 1\n- sos: 1\n", "shallow_block_local"),
-    ("arguments:\n- temporal_causal: 2\n- rope: 1\n- sos: 1\n", "L2R"),
+    ("arguments:\n- local_attn_window: 3\n- rope: 1\n- sos: 1\n- channels: 64\n- head_dim: 32\n", "shallow_block_local"),
+    ("arguments:\n- temporal_causal: 2\n- rope: 1\n- sos: 1\n- channels: 64\n- head_dim: 32\n", "L2R"),
     ("arguments: [\n", "YAML"),
 ])
 def test_bad_configs(text, needle):

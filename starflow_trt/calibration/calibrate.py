@@ -126,7 +126,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
         log(f"captured calls written to {capture_dir}: "
             + ", ".join(f"{g} {i['calls']}/{i['seen']} in {len(i['shards'])} shard(s)" for g, i in index["graphs"].items()))
     cal, held = captured.split(0.25)
-    with staged_directory(out) as tmp:
+    with staged_directory(out, force=overwrite, inputs=[src]) as tmp:
         new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log)
         quality = {"graphs": {}}
         for name, spec in new.graphs.items():
@@ -144,7 +144,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
                                     "source": str(src), "trt_cache_versions": "TensorRT 8.x-10.x (implicit INT8)"}
         if failures and not force:
             raise StarflowError(f"{precision} graphs fail the quality gate ({'; '.join(failures)}); nothing written. "
-                                "Loosen --exclude, try another --method, or pass --force to write them anyway")
+                                "Loosen --exclude, try another --method, or pass --ignore-gate to write them anyway")
         new.save(tmp)
     return new.relocate(out)
 

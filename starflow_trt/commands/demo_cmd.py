@@ -1,19 +1,22 @@
-"""``starflow-trt demo``: bundled toy checkpoint → export → generate through ORT → mp4 + report."""
+"""``starflow-trt demo``: bundled toy checkpoint → export → generate through ORT → mp4 + report.
+
+The whole output directory is staged and renamed at the end (an interrupted demo leaves nothing);
+an existing one is replaced only if an earlier demo (or another starflow-trt verb) wrote it.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import click
 import torch
 
-DEMO_PROMPTS = [
-    "a red square moving right", "a green disc moving left", "a blue square moving up", "a yellow disc moving down",
-    "a red disc moving down", "a green square moving up", "a blue disc moving right", "a yellow square moving left",
-]
+from .. import logs
+from ..toy import DEMO_PROMPTS
+from . import options
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -22,23 +25,32 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def run_demo(out: Path, guidance: float = 3.0, seed: int = 0, block: int = 16, threshold: float = 1e-3,
-             held_out: int = 64, log=click.echo) -> dict:
-    """The whole demo; returns the report dict (also written as report.json / report.md)."""
+             held_out: int = 64, log: Callable[[str], None] = logs.echo) -> dict:
+    """The whole demo into ``out`` (staged: replaced only if starflow-trt wrote it); returns the report
+    dict (also written as report.json / report.md)."""
+    from ..staging import staged_directory
+
+    out = Path(out)
+    with staged_directory(out, force=True, kind="demo") as tmp:
+        return _run_demo(tmp, out, guidance, seed, block, threshold, held_out, log)
+
+
+def _run_demo(out: Path, final: Path, guidance: float, seed: int, block: int, threshold: float, held_out: int,
+              log: Callable[[str], None]) -> dict:
     from ..export.onnx_export import ExportLimits, export_graphs
     from ..reference import JacobiConfig, load_reference
     from ..runtime import Pipeline
     from ..runtime.outputs import write_outputs
+    from ..staging import write_json_atomic
     from ..toy import load_bundled, score_clips
     from ..toy.train import held_out_set
 
     t_all = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     toy = load_bundled()
     batch = len(DEMO_PROMPTS)
-    log(f"[1/5] export the bundled toy model → {out / 'graphs'}")
+    log(f"[1/5] export the bundled toy model → {final / 'graphs'}")
     t0 = time.perf_counter()
-    export_graphs(toy.config_path, toy.checkpoint_path, out / "graphs", limits=ExportLimits(max_batch=batch),
-                  force=True)
+    export_graphs(toy.config_path, toy.checkpoint_path, out / "graphs", limits=ExportLimits(max_batch=batch))
     export_s = time.perf_counter() - t0
     pipe = Pipeline.from_dir(out / "graphs", backend="ort")
     y, y_uncond = toy.encode(DEMO_PROMPTS), toy.encode([""] * batch)
@@ -85,26 +97,54 @@ def run_demo(out: Path, guidance: float = 3.0, seed: int = 0, block: int = 16, t
                                   "entropy_floor": summary.get("entropy_floor_bpd")},
         "prompt_following": {"colour_accuracy": prompt_scores["colour_accuracy"],
                              "direction_accuracy": prompt_scores["direction_accuracy"]},
-        "files": [p.name for p in out.iterdir() if p.is_file()],
+        "files": sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")),
     }
     calib = _maybe_int8(out, pipe, toy, noise, y, y_uncond, guidance, jacobi, log)
     if calib is not None:
         report["int8"] = calib
     report["seconds"]["demo_total"] = round(time.perf_counter() - t_all, 2)
     log("[5/5] report")
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_json_atomic(out / "report.json", report, strict=True)
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
     return report
 
 
 def _maybe_int8(out, pipe, toy, noise, y, y_uncond, guidance, jacobi, log) -> Optional[dict]:
-    """INT8 calibration + comparison when the calibration module is available."""
+    """INT8 calibration + comparison when ONNX Runtime's quantization tools are installed."""
     try:
-        from ..calibration.demo import int8_versus_fp32
-    except ImportError:
+        import onnxruntime.quantization  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] == "starflow_trt":
+            raise
+        log(f"[+] INT8 skipped: {exc.name} is not installed (pip install 'starflow-trt[cpu]')")
         return None
     log("[+] INT8: calibrate and compare against FP32")
     return int8_versus_fp32(out, pipe, toy, noise, y, y_uncond, guidance, jacobi)
+
+
+def int8_versus_fp32(out: Path, pipe, toy, noise, y, y_uncond, guidance, jacobi) -> dict:
+    """Calibrate ``out/graphs`` → ``out/graphs_int8`` and compare generation, likelihood, speed."""
+    from ..calibration.calibrate import calibrate_directory, psnr
+    from ..runtime import Pipeline
+    from ..toy import score_clips
+
+    t0 = time.perf_counter()
+    manifest = calibrate_directory(out / "graphs", out / "graphs_int8", "int8", samples=16, guidance=guidance,
+                                   log=lambda m: None)
+    seconds = time.perf_counter() - t0
+    pipe8 = Pipeline.from_dir(out / "graphs_int8", backend="ort")
+    pipe8.generate(y[:1], y_uncond[:1], noise=noise[:1], guidance=guidance, jacobi=jacobi)  # warm-up
+    r8 = pipe8.generate(y, y_uncond, noise=noise, guidance=guidance, jacobi=jacobi)
+    r32 = pipe.generate(y, y_uncond, noise=noise, guidance=guidance, jacobi=jacobi)
+    q = manifest.extra["quality"]
+    s8 = score_clips(r8.latents.clamp(-1, 1), DEMO_PROMPTS)
+    return {"calibration_seconds": round(seconds, 1), "gate_passed": q["gate"]["passed"],
+            "bits_per_dim": {"fp32": q["bpd_fp32"], "int8": q["bpd"], "increase": q["bpd_increase"]},
+            "latent_psnr_db_vs_fp32": psnr(r8.latents, r32.latents),
+            "graph_rel_l2_worst": {k: max(v["rel_l2"].values()) for k, v in q["graphs"].items()},
+            "generate_seconds": {"fp32": r32.stats["seconds"]["total"], "int8": r8.stats["seconds"]["total"]},
+            "prompt_following_int8": {"colour_accuracy": s8["colour_accuracy"],
+                                      "direction_accuracy": s8["direction_accuracy"]}}
 
 
 def render_markdown(r: dict) -> str:
@@ -139,12 +179,14 @@ def render_markdown(r: dict) -> str:
 
 
 @click.command("demo")
-@click.option("-o", "--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--guidance", default=3.0, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-o", "--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
+              help="output directory (replaced only if an earlier demo or another starflow-trt verb wrote it)")
+@click.option("--guidance", default=3.0, show_default=True, type=options.NON_NEGATIVE_FLOAT)
+@click.option("--seed", default=0, show_default=True, type=options.NON_NEGATIVE_INT)
 def demo_command(out_dir: str, guidance: float, seed: int) -> None:
     """Bundled toy model → export → generate with guidance (ORT) → demo.mp4, contact sheet, report."""
-    report = run_demo(Path(out_dir), guidance=guidance, seed=seed)
+    with logs.captured():  # exporter / quantization chatter only with --verbose
+        report = run_demo(Path(out_dir), guidance=guidance, seed=seed)
     pf = report["prompt_following"]
     click.echo(f"wrote {out_dir}/demo.mp4, contact_sheet.png, report.md, report.json in "
                f"{report['seconds']['demo_total']} s; held-out bits/dim {report['held_out_bits_per_dim']['mean']:.4f}; "

@@ -8,6 +8,7 @@ import click
 
 from ..config import ModelConfig, load_config
 from ..costs import block_params, denoiser_params, generation_costs, kv_bytes_per_frame
+from . import options
 
 
 def _fmt(n: float) -> str:
@@ -46,11 +47,11 @@ def inspect_report(cfg: ModelConfig, aspect: str = "16:9", frames: Optional[int]
 @click.command("inspect")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.argument("checkpoint", required=False, type=click.Path(exists=True, dir_okay=False))
-@click.option("--aspect", default="16:9", show_default=True, help="frame aspect for VAE configs")
-@click.option("--frames", type=int, default=None, help="latent frames (default: the config's vid_size)")
+@click.option("--aspect", default="16:9", show_default=True, callback=options.aspect, help="frame aspect for VAE configs")
+@click.option("--frames", type=options.POSITIVE_INT, default=None, help="latent frames (default: the config's vid_size)")
 def inspect_command(config: str, checkpoint: Optional[str], aspect: str, frames: Optional[int]) -> None:
     """Blocks, parameters, geometry, KV-cache size and FLOPs of CONFIG; validates CHECKPOINT if given."""
-    cfg = load_config(config)
+    cfg = load_config(config)  # validated: sizes, ranges and combinations, one error naming the fields
     if checkpoint:
         from ..checkpoint import load_state_dict, strip_wrapper_prefixes, validate_state_dict
         from ..reference import build_model, infer_text_width

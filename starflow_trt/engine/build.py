@@ -125,7 +125,7 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
     out_dir = Path(out_dir)
     cache_path = Path(options.timing_cache or out_dir.parent / "timing.cache")
     cache = cache_path.read_bytes() if cache_path.exists() else b""
-    with staged_directory(out_dir) as tmp:
+    with staged_directory(out_dir, force=True, inputs=[graph_dir]) as tmp:  # CLI checks --force first
         manifest = source.derive(tmp)
         for name, item in plan["graphs"].items():
             log(f"building {name} ({item['network']}, precision {item['precision']})")

@@ -277,39 +277,8 @@ class Manifest:
         return write_json_atomic(root / MANIFEST_NAME, self.to_dict())
 
 
-def write_json_atomic(path: Union[str, os.PathLike], data: Any) -> Path:
-    """Write JSON to a temp file beside ``path`` and rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-@contextmanager
-def staged_directory(out: Union[str, os.PathLike]) -> Iterator[Path]:
-    """Yield a temp directory beside ``out``; on success it replaces ``out``, on any error it is removed.
-
-    An interrupted export / calibration / build therefore never leaves an OUT that looks complete.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+# moved to starflow_trt.staging (ownership checks, umask permissions); re-exported here
+from ..staging import staged_directory, write_json_atomic  # noqa: E402,F401
 
 
 def load_manifest(directory: Union[str, os.PathLike], verify: bool = False) -> Manifest:

@@ -147,8 +147,9 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
     if external_data not in ("auto", "always"):
         raise StarflowError(f"--external-data must be auto or always, got {external_data!r}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise StarflowError(f"{out} exists and is not empty; choose another -o or pass --force to replace it")
+    from ..staging import check_output_dir
+
+    check_output_dir(out, force, inputs=[config, checkpoint])  # before any work: refuse, touch nothing
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
     state = load_state_dict(checkpoint, mmap=True)
     state, _ = strip_wrapper_prefixes(state)
@@ -162,7 +163,7 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
             raise StarflowError(f"unknown graph(s) {', '.join(unknown)}; choose from {', '.join(p.name for p in plans)}")
         plans = [p for p in plans if p.name in set(graphs)]
     rows = []
-    with staged_directory(out) as tmp:
+    with staged_directory(out, force=force, inputs=[config, checkpoint]) as tmp:
         specs = {}
         for i, plan in enumerate(plans):
             if progress:

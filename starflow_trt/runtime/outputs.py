@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import StarflowError
+from ..staging import temp_file_beside, write_json_atomic
+
 
 def save_npy_atomic(array: np.ndarray, path: Path) -> Path:
-    """numpy.save to a temp file beside ``path``, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    os.close(fd)
+    """numpy.save to a temp file beside ``path`` (umask permissions), then rename."""
+    tmp = temp_file_beside(path, suffix=".npy")
     try:
         np.save(tmp, array, allow_pickle=False)
         os.replace(tmp, path)
@@ -34,15 +34,21 @@ def latent_preview(latents: torch.Tensor) -> torch.Tensor:
 
 def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None, fps: int = 4) -> list[Path]:
     """latents.npy + stats.json; pixel-space models (no VAE, 3 channels) also get video.mp4 and
-    contact_sheet.png, latent models a preview contact sheet of their first channels."""
+    contact_sheet.png, latent models a preview contact sheet of their first channels.
+
+    Writes into ``out_dir`` as is: callers stage it (:func:`starflow_trt.staging.staged_directory`).
+    Non-finite latents are refused (nothing written); stats.json is strict JSON.
+    """
     from .video_io import contact_sheet, grid_video, write_mp4
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     latents = result.latents
+    if not bool(torch.isfinite(latents).all()):
+        bad = int((~torch.isfinite(latents)).sum())
+        raise StarflowError(f"generation produced {bad} non-finite latent values (NaN/Inf); nothing written. "
+                            "Check the inputs (embeddings, noise, guidance) and the graphs")
+    out_dir.mkdir(parents=True, exist_ok=True)
     files = [save_npy_atomic(latents.numpy(), out_dir / "latents.npy")]
-    stats_path = out_dir / "stats.json"
-    stats_path.write_text(json.dumps(result.stats, indent=1) + "\n", encoding="utf-8")
-    files.append(stats_path)
+    files.append(write_json_atomic(out_dir / "stats.json", result.stats, strict=True))  # RFC JSON: no NaN/Inf
     labels = labels or [f"sample {i}" for i in range(latents.shape[0])]
     pixel = not pipe.cfg.vae and latents.shape[2] == 3
     clips = [c.clamp(-1, 1) for c in (latents if pixel else latent_preview(latents))]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import StarflowError
+from ..staging import temp_file_beside
 
 LABEL_HEIGHT = 14
 
@@ -33,11 +33,10 @@ def _label(width: int, text: str) -> np.ndarray:
     return strip
 
 
-def _atomic(path: Path, suffix: str):
+def _atomic(path: Path, suffix: str) -> str:
+    """A temp file beside ``path`` with umask permissions (renamed over ``path`` when complete)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return tmp
+    return temp_file_beside(path, suffix=suffix)
 
 
 def grid_video(clips: Sequence[torch.Tensor], labels: Sequence[str], scale: int = 6, columns: int = 4) -> np.ndarray:

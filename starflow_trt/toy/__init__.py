@@ -16,11 +16,11 @@ from typing import Sequence
 
 import torch
 
-from .data import PROMPTS, detect_colour, detect_direction, make_dataset, parse_prompt, render_clip, score_clips
+from .data import DEMO_PROMPTS, PROMPTS, detect_colour, detect_direction, make_dataset, parse_prompt, render_clip, score_clips
 from .text import ToyTextEncoder
 
 __all__ = ["load_bundled", "BundledToy", "render_clip", "make_dataset", "PROMPTS", "ToyTextEncoder",
-           "score_clips", "detect_colour", "detect_direction", "parse_prompt", "ASSETS"]
+           "score_clips", "detect_colour", "detect_direction", "parse_prompt", "ASSETS", "DEMO_PROMPTS"]
 
 ASSETS = Path(str(resources.files(__package__) / "assets"))
 

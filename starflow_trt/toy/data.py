@@ -21,6 +21,11 @@ SHAPES = ("square", "disc")
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
 BACKGROUND = (-0.6, -0.6, -0.6)
 PROMPTS = [f"a {c} {s} moving {d}" for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+#: the eight prompts ``starflow-trt demo`` generates (every colour, shape and direction at least once)
+DEMO_PROMPTS = [
+    "a red square moving right", "a green disc moving left", "a blue square moving up", "a yellow disc moving down",
+    "a red disc moving down", "a green square moving up", "a blue disc moving right", "a yellow square moving left",
+]
 OBJECT_SIZE = 5.0
 
 

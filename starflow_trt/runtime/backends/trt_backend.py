@@ -89,8 +89,13 @@ class TrtBackend(Backend):
         from ...engine.build import _tensorrt, cuda_device
 
         super().__init__()
-        self.trt = _tensorrt()
-        self.device_info = cuda_device()
+        try:
+            self.trt = _tensorrt()
+            self.device_info = cuda_device()
+        except BackendUnavailable as exc:  # the engine builder's message suggests build --dry-run: not for running
+            raise BackendUnavailable("backend 'trt' runs TensorRT engines and needs TensorRT and an NVIDIA GPU, "
+                                     "which this machine lacks; use --backend ort here (`starflow-trt doctor` "
+                                     "shows what is usable)") from exc
         if "engines" not in manifest.extra:
             raise BackendUnavailable(f"{manifest.root} holds ONNX graphs, not engines; run "
                                      "`starflow-trt build DIR -o ENGINES` and pass that directory")

@@ -1,0 +1,87 @@
+"""``starflow-trt calibrate DIR --precision int8|fp16 -o OUT``."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from . import options
+
+
+@click.command("calibrate")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--precision", type=click.Choice(["int8", "fp16"]), required=True)
+@click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True)
+@click.option("--samples", default=16, show_default=True, type=options.POSITIVE_INT, help="calibration prompts (videos)")
+@click.option("--text-embeddings", "text", type=click.Path(exists=True, dir_okay=False),
+              help="calibration prompts y.npy [N, L, D] (default: the bundled toy's prompts for toy exports)")
+@click.option("--uncond", type=click.Path(exists=True, dir_okay=False), help="empty-prompt embeddings [N, L, D]")
+@click.option("--guidance", default=3.0, show_default=True, type=options.NON_NEGATIVE_FLOAT)
+@click.option("--exclude", multiple=True, help="regex of MatMul module paths kept in float (repeatable; "
+              "default: proj_out and attention)")
+@click.option("--trt-version", default="10.3.0", show_default=True, help="header of the TensorRT calibration cache")
+@click.option("--ignore-gate", is_flag=True, help="write graphs that fail the quality gate (marked in the manifest)")
+@options.force_option("replace OUT (and --capture-dir) if starflow-trt wrote it (never other files)")
+@click.option("--capture-dir", type=click.Path(file_okay=False), help="also keep the captured graph inputs here "
+              "(size-bounded .npz shards)")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+def calibrate_command(directory: str, precision: str, method: str, samples: int, text: Optional[str],
+                      uncond: Optional[str], guidance: float, exclude: tuple, trt_version: str, ignore_gate: bool,
+                      force: bool, capture_dir: Optional[str], out_dir: str) -> None:
+    """Calibrate the FP32 graphs of DIRECTORY into INT8 (Q/DQ) or FP16 graphs in OUT, gated on quality."""
+    import re
+
+    import torch
+
+    from .. import logs
+    from ..calibration.calibrate import calibrate_directory
+    from ..calibration.int8 import DEFAULT_EXCLUDE
+    from ..errors import InputError
+    from ..export.manifest import load_manifest
+    from ..staging import check_output_dir, staged_directory
+
+    inputs = [directory, text, uncond]
+    check_output_dir(out_dir, force, inputs)  # refuse before any work
+    if capture_dir is not None:
+        check_output_dir(capture_dir, force, inputs)
+        if Path(capture_dir).resolve() == Path(out_dir).resolve():
+            raise InputError("--capture-dir must differ from -o; pass another directory")
+    for pattern in exclude:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InputError(f"--exclude {pattern!r} is not a valid regular expression ({exc})") from exc
+    y, u = options.load_array(text, "--text-embeddings"), options.load_array(uncond, "--uncond")
+    if y is not None and u is not None and u.shape[0] < y.shape[0]:
+        raise InputError(f"--uncond has {u.shape[0]} rows, --text-embeddings {y.shape[0]}; give one per prompt")
+    steps = len(load_manifest(directory).graphs) + 2  # capture, one conversion per graph, quality gate
+
+    with ExitStack() as stack:
+        stack.enter_context(logs.captured())  # ORT quantization's per-tensor chatter unless --verbose
+        cap = None
+        if capture_dir is not None:
+            cap = stack.enter_context(staged_directory(capture_dir, force=force, inputs=inputs, kind="capture"))
+        bar = stack.enter_context(logs.progress(total=steps, desc="calibrate", unit="step"))
+
+        def log(message: str) -> None:
+            if logs.verbose():
+                logs.echo(message)
+            bar.set_description(message.strip()[:60])
+            bar.update(1)
+
+        manifest = calibrate_directory(
+            Path(directory), Path(out_dir), precision, method, samples,
+            torch.from_numpy(y) if y is not None else None, torch.from_numpy(u) if u is not None else None,
+            guidance, exclude=exclude or DEFAULT_EXCLUDE, trt_version=trt_version, force=ignore_gate,
+            overwrite=force, capture_dir=cap, log=log)
+        bar.update(steps - bar.n)
+    q = manifest.extra["quality"]
+    click.echo(f"{'graph':18} {'rel L2 (worst output)':>22}")
+    for name, g in q["graphs"].items():
+        click.echo(f"{name:18} {max(g['rel_l2'].values()):>22.4g}")
+    click.echo(f"bits/dim {q['bpd_fp32']:.4f} -> {q['bpd']:.4f} ({q['bpd_increase']:+.4f}); latent PSNR vs FP32 "
+               f"{q['latent_psnr_db']:.1f} dB; gate {'passed' if q['gate']['passed'] else 'FAILED (--ignore-gate)'}")
+    click.echo(f"wrote {precision} graphs + manifest.json to {out_dir}")

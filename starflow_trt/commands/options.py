@@ -1,0 +1,136 @@
+"""Argument validation of every verb, in one place: click types and shared options.
+
+A bad value is a click usage error (exit 2, one line ``error: Invalid value for '--frames': ...``);
+the checks run before any file is read or written.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import click
+import numpy as np
+
+from ..errors import InputError
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float (no nan / inf) within ``[min, max]``."""
+
+    name = "float"
+
+    def __init__(self, min: Optional[float] = None, max: Optional[float] = None):
+        self.min, self.max = min, max
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        if isinstance(value, float) and math.isfinite(value):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+            if not math.isfinite(number):
+                self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and number < self.min:
+            self.fail(f"{value} is below the minimum {self.min:g}", param, ctx)
+        if self.max is not None and number > self.max:
+            self.fail(f"{value} is above the maximum {self.max:g}", param, ctx)
+        return number
+
+    def __repr__(self) -> str:
+        return f"FiniteFloat({self.min}, {self.max})"
+
+
+#: integers >= 1 (frames, samples, batch sizes, Jacobi block / iterations, runs)
+POSITIVE_INT = click.IntRange(min=1)
+#: integers >= 0 (seeds)
+NON_NEGATIVE_INT = click.IntRange(min=0, max=2 ** 63 - 1)
+#: finite floats >= 0 (guidance, thresholds)
+NON_NEGATIVE_FLOAT = FiniteFloat(min=0.0)
+#: finite floats > 0 (GB of workspace)
+POSITIVE_FLOAT = FiniteFloat(min=1e-9)
+#: ONNX opsets TensorRT 10 parses
+OPSET = click.IntRange(min=17, max=20)
+#: TensorRT builder optimisation level
+OPT_LEVEL = click.IntRange(min=0, max=5)
+
+
+def grid(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[tuple[int, int]]:
+    """``--grid HxW`` → (h, w), both >= 1."""
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"must look like 30x53, got {value!r}", ctx, param) from None
+    if h < 1 or w < 1:
+        raise click.BadParameter(f"both sizes must be >= 1, got {value!r}", ctx, param)
+    return h, w
+
+
+def aspect(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--aspect W:H`` with two finite positive numbers."""
+    try:
+        rw, rh = (float(v) for v in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"must look like 16:9, got {value!r}", ctx, param) from None
+    if not (math.isfinite(rw) and math.isfinite(rh) and rw > 0 and rh > 0):
+        raise click.BadParameter(f"both sides must be finite and > 0, got {value!r}", ctx, param)
+    return value
+
+
+def graph_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[str]]:
+    """``--graphs a,b`` → ["a", "b"] (no empty names)."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",")]
+    if not all(names):
+        raise click.BadParameter(f"a comma-separated list of graph names, got {value!r}", ctx, param)
+    return names
+
+
+def trt_major(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--trt-version`` like 10, 10.3 or 11.0: a TensorRT major version starflow-trt targets (8-11)."""
+    try:
+        major = int(str(value).split(".")[0])
+    except ValueError:
+        raise click.BadParameter(f"must be a TensorRT version like 10 or 10.3, got {value!r}", ctx, param) from None
+    if not 8 <= major <= 11:
+        raise click.BadParameter(f"TensorRT {major} is not supported (8-11)", ctx, param)
+    return value
+
+
+def force_option(help: str = "replace OUT if starflow-trt wrote it (never other files)") -> Callable:
+    return click.option("--force", is_flag=True, help=help)
+
+
+def backend_option(default: str = "ort") -> Callable:
+    return click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default=default, show_default=True)
+
+
+#: rank and layout of every array option (checked before the pipeline sees it)
+ARRAYS = {"--text-embeddings": (3, "[B, L, D]"), "--uncond": (3, "[B, L, D]"), "--noise": (5, "[B, T, C, H, W]"),
+          "--context": (5, "[B, N, C, H, W]"), "--video": (5, "[B, T, C, H, W]")}
+
+
+def load_array(path: Optional[str], name: str) -> Optional[np.ndarray]:
+    """A finite float32 array of the rank ``ARRAYS[name]`` from a ``.npy`` file (no pickles)."""
+    if path is None:
+        return None
+    rank, layout = ARRAYS[name]
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise InputError(f"{name} {path!r} is not a readable .npy array ({reason}); save it with numpy.save") from exc
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        raise InputError(f"{name} {path!r} holds {getattr(array, 'dtype', type(array).__name__)} data; "
+                         "save a float array with numpy.save")
+    if array.ndim != rank or 0 in array.shape:
+        raise InputError(f"{name} {path!r} has shape {array.shape}; expected a non-empty {layout} array")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise InputError(f"{name} {path!r} contains NaN or Inf (or values beyond float32); fix the file")
+    return array

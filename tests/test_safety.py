@@ -424,7 +424,6 @@ def test_calibrate_force_means_replace_and_ignore_gate_is_separate(goldens_expor
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="manifest hash lands from the registry branch")
 def test_hand_edited_manifest_is_refused(goldens_export, npys, tmp_path):
     # was: max_batch raised to 64 by hand in manifest.json went undetected
     copy = tmp_path / "edited"

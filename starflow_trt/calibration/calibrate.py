@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import StarflowError
-from ..export.manifest import Manifest, load_manifest, sha256_path, staged_directory
+from ..export.manifest import Manifest, load_manifest, sha256_path
+from ..staging import staged_directory
 from ..reference.sampler import JacobiConfig
 from .capture import CaptureSet, capture_activations, iter_feeds
 from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..errors import BackendUnavailable, StarflowError
-from ..export.manifest import Manifest, load_manifest, sha256_path, staged_directory
+from ..export.manifest import Manifest, load_manifest, sha256_path
+from ..staging import staged_directory
 from .metadata import DeviceInfo, EngineMetadata
 from .ops import check_graph_ops
 from .profiles import graph_profile

@@ -27,16 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from ..config import ModelConfig
 from ..errors import ManifestError
 from ..geometry import Geometry
+from ..staging import write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "starflow-trt/graphs"
@@ -275,10 +273,6 @@ class Manifest:
         """Write ``manifest.json`` atomically into ``root`` (default: this manifest's root)."""
         root = Path(root) if root is not None else self.root
         return write_json_atomic(root / MANIFEST_NAME, self.to_dict())
-
-
-# moved to starflow_trt.staging (ownership checks, umask permissions); re-exported here
-from ..staging import staged_directory, write_json_atomic  # noqa: E402,F401
 
 
 def load_manifest(directory: Union[str, os.PathLike], verify: bool = False) -> Manifest:

@@ -36,7 +36,8 @@ from ..errors import StarflowError
 from ..geometry import Geometry
 from ..reference import build_model, infer_text_width
 from .limits import ExportLimits, geometry_for
-from .manifest import GraphSpec, Manifest, sha256_path, staged_directory
+from ..staging import staged_directory
+from .manifest import GraphSpec, Manifest, sha256_path
 from .registry import GraphPlan, graph_kind, plan_graphs
 from .weights import BlockLoader
 

@@ -70,21 +70,24 @@ def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, f
     pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, thread_pool=thread_pool)
     jacobi = None if autoregressive else JacobiConfig(block_size=jacobi_block, max_iter=jacobi_iters,
                                                       threshold=jacobi_threshold, schedule=schedule)
-    total = frames or (z.shape[1] if z is not None else pipe.geo.max_frames)
-    bars = []  # created at the first final frame, so input errors print on a clean line
+    bars: dict = {}  # one bar per stage, created at its first report so input errors print on a clean line
 
-    def on_frame(index, frame) -> None:
-        if not bars:
-            bars.append(logs.progress(total=total, desc="frames", unit="frame", leave=True))
-        bars[0].update(1)
+    def on_progress(stage: str, done: int, total: int) -> None:
+        # the deep block reports per committed token, so the bar moves even when the denoiser's
+        # lookahead holds every frame back until the end
+        if stage not in bars:
+            bars[stage] = logs.progress(total=total, desc=stage, unit="tok" if stage == "deep" else "frame",
+                                        leave=True)
+        bar = bars[stage]
+        bar.update(done - bar.n)
 
     # staged from the start: an unwritable OUT fails before sampling; a failed run leaves nothing
     with staged_directory(out_dir, force=force, inputs=inputs, kind="generate") as tmp:
         try:
             result = pipe.generate(y, y_uncond=y_uncond, noise=z, seed=seed, num_frames=frames, guidance=guidance,
-                                   jacobi=jacobi, context=ctx_latents, denoise=not no_denoise, on_frame=on_frame)
+                                   jacobi=jacobi, context=ctx_latents, denoise=not no_denoise, on_progress=on_progress)
         finally:
-            for bar in bars:
+            for bar in bars.values():
                 bar.close()
         result.stats["cli"] = cli_record(ctx, files, directory=str(Path(directory).resolve()),
                                          noise_source="file" if noise else "seed")

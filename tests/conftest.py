@@ -87,3 +87,12 @@ def toy_export(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy") / "graphs"
     export_graphs(toy.config_path, toy.checkpoint_path, out, limits=ExportLimits(max_batch=8))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op torch thread for a module (spinning pool threads cost 40x on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

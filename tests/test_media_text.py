@@ -20,13 +20,7 @@ from .conftest import REPO  # noqa: E402
 L = 96  # txt_size of the tiny tests (upstream: 256)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread (spinning pool threads cost 40x on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""Argument validation of every verb, in one place: click types and shared options.
+"""Argument validation of every verb, in one place: click types, callbacks and shared options,
+and :func:`load_array` for the ``.npy`` inputs.
 
-A bad value is a click usage error (exit 2, one line ``error: Invalid value for '--frames': ...``);
-the checks run before any file is read or written.
+A bad option value is a click usage error, reported before the command body runs (exit 2, one line
+``error: Invalid value for '--frames': ...``); a bad array file is an :class:`InputError` (exit 2).
 """
 
 from __future__ import annotations

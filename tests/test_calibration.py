@@ -109,3 +109,24 @@ def test_calibrate_needs_prompts_for_foreign_models(goldens_export, tmp_path):
 
     with pytest.raises(StarflowError, match="text-embeddings"):
         calibrate_directory(goldens_export, tmp_path / "x", "int8", log=lambda m: None)
+
+
+def test_quality_gate_fails_on_non_finite_metrics():
+    from starflow_trt.calibration.calibrate import _check_gate, default_gate
+
+    gate = default_gate("int8")
+    good = {"graphs": {"deep_step": {"rel_l2": {"scale": 0.0}}}, "bpd_increase": 0.0, "latent_psnr_db": float("inf")}
+    assert _check_gate(good, gate) == []
+    nan = float("nan")
+    bad = {"graphs": {"deep_step": {"rel_l2": {"scale": nan}}}, "bpd_increase": nan, "latent_psnr_db": nan}
+    assert len(_check_gate(bad, gate)) == 3
+
+
+def test_toy_calibration_set_only_for_toy_exports(goldens_export, toy_export):
+    from starflow_trt.export.manifest import load_manifest
+    from starflow_trt.toy.calibration import HELD_OUT_CLIPS, toy_calibration_set
+
+    assert toy_calibration_set(load_manifest(goldens_export), samples=4) is None
+    text, uncond, (clips, clip_text) = toy_calibration_set(load_manifest(toy_export), samples=4)
+    assert text.shape[0] == uncond.shape[0] == 4 and clips.shape[0] == clip_text.shape[0] == HELD_OUT_CLIPS
+    assert not torch.equal(text[0], uncond[0])

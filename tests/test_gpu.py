@@ -50,7 +50,12 @@ def test_toy_quality_gate_on_trt(toy_export, tmp_path_factory, precision):
     from starflow_trt.runtime import Pipeline
     from starflow_trt.toy import load_bundled
 
-    graphs = calibrate_directory(toy_export, tmp_path_factory.mktemp(precision) / "g", precision, log=print)
+    from starflow_trt.export.manifest import load_manifest
+    from starflow_trt.toy.calibration import toy_calibration_set
+
+    text, uncond, clips = toy_calibration_set(load_manifest(toy_export), samples=16)
+    graphs = calibrate_directory(toy_export, tmp_path_factory.mktemp(precision) / "g", precision, text=text,
+                                 uncond=uncond, eval_clips=clips, log=print)
     engines = build_engines(graphs.root, tmp_path_factory.mktemp(precision) / "e", BuildOptions(), log=print)
     toy = load_bundled()
     prompts = ["a red square moving left", "a blue disc moving up"]

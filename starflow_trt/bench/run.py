@@ -115,6 +115,7 @@ def _prepare(plan: BenchPlan, paths: BenchPaths, log) -> dict[str, Path]:
                           limits=ExportLimits(max_batch=8), force=True)
     if plan.int8:
         from ..calibration import calibrate_directory
+        from ..toy.calibration import toy_calibration_set
 
         geo = load_manifest(dirs["graphs"]).geometry
         if not (dirs["int8"] / "manifest.json").exists():
@@ -125,7 +126,9 @@ def _prepare(plan: BenchPlan, paths: BenchPaths, log) -> dict[str, Path]:
                                 guidance=2.0, force=True, overwrite=True, log=lambda m: None)
         if plan.toy and not (dirs["toy_int8"] / "manifest.json").exists():
             log("calibrating the toy model to INT8")
-            calibrate_directory(dirs["toy_graphs"], dirs["toy_int8"], "int8", overwrite=True, log=lambda m: None)
+            text, uncond, clips = toy_calibration_set(load_manifest(dirs["toy_graphs"]), samples=16)
+            calibrate_directory(dirs["toy_graphs"], dirs["toy_int8"], "int8", text=text, uncond=uncond, eval_clips=clips,
+                                overwrite=True, log=lambda m: None)
     return dirs
 
 

@@ -70,22 +70,6 @@ def psnr(test: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
 
 
-def _default_prompts(manifest: Manifest, samples: int):
-    """The bundled toy's prompts when DIR was exported from it; otherwise None."""
-    try:
-        from ..toy import PROMPTS, load_bundled
-
-        toy = load_bundled()
-    except Exception:  # noqa: BLE001 - no bundled model: caller must pass embeddings
-        return None
-    from ..checkpoint import sha256_file
-
-    if sha256_file(toy.checkpoint_path) != manifest.checkpoint.get("sha256"):
-        return None
-    prompts = [PROMPTS[(7 * i) % len(PROMPTS)] for i in range(samples)]
-    return toy.encode(prompts), toy.encode([""] * samples), toy
-
-
 def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: str = "entropy",
                         samples: int = 16, text: Optional[torch.Tensor] = None, uncond: Optional[torch.Tensor] = None,
                         guidance: float = 3.0, jacobi: Optional[JacobiConfig] = JacobiConfig(block_size=16),
@@ -107,13 +91,9 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
     if manifest.precision != "fp32":
         raise StarflowError(f"{src} holds {manifest.precision} graphs; calibrate from the FP32 export")
     gate = gate or default_gate(precision)
-    toy = None
     if text is None:
-        found = _default_prompts(manifest, samples)
-        if found is None:
-            raise StarflowError("no calibration prompts: pass --text-embeddings (and --uncond for guidance) "
-                                "with the kind of prompts the model will serve")
-        text, uncond, toy = found
+        raise StarflowError("no calibration prompts: pass --text-embeddings (and --uncond for guidance) "
+                            "with the kind of prompts the model will serve")
     if guidance > 0 and uncond is None:
         raise StarflowError("guidance > 0 needs --uncond embeddings for calibration")
     pipe32 = Pipeline(manifest, make_backend("ort", manifest))
@@ -135,7 +115,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
                 continue
             errs = graph_errors(manifest.graph(name).path, spec.path, held.calls.get(name, []))
             quality["graphs"][name] = {"rel_l2": errs, "calls": len(held.calls.get(name, []))}
-        quality.update(_end_to_end(manifest, new, text, uncond, guidance, jacobi, eval_clips, toy))
+        quality.update(_end_to_end(manifest, new, text, uncond, guidance, jacobi, eval_clips))
         failures = _check_gate(quality, gate)
         quality["gate"] = {**asdict(gate), "passed": not failures, "failures": failures, "forced": bool(failures and force)}
         new.extra["quality"] = quality
@@ -184,28 +164,22 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
     return new
 
 
-def _end_to_end(m32: Manifest, mq: Manifest, text, uncond, guidance, jacobi, eval_clips, toy) -> dict:
+def _end_to_end(m32: Manifest, mq: Manifest, text, uncond, guidance, jacobi, eval_clips) -> dict:
     """bits/dim increase and latent PSNR of the new graphs vs FP32 (ORT CPU, same inputs)."""
     from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
 
     with make_backend("ort", m32) as b32, make_backend("ort", mq) as bq:
-        return _compare(Pipeline(m32, b32), Pipeline(mq, bq), text, uncond, guidance, jacobi, eval_clips, toy)
+        return _compare(Pipeline(m32, b32), Pipeline(mq, bq), text, uncond, guidance, jacobi, eval_clips)
 
 
-def _compare(p32, pq, text, uncond, guidance, jacobi, eval_clips, toy) -> dict:
+def _compare(p32, pq, text, uncond, guidance, jacobi, eval_clips) -> dict:
     """The numbers of :func:`_end_to_end` from the FP32 and the new pipeline."""
     m32 = p32.manifest
     batch = m32.geometry.max_batch
     y, u = text[:batch], (uncond[:batch] if uncond is not None else None)
     kwargs = dict(guidance=guidance, jacobi=jacobi, seed=2024)
     a, b = p32.generate(y, u, **kwargs), pq.generate(y, u, **kwargs)
-    if eval_clips is None and toy is not None:
-        from ..toy.train import held_out_set
-
-        clips, prompts = held_out_set(64, m32.geometry.max_frames)
-        noisy = clips + m32.config.noise_std * torch.randn(clips.shape, generator=torch.Generator().manual_seed(12345))
-        eval_clips = (noisy, toy.encode(prompts))
     if eval_clips is None:  # the model's own samples from seeds never used in calibration
         eval_clips = (p32.generate(y, u, guidance=guidance, jacobi=jacobi, seed=4242).raw, y)
     x, ey = eval_clips
@@ -220,10 +194,10 @@ def _check_gate(quality: dict, gate: QualityGate) -> list[str]:
     failures = []
     for name, g in quality["graphs"].items():
         worst = max(g["rel_l2"].values()) if g["rel_l2"] else 0.0
-        if worst > gate.max_graph_error:
+        if not worst <= gate.max_graph_error:  # NaN fails
             failures.append(f"{name} rel error {worst:.3g} > {gate.max_graph_error}")
-    if quality["bpd_increase"] > gate.max_bpd_increase:
+    if not quality["bpd_increase"] <= gate.max_bpd_increase:
         failures.append(f"bits/dim +{quality['bpd_increase']:.4f} > {gate.max_bpd_increase}")
-    if quality["latent_psnr_db"] < gate.min_psnr_db:
+    if not quality["latent_psnr_db"] >= gate.min_psnr_db:
         failures.append(f"latent PSNR {quality['latent_psnr_db']:.1f} dB < {gate.min_psnr_db}")
     return failures

@@ -57,7 +57,17 @@ def calibrate_command(directory: str, precision: str, method: str, samples: int,
     y, u = options.load_array(text, "--text-embeddings"), options.load_array(uncond, "--uncond")
     if y is not None and u is not None and u.shape[0] < y.shape[0]:
         raise InputError(f"--uncond has {u.shape[0]} rows, --text-embeddings {y.shape[0]}; give one per prompt")
-    steps = len(load_manifest(directory).graphs) + 2  # capture, one conversion per graph, quality gate
+    source = load_manifest(directory)
+    steps = len(source.graphs) + 2  # capture, one conversion per graph, quality gate
+    text_t = torch.from_numpy(y) if y is not None else None
+    uncond_t = torch.from_numpy(u) if u is not None else None
+    eval_clips = None
+    if text_t is None:  # an export of the bundled toy calibrates on the toy's own prompts and clips
+        from ..toy.calibration import toy_calibration_set
+
+        found = toy_calibration_set(source, samples)
+        if found is not None:
+            text_t, uncond_t, eval_clips = found
 
     with ExitStack() as stack:
         stack.enter_context(logs.captured())  # ORT quantization's per-tensor chatter unless --verbose
@@ -74,8 +84,7 @@ def calibrate_command(directory: str, precision: str, method: str, samples: int,
 
         manifest = calibrate_directory(
             Path(directory), Path(out_dir), precision, method, samples,
-            torch.from_numpy(y) if y is not None else None, torch.from_numpy(u) if u is not None else None,
-            guidance, exclude=exclude or DEFAULT_EXCLUDE, trt_version=trt_version, force=ignore_gate,
+            text_t, uncond_t, guidance, exclude=exclude or DEFAULT_EXCLUDE, eval_clips=eval_clips, trt_version=trt_version, force=ignore_gate,
             overwrite=force, capture_dir=cap, log=log)
         bar.update(steps - bar.n)
     q = manifest.extra["quality"]

@@ -127,10 +127,12 @@ def int8_versus_fp32(out: Path, pipe, toy, noise, y, y_uncond, guidance, jacobi)
     from ..calibration.calibrate import calibrate_directory, psnr
     from ..runtime import Pipeline
     from ..toy import score_clips
+    from ..toy.calibration import toy_calibration_set
 
     t0 = time.perf_counter()
-    manifest = calibrate_directory(out / "graphs", out / "graphs_int8", "int8", samples=16, guidance=guidance,
-                                   log=lambda m: None)
+    text, uncond, eval_clips = toy_calibration_set(pipe.manifest, samples=16)
+    manifest = calibrate_directory(out / "graphs", out / "graphs_int8", "int8", samples=16, text=text, uncond=uncond,
+                                   guidance=guidance, eval_clips=eval_clips, log=lambda m: None)
     seconds = time.perf_counter() - t0
     pipe8 = Pipeline.from_dir(out / "graphs_int8", backend="ort")
     pipe8.generate(y[:1], y_uncond[:1], noise=noise[:1], guidance=guidance, jacobi=jacobi)  # warm-up

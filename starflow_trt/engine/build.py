@@ -124,7 +124,8 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
     plan = build_plan(graph_dir, options, trt.__version__)
     source = load_manifest(graph_dir, verify=True)
     out_dir = Path(out_dir)
-    cache_path = Path(options.timing_cache or out_dir.parent / "timing.cache")
+    # default: the timing cache lives inside the engine directory (a rebuild with --force reuses it)
+    cache_path = Path(options.timing_cache) if options.timing_cache else out_dir / "timing.cache"
     cache = cache_path.read_bytes() if cache_path.exists() else b""
     with staged_directory(out_dir, force=True, inputs=[graph_dir]) as tmp:  # CLI checks --force first
         manifest = source.derive(tmp)
@@ -146,8 +147,11 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
         manifest.extra["engines"] = {"tensorrt": trt.__version__, "gpu": device.name,
                                      "compute_capability": device.compute_capability, "source": str(graph_dir)}
         manifest.save(tmp)
-        fd, tmp_cache = tempfile.mkstemp(dir=Path(cache_path).parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(cache)
-        os.replace(tmp_cache, cache_path)
+        if options.timing_cache is None:
+            (tmp / "timing.cache").write_bytes(cache)
+        else:  # the user's own cache file: replace it atomically
+            fd, tmp_cache = tempfile.mkstemp(dir=cache_path.parent)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(cache)
+            os.replace(tmp_cache, cache_path)
     return load_manifest(out_dir)

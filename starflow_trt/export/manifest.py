@@ -286,7 +286,7 @@ def load_manifest(directory: Union[str, os.PathLike], verify: bool = False) -> M
                             "(an interrupted export leaves none); re-run `starflow-trt export`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); re-export") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{path} is not a starflow-trt manifest (no format {FORMAT!r}); "

@@ -9,6 +9,8 @@ from typing import Any, Optional
 import click
 import numpy as np
 
+from ..runtime.backends import THREAD_POOLS
+from ..sampling import SCHEDULES
 from . import options
 
 def _sha256(path: Optional[str]) -> Optional[dict]:
@@ -39,14 +41,14 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("--jacobi-block", default=16, show_default=True, type=options.POSITIVE_INT)
 @click.option("--jacobi-iters", default=32, show_default=True, type=options.POSITIVE_INT)
 @click.option("--jacobi-threshold", default=1e-3, show_default=True, type=options.NON_NEGATIVE_FLOAT)
-@click.option("--schedule", type=click.Choice(["sliding", "upstream"]), default=None,
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Jacobi schedule (default: the runtime's fastest, sliding)")
 @click.option("--autoregressive", is_flag=True, help="token-by-token sampling instead of Jacobi")
 @click.option("--context", type=click.Path(exists=True, dir_okay=False), help="conditioning latents [B, N, C, H, W]")
 @click.option("--no-denoise", is_flag=True, help="skip the learnable denoiser")
 @options.backend_option()
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
-@click.option("--thread-pool", type=click.Choice(["shared", "session"]), default="shared", show_default=True,
+@click.option("--thread-pool", type=click.Choice(THREAD_POOLS), default="shared", show_default=True,
               help="ORT CPU threads: one pool shared by all graphs, or a pool per graph")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @options.force_option()

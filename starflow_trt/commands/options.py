@@ -108,7 +108,9 @@ def force_option(help: str = "replace OUT if starflow-trt wrote it (never other 
 
 
 def backend_option(default: str = "ort") -> Callable:
-    return click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default=default, show_default=True)
+    from ..runtime.backends import backend_names
+
+    return click.option("--backend", type=click.Choice(backend_names()), default=default, show_default=True)
 
 
 #: rank and layout of every array option (checked before the pipeline sees it)

@@ -8,6 +8,8 @@ from typing import Optional
 
 import click
 
+from . import options
+
 
 def _is_loopback(host: str) -> bool:
     try:
@@ -35,7 +37,7 @@ def _is_loopback(host: str) -> bool:
               help="requests queued beyond what the replicas hold; more get 503")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
               help="request deadline in seconds (not started by then: 408; streaming: ends with an error event)")
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
+@options.backend_option()
 @click.option("--providers", type=click.Choice(["cpu", "auto"]), default="cpu", show_default=True,
               help="ORT execution providers: CPU, or the best available (CUDA / TensorRT EPs)")
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads per replica")

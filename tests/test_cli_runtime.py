@@ -86,3 +86,63 @@ def test_generate_cli_shared_thread_pool(goldens_export, cases, tmp_path):
     # sliding Jacobi at threshold 1e-3 on the goldens model (g0): close to the AR golden, not equal to it
     latents, golden = np.load(tmp_path / "gen" / "latents.npy"), cases["reverse.g0"].numpy()
     assert np.linalg.norm(latents - golden) <= 0.2 * np.linalg.norm(golden)
+
+
+def test_score_cli_streams_a_directory_and_a_list(goldens_export, cases, tmp_path):
+    # 10 clips on a max_batch 4 export, in files of 1 clip [T, C, H, W] and of 3 clips [B, T, C, H, W]
+    from starflow_trt.runtime.pipeline import Pipeline
+
+    gen = np.random.default_rng(0)
+    x = np.concatenate([cases["x"].numpy()] * 5) + 0.1 * gen.standard_normal((10, *cases["x"].shape[1:]))
+    y = np.concatenate([cases["y"].numpy()] * 5) + 0.1 * gen.standard_normal((10, *cases["y"].shape[1:]))
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [(0, 1), (1, 4), (4, 5), (5, 8), (8, 9), (9, 10)]
+    names = []
+    for i, (a, b) in enumerate(rows):
+        names.append(f"clip{i:02d}.npy")
+        np.save(data / names[-1], x[a] if b - a == 1 else x[a:b])
+    (data / "notes.txt").write_text("not a latent")
+    np.save(tmp_path / "y.npy", y)
+    with Pipeline.from_dir(goldens_export) as pipe:
+        want = np.concatenate([pipe.score(x[i:i + 4], y[i:i + 4])[0].numpy() for i in range(0, 10, 4)])
+    runner = CliRunner()
+    listing = tmp_path / "list.txt"
+    listing.write_text("# clips\n" + "\n".join(f"data/{n}" for n in names) + "\n\n")
+    for video in (data, listing):
+        out = runner.invoke(main, ["score", str(goldens_export), "--video", str(video),
+                                   "--text-embeddings", str(tmp_path / "y.npy"), "-o", str(tmp_path / f"s_{video.name}")])
+        assert out.exit_code == 0, out.output
+        scores = json.loads(out.output)
+        np.testing.assert_allclose(scores["nll"], want, rtol=1e-6)
+        assert [len(f["nll"]) for f in scores["files"]] == [1, 3, 1, 3, 1, 1]
+        assert scores["files"][1]["nll"] == scores["nll"][1:4] and scores["files"][1]["path"].endswith("clip01.npy")
+        written = json.loads((tmp_path / f"s_{video.name}" / "scores.json").read_text())
+        assert written["nll"] == scores["nll"] and len(written["cli"]["inputs"]) == 7
+    # one text row per clip, a pickled file, a wrong shape: one-line errors, exit 2
+    np.save(tmp_path / "y9.npy", y[:9])
+    out = runner.invoke(main, ["score", str(goldens_export), "--video", str(data), "--text-embeddings", str(tmp_path / "y9.npy")])
+    assert out.exit_code == 2 and "9 rows but --video holds 10 clips" in out.output
+    np.save(data / "zz.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    out = runner.invoke(main, ["score", str(goldens_export), "--video", str(data), "--text-embeddings", str(tmp_path / "y.npy")])
+    assert out.exit_code == 2 and "zz.npy" in out.output and out.output.count("\n") == 1
+    np.save(data / "zz.npy", x[0, :, :2])
+    out = runner.invoke(main, ["score", str(goldens_export), "--video", str(data), "--text-embeddings", str(tmp_path / "y.npy")])
+    assert out.exit_code == 2 and "zz.npy" in out.output and "expected a clip [T, 4, 6, 4]" in out.output
+    listing.write_text("data/missing.npy\n")
+    out = runner.invoke(main, ["score", str(goldens_export), "--video", str(listing), "--text-embeddings", str(tmp_path / "y.npy")])
+    assert out.exit_code == 2 and "missing.npy" in out.output
+
+
+def test_score_cli_splits_a_large_batch(goldens_export, cases, tmp_path):
+    x = np.concatenate([cases["x"].numpy()] * 5)
+    y = np.concatenate([cases["y"].numpy()] * 5)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    out = CliRunner().invoke(main, ["score", str(goldens_export), "--video", str(tmp_path / "x.npy"),
+                                    "--text-embeddings", str(tmp_path / "y.npy")])
+    assert out.exit_code == 0, out.output
+    nll = json.loads(out.output)["nll"]
+    assert len(nll) == 10 and "files" not in json.loads(out.output)
+    np.testing.assert_allclose(nll[:2], nll[8:], rtol=1e-6)   # the same clips in the first and last chunk

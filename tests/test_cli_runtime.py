@@ -146,3 +146,40 @@ def test_score_cli_splits_a_large_batch(goldens_export, cases, tmp_path):
     nll = json.loads(out.output)["nll"]
     assert len(nll) == 10 and "files" not in json.loads(out.output)
     np.testing.assert_allclose(nll[:2], nll[8:], rtol=1e-6)   # the same clips in the first and last chunk
+
+
+def test_generate_cli_long_video_matches_reference(goldens_export, cases, ref32, tmp_path):
+    # --frames 5 on a 3-frame export: the window defaults to the export's frames (the goldens config has
+    # no local_attn_window) and the context to window - 1, upstream's long-video path
+    import torch
+
+    from starflow_trt.reference import JacobiConfig
+
+    from .conftest import assert_golden
+
+    np.save(tmp_path / "y.npy", cases["y"].numpy())
+    np.save(tmp_path / "u.npy", cases["y_uncond"].numpy())
+    common = ["generate", str(goldens_export), "--text-embeddings", str(tmp_path / "y.npy"), "--uncond",
+              str(tmp_path / "u.npy"), "--guidance", "2", "--frames", "5", "--seed", "3", "--jacobi-block", "8",
+              "--jacobi-iters", "40", "--jacobi-threshold", "0", "--schedule", "upstream", "--thread-pool", "session"]
+    noise = torch.randn(2, 5, *cases["noise"].shape[2:], generator=torch.Generator().manual_seed(3))
+    runner = CliRunner()
+    for extra, window, context in (([], 3, 2), (["--window", "2", "--context-length", "1"], 2, 1)):
+        out_dir = tmp_path / f"w{window}"
+        out = runner.invoke(main, [*common, *extra, "--no-denoise", "-o", str(out_dir)])
+        assert out.exit_code == 0, out.output
+        jac = JacobiConfig(block_size=8, max_iter=40, threshold=0.0, schedule="upstream", window=window,
+                           context_length=context)
+        ref = ref32.sample(noise, cases["y"], cases["y_uncond"], guidance=2.0, jacobi=jac)
+        assert_golden(torch.from_numpy(np.load(out_dir / "latents.npy")), ref, "reverse.long_video")
+        request = json.loads((out_dir / "stats.json").read_text())["request"]
+        assert (request["window"], request["context_length"], request["num_frames"]) == (window, context, 5)
+    # the denoiser's 10-frame overlap cannot advance in a 3-frame window: one line, both values, what to pass
+    out = runner.invoke(main, [*common, "-o", str(tmp_path / "d")])
+    assert out.exit_code == 2 and out.output.startswith("error:") and out.output.count("\n") == 1, out.output
+    assert "window=3" in out.output and "denoiser_window=10" in out.output and "--no-denoise" in out.output
+    assert not (tmp_path / "d").exists()
+    for bad, needle in ((["--window", "2", "--context-length", "2"], "--context-length"),
+                        (["--window", "5"], "--window"), (["--autoregressive", "--window", "2"], "--autoregressive")):
+        out = runner.invoke(main, [*common, *bad, "--no-denoise", "-o", str(tmp_path / "e")])
+        assert out.exit_code == 2 and out.output.count("\n") == 1 and needle in out.output, out.output

@@ -34,7 +34,13 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("--uncond", type=click.Path(exists=True, dir_okay=False), help="empty-prompt embeddings [B, L, D]")
 @click.option("--noise", type=click.Path(exists=True, dir_okay=False), help="noise.npy [B, T, C, H, W]")
 @click.option("--seed", default=0, show_default=True, type=options.NON_NEGATIVE_INT, help="noise seed (without --noise)")
-@click.option("--frames", default=None, type=options.POSITIVE_INT, help="latent frames (default: the export's max)")
+@click.option("--frames", default=None, type=options.POSITIVE_INT,
+              help="latent frames (default: the export's max; more: a long video through the attention window)")
+@click.option("--window", default=None, type=options.POSITIVE_INT,
+              help="long videos: attention window in latent frames (default: the model's local_attn_window, "
+                   "else the export's frames, the training length)")
+@click.option("--context-length", default=None, type=options.POSITIVE_INT,
+              help="long videos: frames re-encoded as context when the window slides (default: window - 1)")
 @click.option("--guidance", default=0.0, show_default=True, type=options.NON_NEGATIVE_FLOAT)
 @click.option("--jacobi-block", default=16, show_default=True, type=options.POSITIVE_INT)
 @click.option("--jacobi-iters", default=32, show_default=True, type=options.POSITIVE_INT)
@@ -51,15 +57,21 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @options.force_option()
 @click.pass_context
-def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, frames, guidance, jacobi_block,
-                     jacobi_iters, jacobi_threshold, schedule, autoregressive, context, no_denoise, backend,
+def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, frames, window, context_length,
+                     guidance, jacobi_block, jacobi_iters, jacobi_threshold, schedule, autoregressive, context, no_denoise, backend,
                      checkpoint, thread_pool, out_dir, force) -> None:
-    """Generate latents from text embeddings through the graphs (or engines) in DIRECTORY."""
+    """Generate latents from text embeddings through the graphs (or engines) in DIRECTORY.
+
+    Any number of prompts (chunks of the export's max_batch; seeded noise of chunk k from seed + k).
+    --frames beyond the export's frames samples a long video as upstream does: a sliding attention
+    window (--window) that re-encodes the last --context-length frames.
+    """
     from .. import logs
     from ..runtime import JacobiConfig, Pipeline
     from ..runtime.outputs import write_outputs
     from ..staging import check_output_dir, staged_directory
 
+    options.long_video(window, context_length, autoregressive)
     files = {"text_embeddings": text, "uncond": uncond, "noise": noise, "context": context, "checkpoint": checkpoint}
     inputs = [directory, *files.values()]
     check_output_dir(out_dir, force, inputs)  # refuse before any work
@@ -68,14 +80,21 @@ def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, f
     z = options.load_array(noise, "--noise")
     ctx_latents = options.load_array(context, "--context")
     pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, thread_pool=thread_pool)
+    g = pipe.geo
+    # upstream's long-video default: the attention window is the training length (a video that fits
+    # the window is sampled without one)
+    window = window or g.local_attn_window or g.max_frames
     jacobi = None if autoregressive else JacobiConfig(block_size=jacobi_block, max_iter=jacobi_iters,
-                                                      threshold=jacobi_threshold, schedule=schedule)
-    total = frames or (z.shape[1] if z is not None else pipe.geo.max_frames)
+                                                      threshold=jacobi_threshold, schedule=schedule,
+                                                      window=window, context_length=context_length)
+    chunks = -(-(y.shape[0]) // g.max_batch)
+    total = (frames or (z.shape[1] if z is not None else g.max_frames)) * chunks
     bars = []  # created at the first final frame, so input errors print on a clean line
 
     def on_frame(index, frame) -> None:
         if not bars:
-            bars.append(logs.progress(total=total, desc="frames", unit="frame", leave=True))
+            bars.append(logs.progress(total=total, desc="frames" if chunks == 1 else f"frames ({chunks} batches)",
+                                      unit="frame", leave=True))
         bars[0].update(1)
 
     # staged from the start: an unwritable OUT fails before sampling; a failed run leaves nothing

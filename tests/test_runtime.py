@@ -140,7 +140,7 @@ def test_torch_backend_matches(goldens_export, goldens_dir, cases):
     (lambda c: dict(y=c["y"], guidance=2.0), "y_uncond"),
     (lambda c: dict(y=c["y"], noise=c["noise"][:, :, :3]), "noise must be"),
     (lambda c: dict(y=c["y"], jacobi=JacobiConfig(schedule="magic")), "schedule"),
-    (lambda c: dict(y=torch.cat([c["y"]] * 3)), "max_batch"),
+    (lambda c: dict(y=torch.cat([c["y"]] * 3), noise=c["noise"]), "noise has|must be text embeddings"),
     (lambda c: dict(y=c["y"], num_frames=0), "num_frames must be a whole number >= 1"),
     (lambda c: dict(y=c["y"], guidance=float("nan"), y_uncond=c["y_uncond"]), "guidance must be a finite"),
 ])
@@ -304,3 +304,42 @@ def test_request_in_stats(pipe, cases):
     assert req["jacobi"]["block_size"] == 8 and req["denoise"] is True and req["context_frames"] == 1
     given = pipe.generate(cases["y"], noise=cases["noise"], denoise=False).stats["request"]
     assert (given["seed"], given["noise"], given["jacobi"], given["denoise"]) == (None, "given", None, False)
+
+
+def test_score_splits_any_batch_into_max_batch_chunks(pipe, cases):
+    # 32 clips on a max_batch 4 export = the concatenation of 8 calls of 4
+    gen = torch.Generator().manual_seed(3)
+    x = cases["x"].repeat(16, 1, 1, 1, 1) + 0.1 * torch.randn(32, *cases["x"].shape[1:], generator=gen)
+    y = cases["y"].repeat(16, 1, 1) + 0.1 * torch.randn(32, *cases["y"].shape[1:], generator=gen)
+    events = []
+    nll, bpd = pipe.score(x, y, on_progress=lambda *e: events.append(e))
+    parts = [pipe.score(x[i:i + 4], y[i:i + 4]) for i in range(0, 32, 4)]
+    torch.testing.assert_close(nll, torch.cat([p[0] for p in parts]), rtol=0, atol=0)
+    torch.testing.assert_close(bpd, torch.cat([p[1] for p in parts]), rtol=0, atol=0)
+    assert events == [("batch", k, 8) for k in range(1, 9)]
+    assert nll.shape == (32,) and len(set(nll.tolist())) == 32
+    one, _ = pipe.score(x[5:6], y[5:6])      # and one by one
+    torch.testing.assert_close(nll[5:6], one, rtol=1e-6, atol=0)
+
+
+def test_generate_splits_any_batch_into_max_batch_chunks(pipe, cases):
+    # 6 prompts on max_batch 4: chunks of 4 and 2; seeded noise of chunk k comes from seed + k
+    y = torch.cat([cases["y"]] * 3) + 0.01 * torch.arange(6.0).view(6, 1, 1)
+    yu = torch.cat([cases["y_uncond"]] * 3)
+    jac = JacobiConfig(block_size=8, max_iter=8, threshold=1e-3, schedule="upstream")
+    events = []
+    full = pipe.generate(y, yu, seed=7, num_frames=2, guidance=2.0, jacobi=jac,
+                         on_progress=lambda *e: events.append(e))
+    a = pipe.generate(y[:4], yu[:4], seed=7, num_frames=2, guidance=2.0, jacobi=jac)
+    b = pipe.generate(y[4:], yu[4:], seed=8, num_frames=2, guidance=2.0, jacobi=jac)
+    torch.testing.assert_close(full.latents, torch.cat([a.latents, b.latents]), rtol=0, atol=0)
+    torch.testing.assert_close(full.raw, torch.cat([a.raw, b.raw]), rtol=0, atol=0)
+    assert [e for e in events if e[0] == "batch"] == [("batch", 1, 2), ("batch", 2, 2)]
+    st = full.stats
+    assert st["batch"] == 6 and len(st["chunks"]) == 2 and [c["batch"] for c in st["chunks"]] == [4, 2]
+    assert st["total_graph_calls"] == a.stats["total_graph_calls"] + b.stats["total_graph_calls"]
+    # given noise is split with the prompts
+    noise = torch.randn(6, 2, *cases["noise"].shape[2:], generator=torch.Generator().manual_seed(1))
+    given = pipe.generate(y, noise=noise, denoise=False)
+    solo = [pipe.generate(y[i:i + 1], noise=noise[i:i + 1], denoise=False).latents for i in (0, 5)]
+    torch.testing.assert_close(given.latents[[0, 5]], torch.cat(solo), rtol=1e-5, atol=1e-5)

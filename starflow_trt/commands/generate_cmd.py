@@ -36,7 +36,13 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("--uncond", type=click.Path(exists=True, dir_okay=False), help="empty-prompt embeddings [B, L, D]")
 @click.option("--noise", type=click.Path(exists=True, dir_okay=False), help="noise.npy [B, T, C, H, W]")
 @click.option("--seed", default=0, show_default=True, type=options.NON_NEGATIVE_INT, help="noise seed (without --noise)")
-@click.option("--frames", default=None, type=options.POSITIVE_INT, help="latent frames (default: the export's max)")
+@click.option("--frames", default=None, type=options.POSITIVE_INT,
+              help="latent frames (default: the export's max; more: a long video through the attention window)")
+@click.option("--window", default=None, type=options.POSITIVE_INT,
+              help="long videos: attention window in latent frames (default: the model's local_attn_window, "
+                   "else the export's frames, the training length)")
+@click.option("--context-length", default=None, type=options.POSITIVE_INT,
+              help="long videos: frames re-encoded as context when the window slides (default: window - 1)")
 @click.option("--guidance", default=0.0, show_default=True, type=options.NON_NEGATIVE_FLOAT)
 @click.option("--jacobi-block", default=16, show_default=True, type=options.POSITIVE_INT)
 @click.option("--jacobi-iters", default=32, show_default=True, type=options.POSITIVE_INT)
@@ -53,15 +59,21 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @options.force_option()
 @click.pass_context
-def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, frames, guidance, jacobi_block,
-                     jacobi_iters, jacobi_threshold, schedule, autoregressive, context, no_denoise, backend,
+def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, frames, window, context_length,
+                     guidance, jacobi_block, jacobi_iters, jacobi_threshold, schedule, autoregressive, context, no_denoise, backend,
                      checkpoint, thread_pool, out_dir, force) -> None:
-    """Generate latents from text embeddings through the graphs (or engines) in DIRECTORY."""
+    """Generate latents from text embeddings through the graphs (or engines) in DIRECTORY.
+
+    Any number of prompts (chunks of the export's max_batch; seeded noise of chunk k from seed + k).
+    --frames beyond the export's frames samples a long video as upstream does: a sliding attention
+    window (--window) that re-encodes the last --context-length frames.
+    """
     from .. import logs
     from ..runtime import JacobiConfig, Pipeline
     from ..runtime.outputs import write_outputs
     from ..staging import check_output_dir, staged_directory
 
+    options.long_video(window, context_length, autoregressive)
     files = {"text_embeddings": text, "uncond": uncond, "noise": noise, "context": context, "checkpoint": checkpoint}
     inputs = [directory, *files.values()]
     check_output_dir(out_dir, force, inputs)  # refuse before any work
@@ -70,17 +82,25 @@ def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, f
     z = options.load_array(noise, "--noise")
     ctx_latents = options.load_array(context, "--context")
     pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, thread_pool=thread_pool)
+    g = pipe.geo
+    # upstream's long-video default: the attention window is the training length (a video that fits
+    # the window is sampled without one)
+    window = window or g.local_attn_window or g.max_frames
     jacobi = None if autoregressive else JacobiConfig(block_size=jacobi_block, max_iter=jacobi_iters,
-                                                      threshold=jacobi_threshold, schedule=schedule)
+                                                      threshold=jacobi_threshold, schedule=schedule,
+                                                      window=window, context_length=context_length)
     bars: dict = {}  # one bar per stage, created at its first report so input errors print on a clean line
 
     def on_progress(stage: str, done: int, total: int) -> None:
         # the deep block reports per committed token, so the bar moves even when the denoiser's
-        # lookahead holds every frame back until the end
+        # lookahead holds every frame back until the end; a batch split into chunks restarts the
+        # per-chunk stages and reports ("batch", chunks done, chunks)
         if stage not in bars:
-            bars[stage] = logs.progress(total=total, desc=stage, unit="tok" if stage == "deep" else "frame",
-                                        leave=True)
+            unit = {"deep": "tok", "batch": "chunk"}.get(stage, "frame")
+            bars[stage] = logs.progress(total=total, desc=stage, unit=unit, leave=True)
         bar = bars[stage]
+        if done < bar.n:
+            bar.reset(total=total)
         bar.update(done - bar.n)
 
     # staged from the start: an unwritable OUT fails before sampling; a failed run leaves nothing
@@ -102,8 +122,11 @@ def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, f
 
 @click.command("score")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--video", required=True, type=click.Path(exists=True, dir_okay=False), help="x.npy [B, T, C, H, W]")
-@click.option("--text-embeddings", "text", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--video", required=True, type=click.Path(exists=True),
+              help="x.npy [B, T, C, H, W], a directory of .npy latents, or a text file listing .npy files "
+                   "(one clip [T, C, H, W] or clips [B, T, C, H, W] each; streamed in chunks of max_batch)")
+@click.option("--text-embeddings", "text", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="y.npy [N, L, D]: one row per clip, in file order")
 @options.backend_option()
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
@@ -111,24 +134,71 @@ def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, f
 @options.force_option()
 @click.pass_context
 def score_command(ctx: click.Context, directory, video, text, backend, checkpoint, out_dir, force) -> None:
-    """Per-sample NLL (nats/dim) and bits/dim of VIDEO through the forward graphs (JSON on stdout)."""
+    """Per-sample NLL (nats/dim) and bits/dim of VIDEO through the forward graphs (JSON on stdout).
+
+    Any number of clips: they are scored in chunks of the export's max_batch (a progress bar
+    over chunks); a directory or list of files adds per-file results under "files".
+    """
+    from .. import logs
     from ..errors import InputError
     from ..runtime import Pipeline
     from ..staging import check_output_dir, staged_directory, write_json_atomic
+    from . import latents
 
-    files = {"video": video, "text_embeddings": text, "checkpoint": checkpoint}
-    inputs = [directory, *files.values()]
+    paths = latents.video_files(video)
+    single = len(paths) == 1 and Path(video).resolve() == paths[0].resolve()
+    files = {"video": video} if single else {f"video[{i}]": str(f) for i, f in enumerate(paths)}
+    files.update(text_embeddings=text, checkpoint=checkpoint)
+    inputs = [directory, video, *files.values()]
     if out_dir is not None:
         check_output_dir(out_dir, force, inputs)
-    x = options.load_array(video, "--video")
+    x = options.load_array(video, "--video") if single else None
     y = options.load_array(text, "--text-embeddings")
     pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint)
-    nll, bpd = pipe.score(x, y)
-    if not (np.isfinite(nll.numpy()).all() and np.isfinite(bpd.numpy()).all()):
-        raise InputError(f"the likelihood of {video} is not finite (values far outside the data range?); "
+    g = pipe.geo
+    if single:
+        stream = [latents.LatentFile(paths[0], x.shape[0], x.shape[1], False)]
+    else:
+        stream = [latents.inspect(f, (g.channel_size, g.height, g.width), g.max_frames) for f in paths]
+    total = sum(f.clips for f in stream)
+    if y.shape[0] != total:
+        raise InputError(f"--text-embeddings has {y.shape[0]} rows but --video holds {total} clips; "
+                         "pass one text embedding row per clip, in file order")
+    if single:   # chunked here (as Pipeline.score would) so that one bar counts chunks either way
+        batches = [(s, x[s:s + g.max_batch]) for s in range(0, total, g.max_batch)]
+        n_chunks = len(batches)
+    else:
+        batches, n_chunks = latents.chunks(stream, g.max_batch), latents.count_chunks(stream, g.max_batch)
+    bar = logs.progress(total=n_chunks, desc="score", unit="chunk")
+    nlls, bpds = [], []
+    try:
+        for start, clips in batches:
+            nll, bpd = pipe.score(clips, y[start:start + clips.shape[0]])
+            nlls += nll.tolist()
+            bpds += bpd.tolist()
+            bar.update(1)
+    finally:
+        bar.close()
+    if not (np.isfinite(nlls).all() and np.isfinite(bpds).all()):
+        bad = next(i for i, v in enumerate(nlls + bpds) if not np.isfinite(v)) % total
+        where = video if single else str(_file_of(stream, bad))
+        raise InputError(f"the likelihood of {where} is not finite (values far outside the data range?); "
                          "check that VIDEO holds latents of this model")
-    scores = {"nll": nll.tolist(), "bits_per_dim": bpd.tolist(), "mean_bits_per_dim": float(bpd.mean())}
+    scores = {"nll": nlls, "bits_per_dim": bpds, "mean_bits_per_dim": float(np.mean(bpds))}
+    if not single:
+        scores["files"], i = [], 0
+        for f in stream:
+            scores["files"].append({"path": str(f.path), "nll": nlls[i:i + f.clips], "bits_per_dim": bpds[i:i + f.clips]})
+            i += f.clips
     if out_dir is not None:
         with staged_directory(out_dir, force=force, inputs=inputs, kind="score") as tmp:
             write_json_atomic(tmp / "scores.json", {**scores, "cli": cli_record(ctx, files)}, strict=True)
     click.echo(json.dumps(scores, allow_nan=False))
+
+
+def _file_of(stream, clip: int):
+    for f in stream:
+        if clip < f.clips:
+            return f.path
+        clip -= f.clips
+    return None

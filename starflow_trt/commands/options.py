@@ -103,6 +103,16 @@ def trt_major(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def long_video(window: Optional[int], context_length: Optional[int], autoregressive: bool) -> None:
+    """``generate --window / --context-length``: Jacobi sampling only, the context shorter than the window."""
+    if autoregressive and (window is not None or context_length is not None):
+        raise click.UsageError("--window / --context-length set the Jacobi attention window of long videos; "
+                               "drop them or drop --autoregressive")
+    if window is not None and context_length is not None and context_length >= window:
+        raise click.BadParameter(f"{context_length} frames must be fewer than --window {window} frames; "
+                                 f"pass --context-length {window - 1} or less", param_hint="'--context-length'")
+
+
 def force_option(help: str = "replace OUT if starflow-trt wrote it (never other files)") -> Callable:
     return click.option("--force", is_flag=True, help=help)
 

@@ -7,7 +7,7 @@
                            should_stop=None, on_progress=None)
     result.latents      # [B,T,C,H,W]
     result.stats        # graph calls, Jacobi chunks, seconds per stage, time to first frame, the request
-    nll, bpd = pipe.score(x, y)
+    nll, bpd = pipe.score(x, y)     # any B: chunks of max_batch
 
 ``generate`` validates the request with the sampling core (:mod:`starflow_trt.sampling`), then
 wires three stages (:mod:`.stages`) over one per-call :class:`~.run.GenerateRun`: the deep block
@@ -18,6 +18,7 @@ The sampling loops and model maths live in ``sampling`` and ``reference``, never
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -29,7 +30,8 @@ from ..errors import InputError, ManifestError
 from ..export.manifest import Manifest, load_manifest
 from ..geometry import Geometry
 from ..reference.flow import patchify
-from ..sampling import SCHEDULES, JacobiConfig, SamplerSpec, check_request, check_text, check_video, likelihood
+from ..sampling import SCHEDULES, JacobiConfig, Request, SamplerSpec, check_request, check_text, check_video, likelihood
+from .batching import chunk_bounds, merge_stats, rows
 from .backends import THREAD_POOLS, Backend, GraphRunner, make_backend
 from .graphs import DENOISER, GraphCalls, Graphs
 from .kv import Workspace
@@ -134,19 +136,47 @@ class Pipeline:
         stops the call with :class:`~starflow_trt.errors.GenerationCancelled`.
         on_progress(stage, done, total): ``("deep", tokens, tokens)`` as the deep block commits
         tokens, ``("shallow", frames, frames)`` and ``("denoiser", frames, frames)`` as frames finish.
+
+        Any batch: B > the export's ``max_batch`` runs in chunks of ``max_batch`` rows (the last
+        shorter), one after the other, and the result is the concatenation of the chunk results,
+        exactly what calling ``generate`` on each chunk gives. Noise drawn from ``seed``: chunk k
+        draws its noise as a call on that chunk alone with ``seed + k`` does (so B <= max_batch
+        is unchanged). A chunked call reports ``("batch", chunks done, chunks)`` to on_progress
+        after every chunk, and on_frame fires per chunk with that chunk's rows (frame indices
+        restart at 0 for every chunk). The thresholded Jacobi stopping test averages over the
+        rows of a call, so a chunked call equals the chunk calls, not B calls of one row.
         """
-        y = _as_tensor(y, "y")
         given = noise is not None
-        req = check_request(self.spec, y, _as_tensor(noise, "noise") if given else None,
-                            y_uncond=None if y_uncond is None else _as_tensor(y_uncond, "y_uncond"),
-                            num_frames=num_frames, guidance=guidance, jacobi=jacobi,
-                            context=None if context is None else _as_tensor(context, "context"),
-                            denoise=denoise and self.graphs.has(DENOISER))   # no denoiser graph: nothing to do
+        tensors = dict(y=_as_tensor(y, "y"), noise=_as_tensor(noise, "noise") if given else None,
+                       y_uncond=None if y_uncond is None else _as_tensor(y_uncond, "y_uncond"),
+                       context=None if context is None else _as_tensor(context, "context"))
+        options = dict(num_frames=num_frames, guidance=guidance, jacobi=jacobi,
+                       denoise=denoise and self.graphs.has(DENOISER))   # no denoiser graph: nothing to do
+        # the whole request first: errors name the caller's shapes, and nothing runs on bad input
+        whole = check_request(dataclasses.replace(self.spec, max_batch=None), tensors["y"], tensors["noise"],
+                              y_uncond=tensors["y_uncond"], context=tensors["context"], **options)
+        bounds = chunk_bounds(whole.batch, self.geo.max_batch)
+        results = []
+        for k, (start, end) in enumerate(bounds):
+            part = {name: rows(t, start, end) for name, t in tensors.items()}
+            req = check_request(self.spec, part["y"], part["noise"], y_uncond=part["y_uncond"],
+                                context=part["context"], **options)
+            results.append(self._generate(req, None if given else int(seed) + k, on_frame, should_stop, on_progress))
+            if len(bounds) > 1 and on_progress is not None:
+                on_progress("batch", k + 1, len(bounds))
+        if len(results) == 1:
+            return results[0]
+        return GenerateResult(latents=torch.cat([r.latents for r in results]), raw=torch.cat([r.raw for r in results]),
+                              stats=merge_stats([r.stats for r in results], whole.batch))
+
+    def _generate(self, req: Request, seed: Optional[int], on_frame: Optional[FrameCallback],
+                  should_stop: Optional[Callable[[], bool]], on_progress: Optional[ProgressCallback]) -> GenerateResult:
+        """One call of at most ``max_batch`` rows; seed None: the request's noise."""
         g = self.geo
-        noise = req.noise if given else torch.randn(req.batch, req.frames, g.channel_size, g.height, g.width,
-                                                    generator=torch.Generator().manual_seed(int(seed)))
+        noise = req.noise if seed is None else torch.randn(req.batch, req.frames, g.channel_size, g.height, g.width,
+                                                           generator=torch.Generator().manual_seed(seed))
         run = GenerateRun(self.graphs, self.workspace, req, noise, on_frame, on_progress, should_stop,
-                          info={"seed": None if given else int(seed), "noise": "given" if given else "seed"})
+                          info={"seed": seed, "noise": "given" if seed is None else "seed"})
         with self.backend.host_thread_limit():
             latents, raw = self._execute(run)
         return GenerateResult(latents=latents, raw=raw, stats=run.stats())
@@ -168,19 +198,33 @@ class Pipeline:
 
     # --------------------------------------------------------------- score
     @torch.no_grad()
-    def score(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, x, y, on_progress: Optional[ProgressCallback] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample NLL (nats/dim, no Gaussian constant) and bits/dim through the forward graphs.
 
-        x [B, T, C, H, W] latents, y [B, L, D] → (nll [B], bpd [B]).
+        x [B, T, C, H, W] latents, y [B, L, D] → (nll [B], bpd [B]). Any B: chunks of at most the
+        export's ``max_batch`` rows (every row's score is independent of the others');
+        on_progress("batch", chunks done, chunks) after every chunk.
         """
         g = self.geo
         x = _as_tensor(x, "x")
         check_video(x, self.spec, "x")
         y = _as_tensor(y, "y")
         check_text(y, self.spec, x.shape[0], "y")
-        if x.shape[0] > g.max_batch or x.shape[1] > g.max_frames:
-            raise InputError(f"score supports batch <= {g.max_batch} and frames <= {g.max_frames} "
-                             f"for this export, got {tuple(x.shape[:2])}")
+        if x.shape[1] > g.max_frames:
+            raise InputError(f"score supports frames <= {g.max_frames} for this export, got {x.shape[1]} frames; "
+                             "score shorter clips or re-export with --max-frames")
+        bounds = chunk_bounds(x.shape[0], g.max_batch)
+        nlls = []
+        for k, (start, end) in enumerate(bounds):
+            nlls.append(self._score(x[start:end], y[start:end]))
+            if on_progress is not None:
+                on_progress("batch", k + 1, len(bounds))
+        nll = torch.cat(nlls)
+        return nll.float().cpu(), likelihood.bits_per_dim(nll).float().cpu()
+
+    def _score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """NLL [b] (float64) of at most ``max_batch`` rows x [b, T, C, H, W], y [b, L, D]."""
+        g = self.geo
         calls = GraphCalls(self.graphs)
         h = patchify(x, g.patch_size).contiguous().to(self.backend.device)
         y = y.to(self.backend.device)
@@ -189,5 +233,4 @@ class Pipeline:
             if k not in g.identity_blocks:
                 h, logdet = calls.forward(k, h, y if k == g.top_index else None)
                 logdets.append(logdet)
-        nll = likelihood.nll(h, logdets, torch.float64)
-        return nll.float().cpu(), likelihood.bits_per_dim(nll).float().cpu()
+        return likelihood.nll(h, logdets, torch.float64).cpu()

@@ -30,7 +30,7 @@ def denoise_plan(frames: int, steps: int, denoiser_window: Optional[int]) -> lis
         if steps - overlap <= 0:
             raise InputError(f"denoising {frames} frames in chunks of window={steps} frames that overlap by "
                              f"denoiser_window={overlap} frames cannot advance: pass a window larger than "
-                             f"{overlap} frames or denoise=False")
+                             f"{overlap} frames or denoise=False (CLI: --window, --no-denoise)")
         s += steps - overlap
     return chunks
 

@@ -18,6 +18,10 @@ def resolve_window(jacobi: Optional[JacobiConfig], frames: int, local_attn_windo
     """
     window = jacobi.window if jacobi is not None and jacobi.window else local_attn_window
     if window is not None and frames <= window:
+        if max_frames is not None and frames > max_frames:
+            raise InputError(f"{frames} latent frames fit the attention window of {window} frames but exceed the "
+                             f"export's max_frames {max_frames}: pass a window of at most {max_frames} frames "
+                             f"(--window) or re-export with --max-frames {frames}")
         return None, None
     if window is None:
         if max_frames is not None and frames > max_frames:

@@ -98,3 +98,41 @@ def test_vae_graphs_chained_ort_equals_whole_clip(goldens_dir, tmp_path):
     mean, logvar = ort_callable(ort_session(m.graphs["vae_encode"].path))(img)
     ref_mean, ref_logvar = V.encode_whole(vae, img)
     assert rel_error(mean, ref_mean) <= 1e-5 and rel_error(logvar, ref_logvar) <= 1e-5
+
+
+def test_cli_media_sources_validated_before_any_work(goldens_dir, t5_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    base = ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"), "-o", str(tmp_path / "o")]
+    no_tok = tmp_path / "no_tok"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text("{}")
+    bad_vae = tmp_path / "vae.bin"
+    bad_vae.write_bytes(b"x")
+    cases = [(["--text-encoder", str(tmp_path / "missing")], "is not a directory"),
+             (["--text-encoder", str(tmp_path)], "has no config.json"),
+             (["--text-encoder", str(no_tok)], "has no tokenizer"),
+             (["--vae", str(tmp_path / "missing.pth")], "does not exist"),
+             (["--vae", str(bad_vae)], "is not a .pth or .safetensors"),
+             (["--vae", str(no_tok.parent / "t5dir_without_config")], "does not exist")]
+    for extra, message in cases:
+        out = CliRunner().invoke(main, base + extra)
+        assert out.exit_code == 2, out.output
+        lines = out.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_exports_text_encoder(goldens_dir, t5_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    out = CliRunner().invoke(main, ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"),
+                                    "-o", str(tmp_path / "o"), "--graphs", "text_encoder", "--grid", "6x4",
+                                    "--text-encoder", str(t5_dir)])
+    assert out.exit_code == 0, out.output
+    assert set(load_manifest(tmp_path / "o").graphs) == {"text_encoder"}
+    assert T.tokenizer_files(tmp_path / "o" / "tokenizer") == T.tokenizer_files(t5_dir) != {}

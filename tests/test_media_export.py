@@ -74,32 +74,6 @@ def test_no_media_sources_no_media_graphs(goldens_export):
     assert not kinds & {"text_encoder", "vae_decode_first", "vae_decode_step", "vae_encode"}
 
 
-@pytest.mark.slow
-def test_vae_graphs_chained_ort_equals_whole_clip(goldens_dir, tmp_path):
-    pytest.importorskip("diffusers")
-    from starflow_trt.media import vae as V
-    from starflow_trt.media.tiny import make_vae
-
-    vae = make_vae(seed=1, z_dim=4)
-    vae.save_pretrained(tmp_path / "vae")
-    out = tmp_path / "graphs"
-    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, limits=LIMITS, vae=tmp_path / "vae",
-                  graphs=["vae_decode_first", "vae_decode_step", "vae_encode"])
-    m = load_manifest(out)
-    first, step = (m.graphs[k] for k in ("vae_decode_first", "vae_decode_step"))
-    assert first.dims["h"].max == 6 and first.dims["w"].max == 4 and step.dims["h_x8"].max == 48
-    norm = V.LatentNorm.from_dict(step.extra["norm"])
-    assert norm == V.LatentNorm.from_vae(vae, None)
-    z = torch.randn(1, 3, 4, 3, 2, generator=torch.Generator().manual_seed(5)) * 2
-    got = V.decode_streaming(ort_callable(ort_session(first.path)), ort_callable(ort_session(step.path)), z)
-    err = rel_error(got, V.decode_whole(vae, z))
-    assert err <= 1e-5, err
-    img = torch.rand(2, 1, 3, 32, 48) * 2 - 1
-    mean, logvar = ort_callable(ort_session(m.graphs["vae_encode"].path))(img)
-    ref_mean, ref_logvar = V.encode_whole(vae, img)
-    assert rel_error(mean, ref_mean) <= 1e-5 and rel_error(logvar, ref_logvar) <= 1e-5
-
-
 def test_cli_media_sources_validated_before_any_work(goldens_dir, t5_dir, tmp_path):
     from click.testing import CliRunner
 
@@ -136,3 +110,123 @@ def test_cli_exports_text_encoder(goldens_dir, t5_dir, tmp_path):
     assert out.exit_code == 0, out.output
     assert set(load_manifest(tmp_path / "o").graphs) == {"text_encoder"}
     assert T.tokenizer_files(tmp_path / "o" / "tokenizer") == T.tokenizer_files(t5_dir) != {}
+
+
+def test_pipeline_encode_text_matches_pytorch(text_export, t5_dir):
+    from starflow_trt.runtime import Pipeline
+
+    pipe = Pipeline.from_dir(text_export, backend="ort")
+    y, y_uncond = pipe.encode_text(["a cat", "a dog"], fps=16, aspect="16:9")
+    template = pipe.text_stage.template
+    enc = T.T5TextEncoder.from_pretrained(t5_dir, template)
+    ref_y, ref_u = enc.encode(["a cat", "a dog"], fps=16, aspect="16:9")
+    assert y.shape == (2, 4, 16) and rel_error(y, ref_y) <= 1e-5 and rel_error(y_uncond, ref_u) <= 1e-5
+    assert y_uncond.abs().sum() > 0   # the template around "", not zeros
+    neg = pipe.encode_text(["a cat"], negative_prompt=["blurry"])[1]
+    assert rel_error(neg, enc.encode_texts([template.apply("blurry")])) <= 1e-5
+
+
+def test_pipeline_refuses_edited_tokenizer(text_export, tmp_path):
+    import shutil
+
+    from starflow_trt.errors import ManifestError
+    from starflow_trt.runtime import Pipeline
+
+    copy = tmp_path / "copy"
+    shutil.copytree(text_export, copy)
+    tok = next(p for p in sorted((copy / "tokenizer").iterdir()))
+    tok.write_bytes(tok.read_bytes() + b" ")
+    with pytest.raises(ManifestError, match="tokenizer files"):
+        Pipeline.from_dir(copy, backend="ort").encode_text(["a cat"])
+
+
+@pytest.fixture(scope="module")
+def vae_export(goldens_dir, tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from starflow_trt.media.tiny import make_vae
+
+    tmp = tmp_path_factory.mktemp("vae")
+    vae = make_vae(seed=1, z_dim=4)
+    vae.save_pretrained(tmp / "vae")
+    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", tmp / "graphs", limits=LIMITS,
+                  vae=tmp / "vae", graphs=["vae_decode_first", "vae_decode_step", "vae_encode", "vae_encode_first",
+                                           "vae_encode_step"])
+    return vae, tmp / "graphs"
+
+
+@pytest.mark.slow
+def test_vae_graphs_chained_ort_equals_whole_clip(vae_export):
+    from starflow_trt.media import vae as V
+
+    vae, out = vae_export
+    m = load_manifest(out)
+    first, step = (m.graphs[k] for k in ("vae_decode_first", "vae_decode_step"))
+    assert first.dims["h"].max == 6 and first.dims["w"].max == 4 and step.dims["h_x8"].max == 48
+    norm = V.LatentNorm.from_dict(step.extra["norm"])
+    assert norm == V.LatentNorm.from_vae(vae, None)
+    z = torch.randn(1, 3, 4, 3, 2, generator=torch.Generator().manual_seed(5)) * 2
+    got = V.decode_streaming(ort_callable(ort_session(first.path)), ort_callable(ort_session(step.path)), z)
+    err = rel_error(got, V.decode_whole(vae, z))
+    assert err <= 1e-5, err
+    img = torch.rand(2, 1, 3, 32, 48) * 2 - 1
+    mean, logvar = ort_callable(ort_session(m.graphs["vae_encode"].path))(img)
+    ref_mean, ref_logvar = V.encode_whole(vae, img)
+    assert rel_error(mean, ref_mean) <= 1e-5 and rel_error(logvar, ref_logvar) <= 1e-5
+
+
+@pytest.mark.slow
+def test_pipeline_decode_and_encode_video_match_pytorch(vae_export):
+    from starflow_trt.media import vae as V
+    from starflow_trt.runtime import Pipeline
+
+    vae, out = vae_export
+    pipe = Pipeline.from_dir(out, backend="ort")
+    norm = pipe.vae_stage.norm
+    z = torch.randn(1, 3, 4, 2, 3, generator=torch.Generator().manual_seed(7))
+    chunks = []
+    frames = pipe.decode(z, on_frames=chunks.append)
+    ref = V.decode_whole(vae, norm.to_vae(z))
+    assert frames.shape == (1, 9, 3, 32, 48) and [c.shape[1] for c in chunks] == [1, 4, 4]
+    assert rel_error(frames, ref) <= 1e-5
+    clip = frames.clamp(-1, 1)
+    lat = pipe.encode_video(clip, sample=False)
+    mean, logvar = V.encode_whole(vae, clip)
+    assert lat.shape == (1, 3, 4, 2, 3)
+    assert rel_error(lat, norm.latents_from_moments(mean, logvar, sample=False)) <= 1e-5
+    img = pipe.encode_video(clip[:, :1])   # one frame: the image graph
+    assert rel_error(img, lat[:, :1]) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def prompt_export(goldens_dir, t5_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prompt") / "graphs"
+    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, limits=LIMITS, text_encoder=t5_dir)
+    return out
+
+
+def test_generate_from_prompt_equals_generate_from_its_embeddings(prompt_export):
+    from starflow_trt.runtime import Pipeline
+
+    pipe = Pipeline.from_dir(prompt_export, backend="ort")
+    res = pipe.generate(prompt=["a cat"], guidance=2.0, seed=3, num_frames=2, fps=8, aspect="1:1")
+    y, u = pipe.encode_text(["a cat"], fps=8, aspect="1:1")
+    ref = pipe.generate(y, u, seed=3, num_frames=2, guidance=2.0)   # the embeddings signature still works
+    assert torch.equal(res.latents, ref.latents) and res.video is None
+    assert res.stats["seconds"]["text"] > 0
+    with pytest.raises(Exception, match="either text embeddings"):
+        pipe.generate(y, prompt=["a cat"])
+
+
+def test_cli_generate_prompt_errors(prompt_export, tmp_path):
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    base = ["generate", str(prompt_export), "-o", str(tmp_path / "o")]
+    for extra, message in [([], "exactly one"), (["--prompt", "a", "--negative-prompt", "b", "--negative-prompt", "c"],
+                                                 "one per prompt")]:
+        out = CliRunner().invoke(main, base + extra)
+        assert out.exit_code == 2 and message in out.output, out.output
+    out = CliRunner().invoke(main, base + ["--prompt", "a cat", "--frames", "2"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "o" / "latents.npy").is_file()

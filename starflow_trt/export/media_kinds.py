@@ -1,4 +1,5 @@
-"""Graph kinds of the media stages: the T5 text encoder and the Wan2.2 VAE (decode first/step, image encode).
+"""Graph kinds of the media stages: the T5 text encoder and the Wan2.2 VAE (decode first/step, image
+encode, chunked video encode first/step).
 
 Their weights come from outside the flow checkpoint (``export --text-encoder DIR --vae PATH``):
 :class:`MediaSources` (``ExportContext.media``) loads each model once; a kind whose source is
@@ -199,3 +200,17 @@ class VaeEncodeKind(_VaeKind):
     """``vae_encode`` (images): frames [batch, 1, 3, H, W] → latent_mean, latent_logvar [batch, 1, z, h, w]."""
 
     kind = n.VAE_ENCODE
+
+
+@register_graph
+class VaeEncodeFirstKind(_VaeKind):
+    """``vae_encode_first`` (video): frames [batch, 1, 3, H, W] → latent_mean, latent_logvar, new_cache_i."""
+
+    kind = n.VAE_ENCODE_FIRST
+
+
+@register_graph
+class VaeEncodeStepKind(_VaeKind):
+    """``vae_encode_step``: frames [batch, 4, 3, H, W], cache_i → latent_mean, latent_logvar [batch, 1, z, h, w], new_cache_i."""
+
+    kind = n.VAE_ENCODE_STEP

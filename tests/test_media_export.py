@@ -230,3 +230,26 @@ def test_cli_generate_prompt_errors(prompt_export, tmp_path):
     out = CliRunner().invoke(main, base + ["--prompt", "a cat", "--frames", "2"])
     assert out.exit_code == 0, out.output
     assert (tmp_path / "o" / "latents.npy").is_file()
+
+
+def test_toy_takes_prompts_through_its_text_encoder_graph(tmp_path):
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+    from starflow_trt.runtime import Pipeline
+    from starflow_trt.toy import load_bundled
+
+    toy = load_bundled()
+    out = tmp_path / "graphs"
+    export_graphs(toy.config_path, toy.checkpoint_path, out, limits=ExportLimits(max_batch=2),
+                  text_encoder=toy.text_encoder_path)
+    pipe = Pipeline.from_dir(out, backend="ort")
+    prompts = ["a red square moving right", "a blue disc moving up"]
+    y, u = pipe.encode_text(prompts, fps=16, aspect="16:9")
+    assert torch.allclose(y, toy.encode(prompts), rtol=0, atol=1e-6) and torch.equal(u, toy.encode(["", ""]))
+    with pytest.raises(Exception, match="unknown word"):
+        pipe.encode_text(["a purple cat"])
+    res = CliRunner().invoke(main, ["generate", str(out), "--prompt", "a red square moving right", "--guidance", "2",
+                                    "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "video.mp4").stat().st_size > 0 and (tmp_path / "o" / "latents.npy").is_file()

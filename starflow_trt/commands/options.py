@@ -82,12 +82,15 @@ def aspect(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 
 def text_encoder_dir(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
-    """``--text-encoder DIR``: a local Hugging Face T5 directory (config.json + tokenizer files)."""
+    """``--text-encoder DIR``: a local Hugging Face T5 directory (config.json + tokenizer files), or the
+    toy's ``text_encoder.safetensors``."""
     if value is None:
         return None
     from pathlib import Path
 
     d = Path(value)
+    if d.is_file() and d.suffix == ".safetensors":   # the bundled toy's word-table encoder
+        return value
     if not d.is_dir():
         raise click.BadParameter(f"{value!r} is not a directory; pass a local Hugging Face T5 folder "
                                  "(config.json, weights, tokenizer)", ctx, param)

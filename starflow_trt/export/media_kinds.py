@@ -28,7 +28,7 @@ class MediaSources:
 
     def __init__(self, text_encoder: Optional[Union[str, os.PathLike]] = None,
                  vae: Optional[Union[str, os.PathLike]] = None) -> None:
-        self.text_encoder = Path(text_encoder) if text_encoder else None
+        self.text_encoder = Path(text_encoder) if text_encoder else None   # a T5 directory, or the toy's file
         self.vae = Path(vae) if vae else None
         self._cache: dict[str, Any] = {}
 
@@ -44,6 +44,30 @@ class MediaSources:
                                   f"txt_dim {cfg.txt_dim}; pass the encoder the checkpoint was trained with")
             self._cache["text"] = text_encoder_graph(enc)
         return self._cache["text"]
+
+    @property
+    def t5(self) -> bool:
+        return self.text_encoder is not None and self.text_encoder.is_dir()
+
+    @property
+    def toy(self) -> bool:
+        return self.text_encoder is not None and self.text_encoder.is_file()
+
+    def toy_text(self, cfg):
+        """The bundled toy's word-table encoder (``text_encoder.safetensors``)."""
+        if "toy" not in self._cache:
+            from ..toy.text import ToyTextEncoder
+
+            try:
+                enc = ToyTextEncoder.load(self.text_encoder)
+            except Exception as exc:   # not a toy table: say what --text-encoder takes
+                raise ConfigError(f"{self.text_encoder} is not a toy text encoder ({exc}); pass a Hugging Face T5 "
+                                  "directory or the toy's text_encoder.safetensors") from exc
+            if cfg.txt_dim and enc.dim != cfg.txt_dim:
+                raise ConfigError(f"toy text encoder {self.text_encoder} has width {enc.dim}, the model txt_dim "
+                                  f"{cfg.txt_dim}")
+            self._cache["toy"] = enc
+        return self._cache["toy"]
 
     def vae_graphs(self, cfg):
         """The VAE's :class:`~starflow_trt.media.graphs.MediaGraph` s by name, and its latent norm."""
@@ -118,7 +142,7 @@ class TextEncoderKind(_MediaKind):
     kind = "text_encoder"
 
     def instances(self, ctx):
-        return [(n.TEXT_ENCODER, None)] if _media(ctx).text_encoder else []
+        return [(n.TEXT_ENCODER, None)] if _media(ctx).t5 else []
 
     def graph(self, ctx, name):
         return _media(ctx).text_graph(ctx.cfg)
@@ -142,6 +166,46 @@ class TextEncoderKind(_MediaKind):
         mask = torch.ones(b, t, dtype=torch.int64)
         mask[1:, -1] = 0
         return ids, mask
+
+
+class ToyTextGraph(nn.Module):
+    """The toy's word table as a ``text_encoder`` graph: ``table[input_ids] * attention_mask`` [B, L, D]."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table.float().clone(), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.table[input_ids] * attention_mask.unsqueeze(-1).to(self.table.dtype)
+
+
+@register_graph
+class ToyTextEncoderKind(TextEncoderKind):
+    """The bundled toy's ``text_encoder`` graph (same contract; word tokenizer, no template, uncond = zeros)."""
+
+    kind = "toy_text_encoder"
+
+    def instances(self, ctx):
+        return [(n.TEXT_ENCODER, None)] if _media(ctx).toy else []
+
+    def plan(self, ctx, name, block, weights) -> GraphPlan:
+        enc = _media(ctx).toy_text(ctx.cfg)
+        shape = ("batch", "tokens")
+        inputs = [TensorInfo(n.INPUT_IDS, "int64", shape), TensorInfo(n.ATTENTION_MASK, "int64", shape)]
+        extra = {"d_model": enc.dim, "tokenizer": "words", "vocab": list(enc.vocab),
+                 "template": {"fps_cond": False, "cond_noise_level": False, "noise_std": float(ctx.cfg.noise_std),
+                              "mix_aspect": False, "txt_size": enc.length}}
+
+        def make() -> nn.Module:
+            module = ToyTextGraph(enc.table)
+            module.manifest_info = extra
+            return module
+
+        L = enc.length
+        return GraphPlan(name=name, kind=self.kind, block=None, make=make, inputs=inputs,
+                         outputs=[TensorInfo(n.TEXT, "float32", (*shape, enc.dim))],
+                         dims={"batch": DimRange(1, 2, 2 * ctx.geo.max_batch), "tokens": DimRange(1, L, L)},
+                         example=self.sizes(inputs))
 
 
 class _VaeKind(_MediaKind):

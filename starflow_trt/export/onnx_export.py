@@ -172,7 +172,7 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
         plans = [p for p in plans if p.name in set(graphs)]
     rows = []
     with staged_directory(out, force=force, inputs=[config, checkpoint, *media_inputs]) as tmp:
-        if text_encoder and any(p.kind == "text_encoder" for p in plans):
+        if text_encoder and any(p.kind == "text_encoder" for p in plans):   # T5: its tokenizer files
             from ..media.text import copy_tokenizer
             from .names import TOKENIZER_DIR
 

@@ -29,19 +29,25 @@ class TextStage:
         self.graphs = graphs
         self.spec = graphs.manifest.graph(n.TEXT_ENCODER)
         self.template = TextTemplate.from_dict(self.spec.extra["template"])
+        self.length = int(self.spec.dims["tokens"].max)
+        if self.spec.extra.get("tokenizer") == "words":   # the bundled toy: its word vocabulary
+            self.tokenizer = WordTokenizer(self.spec.extra["vocab"], self.length)
+            return
         directory = graphs.manifest.root / self.spec.extra.get("tokenizer_dir", n.TOKENIZER_DIR)
         recorded = self.spec.extra.get("tokenizer_files")
         if recorded is not None and tokenizer_files(directory) != recorded:
             raise ManifestError(f"the tokenizer files in {directory} differ from those the export recorded; "
                                 "re-export or restore them")
         self.tokenizer = load_tokenizer(directory)
-        self.length = int(self.spec.dims["tokens"].max)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Captions (already templated) → text [B, L, D] float32 (padded rows exactly 0)."""
         from ...media.text import tokenize
 
-        ids, mask = tokenize(self.tokenizer, texts, self.length)
+        if isinstance(self.tokenizer, WordTokenizer):
+            ids, mask = self.tokenizer(texts)
+        else:
+            ids, mask = tokenize(self.tokenizer, texts, self.length)
         dev = self.graphs.device
         out = {n.TEXT: torch.empty(*self.spec.outputs[0].concrete({"batch": ids.shape[0], "tokens": ids.shape[1]}),
                                    device=dev)}
@@ -56,3 +62,28 @@ class TextStage:
         out = self.encode_texts(texts)
         b = len(texts) // 2
         return out[:b], out[b:]
+
+
+class WordTokenizer:
+    """The toy's tokenizer: lower-case words → vocabulary index, padded with mask 0 (no EOS)."""
+
+    def __init__(self, vocab: Sequence[str], length: int):
+        self.vocab, self.length = list(vocab), int(length)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+
+    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from ...errors import InputError
+
+        ids = torch.zeros(len(texts), self.length, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for b, text in enumerate(texts):
+            words = text.lower().split()
+            unknown = [w for w in words if w not in self.index]
+            if unknown:
+                raise InputError(f"unknown word(s) {unknown} in prompt {text!r}; this model knows: "
+                                 f"{' '.join(self.vocab)}")
+            if len(words) > self.length:
+                raise InputError(f"prompt {text!r} has {len(words)} words; this model takes at most {self.length}")
+            ids[b, :len(words)] = torch.tensor([self.index[w] for w in words], dtype=torch.int64)
+            mask[b, :len(words)] = 1
+        return ids, mask

@@ -253,3 +253,42 @@ def test_toy_takes_prompts_through_its_text_encoder_graph(tmp_path):
                                     "-o", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "video.mp4").stat().st_size > 0 and (tmp_path / "o" / "latents.npy").is_file()
+
+
+@pytest.mark.slow
+def test_end_to_end_prompt_and_image_to_mp4(goldens_dir, t5_dir, tmp_path):
+    """Tiny full model (T5 + flow + VAE): prompt → streamed decode → mp4 of 1 + 4(T-1) frames at the fps asked."""
+    pytest.importorskip("diffusers")
+    import av
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from starflow_trt.cli import main
+    from starflow_trt.media.io import frames_to_uint8
+    from starflow_trt.media.tiny import make_vae
+    from starflow_trt.runtime import Pipeline
+
+    make_vae(seed=2, z_dim=4).save_pretrained(tmp_path / "vae")
+    out = tmp_path / "graphs"
+    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, limits=LIMITS, text_encoder=t5_dir,
+                  vae=tmp_path / "vae")
+    pipe = Pipeline.from_dir(out, backend="ort")
+    chunks = []
+    res = pipe.generate(prompt=["a cat"], guidance=1.5, seed=1, num_frames=3, on_video=chunks.append)
+    assert res.video.shape == (1, 9, 3, 96, 64) and res.video.dtype == torch.uint8
+    assert [c.shape[1] for c in chunks] == [1, 4, 4]
+    assert np.array_equal(res.video.movedim(-3, -1).numpy(), frames_to_uint8(pipe.decode(res.latents)))
+    s = res.stats
+    assert s["seconds"]["text"] > 0 and s["seconds"]["decode"] > 0 and s["time_to_first_decoded_frame"] > 0
+    img = (np.random.default_rng(0).random((50, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "in.png")
+    res2 = pipe.generate(prompt=["a cat"], image=str(tmp_path / "in.png"), seed=1, num_frames=3)
+    assert res2.video.shape == (1, 9, 3, 96, 64) and res2.stats["seconds"]["encode"] > 0
+    r = CliRunner().invoke(main, ["generate", str(out), "--prompt", "a cat", "--fps", "12", "--frames", "3",
+                                  "--image", str(tmp_path / "in.png"), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    with av.open(str(tmp_path / "o" / "video.mp4")) as c:
+        stream = c.streams.video[0]
+        frames = [f for f in c.decode(stream)]
+        assert len(frames) == 9 and float(stream.average_rate) == 12 and (stream.width, stream.height) == (64, 96)

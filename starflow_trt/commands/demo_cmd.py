@@ -50,7 +50,8 @@ def _run_demo(out: Path, final: Path, guidance: float, seed: int, block: int, th
     batch = len(DEMO_PROMPTS)
     log(f"[1/5] export the bundled toy model → {final / 'graphs'}")
     t0 = time.perf_counter()
-    export_graphs(toy.config_path, toy.checkpoint_path, out / "graphs", limits=ExportLimits(max_batch=batch))
+    export_graphs(toy.config_path, toy.checkpoint_path, out / "graphs", limits=ExportLimits(max_batch=batch),
+                  text_encoder=toy.text_encoder_path)   # its text_encoder graph: `generate --prompt` works on it
     export_s = time.perf_counter() - t0
     pipe = Pipeline.from_dir(out / "graphs", backend="ort")
     y, y_uncond = toy.encode(DEMO_PROMPTS), toy.encode([""] * batch)

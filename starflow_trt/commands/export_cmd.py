@@ -1,4 +1,4 @@
-"""``starflow-trt export CONFIG CHECKPOINT -o OUT_DIR``."""
+"""``starflow-trt export CONFIG CHECKPOINT [--text-encoder DIR] [--vae PATH] -o OUT_DIR``."""
 
 from __future__ import annotations
 
@@ -24,17 +24,22 @@ from . import options
               help="latent frames (default: config vid_size / window)")
 @click.option("--grid", default=None, callback=options.grid, help="token grid HxW (default: config geometry)")
 @click.option("--aspect", default="16:9", show_default=True, callback=options.aspect, help="frame aspect for VAE configs")
+@click.option("--text-encoder", "text_encoder", default=None, callback=options.text_encoder_dir,
+              help="local Hugging Face T5 folder: adds the text_encoder graph and copies the tokenizer")
+@click.option("--vae", "vae", default=None, callback=options.vae_path,
+              help="Wan2.2_VAE.pth or a diffusers VAE folder: adds the vae_decode_first/step and vae_encode graphs")
 @options.force_option("replace OUT_DIR if it is a starflow-trt export (never other files)")
 def export_command(config: str, checkpoint: str, out_dir: str, graphs: Optional[list[str]], opset: int,
                    external_data: str, simplify: bool, max_batch: int, max_frames: Optional[int],
-                   grid: Optional[tuple[int, int]], aspect: str, force: bool) -> None:
+                   grid: Optional[tuple[int, int]], aspect: str, text_encoder: Optional[str], vae: Optional[str],
+                   force: bool) -> None:
     """Export the stage graphs of CHECKPOINT to ONNX with a manifest.json."""
     from .. import logs
     from ..config import load_config
     from ..export.onnx_export import ExportLimits, export_graphs
     from ..staging import check_output_dir
 
-    check_output_dir(out_dir, force, inputs=[config, checkpoint])  # refuse before any work
+    check_output_dir(out_dir, force, inputs=[config, checkpoint, text_encoder, vae])  # refuse before any work
     cfg = load_config(config)  # validated: a bad config stops here, before the checkpoint is read
     height, width = grid or (None, None)
     limits = ExportLimits(max_batch=max_batch, max_frames=max_frames, height=height, width=width, aspect=aspect)
@@ -46,7 +51,7 @@ def export_command(config: str, checkpoint: str, out_dir: str, graphs: Optional[
 
             manifest, rows = export_graphs(cfg, checkpoint, out_dir, graphs=graphs, opset=opset,
                                            external_data=external_data, simplify=simplify, limits=limits,
-                                           force=force, progress=progress)
+                                           force=force, progress=progress, text_encoder=text_encoder, vae=vae)
     click.echo(f"{'graph':18} {'params':>14} {'file MB':>9} {'export s':>9}")
     for r in rows:
         click.echo(f"{r['graph']:18} {r['params']:>14,} {r['bytes'] / 1e6:>9.2f} {r['seconds']:>9.2f}")

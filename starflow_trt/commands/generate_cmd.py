@@ -31,8 +31,14 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 
 @click.command("generate")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--text-embeddings", "text", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="y.npy [B, L, D]")
+@click.option("--prompt", "prompts", multiple=True, help="prompt (repeat for a batch; needs a text_encoder graph)")
+@click.option("--negative-prompt", "negative", multiple=True, help="negative prompt, one per --prompt")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="image-to-video: the first frame")
+@click.option("--video", "video_in", type=click.Path(exists=True, dir_okay=False), help="video-to-video: the frames to continue")
+@click.option("--fps", default=16, show_default=True, type=options.POSITIVE_INT, help="output fps (and the fps template)")
+@click.option("--aspect", default="16:9", show_default=True, callback=options.aspect, help="aspect template")
+@click.option("--text-embeddings", "text", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="y.npy [B, L, D] (instead of --prompt)")
 @click.option("--uncond", type=click.Path(exists=True, dir_okay=False), help="empty-prompt embeddings [B, L, D]")
 @click.option("--noise", type=click.Path(exists=True, dir_okay=False), help="noise.npy [B, T, C, H, W]")
 @click.option("--seed", default=0, show_default=True, type=options.NON_NEGATIVE_INT, help="noise seed (without --noise)")
@@ -59,10 +65,11 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @options.force_option()
 @click.pass_context
-def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, frames, window, context_length,
-                     guidance, jacobi_block, jacobi_iters, jacobi_threshold, schedule, autoregressive, context, no_denoise, backend,
-                     checkpoint, thread_pool, out_dir, force) -> None:
-    """Generate latents from text embeddings through the graphs (or engines) in DIRECTORY.
+def generate_command(ctx: click.Context, directory, prompts, negative, image, video_in, fps, aspect, text, uncond,
+                     noise, seed, frames, window, context_length, guidance, jacobi_block, jacobi_iters,
+                     jacobi_threshold, schedule, autoregressive, context, no_denoise, backend, checkpoint, thread_pool,
+                     out_dir, force) -> None:
+    """Generate from --prompt (video.mp4 with VAE graphs) or text embeddings through the graphs in DIRECTORY.
 
     Any number of prompts (chunks of the export's max_batch; seeded noise of chunk k from seed + k).
     --frames beyond the export's frames samples a long video as upstream does: a sliding attention
@@ -74,8 +81,10 @@ def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, f
     from ..staging import check_output_dir, staged_directory
 
     options.long_video(window, context_length, autoregressive)
-    files = {"text_embeddings": text, "uncond": uncond, "noise": noise, "context": context, "checkpoint": checkpoint}
+    files = {"text_embeddings": text, "uncond": uncond, "noise": noise, "context": context, "checkpoint": checkpoint,
+             "image": image, "video": video_in}
     inputs = [directory, *files.values()]
+    options.prompt_or_embeddings(list(prompts), list(negative), text, uncond, image, video_in, context)
     check_output_dir(out_dir, force, inputs)  # refuse before any work
     y = options.load_array(text, "--text-embeddings")
     y_uncond = options.load_array(uncond, "--uncond")
@@ -105,19 +114,44 @@ def generate_command(ctx: click.Context, directory, text, uncond, noise, seed, f
 
     # staged from the start: an unwritable OUT fails before sampling; a failed run leaves nothing
     with staged_directory(out_dir, force=force, inputs=inputs, kind="generate") as tmp:
+        writers: dict = {}   # global row -> Mp4Writer
+        rows = {"offset": 0, "current": 0}   # a batch beyond max_batch runs (and decodes) chunk after chunk
+
+        def on_video(chunk) -> None:   # decoded frames stream into the mp4 writers as the flow finishes them
+            from ..media.io import Mp4Writer
+
+            rows["current"] = chunk.shape[0]
+            for i, clip in enumerate(chunk):
+                row = rows["offset"] + i
+                if row not in writers:
+                    name = "video.mp4" if len(prompts) == 1 else f"video_{row}.mp4"
+                    writers[row] = Mp4Writer(tmp / name, fps)
+                writers[row].write(clip)
+
+        def on_progress_rows(stage: str, done: int, total: int) -> None:
+            if stage == "batch":
+                rows["offset"] += rows["current"]
+            on_progress(stage, done, total)
+
+        media = dict(prompt=list(prompts), negative_prompt=list(negative) or None, image=image, video=video_in,
+                     fps=fps, aspect=aspect, on_video=on_video) if prompts else {}
         try:
             result = pipe.generate(y, y_uncond=y_uncond, noise=z, seed=seed, num_frames=frames, guidance=guidance,
-                                   jacobi=jacobi, context=ctx_latents, denoise=not no_denoise, on_progress=on_progress)
+                                   jacobi=jacobi, context=ctx_latents, denoise=not no_denoise, on_progress=on_progress_rows,
+                                   **media)
         finally:
             for bar in bars.values():
                 bar.close()
+        for writer in writers.values():
+            writer.close()
         result.stats["cli"] = cli_record(ctx, files, directory=str(Path(directory).resolve()),
                                          noise_source="file" if noise else "seed")
         written = write_outputs(result, pipe, tmp)
     s = result.stats
     click.echo(f"{s['frames']} frames x batch {s['batch']} in {s['seconds']['total']:.2f} s "
                f"(first frame {s['time_to_first_frame']:.2f} s, {s['total_graph_calls']} graph calls, "
-               f"schedule {s['schedule']}); wrote {', '.join(str(Path(out_dir) / f.name) for f in written)}")
+               f"schedule {s['schedule']}); wrote "
+               f"{', '.join(str(Path(out_dir) / f.name) for f in [*(w.path for w in writers.values()), *written])}")
 
 
 @click.command("score")

@@ -82,6 +82,68 @@ def aspect(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def text_encoder_dir(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """``--text-encoder DIR``: a local Hugging Face T5 directory (config.json + tokenizer files), or the
+    toy's ``text_encoder.safetensors``."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    d = Path(value)
+    if d.is_file() and d.suffix == ".safetensors":   # the bundled toy's word-table encoder
+        return value
+    if not d.is_dir():
+        raise click.BadParameter(f"{value!r} is not a directory; pass a local Hugging Face T5 folder "
+                                 "(config.json, weights, tokenizer)", ctx, param)
+    if not (d / "config.json").is_file():
+        raise click.BadParameter(f"{value!r} has no config.json; pass the folder save_pretrained wrote", ctx, param)
+    if not any((d / f).is_file() for f in ("spiece.model", "tokenizer.json")):
+        raise click.BadParameter(f"{value!r} has no tokenizer (spiece.model or tokenizer.json); "
+                                 "save the tokenizer into it too", ctx, param)
+    return value
+
+
+def vae_path(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """``--vae PATH``: upstream's ``Wan2.2_VAE.pth`` / a ``.safetensors`` file, or a diffusers VAE (or pipeline) folder."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    p = Path(value)
+    if p.is_file():
+        if p.suffix not in (".pth", ".pt", ".safetensors"):
+            raise click.BadParameter(f"{value!r} is not a .pth or .safetensors file; pass Wan2.2_VAE.pth "
+                                     "or a diffusers VAE folder", ctx, param)
+    elif p.is_dir():
+        if not ((p / "config.json").is_file() or (p / "vae" / "config.json").is_file()):
+            raise click.BadParameter(f"{value!r} has no config.json (nor vae/config.json); pass a diffusers "
+                                     "AutoencoderKLWan folder or Wan2.2_VAE.pth", ctx, param)
+    else:
+        raise click.BadParameter(f"{value!r} does not exist; pass Wan2.2_VAE.pth or a diffusers VAE folder",
+                                 ctx, param)
+    return value
+
+
+def prompt_or_embeddings(prompts: list, negative: list, text: Optional[str], uncond: Optional[str],
+                         image: Optional[str], video: Optional[str], context: Optional[str]) -> None:
+    """``generate``: exactly one of --prompt / --text-embeddings, and the options each one allows."""
+    def bad(message: str) -> None:
+        raise click.UsageError(message)
+
+    if bool(prompts) == bool(text):
+        bad("give --prompt TEXT (an export with a text encoder) or --text-embeddings y.npy, exactly one")
+    if prompts and uncond:
+        bad("--uncond goes with --text-embeddings; with --prompt use --negative-prompt")
+    if negative and len(negative) != len(prompts):
+        bad(f"{len(negative)} --negative-prompt for {len(prompts)} --prompt; give one per prompt or none")
+    if (image or video) and not prompts:
+        bad("--image / --video need --prompt")
+    if image and video:
+        bad("give --image or --video, not both")
+    if (image or video) and context:
+        bad("give --context or --image / --video, not both")
+
+
 def graph_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[str]]:
     """``--graphs a,b`` → ["a", "b"] (no empty names)."""
     if value is None:

@@ -52,3 +52,18 @@ SOS = "sos"              # manifest extra of step graphs: the block's start-of-s
 def kv_names(layers: int, prefix: str) -> list[str]:
     """Graph tensor names of a per-layer KV list: ``{prefix}_k_0, {prefix}_v_0, {prefix}_k_1, …``."""
     return [f"{prefix}_{kind}_{l}" for l in range(layers) for kind in ("k", "v")]
+
+# ------------------------------------------------------------- media graphs
+TEXT_ENCODER = "text_encoder"            # input_ids, attention_mask [batch, tokens] -> text [batch, tokens, D]
+VAE_DECODE_FIRST = "vae_decode_first"    # latents [batch, 1, z, h, w] -> frames [batch, 1, 3, H, W], new_cache_i
+VAE_DECODE_STEP = "vae_decode_step"      # latents [batch, 1, z, h, w], cache_i -> frames [batch, 4, 3, H, W], new_cache_i
+VAE_ENCODE = "vae_encode"                # frames [batch, 1, 3, H, W] -> latent_mean, latent_logvar [batch, 1, z, h, w]
+VAE_ENCODE_FIRST = "vae_encode_first"    # video: frames [batch, 1, 3, H, W] -> latent_mean/logvar, new_cache_i
+VAE_ENCODE_STEP = "vae_encode_step"      # frames [batch, 4, 3, H, W], cache_i -> latent_mean/logvar [batch, 1, ...], new_cache_i
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+LATENTS = "latents"                      # raw VAE latents (normalisation stays outside the graphs, fp32)
+FRAMES = "frames"                        # pixels in [-1, 1], [batch, F, 3, H, W]
+LATENT_MEAN = "latent_mean"              # not "mean": the exporter names an internal value so
+LATENT_LOGVAR = "latent_logvar"
+TOKENIZER_DIR = "tokenizer"              # the tokenizer files' folder inside an export

@@ -137,11 +137,15 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
                   out_dir: Union[str, os.PathLike], graphs: Optional[Sequence[str]] = None,
                   opset: int = DEFAULT_OPSET, external_data: str = "auto", simplify: bool = False,
                   limits: ExportLimits = ExportLimits(), force: bool = False,
-                  progress: Optional[Callable[[str], None]] = None) -> tuple[Manifest, list[dict]]:
+                  progress: Optional[Callable[[str], None]] = None,
+                  text_encoder: Optional[Union[str, os.PathLike]] = None,
+                  vae: Optional[Union[str, os.PathLike]] = None) -> tuple[Manifest, list[dict]]:
     """Export the stage graphs; returns the manifest and one summary row per graph.
 
     graphs: names to export (default all); ``external_data``: ``auto`` (only graphs
-    over 2 GB) or ``always``.
+    over 2 GB) or ``always``. ``text_encoder`` (a local Hugging Face T5 directory) and
+    ``vae`` (upstream's ``Wan2.2_VAE.pth`` or a diffusers directory) add the media graphs;
+    the tokenizer files are copied into ``OUT/tokenizer``.
     """
     if opset not in SUPPORTED_OPSETS:
         raise StarflowError(f"opset {opset} is not supported: choose 17-20 (TensorRT 10.0 parses up to 20)")
@@ -150,21 +154,29 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
     out = Path(out_dir)
     from ..staging import check_output_dir
 
-    check_output_dir(out, force, inputs=[config, checkpoint])  # before any work: refuse, touch nothing
+    media_inputs = [p for p in (text_encoder, vae) if p]
+    check_output_dir(out, force, inputs=[config, checkpoint, *media_inputs])  # before any work: refuse, touch nothing
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
     state = load_state_dict(checkpoint, mmap=True)
     state, _ = strip_wrapper_prefixes(state)
     cfg = infer_text_width(cfg, state)
     validate_state_dict(state, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
     geo = geometry_for(cfg, limits)
-    plans = plan_graphs(cfg, geo, limits, BlockLoader(cfg, state))
+    from .media_kinds import MediaSources
+
+    plans = plan_graphs(cfg, geo, limits, BlockLoader(cfg, state), MediaSources(text_encoder, vae))
     if graphs:
         unknown = sorted(set(graphs) - {p.name for p in plans})
         if unknown:
             raise StarflowError(f"unknown graph(s) {', '.join(unknown)}; choose from {', '.join(p.name for p in plans)}")
         plans = [p for p in plans if p.name in set(graphs)]
     rows = []
-    with staged_directory(out, force=force, inputs=[config, checkpoint]) as tmp:
+    with staged_directory(out, force=force, inputs=[config, checkpoint, *media_inputs]) as tmp:
+        if text_encoder and any(p.kind == "text_encoder" for p in plans):   # T5: its tokenizer files
+            from ..media.text import copy_tokenizer
+            from .names import TOKENIZER_DIR
+
+            copy_tokenizer(text_encoder, tmp / TOKENIZER_DIR)
         specs = {}
         for i, plan in enumerate(plans):
             if progress:

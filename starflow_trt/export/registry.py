@@ -40,7 +40,7 @@ from .manifest import DimRange, GraphSpec, TensorInfo
 from .names import ROPE_COS, ROPE_INPUTS, kv_names
 
 #: modules whose import registers the built-in kinds, in manifest order
-BUILTIN_MODULES: tuple[str, ...] = ("starflow_trt.export.kinds",)
+BUILTIN_MODULES: tuple[str, ...] = ("starflow_trt.export.kinds", "starflow_trt.export.media_kinds")
 
 _KINDS: dict[str, "GraphKind"] = {}
 _builtins_loaded = False
@@ -53,6 +53,8 @@ class ExportContext:
     cfg: ModelConfig
     geo: Geometry
     limits: ExportLimits
+    #: :class:`~.media_kinds.MediaSources` (text encoder, VAE) or None: no media graphs
+    media: Optional[object] = None
 
 
 @dataclass
@@ -209,9 +211,10 @@ def graph_kind(kind: str) -> GraphKind:
     return found
 
 
-def plan_graphs(cfg: ModelConfig, geo: Geometry, limits: ExportLimits, weights) -> list[GraphPlan]:
+def plan_graphs(cfg: ModelConfig, geo: Geometry, limits: ExportLimits, weights,
+                media: Optional[object] = None) -> list[GraphPlan]:
     """Every graph of every registered kind, with its contract, dims and example sizes."""
-    ctx = ExportContext(cfg, geo, limits)
+    ctx = ExportContext(cfg, geo, limits, media)
     plans = [kind.plan(ctx, name, block, weights) for kind in graph_kinds() for name, block in kind.instances(ctx)]
     names = [p.name for p in plans]
     dup = sorted({n for n in names if names.count(n) > 1})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, ManifestError
+from ..export import names as n
 from ..export.manifest import Manifest, load_manifest
 from ..geometry import Geometry
 from ..reference.flow import patchify
@@ -36,7 +38,7 @@ from .backends import THREAD_POOLS, Backend, GraphRunner, make_backend
 from .graphs import DENOISER, GraphCalls, Graphs
 from .kv import Workspace
 from .run import FrameCallback, GenerateRun, ProgressCallback
-from .stages import DeepStage, DenoiserStage, ShallowStage
+from .stages import DeepStage, DenoiserStage, ShallowStage, TextStage, VaeStage
 
 #: The runtime's default Jacobi schedule (``"upstream"`` reproduces upstream exactly).
 DEFAULT_SCHEDULE = "sliding"
@@ -46,11 +48,13 @@ __all__ = ["Pipeline", "GenerateResult", "make_backend", "THREAD_POOLS", "DEFAUL
 
 @dataclass
 class GenerateResult:
-    """latents [B, T, C, H, W] (denoised when asked), ``raw`` before denoising, and stats."""
+    """latents [B, T, C, H, W] (denoised when asked), ``raw`` before denoising, and stats;
+    ``video`` [B, F, 3, 16H, 16W] uint8 when the export has VAE graphs (F = 1 + 4(T-1))."""
 
     latents: torch.Tensor
     raw: torch.Tensor
     stats: dict
+    video: Optional[torch.Tensor] = None
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:
@@ -85,6 +89,8 @@ class Pipeline:
         self.graphs = Graphs(manifest, backend)
         self.spec = sampler_spec(self.geo)
         self.workspace = Workspace(backend.device)
+        self._text: Optional[TextStage] = None
+        self._vae: Optional[VaeStage] = None
 
     @classmethod
     def from_dir(cls, directory: Union[str, os.PathLike], backend: str = "ort", precision: Optional[str] = None,
@@ -118,14 +124,59 @@ class Pipeline:
         """The loaded graph ``name`` (loaded once, shared by every call)."""
         return self.graphs.runner(name)
 
+    # ---------------------------------------------------------------- media
+    @property
+    def text_stage(self) -> TextStage:
+        """The export's text encoder (ManifestError if it has none)."""
+        if self._text is None:
+            self._text = TextStage(self.graphs)
+        return self._text
+
+    @property
+    def vae_stage(self) -> VaeStage:
+        """The export's VAE graphs (ManifestError if it has none)."""
+        if self._vae is None:
+            self._vae = VaeStage(self.graphs)
+        return self._vae
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str], fps: Optional[int] = None, aspect: Optional[str] = None,
+                    negative_prompt: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts → (y, y_uncond) [B, L, D] each, with upstream's templates (fps / noise level / aspect as
+        the export's template options say); y_uncond is the template around ``""`` (or the negative prompt)."""
+        return self.text_stage.encode(prompts, fps=fps, aspect=aspect, negative=negative_prompt)
+
+    @torch.no_grad()
+    def decode(self, latents, on_frames: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+        """latents [B, T, z, h, w] (normalised, like ``generate``'s) → frames [B, 1+4(T-1), 3, 16h, 16w]
+        in [-1, 1] (not clamped); ``on_frames(chunk)`` fires as each latent frame decodes."""
+        with self.backend.host_thread_limit():
+            return self.vae_stage.decode(latents, on_frames)
+
+    @torch.no_grad()
+    def encode_video(self, frames, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """frames [B, 1+4n, 3, H, W] in [-1, 1] → latents [B, 1+n, z, H/16, W/16], normalised and
+        time-scaled like upstream (``sample=False``: the posterior mean)."""
+        with self.backend.host_thread_limit():
+            return self.vae_stage.encode_video(frames, sample=sample, generator=generator)
+
     # ------------------------------------------------------------ generate
     @torch.no_grad()
-    def generate(self, y, y_uncond=None, noise=None, seed: int = 0, num_frames: Optional[int] = None,
+    def generate(self, y=None, y_uncond=None, noise=None, seed: int = 0, num_frames: Optional[int] = None,
                  guidance: float = 0.0, jacobi: Optional[JacobiConfig] = None, context=None,
                  denoise: bool = True, on_frame: Optional[FrameCallback] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
-                 on_progress: Optional[ProgressCallback] = None) -> GenerateResult:
-        """Sample latents [B, T, C, H, W] for text embeddings y [B, L, D].
+                 on_progress: Optional[ProgressCallback] = None, *, prompt: Optional[Sequence[str]] = None,
+                 negative_prompt: Optional[Sequence[str]] = None, image=None, video=None, fps: int = 16,
+                 aspect: str = "16:9", on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
+        """Sample latents [B, T, C, H, W] for text embeddings y [B, L, D], or for ``prompt``.
+
+        prompt (list of B strings; with a ``text_encoder`` graph): encoded with upstream's templates
+        (``fps``, ``aspect``; ``negative_prompt`` for the unconditional rows), instead of ``y`` /
+        ``y_uncond``. image (path or [h, w, 3] uint8) / video (path or [F, h, w, 3] uint8; with VAE
+        graphs): resized to cover, centre-cropped, encoded, drawn and noised (``noise_std``) from
+        ``seed`` as the context. With VAE graphs the latents are decoded as the flow finishes them
+        (``on_video(chunk [B, f, 3, 16H, 16W] in [-1, 1])``) into ``result.video`` uint8.
 
         noise [B, T, C, H, W] or drawn from ``seed`` (``num_frames`` frames, default the export's
         max); guidance (finite, >= 0) > 0 needs y_uncond [B, L, D]; jacobi None → autoregressive,
@@ -146,6 +197,12 @@ class Pipeline:
         restart at 0 for every chunk). The thresholded Jacobi stopping test averages over the
         rows of a call, so a chunked call equals the chunk calls, not B calls of one row.
         """
+        media = self._media_inputs(y, y_uncond, context, prompt, negative_prompt, image, video, fps, aspect,
+                                   guidance, seed)
+        if media is not None:
+            y, y_uncond, context = media["y"], media["y_uncond"], media["context"]
+        if y is None:
+            raise InputError("generate needs text embeddings y or prompt=[...]")
         given = noise is not None
         tensors = dict(y=_as_tensor(y, "y"), noise=_as_tensor(noise, "noise") if given else None,
                        y_uncond=None if y_uncond is None else _as_tensor(y_uncond, "y_uncond"),
@@ -161,17 +218,32 @@ class Pipeline:
             part = {name: rows(t, start, end) for name, t in tensors.items()}
             req = check_request(self.spec, part["y"], part["noise"], y_uncond=part["y_uncond"],
                                 context=part["context"], **options)
-            results.append(self._generate(req, None if given else int(seed) + k, on_frame, should_stop, on_progress))
+            results.append(self._generate(req, None if given else int(seed) + k, on_frame, should_stop, on_progress,
+                                          on_video))
             if len(bounds) > 1 and on_progress is not None:
                 on_progress("batch", k + 1, len(bounds))
-        if len(results) == 1:
-            return results[0]
-        return GenerateResult(latents=torch.cat([r.latents for r in results]), raw=torch.cat([r.raw for r in results]),
-                              stats=merge_stats([r.stats for r in results], whole.batch))
+        result = results[0]
+        if len(results) > 1:
+            result = GenerateResult(latents=torch.cat([r.latents for r in results]),
+                                    raw=torch.cat([r.raw for r in results]),
+                                    stats=merge_stats([r.stats for r in results], whole.batch),
+                                    video=None if result.video is None else torch.cat([r.video for r in results]))
+        if media is not None:
+            stats = result.stats
+            stats["seconds"]["text"] = media["text_seconds"]
+            stats["seconds"]["encode"] = media["encode_seconds"]
+            stats["request"]["prompt"] = {"fps": fps, "aspect": aspect, "image": image is not None,
+                                          "video": video is not None}
+        return result
 
     def _generate(self, req: Request, seed: Optional[int], on_frame: Optional[FrameCallback],
-                  should_stop: Optional[Callable[[], bool]], on_progress: Optional[ProgressCallback]) -> GenerateResult:
-        """One call of at most ``max_batch`` rows; seed None: the request's noise."""
+                  should_stop: Optional[Callable[[], bool]], on_progress: Optional[ProgressCallback],
+                  on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
+        """One call of at most ``max_batch`` rows; seed None: the request's noise. With VAE graphs the
+        final latent frames stream through the decoder (``result.video``)."""
+        decoder = self._decoder(on_video) if self.graphs.has(n.VAE_DECODE_FIRST) else None
+        if decoder is not None:
+            on_frame = _chain(on_frame, decoder.push)
         g = self.geo
         noise = req.noise if seed is None else torch.randn(req.batch, req.frames, g.channel_size, g.height, g.width,
                                                            generator=torch.Generator().manual_seed(seed))
@@ -179,7 +251,50 @@ class Pipeline:
                           info={"seed": seed, "noise": "given" if seed is None else "seed"})
         with self.backend.host_thread_limit():
             latents, raw = self._execute(run)
-        return GenerateResult(latents=latents, raw=raw, stats=run.stats())
+        stats = run.stats()
+        result = GenerateResult(latents=latents, raw=raw, stats=stats)
+        if decoder is not None:
+            result.video = decoder.video()
+            stats["seconds"]["decode"] = round(decoder.seconds, 6)
+            stats["time_to_first_decoded_frame"] = round(decoder.first_s - run.start, 6)
+        return result
+
+    def _media_inputs(self, y, y_uncond, context, prompt, negative_prompt, image, video, fps, aspect,
+                      guidance, seed) -> Optional[dict]:
+        """Prompt → (y, y_uncond); image / video → context latents. None when none is given."""
+        if prompt is None and image is None and video is None:
+            if negative_prompt is not None:
+                raise InputError("negative_prompt needs prompt=[...]")
+            return None
+        if prompt is None:
+            raise InputError("image / video conditioning needs prompt=[...]")
+        if y is not None or y_uncond is not None:
+            raise InputError("give either text embeddings (y, y_uncond) or prompt=[...], not both")
+        if image is not None and video is not None:
+            raise InputError("give image or video, not both")
+        if (image is not None or video is not None) and context is not None:
+            raise InputError("give context latents or image / video, not both")
+        start = time.perf_counter()
+        y, y_uncond = self.encode_text(prompt, fps=fps, aspect=aspect, negative_prompt=negative_prompt)
+        text_s = time.perf_counter() - start
+        start = time.perf_counter()
+        if image is not None or video is not None:
+            from ..media.io import prepare_image, prepare_video
+            from ..media.vae import context_latents
+
+            g, vae = self.geo, self.vae_stage
+            H, W = g.height * vae.spatial, g.width * vae.spatial
+            clip = prepare_image(image, H, W) if image is not None else prepare_video(
+                video, H, W, max_frames=1 + vae.temporal * (g.max_frames - 1))
+            with self.backend.host_thread_limit():
+                mean, logvar = vae.moments(clip)
+            gen = torch.Generator().manual_seed(int(seed) + 1)   # not the flow noise's stream
+            context = context_latents(mean, logvar, vae.norm, g.noise_std, gen).expand(y.shape[0], -1, -1, -1, -1)
+        return {"y": y, "y_uncond": y_uncond if guidance > 0 else None, "context": context,
+                "text_seconds": round(text_s, 6), "encode_seconds": round(time.perf_counter() - start, 6)}
+
+    def _decoder(self, on_video) -> "_VideoSink":
+        return _VideoSink(self.vae_stage, on_video)
 
     @staticmethod
     def _execute(run: GenerateRun) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,3 +349,40 @@ class Pipeline:
                 h, logdet = calls.forward(k, h, y if k == g.top_index else None)
                 logdets.append(logdet)
         return likelihood.nll(h, logdets, torch.float64).cpu()
+
+
+def _chain(first: Optional[FrameCallback], then: FrameCallback) -> FrameCallback:
+    def both(index: int, frame: torch.Tensor) -> None:
+        if first is not None:
+            first(index, frame)
+        then(index, frame)
+
+    return both
+
+
+class _VideoSink:
+    """Decodes final latent frames as they come (one VAE step each), keeps the uint8 video, times the stage."""
+
+    def __init__(self, stage: VaeStage, on_video: Optional[Callable[[torch.Tensor], None]]):
+        self.chunks: list[torch.Tensor] = []
+        self.on_video = on_video
+        self.seconds = 0.0
+        self.first_s: Optional[float] = None
+        self.decoder = stage.decoder(self._chunk)
+
+    def _chunk(self, frames: torch.Tensor) -> None:
+        from ..media.io import frames_to_uint8
+
+        if self.first_s is None:
+            self.first_s = time.perf_counter()
+        self.chunks.append(torch.from_numpy(frames_to_uint8(frames)).movedim(-1, -3))
+        if self.on_video is not None:
+            self.on_video(frames)
+
+    def push(self, index: int, frame: torch.Tensor) -> None:
+        start = time.perf_counter()
+        self.decoder.push(index, frame)
+        self.seconds += time.perf_counter() - start
+
+    def video(self) -> torch.Tensor:
+        return torch.cat(self.chunks, 1)

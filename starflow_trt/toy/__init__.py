@@ -39,6 +39,11 @@ class BundledToy:
         return self.encoder.encode(list(prompts))
 
     @property
+    def text_encoder_path(self) -> Path:
+        """The word-table encoder file (``export --text-encoder`` takes it: the toy's ``text_encoder`` graph)."""
+        return self.checkpoint_path.parent / "text_encoder.safetensors"
+
+    @property
     def frames(self) -> int:
         from ..config import load_config
 

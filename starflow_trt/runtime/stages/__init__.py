@@ -4,10 +4,14 @@
 * :mod:`.deep`     the top block: text / context prefill, AR or Jacobi with long-video windows
 * :mod:`.shallow`  the blocks below the top on finished frames (frames batched)
 * :mod:`.denoiser` the learnable denoiser with its receptive-field lookahead
+* :mod:`.text`     prompts → templated captions → tokenizer → ``text_encoder`` graph
+* :mod:`.vae`      latents ⇄ frames through the VAE graphs (streaming decode, chunked encode)
 """
 
 from .deep import DeepStage
 from .denoiser import DenoiserStage
 from .shallow import ShallowStage
+from .text import TextStage
+from .vae import VaeStage
 
-__all__ = ["DeepStage", "ShallowStage", "DenoiserStage"]
+__all__ = ["DeepStage", "ShallowStage", "DenoiserStage", "TextStage", "VaeStage"]

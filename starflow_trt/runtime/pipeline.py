@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from ..errors import InputError, ManifestError
@@ -39,6 +38,7 @@ from .graphs import DENOISER, GraphCalls, Graphs
 from .kv import Workspace
 from .run import FrameCallback, GenerateRun, ProgressCallback
 from .stages import DeepStage, DenoiserStage, ShallowStage, TextStage, VaeStage
+from .tensors import as_float32
 
 #: The runtime's default Jacobi schedule (``"upstream"`` reproduces upstream exactly).
 DEFAULT_SCHEDULE = "sliding"
@@ -55,14 +55,6 @@ class GenerateResult:
     raw: torch.Tensor
     stats: dict
     video: Optional[torch.Tensor] = None
-
-
-def _as_tensor(value, name: str) -> torch.Tensor:
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, torch.Tensor):
-        raise InputError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
-    return value.detach().to("cpu", torch.float32).contiguous()
 
 
 def sampler_spec(geo: Geometry) -> SamplerSpec:
@@ -204,9 +196,9 @@ class Pipeline:
         if y is None:
             raise InputError("generate needs text embeddings y or prompt=[...]")
         given = noise is not None
-        tensors = dict(y=_as_tensor(y, "y"), noise=_as_tensor(noise, "noise") if given else None,
-                       y_uncond=None if y_uncond is None else _as_tensor(y_uncond, "y_uncond"),
-                       context=None if context is None else _as_tensor(context, "context"))
+        tensors = dict(y=as_float32(y, "y"), noise=as_float32(noise, "noise") if given else None,
+                       y_uncond=None if y_uncond is None else as_float32(y_uncond, "y_uncond"),
+                       context=None if context is None else as_float32(context, "context"))
         options = dict(num_frames=num_frames, guidance=guidance, jacobi=jacobi,
                        denoise=denoise and self.graphs.has(DENOISER))   # no denoiser graph: nothing to do
         # the whole request first: errors name the caller's shapes, and nothing runs on bad input
@@ -321,9 +313,9 @@ class Pipeline:
         on_progress("batch", chunks done, chunks) after every chunk.
         """
         g = self.geo
-        x = _as_tensor(x, "x")
+        x = as_float32(x, "x")
         check_video(x, self.spec, "x")
-        y = _as_tensor(y, "y")
+        y = as_float32(y, "y")
         check_text(y, self.spec, x.shape[0], "y")
         if x.shape[1] > g.max_frames:
             raise InputError(f"score supports frames <= {g.max_frames} for this export, got {x.shape[1]} frames; "

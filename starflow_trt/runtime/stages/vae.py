@@ -18,6 +18,7 @@ import torch
 from ...errors import InputError, ManifestError
 from ...export import names as n
 from ..graphs import Graphs
+from ..tensors import as_float32
 
 
 class VaeStage:
@@ -78,7 +79,7 @@ class VaeStage:
         """Frames [B, 1+4n, 3, H, W] in [-1, 1] → raw (mean, logvar) [B, 1+n, z, h, w]."""
         from ...media.vae import check_frame_count
 
-        frames = _float(frames, "frames")
+        frames = as_float32(frames, "frames")
         if frames.dim() != 5 or frames.shape[2] != 3:
             raise InputError(f"frames must be [B, F, 3, H, W], got {tuple(frames.shape)}")
         check_frame_count(frames.shape[1])
@@ -105,7 +106,7 @@ class VaeStage:
         return self.norm.latents_from_moments(mean, logvar, sample=sample, generator=generator)
 
     def _check_latents(self, latents) -> torch.Tensor:
-        z = _float(latents, "latents")
+        z = as_float32(latents, "latents")
         if z.dim() != 5 or z.shape[2] != self.norm.channels:
             raise InputError(f"latents must be [B, T, {self.norm.channels}, h, w], got {tuple(z.shape)}")
         return z
@@ -127,13 +128,3 @@ class StreamingDecoder:
         frames, *self.caches = self.stage._call(name, [raw] if index == 0 else [raw, *self.caches])
         self.next += 1
         self.on_frames(frames.cpu())
-
-
-def _float(value, name: str) -> torch.Tensor:
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, torch.Tensor):
-        raise InputError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
-    return value.detach().to("cpu", torch.float32).contiguous()

@@ -222,7 +222,9 @@ def test_cli_generate_prompt_errors(prompt_export, tmp_path):
 
     from starflow_trt.cli import main
 
-    base = ["generate", str(prompt_export), "-o", str(tmp_path / "o")]
+    # in-process CLI: a per-session ORT pool (the CLI's default shared pool is process-wide and every
+    # later ORT session of this pytest process would have to join it)
+    base = ["generate", str(prompt_export), "--thread-pool", "session", "-o", str(tmp_path / "o")]
     for extra, message in [([], "exactly one"), (["--prompt", "a", "--negative-prompt", "b", "--negative-prompt", "c"],
                                                  "one per prompt")]:
         out = CliRunner().invoke(main, base + extra)
@@ -250,7 +252,7 @@ def test_toy_takes_prompts_through_its_text_encoder_graph(tmp_path):
     with pytest.raises(Exception, match="unknown word"):
         pipe.encode_text(["a purple cat"])
     res = CliRunner().invoke(main, ["generate", str(out), "--prompt", "a red square moving right", "--guidance", "2",
-                                    "-o", str(tmp_path / "o")])
+                                    "--thread-pool", "session", "-o", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "video.mp4").stat().st_size > 0 and (tmp_path / "o" / "latents.npy").is_file()
 
@@ -286,7 +288,7 @@ def test_end_to_end_prompt_and_image_to_mp4(goldens_dir, t5_dir, tmp_path):
     res2 = pipe.generate(prompt=["a cat"], image=str(tmp_path / "in.png"), seed=1, num_frames=3)
     assert res2.video.shape == (1, 9, 3, 96, 64) and res2.stats["seconds"]["encode"] > 0
     r = CliRunner().invoke(main, ["generate", str(out), "--prompt", "a cat", "--fps", "12", "--frames", "3",
-                                  "--image", str(tmp_path / "in.png"), "-o", str(tmp_path / "o")])
+                                  "--thread-pool", "session", "--image", str(tmp_path / "in.png"), "-o", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     with av.open(str(tmp_path / "o" / "video.mp4")) as c:
         stream = c.streams.video[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
     out = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         out.append("| " + " | ".join(format(r.get(k, ""), f) if r.get(k) is not None and f else str(r.get(k, ""))
@@ -28,7 +28,7 @@ def markdown(result: dict) -> str:
                   "not the published figures.", ""]
     for name, rows in result["end_to_end"].items():
         lines += [f"## End to end: {name}", ""]
-        lines += _table([{**r, "time": f"{r['s_median']:.3f} [{r['s_min']:.3f}-{r['s_max']:.3f}]"} for r in rows],
+        lines += markdown_table([{**r, "time": f"{r['s_median']:.3f} [{r['s_min']:.3f}-{r['s_max']:.3f}]"} for r in rows],
                         [("backend", "backend", ""), ("precision", "precision", ""), ("schedule", "schedule", ""),
                          ("seconds", "time", ""), ("× vs reference", "speedup_vs_reference_upstream", ".2f"),
                          ("deep calls", "deep_calls", ""), ("deep tokens", "deep_tokens", ""),
@@ -37,14 +37,14 @@ def markdown(result: dict) -> str:
     for name, q in result.get("schedule_quality", {}).items():
         lines += [f"## Schedules over {q['rows'][0]['samples']} samples: {name} (ORT FP32, guidance {q['guidance']:g}, "
                   f"block {q['block']}, threshold {q['threshold']:g})", ""]
-        lines += _table(q["rows"], [("schedule", "schedule", ""), ("rel. L2 to AR: median", "dist_median", ".2e"),
+        lines += markdown_table(q["rows"], [("schedule", "schedule", ""), ("rel. L2 to AR: median", "dist_median", ".2e"),
                                     ("mean", "dist_mean", ".2e"), ("max", "dist_max", ".2e"),
                                     ("deep calls (sum)", "deep_calls", ""), ("deep tokens (sum)", "deep_tokens", ""),
                                     ("graph calls (sum)", "calls", "")])
         lines.append("")
     for name, rows in result["per_graph"].items():
         lines += [f"## Per graph: {name}", ""]
-        lines += _table(rows, [("graph", "graph", ""), ("shape", "shape", ""), ("ms", "ms", ""),
+        lines += markdown_table(rows, [("graph", "graph", ""), ("shape", "shape", ""), ("ms", "ms", ""),
                                ("GFLOP", "gflops", ".3f"), ("MB moved", "mbytes", ".1f"),
                                ("GFLOP/s", "achieved_gflops", ".1f"), ("of peak GEMM", "fraction_of_peak_gemm", ".0%")])
         lines.append("")
@@ -53,7 +53,7 @@ def markdown(result: dict) -> str:
         where = "a bench" if result.get("plan", {}).get("label", "bench config") == "bench config" else \
             f"a {result['plan']['label']}"
         lines += [f"## Where {where} `deep_step` call goes ({prof['shape']}, ORT profile by op type)", ""]
-        lines += _table(prof["ops"][:12], [("op", "op", ""), ("ms", "ms", ".2f"), ("share", "share", ".1%")])
+        lines += markdown_table(prof["ops"][:12], [("op", "op", ""), ("ms", "ms", ".2f"), ("share", "share", ".1%")])
         if prof.get("weight_gemm_gflops"):
             lines += ["", f"The weight GEMMs alone run at {prof['weight_gemm_gflops']:.0f} GFLOP/s inside the graph."]
         lines.append("")
@@ -62,7 +62,7 @@ def markdown(result: dict) -> str:
     lines += ["## GPU projections for the 7B (16:9 480p, 21 latent frames) — PROJECTIONS, not measurements", "",
               f"Roofline per graph call from the analytic cost model and datasheet peaks; Jacobi rows assume "
               f"{result['projection_sweeps']:.1f} sweeps per token (measured on the bench config).", ""]
-    lines += _table(result["projection"], [("GPU", "gpu", ""), ("schedule", "schedule", ""),
+    lines += markdown_table(result["projection"], [("GPU", "gpu", ""), ("schedule", "schedule", ""),
                                            ("precision", "precision", ""), ("s / latent frame", "seconds_per_frame", ".2f"),
                                            ("s / video", "seconds_per_video", ".1f"),
                                            ("KV cache GB", "kv_cache_gb", ".1f"), ("weights GB", "weights_gb", ".1f"),

@@ -278,7 +278,15 @@ def write_results(result: dict, out_dir: Path) -> list[Path]:
     return paths + ([png] if png else [])
 
 
+SERVE_COLUMNS = [("concurrency", "concurrency", ""), ("mode", "mode", ""), ("req/s", "requests_per_s", ""),
+                 ("p50 latency (s)", "latency_p50_s", ""), ("p99 latency (s)", "latency_p99_s", ""),
+                 ("p50 TTFF (s)", "ttff_p50_s", ""), ("p99 TTFF (s)", "ttff_p99_s", ""), ("failed", "failed", ""),
+                 ("lost", "lost", ""), ("mean batch", "batch_mean", "")]
+
+
 def markdown(result: dict) -> str:
+    from .report import markdown_table
+
     cl = result["cluster"]
     lines = ["# Serving load benchmark (toy model, loopback, CPU)", "",
              f"Machine: {result['machine'].get('cpu')}, {result['machine'].get('cores')} cores (shared). "
@@ -287,12 +295,7 @@ def markdown(result: dict) -> str:
              f"the load ({len(cl.get('processes_loaded', []))} processes).", ""]
     for w, data in result["workloads"].items():
         lines += [f"## {w}: `{json.dumps(data['request'])}`", "",
-                  "| concurrency | mode | req/s | p50 latency (s) | p99 latency (s) | p50 TTFF (s) | p99 TTFF (s) | "
-                  "failed | lost | mean batch |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in data["rows"]:
-            lines.append(f"| {r['concurrency']} | {r['mode']} | {r['requests_per_s']} | {r['latency_p50_s']} | "
-                         f"{r['latency_p99_s']} | {r['ttff_p50_s']} | {r['ttff_p99_s']} | {r['failed']} | "
-                         f"{r['lost']} | {r['batch_mean']} |")
+                  *markdown_table(data["rows"], SERVE_COLUMNS)]
         acc = result.get("acceptance", {}).get(w)
         if acc:
             lines += ["", f"Concurrency 8: served {acc['c8_served_rps']} req/s vs baseline {acc['c8_baseline_rps']} "

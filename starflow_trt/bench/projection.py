@@ -8,6 +8,8 @@ fraction of them, so read these as lower bounds on time.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..config import ModelConfig
 from ..costs import step_cost
 
@@ -89,4 +91,73 @@ def projection_table(cfg: ModelConfig, sweeps_per_token: float, aspect: str = "1
                                         ("Jacobi S=64", 64, "int8")):
             r = project(cfg, tokens, frames, gpu, precision, sweeps_per_token, chunk)
             rows.append({"gpu": name, "schedule": label, "precision": precision, **r, "source": gpu["source"]})
+    return rows
+
+
+# ------------------------------------------------------------------ per stage: text, flow, VAE decode
+#: flan-t5-xl encoder dims (the 7B's text encoder; the same numbers as media.tiny.FLAN_T5_XL)
+T5_XL = dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24)
+
+
+def text_encoder_flops(batch: int, tokens: int, d_model: int, d_ff: int, d_kv: int, num_heads: int,
+                       num_layers: int, gated: bool = True) -> float:
+    """FLOPs of a T5 encoder on [batch, tokens] ids (matmuls and attention scores; norms ignored).
+
+    Per token and layer: q, k, v, o projections (4 · d_model · inner) and the feed-forward
+    (2 or 3 matrices d_model × d_ff for plain / gated GELU), 2 FLOPs per multiply-add; attention
+    QKᵀ and AV cost 2 · 2 · tokens · inner per token.
+    """
+    inner = num_heads * d_kv
+    weights = 4 * d_model * inner + (3 if gated else 2) * d_model * d_ff
+    per_token = num_layers * (2 * weights + 4 * tokens * inner)
+    return float(batch * tokens * per_token)
+
+
+def vae_decode_flops(h: int, w: int, frames: int, config: Optional[dict] = None) -> float:
+    """FLOPs of decoding ``frames`` latent frames of an [h, w] latent grid with the Wan2.2 VAE.
+
+    Counted by running diffusers' decoder on the meta device under torch's FLOP counter (no
+    memory, no weights): the first latent frame and one steady step, the rest scaled.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..media.vae import WAN22_VAE_CONFIG, _diffusers
+
+    with torch.device("meta"):
+        vae = _diffusers().AutoencoderKLWan(**(config or WAN22_VAE_CONFIG))
+    z_dim = (config or WAN22_VAE_CONFIG).get("z_dim", 48)
+    counts = []
+    for t in (1, 2):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            vae.decode(torch.empty(1, z_dim, t, h, w, device="meta"))
+        counts.append(counter.get_total_flops())
+    first, step = counts[0], counts[1] - counts[0]
+    return float(first + step * max(frames - 1, 0))
+
+
+def stage_projection_table(cfg: ModelConfig, sweeps_per_token: float, aspect: str = "16:9", frames: int = 21,
+                           prompts: int = 1, vae_flops: Optional[float] = None) -> list[dict]:
+    """Seconds per stage (text encoder, flow, VAE decode) of one video per GPU — PROJECTIONS.
+
+    Text: flan-t5-xl on [cond; uncond] × ``txt_size`` tokens in bf16, max(compute, weight streaming). Flow: the
+    Jacobi S=64 fp16 and int8 rows of :func:`project`. VAE decode: FLOPs counted by
+    :func:`vae_decode_flops` at the fp16 rate (its convolutions are compute bound).
+    """
+    geo = cfg.frame_geometry(aspect)
+    text_flops = text_encoder_flops(2 * prompts, cfg.txt_size, **T5_XL)
+    text_params = text_encoder_flops(1, 1, **T5_XL) / 2   # one token, attention term negligible: ~weights
+    vae = vae_flops if vae_flops is not None else vae_decode_flops(geo["h"] * cfg.patch_size,
+                                                                   geo["w"] * cfg.patch_size, frames)
+    rows = []
+    for name, gpu in GPUS.items():
+        fp16 = gpu["fp16_tflops"] * 1e12
+        text_s = max(text_flops / fp16, 2 * text_params / (gpu["bandwidth_gbs"] * 1e9))
+        vae_s = prompts * vae / fp16
+        for precision in ("fp16", "int8"):
+            flow = project(cfg, geo["tokens_per_frame"], frames, gpu, precision, sweeps_per_token, chunk=64)
+            flow_s = prompts * flow["seconds_per_video"]
+            rows.append({"gpu": name, "flow_precision": precision, "text_s": text_s, "flow_s": flow_s,
+                         "vae_decode_s": vae_s, "total_s": text_s + flow_s + vae_s,
+                         "text_tflop": text_flops / 1e12, "vae_tflop": vae / 1e12, "source": gpu["source"]})
     return rows

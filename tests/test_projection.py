@@ -1,0 +1,46 @@
+"""Stage projections: the FLOP formulas against torch's FLOP counter on real library modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from starflow_trt.bench.projection import GPUS, stage_projection_table, text_encoder_flops, vae_decode_flops
+from starflow_trt.bench.paths import model_config_7b
+from starflow_trt.config import load_config
+
+
+def test_text_encoder_flops_match_counter_on_a_t5():
+    from transformers import T5Config, T5EncoderModel
+
+    dims = dict(d_model=64, d_ff=96, d_kv=16, num_heads=4, num_layers=3)
+    config = T5Config(vocab_size=50, feed_forward_proj="gated-gelu", **dims)
+    config._attn_implementation = "eager"   # the counter sees QK^T and AV as bmm (CPU SDPA is not counted)
+    model = T5EncoderModel(config).eval()
+    ids = torch.randint(0, 50, (2, 40))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=ids)
+    assert text_encoder_flops(2, 40, **dims) == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_vae_decode_flops_scale_from_first_and_step():
+    from starflow_trt.media.tiny import make_vae
+
+    vae = make_vae()
+    config = dict(vae.config)
+    z_dim = config["z_dim"]
+    with torch.device("meta"), FlopCounterMode(display=False) as counter, torch.no_grad():
+        type(vae)(**config).decode(torch.empty(1, z_dim, 4, 3, 5))
+    assert vae_decode_flops(3, 5, 4, config) == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_stage_projection_rows():
+    cfg = load_config(model_config_7b())
+    rows = stage_projection_table(cfg, sweeps_per_token=2.0, vae_flops=608e12)
+    assert {r["gpu"] for r in rows} == set(GPUS) and len(rows) == 2 * len(GPUS)
+    h100 = {r["flow_precision"]: r for r in rows if r["gpu"].startswith("H100")}
+    assert h100["int8"]["flow_s"] < h100["fp16"]["flow_s"]
+    assert h100["fp16"]["vae_decode_s"] == pytest.approx(608e12 / (GPUS["H100 80GB SXM"]["fp16_tflops"] * 1e12))
+    for r in rows:
+        assert r["total_s"] == pytest.approx(r["text_s"] + r["flow_s"] + r["vae_decode_s"])

@@ -53,7 +53,6 @@ def session_options(threads: int, profile_prefix: str | None = None):
 
 def ort_gemm_session(n: int, threads: int):
     """An ORT session of one fp32 [n, n] x [n, n] MatMul (weights as an initializer, like the graphs)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -123,7 +122,10 @@ def end_to_end(directories: dict[str, Path], threads: int, rounds: int) -> list[
     u = torch.zeros_like(y)
     noise = torch.randn(1, geo.max_frames, geo.channel_size, geo.height, geo.width, generator=g)
     jacobi = JacobiConfig(block_size=16, max_iter=32, threshold=1e-3)
-    run = lambda p: p.generate(y, u, noise=noise, guidance=2.0, jacobi=jacobi, denoise=False)
+
+    def run(p):
+        return p.generate(y, u, noise=noise, guidance=2.0, jacobi=jacobi, denoise=False)
+
     results = {k: run(p) for k, p in pipes.items()}   # warm-up (sessions created here)
     times: dict[str, list[float]] = {k: [] for k in pipes}
     for _ in range(rounds):
@@ -249,7 +251,10 @@ def main() -> None:
         peaks["torch"].append(peak_gemm_flops(args.peak_n, repeats=5))
         for v in variants:
             times[v["name"]].append(median_seconds(v["run"], args.runs))
-    med = lambda xs: sorted(xs)[len(xs) // 2]
+
+    def med(xs):
+        return sorted(xs)[len(xs) // 2]
+
     peak = {k: med(v) for k, v in peaks.items()}
     top = max(peak.values())
     rows = []
@@ -263,8 +268,8 @@ def main() -> None:
     result = {"machine": {**machine_info(), "threads": args.threads},
               "peak_gemm_gflops": {k: x / 1e9 for k, x in peak.items()}, "rounds": args.rounds, "runs": args.runs,
               "rows": rows, "profiles": profiles}
-    print(f"peak fp32 GEMM {args.peak_n}^3: ORT {peak['ort'] / 1e9:.0f} GFLOP/s, torch {peak['torch'] / 1e9:.0f} GFLOP/s"
-          f" ({args.threads} threads, {result['machine']['cpu']})")
+    print(f"peak fp32 GEMM {args.peak_n}^3: ORT {peak['ort'] / 1e9:.0f} GFLOP/s, "
+          f"torch {peak['torch'] / 1e9:.0f} GFLOP/s ({args.threads} threads, {result['machine']['cpu']})")
     print(f"{'graph':22} {'shape':18} {'ms':>8} {'[min-max]':>16} {'GFLOP/s':>8} {'of peak':>8}")
     for r in rows:
         print(f"{r['graph']:22} {r['shape']:18} {r['ms']:8.2f} {r['ms_min']:7.2f}-{r['ms_max']:<8.2f} "

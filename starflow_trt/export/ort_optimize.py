@@ -285,7 +285,7 @@ def write_ort_variants(directory: Union[str, os.PathLike], graphs: Optional[Sequ
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write the ORT-optimised variants of an export directory's step graphs")
+    parser = argparse.ArgumentParser(description="Write the ORT variants of an export directory's step graphs")
     parser.add_argument("directory")
     parser.add_argument("--fusions", default=",".join(FUSIONS), help=f"comma-separated, of {', '.join(ALL_FUSIONS)}")
     args = parser.parse_args()

@@ -130,3 +130,26 @@ def test_unknown_fusion_and_graph_without_the_pattern(variant_dir, tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "m.onnx"))
     assert optimize_graph(tmp_path / "m.onnx", tmp_path / "m.ort.onnx") == {"rotary": 0}
     assert [n.op_type for n in onnx.load(str(tmp_path / "m.ort.onnx")).graph.node] == ["MatMul"]
+
+
+def test_external_data_is_shared_not_copied(variant_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from starflow_trt.bench.workloads import graph_tensors
+
+    manifest = load_manifest(variant_dir)
+    spec = manifest.graph("deep_step")
+    src = tmp_path / "deep_step.onnx"
+    onnx.save(onnx.load(str(spec.path)), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="deep_step.onnx.data", size_threshold=1024)   # R (16 kB) too
+    dst = tmp_path / "deep_step.ort.onnx"
+    assert optimize_graph(src, dst) == {"rotary": manifest.geometry.blocks[spec.block].layers}
+    assert dst.stat().st_size < src.stat().st_size + 64 * 1024          # weights stay in the shared .data file
+    assert not (tmp_path / "deep_step.ort.onnx.data").exists()
+    inputs, _ = graph_tensors(SimpleNamespace(manifest=manifest), spec, {"batch": 2, "S": 4, "P": 3}, seed=5)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    for a, b in zip(_session(src).run(None, feed), _session(dst).run(None, feed)):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    with pytest.raises(StarflowError, match="external data"):
+        (tmp_path / "elsewhere").mkdir()
+        optimize_graph(src, tmp_path / "elsewhere" / "x.onnx")

@@ -44,20 +44,38 @@ VARIANT_KINDS = ("step",)
 
 
 class _Graph:
-    """Producer / consumer maps and constants of an ONNX graph, for local rewrites."""
+    """Producer / consumer maps and constants of an ONNX graph, for local rewrites.
 
-    def __init__(self, model):
-        from onnx import numpy_helper
+    The model is loaded without its external data: constants are read on demand (:meth:`value`),
+    so a 7B graph is rewritten without reading its weights, and the variant keeps pointing at the
+    portable graph's external data files instead of copying them.
+    """
 
+    def __init__(self, model, base_dir: Path):
         self.model = model
         self.graph = model.graph
-        self.consts = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
+        self.base_dir = base_dir
+        self.tensors = {i.name: i for i in self.graph.initializer}
         for node in self.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                self.tensors[node.output[0]] = node.attribute[0].t
+        self.consts: dict[str, np.ndarray] = {}
         self.outputs = {o.name for o in self.graph.output}
         self.index()
         self.counter = 0
+
+    def shape(self, name: str) -> Optional[tuple[int, ...]]:
+        """Shape of constant ``name`` (None if it is not a constant), without reading its data."""
+        t = self.tensors.get(name)
+        return None if t is None else tuple(t.dims)
+
+    def value(self, name: str) -> Optional[np.ndarray]:
+        """Value of constant ``name`` (None if it is not a constant), read (once) when asked for."""
+        from onnx import numpy_helper
+
+        if name not in self.consts and name in self.tensors:
+            self.consts[name] = numpy_helper.to_array(self.tensors[name], base_dir=str(self.base_dir))
+        return self.consts.get(name)
 
     def index(self) -> None:
         self.producer = {o: n for n in self.graph.node for o in n.output}
@@ -74,8 +92,9 @@ class _Graph:
         from onnx import numpy_helper
 
         name = self.name(stem)
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        self.consts[name] = value
+        tensor = numpy_helper.from_array(value, name)
+        self.graph.initializer.append(tensor)
+        self.tensors[name], self.consts[name] = tensor, value
         return name
 
     def only_consumer(self, tensor: str):
@@ -83,12 +102,15 @@ class _Graph:
         return users[0] if len(users) == 1 and tensor not in self.outputs else None
 
 
-def _is_pair_rotation(r: Optional[np.ndarray]) -> bool:
-    if r is None or r.ndim != 2 or r.shape[0] != r.shape[1] or r.shape[0] % 2:
+def _is_pair_rotation(g: _Graph, name: str) -> bool:
+    """Is constant ``name`` the exact pair-swap matrix of :func:`~starflow_trt.reference.rope.pair_rotation`?"""
+    shape = g.shape(name)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1] or shape[0] % 2 or shape[0] > 1024:
         return False
     from ..reference.rope import pair_rotation
 
-    return bool(np.array_equal(r, pair_rotation(r.shape[0]).numpy().astype(r.dtype)))
+    r = g.value(name)
+    return bool(np.array_equal(r, pair_rotation(shape[0]).numpy().astype(r.dtype)))
 
 
 def _fuse_rotary(g: _Graph) -> int:
@@ -101,7 +123,7 @@ def _fuse_rotary(g: _Graph) -> int:
     zero_pos = None
     fused = 0
     for mm in [n for n in g.graph.node if n.op_type == "MatMul"]:
-        if not _is_pair_rotation(g.consts.get(mm.input[1])):
+        if not _is_pair_rotation(g, mm.input[1]):
             continue
         u, rotated = mm.input[0], mm.output[0]
         mul_sin = g.only_consumer(rotated)
@@ -116,7 +138,7 @@ def _fuse_rotary(g: _Graph) -> int:
         if mul_cos is None or mul_cos.op_type != "Mul" or u not in mul_cos.input or g.only_consumer(other) is None:
             continue
         cos = mul_cos.input[1] if mul_cos.input[0] == u else mul_cos.input[0]
-        if cos not in g.consts and cos not in {i.name for i in g.graph.input}:
+        if cos not in g.tensors and cos not in {i.name for i in g.graph.input}:
             continue   # tables must be graph inputs or constants (sliced once per graph)
         new = []
         for table in (cos, sin):
@@ -173,25 +195,24 @@ def _fuse_gemm_bias(g: _Graph) -> int:
 
     fused = 0
     for mm in [n for n in g.graph.node if n.op_type == "MatMul"]:
-        w = g.consts.get(mm.input[1])
-        if w is None or w.ndim != 2 or _is_pair_rotation(w):
+        w = g.shape(mm.input[1])
+        if w is None or len(w) != 2 or _is_pair_rotation(g, mm.input[1]):
             continue
         add = g.only_consumer(mm.output[0])
         if add is None or add.op_type != "Add":
             continue
         bias = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
-        b = g.consts.get(bias)
-        if b is None or b.ndim != 1 or b.shape[0] != w.shape[1]:
+        if g.shape(bias) != (w[1],):
             continue
         if any(c.op_type in ("Div", "Erf") for c in g.consumers.get(add.output[0], [])):
             continue   # GELU input: ORT fuses this bias into BiasGelu
         x = mm.input[0]
         x2, y2, lead, shape = (g.name(s) for s in ("x2d", "y2d", "lead", "shape"))
-        new = [helper.make_node("Reshape", [x, g.const("flat", np.array([-1, w.shape[0]], np.int64))], [x2],
+        new = [helper.make_node("Reshape", [x, g.const("flat", np.array([-1, w[0]], np.int64))], [x2],
                                 name=g.name("reshape")),
                helper.make_node("Gemm", [x2, mm.input[1], bias], [y2], name=g.name("gemm")),
                helper.make_node("Shape", [x], [lead], end=-1, name=g.name("shape")),
-               helper.make_node("Concat", [lead, g.const("n", np.array([w.shape[1]], np.int64))], [shape], axis=0,
+               helper.make_node("Concat", [lead, g.const("n", np.array([w[1]], np.int64))], [shape], axis=0,
                                 name=g.name("concat")),
                helper.make_node("Reshape", [y2, shape], [add.output[0]], name=g.name("reshape"))]
         _replace(g, [mm, add], new)
@@ -222,8 +243,8 @@ def optimize_graph(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
                    fusions: Iterable[str] = FUSIONS) -> dict[str, int]:
     """Write the ORT variant of ``src`` to ``dst``; returns how many patterns each fusion replaced.
 
-    Weights stay inline unless ``src`` keeps them as external data (then ``dst`` does too, in
-    ``<dst name>.data``). The result is checked by ONNX shape inference (contrib ops included).
+    Weights kept as external data by ``src`` are neither read nor copied: ``dst`` references the same
+    data files (so it must be written into the same directory).
     """
     import onnx
 
@@ -231,19 +252,25 @@ def optimize_graph(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
     unknown = [f for f in fusions if f not in PASSES]
     if unknown:
         raise StarflowError(f"unknown ORT fusion(s) {unknown}; choose from {', '.join(PASSES)}")
-    model = onnx.load(str(src))
-    external = any(init.data_location == onnx.TensorProto.EXTERNAL
-                   for init in onnx.load(str(src), load_external_data=False).graph.initializer)
-    g = _Graph(model)
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    if _external_locations(model) and dst.resolve().parent != src.resolve().parent:
+        raise StarflowError(f"{src.name} keeps its weights in external data: write its ORT variant into "
+                            f"{src.parent}, not {dst.parent}")
+    g = _Graph(model, src.parent)
     counts = {name: PASSES[name](g) for name in fusions}
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-    dst = Path(dst)
-    if external:
-        onnx.save(model, str(dst), save_as_external_data=True, location=f"{dst.name}.data")
-    else:
-        onnx.save(model, str(dst))
+    onnx.save(model, str(dst))
     return counts
+
+
+def _external_locations(model) -> list[str]:
+    """External data files an (unloaded) model's initializers point to."""
+    import onnx
+
+    return sorted({e.value for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+                   for e in init.external_data if e.key == "location"})
 
 
 def write_ort_variants(directory: Union[str, os.PathLike], graphs: Optional[Sequence[str]] = None,
@@ -273,9 +300,9 @@ def write_ort_variants(directory: Union[str, os.PathLike], graphs: Optional[Sequ
             spec.ort_variant = None
             rows.append({"graph": name, "fusions": counts, "file": None})
             continue
-        data = dst.with_name(dst.name + ".data")
         spec.ort_variant = {"file": dst.name, "sha256": sha256_path(dst), "fusions": counts,
-                            "external_data": [data.name] if data.exists() else [],
+                            # the portable graph's own files (shared, not copied)
+                            "external_data": list(spec.external_data),
                             "onnxruntime": onnxruntime.__version__}
         rows.append({"graph": name, "fusions": counts, "file": dst.name})
     manifest.save()

@@ -112,12 +112,29 @@ class GraphSpec:
     external_data: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     root: Optional[Path] = None
+    #: ORT-only optimised copy of this graph (contrib-op fusions, :mod:`.ort_optimize`): ``{"file", "sha256",
+    #: "fusions", "external_data", "onnxruntime"}``; same IO contract, loaded by the ``ort`` backend only
+    ort_variant: Optional[dict[str, Any]] = None
 
     @property
     def path(self) -> Path:
         if self.root is None:
             raise ManifestError(f"graph {self.name!r} is not attached to a directory")
         return self.root / self.file
+
+    @property
+    def ort_path(self) -> Optional[Path]:
+        """Path of the ORT variant (None without one); its sha256 is checked like the graph's."""
+        if not self.ort_variant:
+            return None
+        path = self.path.parent / self.ort_variant["file"]
+        if not path.exists():
+            raise ManifestError(f"ORT variant {path} of graph {self.name!r} is missing; "
+                                "re-run `starflow-trt export` (or write_ort_variants) or restore it")
+        if sha256_path(path) != self.ort_variant["sha256"]:
+            raise ManifestError(f"ORT variant {path} of graph {self.name!r} was modified after it was written "
+                                "(sha256 mismatch); re-create it")
+        return path
 
     def input(self, name: str) -> TensorInfo:
         for t in self.inputs:
@@ -136,6 +153,7 @@ class GraphSpec:
         for extra in self.external_data:
             if not (self.root / extra).exists():
                 raise ManifestError(f"external data file {self.root / extra} of graph {self.name!r} is missing")
+        self.ort_path   # the ORT variant, when recorded, must be there and unmodified
 
     def profile(self, overrides: Optional[Mapping[str, Mapping[str, int]]] = None
                 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
@@ -194,7 +212,13 @@ class GraphSpec:
                                         f"[{r.min}, {r.max}]; re-export with a larger limit")
 
     def derive(self, **changes: Any) -> "GraphSpec":
-        """A copy with ``changes`` (e.g. ``root``, ``file``, ``sha256``, ``precision``, ``extra``)."""
+        """A copy with ``changes`` (e.g. ``root``, ``file``, ``sha256``, ``precision``, ``extra``).
+
+        A copy with another ``file`` or ``sha256`` (calibrated graph, engine) drops the ORT variant,
+        which was made from this graph, unless ``ort_variant`` is given too.
+        """
+        if ("file" in changes or "sha256" in changes) and "ort_variant" not in changes:
+            changes["ort_variant"] = None
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,11 +226,13 @@ class GraphSpec:
                 "precision": self.precision, "inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs],
                 "dims": {k: v.to_dict() for k, v in self.dims.items()},
-                "external_data": list(self.external_data), **self.extra}
+                "external_data": list(self.external_data), **self.extra,
+                **({"ort_variant": self.ort_variant} if self.ort_variant else {})}
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any], root: Optional[Path]) -> "GraphSpec":
-        known = {"file", "sha256", "kind", "block", "precision", "inputs", "outputs", "dims", "external_data"}
+        known = {"file", "sha256", "kind", "block", "precision", "inputs", "outputs", "dims", "external_data",
+                 "ort_variant"}
         try:
             return cls(name=name, file=d["file"], sha256=d["sha256"], kind=d["kind"], block=d.get("block"),
                        precision=d.get("precision", "fp32"),
@@ -214,7 +240,8 @@ class GraphSpec:
                        outputs=[TensorInfo.from_dict(t) for t in d["outputs"]],
                        dims={k: DimRange(**v) for k, v in d.get("dims", {}).items()},
                        external_data=list(d.get("external_data", [])),
-                       extra={k: v for k, v in d.items() if k not in known}, root=root)
+                       extra={k: v for k, v in d.items() if k not in known}, root=root,
+                       ort_variant=d.get("ort_variant"))
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest entry for graph {name!r} is malformed ({exc}); re-export") from exc
 

@@ -96,12 +96,16 @@ class OrtBackend(Backend):
 
     ``shared_pool``: CPU sessions share ORT's process-wide thread pool (faster for a pipeline of
     many graphs, but process-wide: see :func:`_shared_pool`); default: a non-spinning pool per session.
+    ``ort_variants``: load a graph's ORT-optimised variant (contrib-op fusions, manifest
+    ``ort_variant``, :mod:`starflow_trt.export.ort_optimize`) instead of the portable graph when the
+    manifest records one; never under the TensorRT EP, which gets the portable graph and fuses on its own.
     """
 
     name = "ort"
 
     def __init__(self, providers: Optional[Sequence] = None, threads: Optional[int] = None,
-                 cache_dir: Optional[str] = None, spin: bool = False, shared_pool: bool = False):
+                 cache_dir: Optional[str] = None, spin: bool = False, shared_pool: bool = False,
+                 ort_variants: bool = True):
         try:
             import onnxruntime  # noqa: F401
         except ImportError as exc:
@@ -112,6 +116,8 @@ class OrtBackend(Backend):
         self.cache_dir = cache_dir
         self.spin = spin              # per-session pools only
         self.shared_pool = shared_pool
+        names = [p[0] if isinstance(p, (tuple, list)) else p for p in self.providers]
+        self.ort_variants = ort_variants and "TensorrtExecutionProvider" not in names
         first = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
         on_gpu = first in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
@@ -156,12 +162,18 @@ class OrtBackend(Backend):
         providers = self._provider_options(spec) if spec is not None else self.providers
         return ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
 
+    def graph_path(self, spec: GraphSpec):
+        """The file a session of ``spec`` loads: its ORT variant when recorded and enabled, else the graph."""
+        variant = spec.ort_path if self.ort_variants else None   # sha256-checked when recorded
+        return variant if variant is not None else spec.path
+
     def load_impl(self, spec: GraphSpec) -> GraphRunner:
-        return OrtRunner(spec, self.session(spec.path, spec), self.device_type)
+        return OrtRunner(spec, self.session(self.graph_path(spec), spec), self.device_type)
 
     def describe(self) -> dict:
         import onnxruntime as ort
 
         return {"backend": self.name, "device": str(self.device), "onnxruntime": ort.__version__,
                 "providers": [p if isinstance(p, str) else p[0] for p in self.providers],
-                "thread_pool": "shared" if self.shared_pool and _SHARED_POOL is not None else "per session"}
+                "thread_pool": "shared" if self.shared_pool and _SHARED_POOL is not None else "per session",
+                "ort_variants": self.ort_variants}

@@ -65,7 +65,7 @@ def test_precision_policy_per_kind():
     from starflow_trt.errors import StarflowError
     from starflow_trt.export.registry import graph_kind
 
-    text, vae, step = graph_kind("text_encoder"), graph_kind("vae_decode_step"), graph_kind("deep_step")
+    text, vae, step = graph_kind("text_encoder"), graph_kind("vae_decode_step"), graph_kind("step")
     toy_text = graph_kind("toy_text_encoder")
     for req in ("fp16", "int8"):
         assert graph_precision(text, req).precision == "fp32"
@@ -197,3 +197,30 @@ def test_engine_graphs_need_tensorrt(toy_dirs):
     spec = load_manifest(toy_dirs[1]).graphs["denoiser"].derive(file="denoiser.engine")
     with pytest.raises(BackendUnavailable, match=r"starflow-trt\[gpu\]"):
         _runner(spec, "x")
+
+
+# ------------------------------------------------------------ torch backend, media graphs
+def test_torch_backend_rebuilds_the_text_encoder_from_its_recorded_source(toy_dirs, tmp_path):
+    from starflow_trt.errors import ManifestError
+    from starflow_trt.runtime import Pipeline
+    from starflow_trt.toy import load_bundled
+
+    fp32 = toy_dirs[0]
+    src = load_manifest(fp32).graphs["text_encoder"].extra["source"]
+    assert src["path"] == str(load_bundled().text_encoder_path.resolve()) and len(src["sha256"]) == 1
+    prompts = ["a red square moving right", "a blue disc moving up"]
+    with Pipeline.from_dir(fp32, backend="torch") as pt, Pipeline.from_dir(fp32, backend="ort") as po:
+        (y, u), (ry, ru) = pt.encode_text(prompts), po.encode_text(prompts)
+        assert y.abs().sum() > 0 and torch.allclose(y, ry, rtol=0, atol=1e-6) and torch.equal(u, ru)
+    # a moved / unrecorded source: one line naming the fix
+    moved = tmp_path / "moved"
+    shutil.copytree(fp32, moved)
+    m = load_manifest(moved)
+    te = m.graphs["text_encoder"]
+    for extra, message in [({**te.extra, "source": {**src, "path": str(tmp_path / "gone.safetensors")}}, "is gone"),
+                           ({k: v for k, v in te.extra.items() if k != "source"}, "does not record")]:
+        m.graphs["text_encoder"] = te.derive(extra=extra)
+        m.save(moved)
+        with pytest.raises(ManifestError, match=message) as info:
+            Pipeline.from_dir(moved, backend="torch").encode_text(prompts)
+        assert "\n" not in str(info.value) and "--backend ort" in str(info.value)

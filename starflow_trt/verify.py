@@ -100,6 +100,8 @@ def recorded_reference(manifest: Manifest) -> Optional[Path]:
             return None
         seen.add(source)
         path = Path(source)
+        if not path.is_absolute() and not (path / "manifest.json").is_file():   # recorded relative to another cwd
+            path = root.root.parent / path.name
         if not (path / "manifest.json").is_file():
             return None
         root = load_manifest(path)

@@ -83,7 +83,8 @@ def test_torch_backend_builds_vae_graphs_from_the_recorded_source(full_export):
     from starflow_trt.runtime import Pipeline
 
     graphs = full_export / "graphs"
-    assert load_manifest(graphs).graphs["vae_decode_step"].extra["source"]["path"] == str((full_export / "vae").resolve())
+    source = load_manifest(graphs).graphs["vae_decode_step"].extra["source"]
+    assert source["path"] == str((full_export / "vae").resolve())
     z = torch.randn(1, 3, 4, 6, 4, generator=torch.Generator().manual_seed(3))
     with Pipeline.from_dir(graphs, backend="torch") as pt, Pipeline.from_dir(graphs, backend="ort") as po:
         a, b = pt.decode(z), po.decode(z)

@@ -68,7 +68,7 @@ def graph_precision(kind, requested: str, called: bool = True) -> Decision:
     return Decision(target, policy.reason)
 
 
-def builder_flags(kind, graph_precision_: str, weakly_typed: bool, bf16_text: bool = False) -> list[str]:
+def builder_flags(kind, precision: str, weakly_typed: bool, bf16_text: bool = False) -> list[str]:
     """TensorRT ``BuilderFlag`` names for one graph (pure logic; TensorRT itself is not imported).
 
     Strongly typed networks take precision from the ONNX (no flags): a graph whose ONNX precision the
@@ -77,8 +77,8 @@ def builder_flags(kind, graph_precision_: str, weakly_typed: bool, bf16_text: bo
     """
     policy = policy_of(kind)
     name = getattr(kind, "kind", "?")
-    if not policy.allows(graph_precision_):
-        raise StarflowError(f"a {name} graph must not be {graph_precision_} ({policy.reason}); rebuild from a "
+    if not policy.allows(precision):
+        raise StarflowError(f"a {name} graph must not be {precision} ({policy.reason}); rebuild from a "
                             "directory written by `starflow-trt calibrate`")
     if not weakly_typed:
         return []
@@ -86,9 +86,4 @@ def builder_flags(kind, graph_precision_: str, weakly_typed: bool, bf16_text: bo
     if bf16_text and "BF16" in policy.trt_flags:
         flags.append("BF16")
     return flags
-
-
-def describe(decisions: Mapping[str, Decision]) -> dict[str, dict[str, str]]:
-    """Manifest form: graph → {precision, reason}."""
-    return {name: {"precision": d.precision, "reason": d.reason} for name, d in decisions.items()}
 

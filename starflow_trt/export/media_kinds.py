@@ -5,6 +5,11 @@ Their weights come from outside the flow checkpoint (``export --text-encoder DIR
 :class:`MediaSources` (``ExportContext.media``) loads each model once; a kind whose source is
 absent plans no graph. Torch wrappers and graph contracts are in :mod:`starflow_trt.media.graphs`;
 the latent normalisation and temporal scale stay outside the graphs (manifest ``vae.norm``).
+
+Each graph's manifest entry also records its ``source`` (path + sha256 of the weight files: the torch
+backend rebuilds the module from it, :meth:`_MediaKind.build_media`) and a ``cost_model`` (T5: Linear
+weights, layers, heads; VAE: FLOPs / IO bytes per latent pixel counted at export) that ``cost`` and
+``bench_cases`` use. Precision per kind: :mod:`starflow_trt.calibration.policy`.
 """
 
 from __future__ import annotations

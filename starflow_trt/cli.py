@@ -35,6 +35,7 @@ COMMANDS = {
     "score": "starflow_trt.commands.generate_cmd:score_command",
     "calibrate": "starflow_trt.commands.calibrate_cmd:calibrate_command",
     "build": "starflow_trt.commands.build_cmd:build_command",
+    "verify": "starflow_trt.commands.verify_cmd:verify_command",
     "doctor": "starflow_trt.commands.build_cmd:doctor_command",
     "demo": "starflow_trt.commands.demo_cmd:demo_command",
     "bench": "starflow_trt.commands.bench_cmd:bench_command",

@@ -28,6 +28,7 @@ from ..staging import staged_directory
 from ..reference.sampler import JacobiConfig
 from .capture import CaptureSet, capture_activations, iter_feeds
 from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
+from .policy import graph_precision as policy_precision
 from .trt_cache import write_cache
 
 
@@ -111,7 +112,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
         new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log)
         quality = {"graphs": {}}
         for name, spec in new.graphs.items():
-            if spec.precision != precision:
+            if spec.precision == "fp32":   # converted graphs (e.g. fp16 VAE graphs in an int8 directory) are gated
                 continue
             errs = graph_errors(manifest.graph(name).path, spec.path, held.calls.get(name, []))
             quality["graphs"][name] = {"rel_l2": errs, "calls": len(held.calls.get(name, []))}
@@ -140,8 +141,9 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
         dst = tmp / spec.file
         calls = cal.calls.get(name, [])
         kind = find_graph_kind(spec.kind)   # its calibration policy (an unknown kind gets the defaults)
+        decision = policy_precision(kind, precision, called=bool(calls))   # per-kind policy (policy.py)
         info: dict = {}
-        if precision == "int8" and calls and (kind is None or kind.int8):
+        if decision.precision == "int8":
             log(f"  int8 {name}: {len(calls)} calibration calls")
             ranges = tmp / f"{name}.ranges.json"
             excluded = (*exclude, *(kind.int8_exclude if kind else ()))
@@ -151,16 +153,16 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
             info.update({"trt_calibration_cache": cache.name, "weight_qdq_matmuls": hits, "matmuls": total})
             ranges.unlink()
             graph_precision = "int8"
-        elif precision == "fp16":
+        elif decision.precision == "fp16":
             log(f"  fp16 {name}")
             info = convert_fp16(spec.path, dst, (kind.fp16_modules if kind else None) or FP16_MODULES)
             graph_precision = "fp16"
         else:
-            log(f"  {name}: {'never called during capture' if not calls else 'not quantized (its kind)'}, kept fp32")
+            log(f"  {name}: kept fp32 ({decision.reason})")
             shutil.copy2(spec.path, dst)
             graph_precision = "fp32"
         new.graphs[name] = spec.derive(root=tmp, precision=graph_precision, sha256=sha256_path(dst),
-                                       extra={**spec.extra, "conversion": info})
+                                       extra={**spec.extra, "conversion": info, "precision_policy": decision.reason})
     return new
 
 

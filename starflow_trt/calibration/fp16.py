@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 FP32_OPS = ("Softplus", "Exp", "Log", "Tanh", "Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt",
-            "Reciprocal", "Erf", "Cast", "Floor", "Div", "Range")  # + index arithmetic done in float
+            "Reciprocal", "Erf", "Cast", "Floor", "Div", "Range",  # + index arithmetic done in float
+            "ConstantOfShape")  # zero tensors (the VAE's first-chunk caches): the converter mistypes them
 FP16_MODULES = ("attn_blocks", "proj_in", "proj_txt")
 
 
@@ -34,6 +35,7 @@ def convert_fp16(src: Path, dst: Path, modules: Sequence[str] = FP16_MODULES) ->
 
         raise StarflowError("FP16 conversion needs onnxconverter-common: pip install 'starflow-trt[cpu]'") from exc
     model = onnx.load(str(src))
+    _leaf_outputs(model)
     # intermediate type annotations go stale once tensors become fp16 (Cast nodes keep their
     # target type); drop them and let the runtime infer types
     del model.graph.value_info[:]
@@ -64,3 +66,18 @@ def _float32_outputs(model) -> None:
         model.graph.node.append(helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT,
                                                  name=f"{out.name}_to_fp32"))
         out.type.tensor_type.elem_type = TensorProto.FLOAT
+
+
+def _leaf_outputs(model) -> None:
+    """Give every graph output that other nodes also read its own Identity node (the VAE's caches: a new
+    cache is also the next conv's input), so the converter's output casts never feed fp32 into fp16 nodes."""
+    from onnx import helper
+
+    outputs = {o.name for o in model.graph.output}
+    read = {i for node in model.graph.node for i in node.input}
+    for name in sorted(outputs & read):
+        inner = f"{name}__value"
+        for node in model.graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        model.graph.node.append(helper.make_node("Identity", [inner], [name], name=f"{name}_leaf"))

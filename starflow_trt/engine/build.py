@@ -31,6 +31,7 @@ class BuildOptions:
     workspace_gb: float = 8.0
     timing_cache: Optional[Path] = None
     legacy_fp16_flag: bool = False  # weakly typed FP16 on TensorRT <= 10 (FP32 graphs only)
+    bf16_text: bool = False         # with legacy_fp16_flag: BuilderFlag.BF16 for the T5 text encoder (never FP16)
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
     graphs: Optional[list[str]] = None
 
@@ -45,6 +46,9 @@ def build_plan(graph_dir: Path, options: BuildOptions, trt_version: str = "10") 
                             "graph directory (`starflow-trt calibrate --precision fp16`) instead")
     if legacy and manifest.precision != "fp32":
         raise StarflowError("--fp16-flag applies to FP32 graphs only; this directory is " + manifest.precision)
+    from ..calibration.policy import builder_flags
+    from ..export.registry import find_graph_kind
+
     graphs = {}
     for name, spec in manifest.graphs.items():
         if options.graphs and name not in options.graphs:
@@ -54,7 +58,9 @@ def build_plan(graph_dir: Path, options: BuildOptions, trt_version: str = "10") 
             raise StarflowError(f"graph {name} has ops TensorRT {major} cannot parse: {unsupported}")
         graphs[name] = {
             "onnx": str(spec.path), "precision": spec.precision,
-            "network": "weakly typed + BuilderFlag.FP16" if legacy else "strongly typed",
+            "network": "weakly typed" if legacy else "strongly typed",
+            # per-kind precision policy (calibration/policy.py): e.g. no FP16 flag for the T5 text encoder
+            "flags": builder_flags(find_graph_kind(spec.kind), spec.precision, legacy, options.bf16_text),
             "profile": {k: [list(s) for s in v] for k, v in graph_profile(spec, options.overrides).items()},
         }
     return {"source": str(graph_dir), "tensorrt_major": major, "builder_optimization_level": options.opt_level,
@@ -87,7 +93,7 @@ def cuda_device() -> DeviceInfo:
 
 
 def _build_one(trt, onnx_path: Path, profile: Mapping[str, Any], options: BuildOptions, strongly_typed: bool,
-               timing_cache_bytes: bytes) -> tuple[bytes, bytes]:
+               timing_cache_bytes: bytes, flags: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
     """Serialized engine + updated timing cache for one ONNX graph."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -103,8 +109,9 @@ def _build_one(trt, onnx_path: Path, profile: Mapping[str, Any], options: BuildO
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
     config.builder_optimization_level = options.opt_level
-    if not strongly_typed and options.legacy_fp16_flag:
-        config.set_flag(trt.BuilderFlag.FP16)
+    if not strongly_typed:   # the plan's per-kind flags (FP16 / BF16); strongly typed: precision from the ONNX
+        for flag in flags:
+            config.set_flag(getattr(trt.BuilderFlag, flag))
     prof = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
         prof.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
@@ -133,7 +140,7 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
             log(f"building {name} ({item['network']}, precision {item['precision']})")
             spec = source.graph(name)
             engine, cache = _build_one(trt, spec.path, graph_profile(spec, options.overrides), options,
-                                       not options.legacy_fp16_flag, cache)
+                                       not options.legacy_fp16_flag, cache, tuple(item["flags"]))
             engine_path = tmp / f"{name}.engine"
             engine_path.write_bytes(engine)
             meta = EngineMetadata(graph=name, graph_sha256=spec.sha256, precision=spec.precision,

@@ -5,19 +5,26 @@ Their weights come from outside the flow checkpoint (``export --text-encoder DIR
 :class:`MediaSources` (``ExportContext.media``) loads each model once; a kind whose source is
 absent plans no graph. Torch wrappers and graph contracts are in :mod:`starflow_trt.media.graphs`;
 the latent normalisation and temporal scale stay outside the graphs (manifest ``vae.norm``).
+
+Each graph's manifest entry also records its ``source`` (path + sha256 of the weight files: the torch
+backend rebuilds the module from it, :meth:`_MediaKind.build_media`) and a ``cost_model`` (T5: Linear
+weights, layers, heads; VAE: FLOPs / IO bytes per latent pixel counted at export) that ``cost`` and
+``bench_cases`` use. Precision per kind: :mod:`starflow_trt.calibration.policy`.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from ..calibration.policy import TEXT_POLICY, VAE_POLICY
 from ..config import VAE_SPATIAL_FACTOR
-from ..errors import ConfigError, StarflowError
+from ..costs import Cost
+from ..errors import ConfigError, ManifestError, StarflowError
 from . import names as n
 from .manifest import DimRange, TensorInfo
 from .registry import ExportContext, GraphKind, GraphPlan, register_graph
@@ -83,6 +90,67 @@ class MediaSources:
         return self._cache["vae"]
 
 
+def source_record(path: Path) -> dict:
+    """``{"path", "sha256": {file: sha256}}`` of a media source (a file, or a directory's config/weight files),
+    recorded in the manifest so the torch backend can rebuild the graph from the same weights."""
+    from .manifest import sha256_path
+
+    path = Path(path).resolve()
+    if path.is_file():
+        return {"path": str(path), "sha256": {path.name: sha256_path(path)}}
+    files = sorted(f for f in path.rglob("*") if f.is_file() and (
+        f.suffix in (".safetensors", ".bin", ".pth", ".pt") or f.name == "config.json"))
+    return {"path": str(path), "sha256": {str(f.relative_to(path)): sha256_path(f) for f in files}}
+
+
+def check_source(spec) -> Path:
+    """The recorded source of a media graph, if it still holds the same files; else a one-line ManifestError."""
+    rec = spec.extra.get("source")
+    fix = f"re-export the {spec.name} graph (`starflow-trt export ... --text-encoder DIR / --vae PATH`) or use " \
+          "--backend ort"
+    if not rec:
+        raise ManifestError(f"the torch backend rebuilds {spec.name} from its source weights, which this export does "
+                            f"not record; {fix}")
+    now = source_record(Path(rec["path"])) if Path(rec["path"]).exists() else None
+    if now is None or now["sha256"] != rec["sha256"]:
+        raise ManifestError(f"the source of {spec.name} ({rec['path']}) is {'gone' if now is None else 'changed'} "
+                            f"since export; {fix}")
+    return Path(rec["path"])
+
+
+def t5_cost_model(encoder: nn.Module) -> dict:
+    """What :meth:`TextEncoderKind.cost` needs: Linear weights per token, layers, heads, head width, bytes."""
+    cfg = encoder.config
+    linear = sum(m.weight.numel() for m in encoder.modules() if isinstance(m, nn.Linear))
+    return {"linear_params": int(linear), "layers": int(cfg.num_layers), "heads": int(cfg.num_heads),
+            "d_kv": int(cfg.d_kv), "d_model": int(cfg.d_model),
+            "weight_bytes": int(sum(p.numel() * p.element_size() for p in encoder.parameters()))}
+
+
+def vae_cost_model(graph) -> dict:
+    """FLOPs and IO bytes per latent pixel (batch · h · w; every VAE op is linear in it), counted by
+    ``torch.utils.flop_counter`` on the graph's example, and its weight bytes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        outs = graph.module(*graph.example)
+    x = graph.example[0]
+    lat_hw = (x.shape[-2] * x.shape[-1]) // (1 if graph.inputs[0].name == "latents" else VAE_SPATIAL_FACTOR ** 2)
+    units = x.shape[0] * lat_hw
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    io = sum(t.numel() * t.element_size() for t in (*graph.example, *outs))
+    return {"flops_per_unit": counter.get_total_flops() / units, "io_bytes_per_unit": io / units,
+            "weight_bytes": int(sum(p.numel() * p.element_size() for p in graph.module.parameters()))}
+
+
+def _cost_model(sizes: Mapping[str, Any], kind: str) -> dict:
+    model = {k[len("cost_"):]: v for k, v in sizes.items() if k.startswith("cost_")}
+    if not model:
+        raise StarflowError(f"the cost of a {kind} graph needs its manifest cost_model (pass the sizes "
+                            "bench_cases gives, or re-export)")
+    return model
+
+
 def _media(ctx: ExportContext) -> MediaSources:
     return ctx.media if ctx.media is not None else MediaSources()
 
@@ -92,6 +160,7 @@ class _MediaKind(GraphKind):
 
     int8 = False          # no INT8 for these graphs until a quality gate holds
     fp16_modules = ()     # calibration's flow-transformer default does not apply
+    precision_policy = TEXT_POLICY
 
     def graph(self, ctx: ExportContext, name: str):
         raise NotImplementedError
@@ -105,7 +174,8 @@ class _MediaKind(GraphKind):
         g = self.graph(ctx, name)
 
         def make() -> nn.Module:
-            g.module.manifest_info = dict(g.extra, **self.extra(ctx))
+            g.module.manifest_info = dict(g.extra, **self.extra(ctx), cost_model=self.cost_model(g),
+                                          source=self.source(ctx))
             return g.module
 
         return GraphPlan(name=name, kind=self.kind, block=None, make=make, inputs=list(g.inputs),
@@ -114,15 +184,29 @@ class _MediaKind(GraphKind):
     def extra(self, ctx: ExportContext) -> dict:
         return {}
 
+    def source(self, ctx: ExportContext) -> dict:
+        raise NotImplementedError
+
+    def cost_model(self, g) -> dict:
+        raise NotImplementedError
+
     def manifest_extra(self, module: nn.Module) -> dict:
         return dict(getattr(module, "manifest_info", {}))
 
     def build(self, geo, block, weights) -> nn.Module:
-        raise StarflowError(f"the torch backend cannot rebuild {self.kind} graphs (their weights are not in the "
-                            "flow checkpoint); use --backend ort or trt")
+        raise StarflowError(f"{self.kind} graphs are rebuilt from their recorded source (build_media), not from "
+                            "the flow checkpoint")
+
+    def build_media(self, spec) -> nn.Module:
+        """The torch module of graph ``spec``, rebuilt from the source weights its manifest entry records."""
+        raise NotImplementedError
 
     def bench_cases(self, spec, geo):
-        return []   # no cost model yet
+        """The opt sizes, plus the manifest's cost model (``cost_*`` entries) for :meth:`cost`."""
+        model = spec.extra.get("cost_model")
+        if not model:
+            return []   # exported before cost models were recorded
+        return [{**{k: r.opt for k, r in spec.dims.items()}, **{f"cost_{k}": v for k, v in model.items()}}]
 
     def ranges(self, ctx: ExportContext, inputs) -> dict[str, DimRange]:
         raise NotImplementedError
@@ -140,9 +224,29 @@ class TextEncoderKind(_MediaKind):
     """``text_encoder``: input_ids, attention_mask [batch, tokens] int64 → text [batch, tokens, D] (masked rows 0)."""
 
     kind = "text_encoder"
+    label_dims = ("batch", "tokens")
 
     def instances(self, ctx):
         return [(n.TEXT_ENCODER, None)] if _media(ctx).t5 else []
+
+    def source(self, ctx):
+        return source_record(_media(ctx).text_encoder)
+
+    def cost_model(self, g):
+        return t5_cost_model(g.module.encoder)
+
+    def cost(self, cfg, block, sizes):
+        """Linear layers: 2 · B · L · weights; attention: QKᵀ and AV, 2 · 2 · B · heads · L² · d_kv per layer."""
+        m = _cost_model(sizes, self.kind)
+        b, t = sizes["batch"], sizes["tokens"]
+        flops = 2 * b * t * m["linear_params"] + 4 * m["layers"] * b * m["heads"] * t * t * m["d_kv"]
+        return Cost(float(flops), float(m["weight_bytes"]), 0.0, float(b * t * (16 + 4 * m["d_model"])))
+
+    def build_media(self, spec):
+        from ..media.text import T5TextEncoder, TextTemplate
+
+        enc = T5TextEncoder.from_pretrained(check_source(spec), TextTemplate.from_dict(spec.extra["template"]))
+        return enc.graph()
 
     def graph(self, ctx, name):
         return _media(ctx).text_graph(ctx.cfg)
@@ -188,6 +292,14 @@ class ToyTextEncoderKind(TextEncoderKind):
     def instances(self, ctx):
         return [(n.TEXT_ENCODER, None)] if _media(ctx).toy else []
 
+    def bench_cases(self, spec, geo):
+        return []   # a table lookup: nothing to time
+
+    def build_media(self, spec):
+        from ..toy.text import ToyTextEncoder
+
+        return ToyTextGraph(ToyTextEncoder.load(check_source(spec)).table)
+
     def plan(self, ctx, name, block, weights) -> GraphPlan:
         enc = _media(ctx).toy_text(ctx.cfg)
         shape = ("batch", "tokens")
@@ -198,7 +310,7 @@ class ToyTextEncoderKind(TextEncoderKind):
 
         def make() -> nn.Module:
             module = ToyTextGraph(enc.table)
-            module.manifest_info = extra
+            module.manifest_info = dict(extra, source=source_record(_media(ctx).text_encoder))
             return module
 
         L = enc.length
@@ -211,8 +323,35 @@ class ToyTextEncoderKind(TextEncoderKind):
 class _VaeKind(_MediaKind):
     """Shared dims: latent grid h × w (token grid · patch), cache grids h_xR = R·h, pixels H = s·h."""
 
+    precision_policy = VAE_POLICY
+    fp16_modules = ("",)   # every node (calibration keeps its FP32_OPS: norms, divisions, casts)
+    label_dims = ("batch", "h", "w")
+
     def instances(self, ctx):
         return [(self.kind, None)] if _media(ctx).vae else []
+
+    def source(self, ctx):
+        return source_record(_media(ctx).vae)
+
+    def cost_model(self, g):
+        return vae_cost_model(g)
+
+    def cost(self, cfg, block, sizes):
+        """Linear in the latent pixels batch · h · w (per-unit numbers counted at export)."""
+        m = _cost_model(sizes, self.kind)
+        units = sizes["batch"] * sizes["h"] * sizes["w"]
+        return Cost(m["flops_per_unit"] * units, float(m["weight_bytes"]), 0.0, m["io_bytes_per_unit"] * units)
+
+    def build_media(self, spec):
+        from ..media.graphs import vae_graphs
+        from ..media.vae import load_vae
+
+        k = int(spec.extra.get("frames_per_step", 1))
+        g = vae_graphs(load_vae(check_source(spec)), frames_per_step=k)[spec.name]
+        if g.extra.get("cache_plan") != spec.extra.get("cache_plan"):
+            raise ManifestError(f"the VAE at {spec.extra['source']['path']} gives another cache plan than {spec.name} "
+                                "was exported with; re-export")
+        return g.module
 
     def graph(self, ctx, name):
         return _media(ctx).vae_graphs(ctx.cfg)[0][name]
@@ -275,6 +414,7 @@ class VaeEncodeFirstKind(_VaeKind):
 
 @register_graph
 class VaeEncodeStepKind(_VaeKind):
-    """``vae_encode_step``: frames [batch, 4, 3, H, W], cache_i → latent_mean, latent_logvar [batch, 1, z, h, w], new_cache_i."""
+    """``vae_encode_step``: frames [batch, 4, 3, H, W], cache_i → latent_mean, latent_logvar [batch, 1, z, h, w],
+    new_cache_i."""
 
     kind = n.VAE_ENCODE_STEP

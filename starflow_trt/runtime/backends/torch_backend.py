@@ -1,7 +1,8 @@
 """``torch`` backend: runs the export wrappers themselves in PyTorch (debugging, parity).
 
 It needs the checkpoint the graphs were exported from (recorded in the manifest;
-pass ``checkpoint=`` if it moved). The sha256 is checked so the two cannot drift.
+pass ``checkpoint=`` if it moved). The sha256 is checked so the two cannot drift. Media graphs
+(text encoder, VAE) are rebuilt from the source weights their manifest entries record (same check).
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class TorchBackend(Backend):
     def load_impl(self, spec: GraphSpec) -> GraphRunner:
         from ...export.registry import graph_kind
 
-        return TorchRunner(spec, graph_kind(spec.kind).build(self.geo, spec.block, self.loader))
+        kind = graph_kind(spec.kind)
+        media = getattr(kind, "build_media", None)   # text encoder / VAE: rebuilt from the recorded source weights
+        module = media(spec) if media is not None else kind.build(self.geo, spec.block, self.loader)
+        return TorchRunner(spec, module)
 
     def release(self) -> None:
         self.loader = None

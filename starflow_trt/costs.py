@@ -43,7 +43,8 @@ ZERO = Cost(0.0, 0.0, 0.0, 0.0)
 
 def layer_params(width: int, attn_width: int) -> int:
     """One transformer layer: qkv, proj, MLP, two LayerNorms (spec §1.4: 12·C² + 13·C when attn = C)."""
-    return (3 * attn_width * width + 3 * attn_width) + (width * attn_width + width) + (8 * width * width + 5 * width) + 4 * width
+    return ((3 * attn_width * width + 3 * attn_width) + (width * attn_width + width)
+            + (8 * width * width + 5 * width) + 4 * width)
 
 
 def block_params(cfg: ModelConfig, k: int) -> int:
@@ -151,3 +152,9 @@ def generation_costs(cfg: ModelConfig, frames: int, tokens_per_frame: int, batch
     window = cfg.local_attn_window or T
     den = denoiser_cost(cfg, batch, min(T, window), F, dtype_bytes)
     return {"deep": deep, "shallow": shallow, "denoiser": den}
+
+
+def text_encoder_flops(batch: int, tokens: int, linear_params: int, layers: int, heads: int, d_kv: int) -> float:
+    """T5 encoder on [batch, tokens]: Linear layers 2 · B · L · weights; attention QKᵀ and AV
+    2 · 2 · B · heads · L² · d_kv per layer (norms and the relative-position bias ignored)."""
+    return float(2 * batch * tokens * linear_params + 4 * layers * batch * heads * tokens * tokens * d_kv)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from starflow_trt.bench.projection import GPUS, stage_projection_table, text_encoder_flops, vae_decode_flops
+from starflow_trt.bench.projection import GPUS, stage_projection_table, t5_linear_params, vae_decode_flops
+from starflow_trt.costs import text_encoder_flops
 from starflow_trt.bench.paths import model_config_7b
 from starflow_trt.config import load_config
 
@@ -21,7 +22,10 @@ def test_text_encoder_flops_match_counter_on_a_t5():
     ids = torch.randint(0, 50, (2, 40))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(input_ids=ids)
-    assert text_encoder_flops(2, 40, **dims) == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    linear = t5_linear_params(**dims)
+    assert linear == sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    flops = text_encoder_flops(2, 40, linear, dims["num_layers"], dims["num_heads"], dims["d_kv"])
+    assert flops == pytest.approx(counter.get_total_flops(), rel=1e-9)
 
 
 def test_vae_decode_flops_scale_from_first_and_step():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import ModelConfig
-from ..costs import step_cost
+from ..costs import step_cost, text_encoder_flops
 
 GPUS = {  # dense tensor-core peaks and memory, per the NVIDIA datasheets named
     "H100 80GB SXM": {"fp16_tflops": 989.0, "int8_tops": 1979.0, "bandwidth_gbs": 3350.0, "memory_gb": 80,
@@ -99,18 +99,11 @@ def projection_table(cfg: ModelConfig, sweeps_per_token: float, aspect: str = "1
 T5_XL = dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24)
 
 
-def text_encoder_flops(batch: int, tokens: int, d_model: int, d_ff: int, d_kv: int, num_heads: int,
-                       num_layers: int, gated: bool = True) -> float:
-    """FLOPs of a T5 encoder on [batch, tokens] ids (matmuls and attention scores; norms ignored).
-
-    Per token and layer: q, k, v, o projections (4 · d_model · inner) and the feed-forward
-    (2 or 3 matrices d_model × d_ff for plain / gated GELU), 2 FLOPs per multiply-add; attention
-    QKᵀ and AV cost 2 · 2 · tokens · inner per token.
-    """
+def t5_linear_params(d_model: int, d_ff: int, d_kv: int, num_heads: int, num_layers: int, gated: bool = True) -> int:
+    """Linear weights of a T5 encoder: q, k, v, o (4 · d_model · inner) and the feed-forward
+    (3 or 2 matrices d_model × d_ff for gated / plain GELU) per layer."""
     inner = num_heads * d_kv
-    weights = 4 * d_model * inner + (3 if gated else 2) * d_model * d_ff
-    per_token = num_layers * (2 * weights + 4 * tokens * inner)
-    return float(batch * tokens * per_token)
+    return num_layers * (4 * d_model * inner + (3 if gated else 2) * d_model * d_ff)
 
 
 def vae_decode_flops(h: int, w: int, frames: int, config: Optional[dict] = None) -> float:
@@ -145,8 +138,9 @@ def stage_projection_table(cfg: ModelConfig, sweeps_per_token: float, aspect: st
     :func:`vae_decode_flops` at the fp16 rate (its convolutions are compute bound).
     """
     geo = cfg.frame_geometry(aspect)
-    text_flops = text_encoder_flops(2 * prompts, cfg.txt_size, **T5_XL)
-    text_params = text_encoder_flops(1, 1, **T5_XL) / 2   # one token, attention term negligible: ~weights
+    text_params = t5_linear_params(**T5_XL)
+    text_flops = text_encoder_flops(2 * prompts, cfg.txt_size, text_params, T5_XL["num_layers"],
+                                    T5_XL["num_heads"], T5_XL["d_kv"])
     vae = vae_flops if vae_flops is not None else vae_decode_flops(geo["h"] * cfg.patch_size,
                                                                    geo["w"] * cfg.patch_size, frames)
     rows = []

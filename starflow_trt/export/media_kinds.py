@@ -23,7 +23,7 @@ from torch import nn
 
 from ..calibration.policy import TEXT_POLICY, VAE_POLICY
 from ..config import VAE_SPATIAL_FACTOR
-from ..costs import Cost
+from ..costs import Cost, text_encoder_flops
 from ..errors import ConfigError, ManifestError, StarflowError
 from . import names as n
 from .manifest import DimRange, TensorInfo
@@ -239,7 +239,7 @@ class TextEncoderKind(_MediaKind):
         """Linear layers: 2 · B · L · weights; attention: QKᵀ and AV, 2 · 2 · B · heads · L² · d_kv per layer."""
         m = _cost_model(sizes, self.kind)
         b, t = sizes["batch"], sizes["tokens"]
-        flops = 2 * b * t * m["linear_params"] + 4 * m["layers"] * b * m["heads"] * t * t * m["d_kv"]
+        flops = text_encoder_flops(b, t, m["linear_params"], m["layers"], m["heads"], m["d_kv"])
         return Cost(float(flops), float(m["weight_bytes"]), 0.0, float(b * t * (16 + 4 * m["d_model"])))
 
     def build_media(self, spec):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-#: Jacobi schedules the sampling core implements (spec §10.2 "upstream"; "sliding": see :mod:`.jacobi`).
-SCHEDULES = ("upstream", "sliding")
+#: Jacobi schedules the sampling core implements (spec §10.2 "upstream"; "sliding", "predictive": see :mod:`.jacobi`).
+SCHEDULES = ("upstream", "sliding", "predictive")
 
 
 @dataclass(frozen=True)

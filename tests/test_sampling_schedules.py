@@ -180,3 +180,22 @@ def test_progress_is_monotone_and_complete():
         invert(seq, text, Solver(JacobiConfig(block_size=4, max_iter=8, threshold=1e-6), schedule),
                hooks=Hooks(progress=done.append))
         assert done == sorted(done) and done[-1] == N and len(set(done)) == len(done), (schedule, done)
+
+
+def test_floor_stops_at_max_of_threshold_and_floor_and_never_in_exact_mode():
+    assert JacobiConfig(threshold=1e-3, floor=4e-3).stop == 4e-3
+    assert JacobiConfig(threshold=1e-3, floor=1e-4).stop == 1e-3
+    assert JacobiConfig(threshold=0.0, floor=4e-3).stop == 0.0     # exact mode stays exact
+    with pytest.raises(ValueError, match="floor"):
+        JacobiConfig(floor=-1.0)
+    seq, text = problem(13)
+    ar = reference_ar(seq, FakeBlock(B, 1).sos, text)
+    exact, _, _ = invert(seq, text, Solver(JacobiConfig(block_size=4, max_iter=40, threshold=0.0, floor=1.0),
+                                           "upstream"))
+    torch.testing.assert_close(exact, ar, rtol=1e-12, atol=1e-12)
+    for schedule in ("upstream", "sliding", "predictive"):
+        plain = invert(seq, text, Solver(JacobiConfig(block_size=4, threshold=1e-8, schedule=schedule), schedule))[1]
+        floored = invert(seq, text, Solver(JacobiConfig(block_size=4, threshold=1e-8, floor=1e-3, schedule=schedule),
+                                           schedule))[1]
+        assert floored.steps < plain.steps, schedule
+        assert all(c.delta < 1e-3 for c in floored.chunks if c.length > 1 and c.iterations < 32), floored.chunks

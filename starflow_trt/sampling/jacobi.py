@@ -37,7 +37,7 @@ def upstream_phase(inv: "BlockInversion", jac: JacobiConfig, s: int, target: int
             new = b + a * seq[:, s : s + k]
             delta = ((new - x[:, s + 1 : s + 1 + k]) ** 2).mean() / (new ** 2).mean()
             x[:, s + 1 : s + 1 + k] = new
-            if delta < jac.threshold or i == jac.max_iter - 1:
+            if delta < jac.stop or i == jac.max_iter - 1:
                 inv.trace.chunks.append(ChunkLog(s, k, i + 1, float(delta)))
                 inv.commit(k, s + k)  # keep the K/V of this last sweep (no rewind)
                 break
@@ -107,11 +107,11 @@ def sliding_phase(inv: "BlockInversion", jac: JacobiConfig, s: int, target: int,
         twice = int(torch.cumprod(evals[s:e] >= 2, 0).sum())   # leading positions evaluated twice
         if first_pass:   # the longest prefix that passes upstream's chunk test (stricter on first evaluations)
             once = evals[s:e] < 2
-            bound = torch.where(once, FIRST_PASS_MARGIN * jac.threshold, jac.threshold)
+            bound = torch.where(once, FIRST_PASS_MARGIN * jac.stop, jac.stop)
             good = (torch.cumsum(sq, 0) < bound * torch.cumsum(mag, 0).clamp_min(1e-30)).nonzero()
             m = max(exact - s, int(good[-1]) + 1 if len(good) else 0)
         else:            # every prefix of the committed one passes
-            bad = (prefix_delta[:twice] >= jac.threshold).nonzero()
+            bad = (prefix_delta[:twice] >= jac.stop).nonzero()
             m = max(exact - s, int(bad[0]) if len(bad) else twice)
         if int(evals[s]) >= jac.max_iter:
             m = e - s

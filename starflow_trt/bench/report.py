@@ -36,8 +36,9 @@ def markdown(result: dict) -> str:
     for name, rows in result["end_to_end"].items():
         lines += [f"## End to end: {name}", ""]
         lines += markdown_table([{**r, "time": _time_cell(r)} for r in rows],
-                                [("backend", "backend", ""), ("precision", "precision", ""), ("schedule", "schedule", ""),
-                                 ("seconds", "time", ""), ("first run s", "s_first", ".2f"),
+                                [("backend", "backend", ""), ("precision", "precision", ""),
+                                 ("schedule", "schedule", ""), ("seconds", "time", ""),
+                                 ("first run s", "s_first", ".2f"),
                                  ("× vs reference", "speedup_vs_reference_upstream", ".2f"),
                                  ("deep calls", "deep_calls", ""), ("deep tokens", "deep_tokens", ""),
                                  ("graph calls", "calls", ""), ("rel. L2 to AR", "dist_to_ar", ".2e")])

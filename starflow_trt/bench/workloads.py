@@ -101,7 +101,9 @@ def end_to_end(ref, pipe, y, u, noise, runs: int, guidance: float = 2.0, block: 
     ar = ref.sample(noise, y, u, guidance=guidance)
     dist = lambda v: float((v - ar).norm() / ar.norm())
     up = JacobiConfig(block_size=block, max_iter=32, threshold=threshold, schedule="upstream")
-    ref_run = lambda: (ref.sample(noise, y, u, guidance=guidance, jacobi=up), ref.last_trace)
+
+    def ref_run():
+        return ref.sample(noise, y, u, guidance=guidance, jacobi=up), ref.last_trace
     variants = [("torch reference", "fp32", "upstream", ref_run)]
     for name, fn in (peers or {}).items():
         variants.append((name, "fp32", "upstream",

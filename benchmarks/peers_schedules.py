@@ -26,6 +26,8 @@ if __name__ == "__main__":
     ap.add_argument("--upstream", default=None)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--int8-extra", action="append", default=[], help="LABEL=DIR of another INT8 export")
+    ap.add_argument("--no-quality", action="store_true", help="end to end only (no schedules over 8 prompts)")
+    ap.add_argument("--no-int8", action="store_true", help="no INT8 rows")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument("-o", "--out", type=Path, default=HERE / "results" / "peers_schedules.json")
     args = ap.parse_args()
@@ -35,7 +37,8 @@ if __name__ == "__main__":
     plan = replace(FULL, toy=False, runs=args.runs)
     paths = BenchPaths.under(args.out.parent, args.cache)
     dirs = _prepare(plan, paths, print)
-    extra = {"ORT INT8": Pipeline.from_dir(dirs["int8"], precision="int8", thread_pool="session")}
+    extra = {} if args.no_int8 else {"ORT INT8": Pipeline.from_dir(dirs["int8"], precision="int8",
+                                                                   thread_pool="session")}
     for item in args.int8_extra:
         label, d = item.split("=", 1)
         extra[label] = Pipeline.from_dir(d, precision="int8", thread_pool="session")
@@ -51,7 +54,7 @@ if __name__ == "__main__":
     result["end_to_end"] = end_to_end(ref, pipe, y, u, noise, args.runs, label="bench", peers=peers, extra_pipes=extra)
     gq = torch.Generator().manual_seed(3)
     texts = torch.randn(plan.samples, geo.text_length, geo.text_width, generator=gq)
-    result["schedule_quality"] = {name: schedule_quality(p, texts, torch.zeros_like(texts), tuple(noise.shape), 2.0,
+    result["schedule_quality"] = {} if args.no_quality else {name: schedule_quality(p, texts, torch.zeros_like(texts), tuple(noise.shape), 2.0,
                                                          "bench " + name)
                                   for name, p in {"ORT FP32": pipe, **extra}.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

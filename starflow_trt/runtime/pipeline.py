@@ -42,7 +42,7 @@ from .stages import DeepStage, DenoiserStage, ShallowStage, TextStage, VaeStage
 from .tensors import as_float32
 
 #: The runtime's default Jacobi schedule (``"upstream"`` reproduces upstream exactly).
-DEFAULT_SCHEDULE = "sliding"
+DEFAULT_SCHEDULE = "predictive"
 
 __all__ = ["Pipeline", "GenerateResult", "make_backend", "THREAD_POOLS", "DEFAULT_SCHEDULE", "SCHEDULES", "FrameCallback"]
 

@@ -300,7 +300,7 @@ def test_request_in_stats(pipe, cases):
     req = r.stats["request"]
     assert json.loads(json.dumps(r.stats, allow_nan=False))["request"] == req
     assert (req["seed"], req["noise"], req["guidance"], req["num_frames"], req["schedule"]) == (5, "seed", 1.5, 2,
-                                                                                                 "sliding")
+                                                                                                 DEFAULT_SCHEDULE)
     assert req["jacobi"]["block_size"] == 8 and req["denoise"] is True and req["context_frames"] == 1
     given = pipe.generate(cases["y"], noise=cases["noise"], denoise=False).stats["request"]
     assert (given["seed"], given["noise"], given["jacobi"], given["denoise"]) == (None, "given", None, False)

@@ -41,6 +41,8 @@ class BenchPlan:
     toy: bool = True              # the bundled toy model workloads
     toy_samples: int = 16         # schedule-quality prompts on the toy
     quick: bool = False
+    compile_peer: bool = True     # a reference row under torch.compile (bench config)
+    upstream: Optional[str] = None   # a user's apple/ml-starflow checkout: upstream rows (bench config)
 
     @property
     def int8_label(self) -> str:
@@ -49,7 +51,7 @@ class BenchPlan:
 
 FULL = BenchPlan()
 QUICK = BenchPlan(runs=1, int8=False, config="bench_quick.yaml", label="bench quick", samples=2, toy=False,
-                  toy_samples=0, quick=True)
+                  toy_samples=0, quick=True, compile_peer=False)
 
 
 def bench_plan(quick: bool = False, runs: Optional[int] = None, int8: Optional[bool] = None) -> BenchPlan:
@@ -63,16 +65,20 @@ def bench_plan(quick: bool = False, runs: Optional[int] = None, int8: Optional[b
 
 def run_benchmarks(out_dir: Union[str, Path, None] = None, cache: Union[str, Path, None] = None,
                    runs: Optional[int] = None, int8: Optional[bool] = None, log: Callable[[str], None] = print,
-                   quick: bool = False, upstream: Union[str, Path, None] = None, compile_peer: bool = True) -> dict:
+                   quick: bool = False, upstream: Union[str, Path, None] = None,
+                   compile_peer: Optional[bool] = None) -> dict:
     """Run the plan (:func:`bench_plan`) and write its results under ``out_dir`` (default ``./bench_out``).
 
     ``upstream``: a user's apple/ml-starflow checkout; its sampler gets rows on the bench config
-    (:mod:`.peers`). ``compile_peer``: a row for the reference sampler under ``torch.compile``.
+    (:mod:`.peers`). ``compile_peer``: a row for the reference sampler under ``torch.compile``
+    (default: on, off for ``quick``: compiling takes about a minute on 2 cores).
 
     ``cache`` (default ``out_dir/.cache``) keeps the random checkpoint, exports and calibrations
     between runs; delete it after changing the exporter or the calibration.
     """
     plan = bench_plan(quick, runs, int8)
+    plan = replace(plan, upstream=None if upstream is None else str(upstream),
+                   compile_peer=plan.compile_peer if compile_peer is None else compile_peer)
     paths = BenchPaths.under(out_dir, cache)
     start = time.perf_counter()
     paths.cache.mkdir(parents=True, exist_ok=True)
@@ -83,8 +89,7 @@ def run_benchmarks(out_dir: Union[str, Path, None] = None, cache: Union[str, Pat
               "end_to_end": {}, "schedule_quality": {}, "per_graph": {}, "quality": {}}
     dirs = _prepare(plan, paths, log)
     result["machine"]["ort_thread_pool"] = POOL
-    peers = _peers(dirs, upstream, compile_peer, log)
-    sweeps = _bench_workloads(plan, dirs, result, peak, bw, log, peers)
+    sweeps = _bench_workloads(plan, dirs, result, peak, bw, log)
     if plan.toy:
         _toy_workloads(plan, dirs, result, peak, bw, log)
     result["projection_sweeps"] = sweeps
@@ -158,13 +163,13 @@ def _peers(dirs: dict, upstream: Union[str, Path, None], compile_peer: bool, log
     return peers
 
 
-def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float, log,
-                     peers: Optional[dict] = None) -> float:
+def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float, log) -> float:
     """Random-weight bench config: end to end (+ peers, + INT8), schedules, per graph (+ INT8), op profile.
     Returns sweeps/token."""
     from ..reference import load_reference
     from ..runtime import Pipeline
 
+    peers = _peers(dirs, plan.upstream, plan.compile_peer, log)
     ref, pipe = load_reference(dirs["config"], dirs["ckpt"]), Pipeline.from_dir(dirs["graphs"], thread_pool=POOL)
     pipe8 = Pipeline.from_dir(dirs["int8"], precision="int8", thread_pool=POOL) if plan.int8 else None
     geo = pipe.geo

@@ -21,10 +21,11 @@ import click
 @click.option("--upstream", "upstream", default=None, type=click.Path(exists=True, file_okay=False),
               help="a checkout of apple/ml-starflow (not vendored): adds rows running its sampler on the same "
                    "checkpoint and noise")
-@click.option("--compile/--no-compile", "compile_peer", default=True, show_default=True,
-              help="a row for the reference sampler under torch.compile (compile time reported as s_first)")
+@click.option("--compile/--no-compile", "compile_peer", default=None,
+              help="a row for the reference sampler under torch.compile (compile time reported as s_first) "
+                   "[default: on; off with --quick]")
 def bench_command(quick: bool, runs: Optional[int], int8: Optional[bool], out_dir: str,
-                  cache_dir: Optional[str], upstream: Optional[str], compile_peer: bool) -> None:
+                  cache_dir: Optional[str], upstream: Optional[str], compile_peer: Optional[bool]) -> None:
     """Per-graph and end-to-end benchmarks (bench config + toy), roofline, 7B GPU projections."""
     from ..bench.paths import BenchPaths
     from ..bench.run import bench_plan, run_benchmarks

@@ -80,6 +80,25 @@ def test_int8_graphs_have_weight_qdq_and_run(int8_dir, cases):
     assert set(q) >= {"graphs", "bpd_increase", "latent_psnr_db", "gate"}
 
 
+def test_int8_manifest_records_the_residual_floor_and_the_pipeline_uses_it(int8_dir, goldens_export, cases):
+    from starflow_trt.calibration.floor import QUANTILE, SWEEPS, manifest_residual_floor
+    from starflow_trt.runtime import Pipeline
+    from starflow_trt.sampling import JacobiConfig
+
+    floor = int8_dir.extra["calibration"]["residual_floor"]
+    assert floor["sweeps"] == SWEEPS and floor["quantile"] == QUANTILE and floor["chunks"] > 0
+    assert 0 < floor["value"] < 1 and manifest_residual_floor(int8_dir) == floor["value"]
+    pipe8 = Pipeline.from_dir(int8_dir.root, backend="ort", precision="int8")
+    pipe32 = Pipeline.from_dir(goldens_export)
+    assert pipe8.spec.residual_floor == floor["value"] and pipe32.spec.residual_floor == 0.0   # float: unchanged
+    jac = JacobiConfig(block_size=4, threshold=floor["value"] / 10, schedule="upstream")
+    r = pipe8.generate(cases["y"][:1], cases["y_uncond"][:1], noise=cases["noise"][:1], guidance=2.0, jacobi=jac,
+                       denoise=False)
+    assert r.stats["request"]["jacobi"]["floor"] == floor["value"]
+    deep = next(t for t in r.stats["jacobi"] if t["block"] == "deep_step")
+    assert all(c["delta"] < floor["value"] or c["iterations"] == jac.max_iter for c in deep["chunks"])
+
+
 def test_capture_shards_hold_kv_and_iterates(int8_dir):
     cap_dir = int8_dir.root.parent / "capture"
     captured = CaptureSet.load(cap_dir)

@@ -82,8 +82,8 @@ def test_generate_cli_shared_thread_pool(goldens_export, cases, tmp_path):
                           "-o", str(tmp_path / "gen")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     stats = json.loads((tmp_path / "gen" / "stats.json").read_text())
-    assert stats["backend"]["thread_pool"] == "shared" and stats["schedule"] == "sliding"
-    # sliding Jacobi at threshold 1e-3 on the goldens model (g0): close to the AR golden, not equal to it
+    assert stats["backend"]["thread_pool"] == "shared" and stats["schedule"] == "predictive"
+    # the default (predictive) Jacobi at threshold 1e-3 on the goldens model (g0): close to the AR golden, not equal
     latents, golden = np.load(tmp_path / "gen" / "latents.npy"), cases["reverse.g0"].numpy()
     assert np.linalg.norm(latents - golden) <= 0.2 * np.linalg.norm(golden)
 

@@ -13,7 +13,7 @@ import torch
 from starflow_trt.errors import GenerationCancelled, InputError, ManifestError
 from starflow_trt.export.manifest import load_manifest
 from starflow_trt.reference import JacobiConfig, load_reference
-from starflow_trt.runtime.pipeline import Pipeline
+from starflow_trt.runtime.pipeline import DEFAULT_SCHEDULE, Pipeline
 
 from .conftest import assert_golden
 
@@ -51,7 +51,7 @@ def test_default_schedule_reaches_the_ar_fixed_point(pipe, cases):
     # threshold 0: the sliding schedule commits only exact tokens → the AR solution
     result = pipe.generate(cases["y"], cases["y_uncond"], noise=cases["noise"], guidance=2.0, denoise=False,
                            jacobi=JacobiConfig(block_size=8, max_iter=40, threshold=0.0))
-    assert result.stats["schedule"] == "sliding"
+    assert result.stats["schedule"] == DEFAULT_SCHEDULE
     assert_golden(result.latents, cases["reverse.g2"], "reverse.g2")
 
 
@@ -215,7 +215,7 @@ def test_sliding_with_context_reaches_the_ar_fixed_point(pipe, cases):
         result = pipe.generate(cases["y"], cases["y_uncond"], noise=cases["noise"], guidance=2.0, denoise=False,
                                context=cases["cond_frame"], on_frame=on_frame,
                                jacobi=JacobiConfig(block_size=8, max_iter=40, threshold=0.0))
-        assert result.stats["schedule"] == "sliding"
+        assert result.stats["schedule"] == DEFAULT_SCHEDULE
         assert_golden(result.latents, cases["i2v.jacobi.g2"], "i2v.jacobi.g2")
 
 
@@ -300,7 +300,7 @@ def test_request_in_stats(pipe, cases):
     req = r.stats["request"]
     assert json.loads(json.dumps(r.stats, allow_nan=False))["request"] == req
     assert (req["seed"], req["noise"], req["guidance"], req["num_frames"], req["schedule"]) == (5, "seed", 1.5, 2,
-                                                                                                 "sliding")
+                                                                                                 DEFAULT_SCHEDULE)
     assert req["jacobi"]["block_size"] == 8 and req["denoise"] is True and req["context_frames"] == 1
     given = pipe.generate(cases["y"], noise=cases["noise"], denoise=False).stats["request"]
     assert (given["seed"], given["noise"], given["jacobi"], given["denoise"]) == (None, "given", None, False)

@@ -182,3 +182,14 @@ def test_nll_and_bits_per_dim_formula():
     assert got.dtype == torch.float64 and got.tolist() == pytest.approx(want, rel=1e-12)
     assert bits_per_dim(got).tolist() == pytest.approx([(v + 0.5 * math.log(2 * math.pi)) / math.log(2)
                                                         for v in want], rel=1e-12)
+
+
+def test_request_takes_the_samplers_residual_floor():
+    import dataclasses
+
+    y, noise = torch.zeros(1, 3, 5), torch.zeros(1, 2, 4, 4, 6)
+    spec = dataclasses.replace(SPEC, residual_floor=3e-3)
+    assert check_request(spec, y, noise, jacobi=JacobiConfig(threshold=1e-3)).jacobi.floor == 3e-3
+    assert check_request(spec, y, noise, jacobi=JacobiConfig(threshold=1e-3, floor=5e-3)).jacobi.floor == 5e-3
+    assert check_request(SPEC, y, noise, jacobi=JacobiConfig(threshold=1e-3)).jacobi.floor == 0.0
+    assert check_request(spec, y, noise).jacobi is None

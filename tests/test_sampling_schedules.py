@@ -10,6 +10,7 @@ from starflow_trt.errors import GenerationCancelled
 from starflow_trt.sampling import BlockInversion, BlockTrace, Hooks, JacobiConfig, Solver
 from starflow_trt.sampling import jacobi as jacobi_module
 
+from . import sampling_fakes
 from .sampling_fakes import C, FakeBlock, reference_ar
 
 B, FRAMES, FS, L = 2, 4, 6, 2      # batch, frames, tokens per frame, text tokens
@@ -40,7 +41,7 @@ def test_autoregressive_matches_the_token_loop():
     assert done == list(range(1, N + 1)) and block.prefills == ["text"]
 
 
-@pytest.mark.parametrize("schedule", ["upstream", "sliding"])
+@pytest.mark.parametrize("schedule", ["upstream", "sliding", "predictive"])
 def test_jacobi_threshold_zero_is_autoregressive(schedule):
     seq, text = problem(1)
     ar = reference_ar(seq, FakeBlock(B, 1).sos, text)
@@ -79,6 +80,43 @@ def test_sliding_needs_fewer_evaluations_for_the_same_tolerance():
     assert runs["sliding"] < runs["upstream"], runs
 
 
+def weak_affine(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block whose tokens barely depend on their past (the previous-frame prediction is close)."""
+    mean = history.mean(0)
+    return 1.0 + 0.1 * torch.tanh(0.05 * mean), 0.05 * torch.sin(mean)
+
+
+def test_predictive_commits_first_evaluations_that_pass_the_test(monkeypatch):
+    # frames after the first are committed after one evaluation when the previous-frame prediction
+    # passes the test; every committed chunk passes upstream's test, and threshold 0 stays exact (above)
+    monkeypatch.setattr(sampling_fakes, "affine", weak_affine)
+    seq, text = problem(11)
+    ar = reference_ar(seq, FakeBlock(B, 1).sos, text)
+    tokens, err = {}, {}
+    for schedule in ("upstream", "sliding", "predictive"):
+        jac = JacobiConfig(block_size=FS, max_iter=30, threshold=3e-4, schedule=schedule)
+        out, trace, _ = invert(seq, text, Solver(jac, schedule))
+        tokens[schedule], err[schedule] = trace.tokens, float((out - ar).abs().max())
+        assert sum(c.length for c in trace.chunks) == N
+        assert all(c.delta < 3e-4 for c in trace.chunks if c.length > 1), trace.chunks
+    assert tokens["predictive"] < 0.8 * tokens["sliding"] and tokens["predictive"] <= tokens["upstream"], tokens
+    assert err["predictive"] <= err["upstream"], err
+
+
+def test_predictive_first_pass_margin_is_stricter(monkeypatch):
+    # with a margin of 0 no first evaluation can pass: predictive evaluates every token at least twice
+    # (exact tokens aside), like sliding
+    monkeypatch.setattr(sampling_fakes, "affine", weak_affine)
+    seq, text = problem(12)
+    jac = JacobiConfig(block_size=FS, max_iter=30, threshold=3e-4, schedule="predictive")
+    monkeypatch.setattr(jacobi_module, "FIRST_PASS_MARGIN", 0.0)
+    _, strict, _ = invert(seq, text, Solver(jac, "predictive"))
+    monkeypatch.setattr(jacobi_module, "FIRST_PASS_MARGIN", 1.0)
+    _, loose, _ = invert(seq, text, Solver(jac, "predictive"))
+    assert loose.tokens < strict.tokens
+    assert all(c.iterations >= 2 or c.length == 1 for c in strict.chunks), strict.chunks
+
+
 def test_sliding_max_iter_caps_a_window():
     seq, text = problem(5)
     jac = JacobiConfig(block_size=4, max_iter=1, threshold=0.0, schedule="sliding")
@@ -87,7 +125,7 @@ def test_sliding_max_iter_caps_a_window():
     assert all(c.iterations == 1 for c in trace.chunks)
 
 
-@pytest.mark.parametrize("schedule", [None, "upstream", "sliding"])
+@pytest.mark.parametrize("schedule", [None, "upstream", "sliding", "predictive"])
 def test_context_prefix(monkeypatch, schedule):
     # a known first frame (image-to-video): copied, prefilled as [text ; sos ; prefix[:-1]], never solved;
     # scratch memory starts as NaN so that reading (a, b) of a never-evaluated position would show
@@ -102,7 +140,7 @@ def test_context_prefix(monkeypatch, schedule):
     assert (trace.chunks[0].start if trace.chunks else FS) == FS
 
 
-@pytest.mark.parametrize("schedule", ["upstream", "sliding"])
+@pytest.mark.parametrize("schedule", ["upstream", "sliding", "predictive"])
 @pytest.mark.parametrize("window,context", [(2, 1), (3, 1), (3, 2)])
 def test_long_video_windows_reencode(schedule, window, context):
     frames = 7
@@ -137,8 +175,27 @@ def test_should_stop_cancels_between_evaluations():
 
 def test_progress_is_monotone_and_complete():
     seq, text = problem(10)
-    for schedule in ("upstream", "sliding"):
+    for schedule in ("upstream", "sliding", "predictive"):
         done = []
         invert(seq, text, Solver(JacobiConfig(block_size=4, max_iter=8, threshold=1e-6), schedule),
                hooks=Hooks(progress=done.append))
         assert done == sorted(done) and done[-1] == N and len(set(done)) == len(done), (schedule, done)
+
+
+def test_floor_stops_at_max_of_threshold_and_floor_and_never_in_exact_mode():
+    assert JacobiConfig(threshold=1e-3, floor=4e-3).stop == 4e-3
+    assert JacobiConfig(threshold=1e-3, floor=1e-4).stop == 1e-3
+    assert JacobiConfig(threshold=0.0, floor=4e-3).stop == 0.0     # exact mode stays exact
+    with pytest.raises(ValueError, match="floor"):
+        JacobiConfig(floor=-1.0)
+    seq, text = problem(13)
+    ar = reference_ar(seq, FakeBlock(B, 1).sos, text)
+    exact, _, _ = invert(seq, text, Solver(JacobiConfig(block_size=4, max_iter=40, threshold=0.0, floor=1.0),
+                                           "upstream"))
+    torch.testing.assert_close(exact, ar, rtol=1e-12, atol=1e-12)
+    for schedule in ("upstream", "sliding", "predictive"):
+        plain = invert(seq, text, Solver(JacobiConfig(block_size=4, threshold=1e-8, schedule=schedule), schedule))[1]
+        floored = invert(seq, text, Solver(JacobiConfig(block_size=4, threshold=1e-8, floor=1e-3, schedule=schedule),
+                                           schedule))[1]
+        assert floored.steps < plain.steps, schedule
+        assert all(c.delta < 1e-3 for c in floored.chunks if c.length > 1 and c.iterations < 32), floored.chunks

@@ -18,6 +18,7 @@ import torch
 
 from ..config import load_config
 from ..errors import StarflowError
+from ..sampling import JacobiConfig
 from .machine import machine_info, memory_bandwidth, peak_gemm_flops
 from .paths import BenchPaths, bench_config, model_config_7b
 from .projection import projection_table
@@ -40,6 +41,8 @@ class BenchPlan:
     toy: bool = True              # the bundled toy model workloads
     toy_samples: int = 16         # schedule-quality prompts on the toy
     quick: bool = False
+    compile_peer: bool = True     # a reference row under torch.compile (bench config)
+    upstream: Optional[str] = None   # a user's apple/ml-starflow checkout: upstream rows (bench config)
 
     @property
     def int8_label(self) -> str:
@@ -48,7 +51,7 @@ class BenchPlan:
 
 FULL = BenchPlan()
 QUICK = BenchPlan(runs=1, int8=False, config="bench_quick.yaml", label="bench quick", samples=2, toy=False,
-                  toy_samples=0, quick=True)
+                  toy_samples=0, quick=True, compile_peer=False)
 
 
 def bench_plan(quick: bool = False, runs: Optional[int] = None, int8: Optional[bool] = None) -> BenchPlan:
@@ -62,13 +65,20 @@ def bench_plan(quick: bool = False, runs: Optional[int] = None, int8: Optional[b
 
 def run_benchmarks(out_dir: Union[str, Path, None] = None, cache: Union[str, Path, None] = None,
                    runs: Optional[int] = None, int8: Optional[bool] = None, log: Callable[[str], None] = print,
-                   quick: bool = False) -> dict:
+                   quick: bool = False, upstream: Union[str, Path, None] = None,
+                   compile_peer: Optional[bool] = None) -> dict:
     """Run the plan (:func:`bench_plan`) and write its results under ``out_dir`` (default ``./bench_out``).
+
+    ``upstream``: a user's apple/ml-starflow checkout; its sampler gets rows on the bench config
+    (:mod:`.peers`). ``compile_peer``: a row for the reference sampler under ``torch.compile``
+    (default: on, off for ``quick``: compiling takes about a minute on 2 cores).
 
     ``cache`` (default ``out_dir/.cache``) keeps the random checkpoint, exports and calibrations
     between runs; delete it after changing the exporter or the calibration.
     """
     plan = bench_plan(quick, runs, int8)
+    plan = replace(plan, upstream=None if upstream is None else str(upstream),
+                   compile_peer=plan.compile_peer if compile_peer is None else compile_peer)
     paths = BenchPaths.under(out_dir, cache)
     start = time.perf_counter()
     paths.cache.mkdir(parents=True, exist_ok=True)
@@ -132,19 +142,44 @@ def _prepare(plan: BenchPlan, paths: BenchPaths, log) -> dict[str, Path]:
     return dirs
 
 
+def _peers(dirs: dict, upstream: Union[str, Path, None], compile_peer: bool, log) -> dict:
+    """Peer rows for :func:`.workloads.end_to_end`: reference under torch.compile, the user's upstream checkout."""
+    from ..reference import load_reference
+    from .peers import compile_reference, load_upstream
+
+    peers = {}
+    if compile_peer:
+        ref_c = compile_reference(load_reference(dirs["config"], dirs["ckpt"]))
+
+        def compiled(noise, y, u, guidance, block, threshold):
+            jac = JacobiConfig(block_size=block, max_iter=32, threshold=threshold, schedule="upstream")
+            return ref_c.sample(noise, y, u, guidance=guidance, jacobi=jac), ref_c.last_trace
+        peers["torch reference + torch.compile"] = compiled
+    if upstream is not None:
+        log(f"upstream sampler from {upstream} (not vendored; the user's checkout)")
+        model = load_upstream(upstream, load_reference(dirs["config"], dirs["ckpt"]).cfg, dirs["ckpt"])
+        peers["upstream (apple/ml-starflow)"] = lambda noise, y, u, guidance, block, threshold: model.sample(
+            noise, y, u, guidance, block, threshold)
+    return peers
+
+
 def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float, log) -> float:
-    """Random-weight bench config: end to end, schedules, per graph (+ INT8), op profile. Returns sweeps/token."""
+    """Random-weight bench config: end to end (+ peers, + INT8), schedules, per graph (+ INT8), op profile.
+    Returns sweeps/token."""
     from ..reference import load_reference
     from ..runtime import Pipeline
 
+    peers = _peers(dirs, plan.upstream, plan.compile_peer, log)
     ref, pipe = load_reference(dirs["config"], dirs["ckpt"]), Pipeline.from_dir(dirs["graphs"], thread_pool=POOL)
+    pipe8 = Pipeline.from_dir(dirs["int8"], precision="int8", thread_pool=POOL) if plan.int8 else None
     geo = pipe.geo
     g = torch.Generator().manual_seed(1)
     y = torch.randn(1, geo.text_length, geo.text_width, generator=g)
     u = torch.zeros_like(y)
     noise = torch.randn(1, geo.max_frames, geo.channel_size, geo.height, geo.width, generator=g)
     log(f"{plan.label}: end to end (guidance 2, block 16, threshold 1e-3)")
-    rows = end_to_end(ref, pipe, y, u, noise, plan.runs, label="bench")
+    rows = end_to_end(ref, pipe, y, u, noise, plan.runs, label="bench", peers=peers,
+                      extra_pipes={"ORT INT8": pipe8} if pipe8 is not None else None)
     result["end_to_end"][plan.label] = rows
     log(f"{plan.label}: schedules over {plan.samples} samples")
     gq = torch.Generator().manual_seed(3)
@@ -158,8 +193,8 @@ def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw:
     result["op_profile"] = op_profile(pipe, s=min(64, tokens - tokens // 2))
     if plan.int8:
         log(f"{plan.label}: per graph INT8")
-        pipe8 = Pipeline.from_dir(dirs["int8"], precision="int8", thread_pool=POOL)
         result["per_graph"][plan.int8_label] = per_graph(pipe8, plan.runs, peak, bw, "bench int8")
+    # the projections' input: sweeps per token of the sliding schedule
     sliding = next(r for r in rows if r["backend"] == "ORT" and r["schedule"].startswith("sliding"))
     return sliding["deep_tokens"] / tokens
 

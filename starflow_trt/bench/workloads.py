@@ -76,58 +76,97 @@ def _work(stats: dict) -> dict:
             "calls": stats["total_graph_calls"]}
 
 
+def _schedules(block: int, threshold: float) -> list[tuple[str, Optional[JacobiConfig]]]:
+    """(row label, config) of AR and every Jacobi schedule; the runtime default is labelled."""
+    from ..runtime.pipeline import DEFAULT_SCHEDULE
+    from ..sampling import SCHEDULES
+
+    rows: list[tuple[str, Optional[JacobiConfig]]] = [("autoregressive", None)]
+    for name in SCHEDULES:
+        label = f"{name} (default)" if name == DEFAULT_SCHEDULE else name
+        rows.append((label, JacobiConfig(block_size=block, max_iter=32, threshold=threshold, schedule=name)))
+    return rows
+
+
 def end_to_end(ref, pipe, y, u, noise, runs: int, guidance: float = 2.0, block: int = 16, threshold: float = 1e-3,
-               label: str = "", extra_pipes: Optional[dict] = None) -> list[dict]:
-    """AR, upstream-exact Jacobi and the default schedule: seconds, calls, tokens, distance to AR.
+               label: str = "", extra_pipes: Optional[dict] = None, peers: Optional[dict] = None) -> list[dict]:
+    """AR and every Jacobi schedule per pipeline, the reference, and peers: seconds, calls, tokens, distance to AR.
 
     Rows are timed interleaved (one run of every row per round, ``runs`` rounds after a warm-up
     round), so a slow phase of a shared machine hits every row alike and the ratios hold.
+    ``peers``: row name → ``fn(noise, y, u, guidance, block, threshold)`` returning latents, or
+    ``(latents, trace)`` with the reference's ``last_trace``; its warm-up run (``s_first``: compile
+    time included) is recorded, and a peer that raises is kept as a row with its ``error``.
     """
     ar = ref.sample(noise, y, u, guidance=guidance)
     dist = lambda v: float((v - ar).norm() / ar.norm())
     up = JacobiConfig(block_size=block, max_iter=32, threshold=threshold, schedule="upstream")
-    default = JacobiConfig(block_size=block, max_iter=32, threshold=threshold)
-    variants = [("torch reference", "fp32", "upstream",
-                 lambda: ref.sample(noise, y, u, guidance=guidance, jacobi=up))]
+
+    def ref_run():
+        return ref.sample(noise, y, u, guidance=guidance, jacobi=up), ref.last_trace
+    variants = [("torch reference", "fp32", "upstream", ref_run)]
+    for name, fn in (peers or {}).items():
+        variants.append((name, "fp32", "upstream",
+                         lambda fn=fn: fn(noise, y, u, guidance=guidance, block=block, threshold=threshold)))
     for name, p in {"ORT": pipe, **(extra_pipes or {})}.items():
-        for schedule, jac in (("autoregressive", None), ("upstream", up), ("sliding (default)", default)):
+        for schedule, jac in _schedules(block, threshold):
             variants.append((name, p.manifest.precision, schedule,
                              lambda p=p, jac=jac: p.generate(y, u, noise=noise, guidance=guidance, jacobi=jac,
                                                              denoise=False)))
-    outputs = [fn() for *_, fn in variants]   # warm-up round
+    outputs, first, errors = [], [], {}
+    for i, (*_, fn) in enumerate(variants):   # warm-up round (torch.compile compiles here)
+        start = time.perf_counter()
+        try:
+            outputs.append(fn())
+        except Exception as e:   # a peer that cannot run is reported, not hidden
+            if not 1 <= i <= len(peers or {}):
+                raise
+            outputs.append(None)
+            errors[i] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        first.append(time.perf_counter() - start)
     samples = [[] for _ in variants]
     for _ in range(runs):
         for i, (*_, fn) in enumerate(variants):
+            if i in errors:
+                continue
             start = time.perf_counter()
             outputs[i] = fn()
             samples[i].append(time.perf_counter() - start)
     rows = []
-    for (backend, precision, schedule, _), out, t in zip(variants, outputs, samples):
-        t = sorted(t)
+    for i, ((backend, precision, schedule, _), out, t) in enumerate(zip(variants, outputs, samples)):
         row = {"workload": label, "backend": backend, "precision": precision, "schedule": schedule,
-               "s_median": t[len(t) // 2], "s_min": t[0], "s_max": t[-1], "s_runs": runs}
-        if backend == "torch reference":
-            row.update(deep_calls=ref.last_trace[0].steps, calls=sum(tr.steps for tr in ref.last_trace),
-                       dist_to_ar=dist(out))
+               "s_first": first[i], "s_runs": runs}
+        if i in errors:
+            row.update(error=errors[i], s_median=None)
+            rows.append(row)
+            continue
+        t = sorted(t)
+        row.update(s_median=t[len(t) // 2], s_min=t[0], s_max=t[-1])
+        if isinstance(out, tuple):      # the reference (eager or compiled): its own trace
+            out, trace = out
+            row.update(deep_calls=trace[0].steps, deep_tokens=trace[0].tokens, calls=sum(tr.steps for tr in trace))
+        elif isinstance(out, torch.Tensor):   # an opaque peer: only its result is seen
+            row.update(deep_calls=None, deep_tokens=None, calls=None)
         else:
-            row.update(**_work(out.stats), dist_to_ar=dist(out.raw))
+            row.update(**_work(out.stats))
+            out = out.raw
+        row["dist_to_ar"] = dist(out)
         rows.append(row)
     base = rows[0]["s_median"]
     for r in rows:
-        r["speedup_vs_reference_upstream"] = base / r["s_median"]
+        r["speedup_vs_reference_upstream"] = base / r["s_median"] if r["s_median"] else None
     return rows
 
 
 def schedule_quality(pipe, texts: torch.Tensor, uncond: torch.Tensor, noise_shape: tuple, guidance: float,
                      label: str, block: int = 16, threshold: float = 1e-3, seed: int = 100) -> dict:
-    """Upstream vs default schedule over several samples: distance to AR (median/mean/max) and work.
+    """Every Jacobi schedule over several samples: distance to AR (median/mean/max) and work.
 
     One sample is not enough on these models: an early token 1e-3 off can move a later
     frame by 1e-1, so per-sample distances scatter over two decades. texts [n, L, D];
     sample i uses texts[i] and noise seeded ``seed + i``.
     """
-    jac = {"upstream": JacobiConfig(block_size=block, max_iter=32, threshold=threshold, schedule="upstream"),
-           "sliding (default)": JacobiConfig(block_size=block, max_iter=32, threshold=threshold)}
+    jac = {k: v for k, v in _schedules(block, threshold) if v is not None}
     dists = {k: [] for k in jac}
     work = {k: {"deep_calls": 0, "deep_tokens": 0, "calls": 0} for k in jac}
     for i in range(texts.shape[0]):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -116,7 +117,9 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
                 continue
             errs = graph_errors(manifest.graph(name).path, spec.path, held.calls.get(name, []))
             quality["graphs"][name] = {"rel_l2": errs, "calls": len(held.calls.get(name, []))}
-        quality.update(_end_to_end(manifest, new, text, uncond, guidance, jacobi, eval_clips))
+        floor = {}
+        quality.update(_end_to_end(manifest, new, text, uncond, guidance, jacobi, eval_clips,
+                                   floor if precision == "int8" else None))
         failures = _check_gate(quality, gate)
         quality["gate"] = {**asdict(gate), "passed": not failures, "failures": failures, "forced": bool(failures and force)}
         new.extra["quality"] = quality
@@ -124,6 +127,9 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
                                     "prompts": int(text.shape[0]), "seeds": seeds, "guidance": guidance,
                                     "captured_calls": captured.seen, "seconds": round(time.perf_counter() - t0, 1),
                                     "source": str(src), "trt_cache_versions": "TensorRT 8.x-10.x (implicit INT8)"}
+        if floor:
+            new.extra["calibration"]["residual_floor"] = floor
+            log(f"Jacobi residual floor of the {precision} graphs: {floor['value']:.2e}")
         if failures and not force:
             raise StarflowError(f"{precision} graphs fail the quality gate ({'; '.join(failures)}); nothing written. "
                                 "Loosen --exclude, try another --method, or pass --ignore-gate to write them anyway")
@@ -166,13 +172,22 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
     return new
 
 
-def _end_to_end(m32: Manifest, mq: Manifest, text, uncond, guidance, jacobi, eval_clips) -> dict:
-    """bits/dim increase and latent PSNR of the new graphs vs FP32 (ORT CPU, same inputs)."""
+def _end_to_end(m32: Manifest, mq: Manifest, text, uncond, guidance, jacobi, eval_clips,
+                floor: Optional[dict] = None) -> dict:
+    """bits/dim increase and latent PSNR of the new graphs vs FP32 (ORT CPU, same inputs).
+
+    ``floor``: filled with the new graphs' Jacobi residual floor (:mod:`.floor`), measured first
+    so that the comparison runs with the floor the runtime will use."""
     from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
+    from .floor import measure_residual_floor
 
     with make_backend("ort", m32) as b32, make_backend("ort", mq) as bq:
-        return _compare(Pipeline(m32, b32), Pipeline(mq, bq), text, uncond, guidance, jacobi, eval_clips)
+        pq = Pipeline(mq, bq)
+        if floor is not None and jacobi is not None:
+            floor.update(measure_residual_floor(pq, text, uncond, guidance, jacobi.block_size))
+            pq.spec = dataclasses.replace(pq.spec, residual_floor=floor["value"])
+        return _compare(Pipeline(m32, b32), pq, text, uncond, guidance, jacobi, eval_clips)
 
 
 def _compare(p32, pq, text, uncond, guidance, jacobi, eval_clips) -> dict:

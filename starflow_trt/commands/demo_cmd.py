@@ -59,7 +59,7 @@ def _run_demo(out: Path, final: Path, guidance: float, seed: int, block: int, th
     noise = torch.randn(batch, g.max_frames, g.channel_size, g.height, g.width,
                         generator=torch.Generator().manual_seed(seed))
     jacobi = JacobiConfig(block_size=block, max_iter=32, threshold=threshold)
-    log(f"[2/5] generate {batch} clips through ONNX Runtime (guidance {guidance}, Jacobi {jacobi.schedule or 'sliding'})")
+    log(f"[2/5] generate {batch} clips through ONNX Runtime (guidance {guidance}, Jacobi {jacobi.schedule or 'predictive'})")
     pipe.generate(y[:1], y_uncond[:1], noise=noise[:1], guidance=guidance, jacobi=jacobi)  # warm-up
     result = pipe.generate(y, y_uncond, noise=noise, guidance=guidance, jacobi=jacobi)
     write_outputs(result, pipe, out, labels=DEMO_PROMPTS)

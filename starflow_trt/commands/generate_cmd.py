@@ -54,7 +54,7 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("--jacobi-iters", default=32, show_default=True, type=options.POSITIVE_INT)
 @click.option("--jacobi-threshold", default=1e-3, show_default=True, type=options.NON_NEGATIVE_FLOAT)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
-              help="Jacobi schedule (default: the runtime's fastest, sliding)")
+              help="Jacobi schedule (default: the runtime's fastest, predictive)")
 @click.option("--autoregressive", is_flag=True, help="token-by-token sampling instead of Jacobi")
 @click.option("--context", type=click.Path(exists=True, dir_okay=False), help="conditioning latents [B, N, C, H, W]")
 @click.option("--no-denoise", is_flag=True, help="skip the learnable denoiser")

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import InputError, ManifestError
 from ..export import names as n
+from ..calibration.floor import manifest_residual_floor
 from ..export.manifest import Manifest, load_manifest
 from ..geometry import Geometry
 from ..reference.flow import patchify
@@ -41,7 +42,7 @@ from .stages import DeepStage, DenoiserStage, ShallowStage, TextStage, VaeStage
 from .tensors import as_float32
 
 #: The runtime's default Jacobi schedule (``"upstream"`` reproduces upstream exactly).
-DEFAULT_SCHEDULE = "sliding"
+DEFAULT_SCHEDULE = "predictive"
 
 __all__ = ["Pipeline", "GenerateResult", "make_backend", "THREAD_POOLS", "DEFAULT_SCHEDULE", "SCHEDULES", "FrameCallback"]
 
@@ -79,7 +80,7 @@ class Pipeline:
         self.cfg = manifest.config
         self.geo = manifest.geometry
         self.graphs = Graphs(manifest, backend)
-        self.spec = sampler_spec(self.geo)
+        self.spec = dataclasses.replace(sampler_spec(self.geo), residual_floor=manifest_residual_floor(manifest))
         self.workspace = Workspace(backend.device)
         self._text: Optional[TextStage] = None
         self._vae: Optional[VaeStage] = None

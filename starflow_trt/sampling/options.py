@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-#: Jacobi schedules the sampling core implements (spec §10.2 "upstream"; "sliding": see :mod:`.jacobi`).
-SCHEDULES = ("upstream", "sliding")
+#: Jacobi schedules the sampling core implements (spec §10.2 "upstream"; "sliding", "predictive": see :mod:`.jacobi`).
+SCHEDULES = ("upstream", "sliding", "predictive")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class JacobiConfig:
     ``delta < threshold`` or ``max_iter``. ``window`` / ``context_length`` (frames)
     set the long-video local attention window of the top block (None: the
     config's ``local_attn_window``; context None: ``window − 1``).
+    ``floor``: the relative update below which sweeps stop improving the result (the residual
+    floor of a quantised export, measured at calibration; 0 for float graphs). A chunk stops at
+    ``delta < max(threshold, floor)`` (:attr:`stop`); ``threshold = 0`` stays exact-only.
     """
 
     block_size: int = 64
@@ -29,10 +32,16 @@ class JacobiConfig:
     schedule: Optional[str] = None
     window: Optional[int] = None
     context_length: Optional[int] = None
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.max_iter < 1 or self.threshold < 0:
-            raise ValueError("JacobiConfig needs block_size >= 1, max_iter >= 1, threshold >= 0")
+        if self.block_size < 1 or self.max_iter < 1 or self.threshold < 0 or not self.floor >= 0:
+            raise ValueError("JacobiConfig needs block_size >= 1, max_iter >= 1, threshold >= 0, floor >= 0")
+
+    @property
+    def stop(self) -> float:
+        """The stopping bound on the relative update: ``max(threshold, floor)``, 0 when ``threshold`` is 0."""
+        return max(self.threshold, self.floor) if self.threshold > 0 else 0.0
 
 
 @dataclass

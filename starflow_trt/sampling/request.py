@@ -27,7 +27,9 @@ class SamplerSpec:
 
     ``size``: the exact (H, W) of the latents (None: any multiple of ``patch_size``);
     ``max_frames`` / ``max_batch``: None for no limit; ``schedules`` / ``default_schedule``: the
-    Jacobi schedules this sampler runs and the one ``JacobiConfig(schedule=None)`` means.
+    Jacobi schedules this sampler runs and the one ``JacobiConfig(schedule=None)`` means;
+    ``residual_floor``: the Jacobi residual floor of quantised graphs (a thresholded request's
+    ``JacobiConfig.floor`` unless it sets a larger one; 0: float graphs).
     """
 
     channels: int
@@ -41,6 +43,7 @@ class SamplerSpec:
     max_batch: Optional[int] = None
     schedules: tuple[str, ...] = SCHEDULES
     default_schedule: str = "upstream"
+    residual_floor: float = 0.0
 
 
 def _shape(x: Any) -> Any:
@@ -170,6 +173,8 @@ def check_request(spec: SamplerSpec, y: Any, noise: Any = None, *, y_uncond: Any
         check_text(y_uncond, spec, batch, "y_uncond")
     frames = resolve_frames(num_frames, noise, spec.max_frames)
     schedule = resolve_schedule(jacobi, spec)
+    if jacobi is not None and spec.residual_floor > jacobi.floor:
+        jacobi = dataclasses.replace(jacobi, floor=spec.residual_floor)
     window, context_length = resolve_window(jacobi, frames, spec.local_attn_window, spec.max_frames)
     if context is not None:
         check_video(context, spec, "context")

@@ -30,7 +30,7 @@ from ..errors import InputError
 from .summary import ModelSummary
 
 SAMPLERS = ("jacobi", "autoregressive")
-SCHEDULES = ("sliding", "upstream")
+SCHEDULES = ("predictive", "sliding", "upstream")
 OUTPUTS = ("png", "latents")
 STREAMS = ("ndjson", "sse")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +66,7 @@ class JacobiOptions:
     block_size: int = 16
     max_iter: int = 32
     threshold: float = 1e-3
-    schedule: Optional[str] = None   # None: the runtime's default (sliding)
+    schedule: Optional[str] = None   # None: the runtime's default (predictive)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from starflow_trt.bench.machine import machine_info, memory_bandwidth, peak_gemm_flops, timed
-from starflow_trt.bench.projection import GPUS, project, projection_table
+from starflow_trt.bench.projection import GPUS, ScheduleWork, project, projection_table
 from starflow_trt.bench.report import markdown, write
 from starflow_trt.config import load_config
 from starflow_trt.costs import block_params, step_cost
@@ -50,8 +50,15 @@ def test_weight_streaming_bound_of_ar_decoding():
 
 def test_projection_table_and_report(tmp_path):
     cfg = load_config(CONFIG_7B)
-    rows = projection_table(cfg, 4.0)
-    assert len(rows) == 3 * len(GPUS) and all(r["seconds_per_frame"] > 0 for r in rows)
+    work = [ScheduleWork.from_counts("upstream", deep_tokens=6144, deep_calls=160, generated_tokens=3072),
+            ScheduleWork.from_counts("predictive", deep_tokens=4041, deep_calls=113, generated_tokens=3072)]
+    assert work[0].sweeps == 2.0 and work[0].tokens_per_call == 6144 / 160
+    rows = projection_table(cfg, work)
+    assert len(rows) == 5 * len(GPUS) and all(r["seconds_per_frame"] > 0 for r in rows)
+    h100 = [r for r in rows if r["gpu"].startswith("H100") and r["precision"] == "fp16"]
+    # deep calls per video follow the measured calls per token: 33390 tokens × 160 / 3072 (upstream)
+    assert h100[1]["deep_calls"] == pytest.approx(33390 * 160 / 3072, rel=0.03)
+    assert h100[2]["deep_calls"] == pytest.approx(33390 * 113 / 3072, rel=0.03)
     result = {"machine": machine_info(), "runs": 1, "roofline": {"peak_gemm_gflops": 100.0, "bandwidth_gbs": 10.0},
               "end_to_end": {"x": [{"backend": "ORT", "precision": "fp32", "schedule": "upstream", "s_median": 1.0,
                                     "s_min": 0.9, "s_max": 1.1, "speedup_vs_reference_upstream": 1.0,
@@ -61,9 +68,12 @@ def test_projection_table_and_report(tmp_path):
               "schedule_quality": {"x": {"guidance": 2.0, "block": 16, "threshold": 1e-3, "rows": [
                   {"schedule": "upstream", "samples": 8, "dist_median": 0.031, "dist_mean": 0.05, "dist_max": 0.2,
                    "deep_calls": 10, "deep_tokens": 100, "calls": 20}]}},
-              "quality": {}, "projection_sweeps": 4.0, "projection": rows}
+              "quality": {}, "projection": rows,
+              "stage_projection": [{"gpu": "H100", "flow_precision": "fp16", "text_s": 0.001, "flow_s": 7.0,
+                                    "vae_decode_s": 0.6, "total_s": 7.6, "vae_tflop": 608.0}]}
     text = markdown(result)
     assert "PROJECTIONS, not measurements" in text and "H100" in text and "| ORT | fp32 | upstream |" in text
+    assert "| H100 | fp16 | 0.001 | 7.0 | 0.60 | 7.6 | 608 |" in text
     assert "Schedules over 8 samples: x" in text and "| upstream | 3.10e-02 | 5.00e-02 | 2.00e-01 | 10 |" in text
     files = write(result, tmp_path)
     assert all(f.exists() and f.stat().st_size > 0 for f in files)

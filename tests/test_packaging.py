@@ -71,7 +71,9 @@ def test_bench_cli_writes_only_under_out(tmp_path, monkeypatch):
     def fake_bench(plan, dirs, result, peak, bw, log):
         result["end_to_end"]["bench quick"] = [{"backend": "ORT", "precision": "fp32", "schedule": "sliding",
                                                 "s_median": 1.0, "s_min": 1.0, "s_max": 1.0}]
-        return 2.0
+        from starflow_trt.bench.projection import ScheduleWork
+
+        return [ScheduleWork("sliding", 2.0, 16.0)]
 
     monkeypatch.setattr(bench_run, "_prepare", fake_prepare)
     monkeypatch.setattr(bench_run, "_bench_workloads", fake_bench)
@@ -83,7 +85,8 @@ def test_bench_cli_writes_only_under_out(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["D2"]
     assert seen["cache"] == tmp_path / "D2" / ".cache" and seen["plan"].quick and not seen["plan"].int8
     result = json.loads((tmp_path / "D2" / "latest.json").read_text())
-    assert result["plan"]["quick"] is True and result["projection_sweeps"] == 2.0
+    assert result["plan"]["quick"] is True and result["projection_schedules"] == [
+        {"name": "sliding", "sweeps": 2.0, "tokens_per_call": 16.0}]
     assert "Quick run" in (tmp_path / "D2" / "latest.md").read_text()
 
 

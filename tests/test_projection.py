@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from starflow_trt.bench.projection import GPUS, stage_projection_table, t5_linear_params, vae_decode_flops
+from starflow_trt.bench.projection import GPUS, ScheduleWork, stage_projection_table, t5_linear_params, vae_decode_flops
 from starflow_trt.costs import text_encoder_flops
 from starflow_trt.bench.paths import model_config_7b
 from starflow_trt.config import load_config
@@ -41,7 +41,7 @@ def test_vae_decode_flops_scale_from_first_and_step():
 
 def test_stage_projection_rows():
     cfg = load_config(model_config_7b())
-    rows = stage_projection_table(cfg, sweeps_per_token=2.0, vae_flops=608e12)
+    rows = stage_projection_table(cfg, ScheduleWork("predictive", 1.3, 36.0), vae_flops=608e12)
     assert {r["gpu"] for r in rows} == set(GPUS) and len(rows) == 2 * len(GPUS)
     h100 = {r["flow_precision"]: r for r in rows if r["gpu"].startswith("H100")}
     assert h100["int8"]["flow_s"] < h100["fp16"]["flow_s"]

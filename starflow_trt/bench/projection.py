@@ -8,7 +8,8 @@ fraction of them, so read these as lower bounds on time.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 from ..config import ModelConfig
 from ..costs import step_cost, text_encoder_flops
@@ -22,6 +23,22 @@ GPUS = {  # dense tensor-core peaks and memory, per the NVIDIA datasheets named
                              "source": "NVIDIA Jetson AGX Orin series datasheet (GPU only, dense; 275 TOPS is "
                                        "sparse INT8 GPU+DLA)"},
 }
+
+
+@dataclass(frozen=True)
+class ScheduleWork:
+    """Measured deep-block work of one Jacobi schedule (bench config, several prompts).
+
+    sweeps: deep tokens evaluated per generated token; tokens_per_call: deep tokens per deep call.
+    """
+
+    name: str
+    sweeps: float
+    tokens_per_call: float
+
+    @classmethod
+    def from_counts(cls, name: str, deep_tokens: int, deep_calls: int, generated_tokens: int) -> "ScheduleWork":
+        return cls(name, deep_tokens / generated_tokens, deep_tokens / max(deep_calls, 1))
 
 
 def _frame_calls(cfg: ModelConfig, frame: int, tokens: int, chunk: int, guidance: bool, dtype_bytes: int):
@@ -40,19 +57,22 @@ def project(cfg: ModelConfig, tokens_per_frame: int, frames: int, gpu: dict, pre
             sweeps_per_token: float = 1.0, chunk: int = 1, guidance: bool = True) -> dict:
     """Seconds per latent frame (average) and per video for the deep block + shallow blocks + denoiser.
 
-    chunk=1 is token-by-token decoding (each call streams all deep weights: memory bound);
-    chunk=64 with ``sweeps_per_token`` Jacobi sweeps is compute bound.
+    chunk=1 is token-by-token decoding (each call streams all deep weights: memory bound). With
+    ``chunk`` tokens per call and ``sweeps_per_token`` deep evaluations per token, a video makes
+    ``sweeps · tokens / chunk`` deep calls (a measured schedule: chunk = its tokens per call).
     """
     dtype_bytes = 1 if precision == "int8" else 2
     peak = (gpu["int8_tops"] if precision == "int8" else gpu["fp16_tflops"]) * 1e12
     bw = gpu["bandwidth_gbs"] * 1e9
     deep = 0.0
+    calls = 0.0
     bound = {"compute": 0, "memory": 0}
     for t in range(frames):
         for cost in _frame_calls(cfg, t, tokens_per_frame, chunk, guidance, dtype_bytes):
             tc, tm = cost.flops / peak, cost.bytes / bw
             bound["compute" if tc >= tm else "memory"] += 1
             deep += max(tc, tm) * (sweeps_per_token if chunk > 1 else 1.0)
+            calls += sweeps_per_token if chunk > 1 else 1.0
     shallow = 0.0
     for k in range(cfg.num_blocks - 1):
         if cfg.layers[k] == 0:
@@ -70,7 +90,8 @@ def project(cfg: ModelConfig, tokens_per_frame: int, frames: int, gpu: dict, pre
         cfg.head_dim * (cfg.txt_size + frames * tokens_per_frame) * dtype_bytes / 1e9
     weights_gb = (sum(p for p in _params(cfg))) * dtype_bytes / 1e9
     return {"seconds_per_frame": total / frames, "seconds_per_video": total, "deep_s": deep, "shallow_s": shallow,
-            "denoiser_s": den_s, "calls_compute_bound": bound["compute"], "calls_memory_bound": bound["memory"],
+            "denoiser_s": den_s, "deep_calls": round(calls),
+            "calls_compute_bound": bound["compute"], "calls_memory_bound": bound["memory"],
             "kv_cache_gb": kv_gb, "weights_gb": weights_gb,
             "fits_in_memory": kv_gb + weights_gb < gpu["memory_gb"]}
 
@@ -82,14 +103,23 @@ def _params(cfg: ModelConfig):
     yield denoiser_params(cfg)
 
 
-def projection_table(cfg: ModelConfig, sweeps_per_token: float, aspect: str = "16:9", frames: int = 21) -> list[dict]:
-    """Rows per GPU × (AR S=1 fp16, Jacobi S=64 fp16, Jacobi S=64 int8)."""
+def projection_table(cfg: ModelConfig, schedules: Sequence[ScheduleWork], aspect: str = "16:9",
+                     frames: int = 21) -> list[dict]:
+    """Rows per GPU: autoregressive S=1 fp16, then every measured schedule in fp16 and int8.
+
+    Each schedule keeps the deep calls and tokens per generated token it was measured with; the
+    shallow blocks and the denoiser are modelled alike. No CUDA-graph replay is assumed: the trt
+    backend replays graphs only for repeated (S, P) shapes, and P grows with every call.
+    """
     tokens = cfg.frame_geometry(aspect)["tokens_per_frame"]
+    plans = [("AR S=1", 1, 1.0, "fp16")]
+    for w in schedules:
+        chunk = max(1, round(w.tokens_per_call))
+        plans += [(f"{w.name} (S≈{chunk}, {w.sweeps:.2f} sweeps)", chunk, w.sweeps, p) for p in ("fp16", "int8")]
     rows = []
     for name, gpu in GPUS.items():
-        for label, chunk, precision in (("AR S=1", 1, "fp16"), ("Jacobi S=64", 64, "fp16"),
-                                        ("Jacobi S=64", 64, "int8")):
-            r = project(cfg, tokens, frames, gpu, precision, sweeps_per_token, chunk)
+        for label, chunk, sweeps, precision in plans:
+            r = project(cfg, tokens, frames, gpu, precision, sweeps, chunk)
             rows.append({"gpu": name, "schedule": label, "precision": precision, **r, "source": gpu["source"]})
     return rows
 
@@ -129,12 +159,12 @@ def vae_decode_flops(h: int, w: int, frames: int, config: Optional[dict] = None)
     return float(first + step * max(frames - 1, 0))
 
 
-def stage_projection_table(cfg: ModelConfig, sweeps_per_token: float, aspect: str = "16:9", frames: int = 21,
+def stage_projection_table(cfg: ModelConfig, schedule: ScheduleWork, aspect: str = "16:9", frames: int = 21,
                            prompts: int = 1, vae_flops: Optional[float] = None) -> list[dict]:
     """Seconds per stage (text encoder, flow, VAE decode) of one video per GPU — PROJECTIONS.
 
-    Text: flan-t5-xl on [cond; uncond] × ``txt_size`` tokens in bf16, max(compute, weight streaming). Flow: the
-    Jacobi S=64 fp16 and int8 rows of :func:`project`. VAE decode: FLOPs counted by
+    Text: flan-t5-xl on [cond; uncond] × ``txt_size`` tokens in bf16, max(compute, weight streaming). Flow:
+    :func:`project` with the measured ``schedule``, fp16 and int8. VAE decode: FLOPs counted by
     :func:`vae_decode_flops` at the fp16 rate (its convolutions are compute bound).
     """
     geo = cfg.frame_geometry(aspect)
@@ -149,9 +179,11 @@ def stage_projection_table(cfg: ModelConfig, sweeps_per_token: float, aspect: st
         text_s = max(text_flops / fp16, 2 * text_params / (gpu["bandwidth_gbs"] * 1e9))
         vae_s = prompts * vae / fp16
         for precision in ("fp16", "int8"):
-            flow = project(cfg, geo["tokens_per_frame"], frames, gpu, precision, sweeps_per_token, chunk=64)
+            flow = project(cfg, geo["tokens_per_frame"], frames, gpu, precision, schedule.sweeps,
+                           chunk=max(1, round(schedule.tokens_per_call)))
             flow_s = prompts * flow["seconds_per_video"]
-            rows.append({"gpu": name, "flow_precision": precision, "text_s": text_s, "flow_s": flow_s,
+            rows.append({"gpu": name, "schedule": schedule.name, "flow_precision": precision,
+                         "text_s": text_s, "flow_s": flow_s,
                          "vae_decode_s": vae_s, "total_s": text_s + flow_s + vae_s,
                          "text_tflop": text_flops / 1e12, "vae_tflop": vae / 1e12, "source": gpu["source"]})
     return rows

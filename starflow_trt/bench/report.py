@@ -49,7 +49,8 @@ def markdown(result: dict) -> str:
     for name, q in result.get("schedule_quality", {}).items():
         lines += [f"## Schedules over {q['rows'][0]['samples']} samples: {name} (ORT FP32, guidance {q['guidance']:g}, "
                   f"block {q['block']}, threshold {q['threshold']:g})", ""]
-        lines += markdown_table(q["rows"], [("schedule", "schedule", ""), ("rel. L2 to AR: median", "dist_median", ".2e"),
+        lines += markdown_table(q["rows"], [("schedule", "schedule", ""),
+                                            ("rel. L2 to AR: median", "dist_median", ".2e"),
                                     ("mean", "dist_mean", ".2e"), ("max", "dist_max", ".2e"),
                                     ("deep calls (sum)", "deep_calls", ""), ("deep tokens (sum)", "deep_tokens", ""),
                                     ("graph calls (sum)", "calls", "")])
@@ -72,14 +73,25 @@ def markdown(result: dict) -> str:
     if result.get("quality"):
         lines += ["## INT8 quality (toy)", "", "```", json.dumps(result["quality"], indent=1), "```", ""]
     lines += ["## GPU projections for the 7B (16:9 480p, 21 latent frames) — PROJECTIONS, not measurements", "",
-              f"Roofline per graph call from the analytic cost model and datasheet peaks; Jacobi rows assume "
-              f"{result['projection_sweeps']:.1f} sweeps per token (measured on the bench config).", ""]
+              "Roofline per graph call (max of FLOPs / peak and bytes / bandwidth) from the analytic cost model and "
+              "datasheet peaks. Each Jacobi row keeps the deep calls and tokens per generated token its schedule "
+              "made on the bench config (block 16); no CUDA-graph replay or launch overhead is modelled.", ""]
     lines += markdown_table(result["projection"], [("GPU", "gpu", ""), ("schedule", "schedule", ""),
-                                           ("precision", "precision", ""), ("s / latent frame", "seconds_per_frame", ".2f"),
+                                           ("precision", "precision", ""), ("deep calls", "deep_calls", ""),
+                                           ("s / latent frame", "seconds_per_frame", ".2f"),
                                            ("s / video", "seconds_per_video", ".1f"),
                                            ("KV cache GB", "kv_cache_gb", ".1f"), ("weights GB", "weights_gb", ".1f"),
                                            ("fits", "fits_in_memory", "")])
     lines += ["", "Sources: " + "; ".join(sorted({r["source"] for r in result["projection"]})), ""]
+    if result.get("stage_projection"):
+        lines += ["## Per stage, one video (text encoder, flow, VAE decode) — PROJECTIONS", "",
+                  "flan-t5-xl on [cond; uncond] in bf16; flow with the default schedule; Wan2.2 VAE decode FLOPs "
+                  "counted with torch's FLOP counter, at the fp16 tensor rate.", ""]
+        lines += markdown_table(result["stage_projection"], [
+            ("GPU", "gpu", ""), ("flow precision", "flow_precision", ""), ("text s", "text_s", ".3f"),
+            ("flow s", "flow_s", ".1f"), ("VAE decode s", "vae_decode_s", ".2f"), ("total s", "total_s", ".1f"),
+            ("VAE TFLOP", "vae_tflop", ".0f")])
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from ..errors import StarflowError
 from ..sampling import JacobiConfig
 from .machine import machine_info, memory_bandwidth, peak_gemm_flops
 from .paths import BenchPaths, bench_config, model_config_7b
-from .projection import projection_table
+from .projection import ScheduleWork, projection_table, stage_projection_table
 from .report import write
 from .workloads import end_to_end, make_bench_checkpoint, op_profile, per_graph, schedule_quality
 
@@ -89,11 +89,13 @@ def run_benchmarks(out_dir: Union[str, Path, None] = None, cache: Union[str, Pat
               "end_to_end": {}, "schedule_quality": {}, "per_graph": {}, "quality": {}}
     dirs = _prepare(plan, paths, log)
     result["machine"]["ort_thread_pool"] = POOL
-    sweeps = _bench_workloads(plan, dirs, result, peak, bw, log)
+    schedules = _bench_workloads(plan, dirs, result, peak, bw, log)
     if plan.toy:
         _toy_workloads(plan, dirs, result, peak, bw, log)
-    result["projection_sweeps"] = sweeps
-    result["projection"] = projection_table(load_config(model_config_7b()), sweeps)
+    cfg7b = load_config(model_config_7b())
+    result["projection_schedules"] = [asdict(w) for w in schedules]
+    result["projection"] = projection_table(cfg7b, schedules)
+    result["stage_projection"] = _stage_projection(cfg7b, schedules, log)
     result["seconds"] = time.perf_counter() - start
     write(result, paths.out)
     return result
@@ -137,8 +139,8 @@ def _prepare(plan: BenchPlan, paths: BenchPaths, log) -> dict[str, Path]:
         if plan.toy and not (dirs["toy_int8"] / "manifest.json").exists():
             log("calibrating the toy model to INT8")
             text, uncond, clips = toy_calibration_set(load_manifest(dirs["toy_graphs"]), samples=16)
-            calibrate_directory(dirs["toy_graphs"], dirs["toy_int8"], "int8", text=text, uncond=uncond, eval_clips=clips,
-                                overwrite=True, log=lambda m: None)
+            calibrate_directory(dirs["toy_graphs"], dirs["toy_int8"], "int8", text=text, uncond=uncond,
+                                eval_clips=clips, overwrite=True, log=lambda m: None)
     return dirs
 
 
@@ -163,9 +165,22 @@ def _peers(dirs: dict, upstream: Union[str, Path, None], compile_peer: bool, log
     return peers
 
 
-def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float, log) -> float:
+def _stage_projection(cfg, schedules: list[ScheduleWork], log) -> list[dict]:
+    """Text / flow / VAE-decode projection with the default schedule; empty without diffusers (VAE FLOPs)."""
+    from ..runtime.pipeline import DEFAULT_SCHEDULE
+
+    default = next((w for w in schedules if w.name.split()[0] == DEFAULT_SCHEDULE), schedules[-1])
+    try:
+        return stage_projection_table(cfg, default)
+    except ImportError as exc:   # the VAE FLOP count needs diffusers ([media])
+        log(f"stage projection skipped: {exc}")
+        return []
+
+
+def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float,
+                     log) -> list[ScheduleWork]:
     """Random-weight bench config: end to end (+ peers, + INT8), schedules, per graph (+ INT8), op profile.
-    Returns sweeps/token."""
+    Returns each schedule's measured deep work (the 7B projections' input)."""
     from ..reference import load_reference
     from ..runtime import Pipeline
 
@@ -194,9 +209,9 @@ def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw:
     if plan.int8:
         log(f"{plan.label}: per graph INT8")
         result["per_graph"][plan.int8_label] = per_graph(pipe8, plan.runs, peak, bw, "bench int8")
-    # the projections' input: sweeps per token of the sliding schedule
-    sliding = next(r for r in rows if r["backend"] == "ORT" and r["schedule"].startswith("sliding"))
-    return sliding["deep_tokens"] / tokens
+    # the projections' input: deep tokens and calls per generated token of every schedule, over the samples
+    return [ScheduleWork.from_counts(r["schedule"], r["deep_tokens"], r["deep_calls"], r["samples"] * tokens)
+            for r in result["schedule_quality"][plan.label]["rows"]]
 
 
 def _toy_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float, log) -> None:

@@ -290,7 +290,8 @@ def markdown(result: dict) -> str:
     cl = result["cluster"]
     lines = ["# Serving load benchmark (toy model, loopback, CPU)", "",
              f"Machine: {result['machine'].get('cpu')}, {result['machine'].get('cores')} cores (shared). "
-             f"Cluster start-up (ray.init + Serve + replicas ready): {cl['startup_s']} s (ray.init {cl['ray_init_s']} s). "
+             f"Cluster start-up (ray.init + Serve + replicas ready): {cl['startup_s']} s "
+             f"(ray.init {cl['ray_init_s']} s). "
              f"Ray processes RSS: {cl.get('rss_mib_total_idle')} MiB idle, {cl.get('rss_mib_total_loaded')} MiB after "
              f"the load ({len(cl.get('processes_loaded', []))} processes).", ""]
     for w, data in result["workloads"].items():

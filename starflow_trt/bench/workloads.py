@@ -99,7 +99,10 @@ def end_to_end(ref, pipe, y, u, noise, runs: int, guidance: float = 2.0, block: 
     time included) is recorded, and a peer that raises is kept as a row with its ``error``.
     """
     ar = ref.sample(noise, y, u, guidance=guidance)
-    dist = lambda v: float((v - ar).norm() / ar.norm())
+
+    def dist(v: torch.Tensor) -> float:
+        return float((v - ar).norm() / ar.norm())
+
     up = JacobiConfig(block_size=block, max_iter=32, threshold=threshold, schedule="upstream")
 
     def ref_run():

@@ -196,11 +196,19 @@ def deep_step(device, dtype, tiny) -> None:
 
 
 @section("deep_step_graphed")
-def deep_step_graphed(device, dtype, tiny, compiled: bool = False) -> None:
+def deep_step_graphed(device, dtype, tiny, compiled: bool = False, layout: str = "pbhd") -> None:
     """The same deep step replayed from a CUDA graph (launch overhead gone) and, with ``compiled``,
-    through torch.compile (fused kernels) inside the graph."""
+    through torch.compile (fused kernels) inside the graph.
+
+    layout "pbhd": past K/V [P, B, H, hd] as the exported graphs take them; "bhpd": [B, H, P, hd]
+    (what attention reads), to measure what the cache layout costs at long contexts.
+    """
     if device.type != "cuda":
         return
+    from starflow_trt.export import graphs as export_graphs
+
+    if layout == "bhpd":
+        export_graphs.kv_to_layers = lambda flat: [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
     cfg = _seven_b()
     k = cfg.num_blocks - 1
     block = random_module(lambda: FlowBlock(cfg, k), device, dtype)
@@ -208,10 +216,11 @@ def deep_step_graphed(device, dtype, tiny, compiled: bool = False) -> None:
     heads, hd, layers = cfg.block_heads(k), cfg.head_dim, cfg.layers[k]
     L, N, bp = cfg.txt_size, 30 * 52 * 21, 2
     for s in ((1, 64) if compiled else (1, 16, 64, 256)):
-        for p in (L, L + N // 2):
+        for p in ((L + N // 2,) if compiled else (L, L + N // 2)):   # P = L: see run 2
             tokens = torch.randn(bp, s, cfg.token_channels, device=device, dtype=dtype)
             cos = torch.randn(s, hd, device=device, dtype=dtype)
-            past = [torch.randn(p, bp, heads, hd, device=device, dtype=dtype) for _ in range(2 * layers)]
+            shape = (bp, heads, p, hd) if layout == "bhpd" else (p, bp, heads, hd)
+            past = [torch.randn(*shape, device=device, dtype=dtype) for _ in range(2 * layers)]
             fn = torch.compile(graph, dynamic=False) if compiled else graph
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -224,7 +233,8 @@ def deep_step_graphed(device, dtype, tiny, compiled: bool = False) -> None:
                 out = fn(tokens, cos, cos, *past)
             ms = timed(cg.replay, device, warmup=3, iters=15)
             cost = step_cost(cfg, k, bp, s, p, dtype_bytes=2)
-            row(section="deep_step_compiled" if compiled else "deep_step_graphed", dtype=str(dtype), batch=bp,
+            row(section="deep_step_compiled" if compiled else "deep_step_graphed", layout=layout, dtype=str(dtype),
+                batch=bp,
                 S=s, P=p, ms=ms, tflops=cost.flops / ms / 1e9, gbs=cost.bytes / ms / 1e6,
                 roofline_ms=max(cost.flops / 728e9, cost.bytes / 2.89e9))
             del out, cg, past
@@ -317,6 +327,7 @@ def main() -> None:
             "deep_step": lambda: deep_step(device, low, args.tiny),
             "deep_step_graphed": lambda: deep_step_graphed(device, low, args.tiny),
             "deep_step_compiled": lambda: deep_step_graphed(device, low, args.tiny, compiled=True),
+            "deep_step_layout": lambda: deep_step_graphed(device, low, args.tiny, compiled=True, layout="bhpd"),
             "shallow_step": lambda: shallow_step(device, low, args.tiny),
             "denoiser": lambda: denoiser(device, low, args.tiny),
             "text_encoder": lambda: (text_encoder(device, low, args.tiny),
@@ -331,7 +342,7 @@ def main() -> None:
     for r in ROWS:
         if "ms" in r:
             what = " ".join(f"{k}={str(v).replace('torch.', '')}" for k, v in r.items()
-                            if k in ("dtype", "batch", "S", "P", "tokens", "frames", "what"))
+                            if k in ("layout", "dtype", "batch", "S", "P", "tokens", "frames", "what"))
             extra = f" ({r['tflops']:.0f} TFLOP/s, {r['gbs']:.0f} GB/s)" if "gbs" in r and "tflops" in r else ""
             print(f"{r['section']:<14} | {what:<37} | {r['ms']:.3f}{extra}")
         elif r["section"] != "env":

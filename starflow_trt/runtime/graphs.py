@@ -54,6 +54,15 @@ class Graphs:
             self._ropes[key] = rope_table(g.head_dim, frames, g.h, g.w, text_len, g.rope_length, device=self.device)
         return self._ropes[key]
 
+    def kv_dtype(self, name: str) -> torch.dtype:
+        """The K/V dtype of graph ``name`` (its ``new_k_0`` output): the cache follows the graphs' precision."""
+        from .backends.base import TORCH_DTYPES
+
+        if not self.has(name):
+            return torch.float32
+        kv = [t for t in self.manifest.graph(name).outputs if t.name.startswith(f"{NEW}_k_")]
+        return TORCH_DTYPES[kv[0].dtype] if kv else torch.float32
+
     def on_grid(self, geo) -> "Graphs":
         """These graphs on ``geo`` (another exported token grid): runners and RoPE cache shared."""
         if geo is self.geo:

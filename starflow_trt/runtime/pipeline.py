@@ -160,7 +160,8 @@ class Pipeline:
                  should_stop: Optional[Callable[[], bool]] = None,
                  on_progress: Optional[ProgressCallback] = None, *, prompt: Optional[Sequence[str]] = None,
                  negative_prompt: Optional[Sequence[str]] = None, image=None, video=None, fps: int = 16,
-                 aspect: Optional[str] = None, on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
+                 aspect: Optional[str] = None,
+                 on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
         """Sample latents [B, T, C, H, W] for text embeddings y [B, L, D], or for ``prompt``.
 
         prompt (list of B strings; with a ``text_encoder`` graph): encoded with upstream's templates

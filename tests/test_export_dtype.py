@@ -157,3 +157,16 @@ def test_export_refuses_unknown_dtype(goldens_dir, tmp_path):
         export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", tmp_path / "o",
                       limits=ExportLimits(dtype="int4"))
     assert not (tmp_path / "o").exists()
+
+
+def test_torch_backend_runs_fp16_exports_like_ort(toy_fp16):
+    from starflow_trt.calibration.calibrate import psnr
+    from starflow_trt.runtime.pipeline import Pipeline
+    from starflow_trt.toy.calibration import toy_calibration_set
+
+    text, _, _ = toy_calibration_set(load_manifest(toy_fp16), samples=1)
+    with Pipeline.from_dir(toy_fp16, backend="torch") as pt, Pipeline.from_dir(toy_fp16) as po:
+        a = pt.generate(text[:1], seed=5, denoise=False)
+        b = po.generate(text[:1], seed=5, denoise=False)
+        assert pt.workspace._flat["deep_kv"].dtype == torch.float16
+    assert psnr(a.latents, b.latents) > 40

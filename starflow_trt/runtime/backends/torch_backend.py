@@ -57,7 +57,13 @@ class TorchBackend(Backend):
     def load_impl(self, spec: GraphSpec) -> GraphRunner:
         from ...export.registry import graph_kind
 
-        return TorchRunner(spec, graph_kind(spec.kind).build(self.geo, spec.block, self.loader))
+        from ...export.weights import BlockLoader
+        from .base import TORCH_DTYPES
+
+        # graphs of an `export --dtype fp16|bf16` take half K/V: build their modules in that dtype
+        kv = TORCH_DTYPES[next((t.dtype for t in spec.outputs if t.name.startswith("new_k_")), "float32")]
+        loader = self.loader if kv == torch.float32 else BlockLoader(self.loader.cfg, self.loader.state, kv)
+        return TorchRunner(spec, graph_kind(spec.kind).build(self.geo, spec.block, loader))
 
     def release(self) -> None:
         self.loader = None

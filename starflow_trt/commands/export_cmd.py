@@ -38,7 +38,8 @@ from . import options
 @options.force_option("replace OUT_DIR if it is a starflow-trt export (never other files)")
 def export_command(config: str, checkpoint: str, out_dir: str, graphs: Optional[list[str]], opset: int,
                    external_data: str, simplify: bool, max_batch: int, max_frames: Optional[int],
-                   grid: Optional[tuple[int, int]], aspect: Optional[str], aspects, dtype: str, text_encoder: Optional[str], vae: Optional[str],
+                   grid: Optional[tuple[int, int]], aspect: Optional[str], aspects, dtype: str,
+                   text_encoder: Optional[str], vae: Optional[str],
                    force: bool) -> None:
     """Export the stage graphs of CHECKPOINT to ONNX with a manifest.json."""
     from .. import logs

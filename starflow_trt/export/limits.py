@@ -53,7 +53,8 @@ def geometry_for(cfg: ModelConfig, limits: ExportLimits) -> Geometry:
             aspect_grid(cfg, a)   # a bad ratio fails here, naming it
         default = limits.aspect or ("16:9" if "16:9" in aspects else aspects[0])
         if default not in aspects:
-            raise StarflowError(f"--aspect {default} is not among --aspects {','.join(aspects)}; add it or drop --aspect")
+            raise StarflowError(f"--aspect {default} is not among --aspects {','.join(aspects)}; "
+                                "add it or drop --aspect")
         return Geometry.from_config(cfg, aspect_grid(cfg, default), frames, limits.max_batch, aspects)
     frame = cfg.frame_geometry(limits.aspect or "16:9")
     grid = (limits.height or frame["h"], limits.width or frame["w"])

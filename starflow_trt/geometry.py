@@ -6,15 +6,56 @@ runtime reads only this (never ``manifest.config``) for shapes and sampling defa
     geo = Geometry.from_config(cfg, grid=(30, 53), max_frames=21, max_batch=4)
     geo.tokens_per_frame        # h · w
     geo.blocks[geo.top_index]   # BlockGeometry(layers, heads, width, permutation, text)
+
+One export may cover several token grids (``export --aspects``): ``geo.aspects`` lists them
+(``AspectGrid(aspect, h, w)``), ``geo.h`` / ``geo.w`` is the default one, and
+``geo.for_aspect("9:16")`` / ``geo.for_grid(53, 30)`` is the same geometry on another grid
+(what one generate call runs on). ``geo.grids`` is every grid (the default alone without aspects).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping, Optional, Sequence
 
 from .config import ModelConfig
-from .errors import ManifestError
+from .errors import InputError, ManifestError
+
+#: upstream's sampling aspect ratios (``mix_aspect`` configs; spec §1.3)
+UPSTREAM_ASPECTS: tuple[str, ...] = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
+
+
+def aspect_grid(cfg: ModelConfig, aspect: str) -> tuple[int, int]:
+    """Token grid (h, w) of ``aspect`` ("rw:rh") by the spec's ``aspect_ratio_to_image_size`` rule.
+
+    VAE configs: :meth:`ModelConfig.frame_geometry` (area ``(img_size·16)²`` px, multiple ``16·patch``).
+    Without a VAE the same rule in latent units: area ``latent_img_size²``, multiple ``patch_size``
+    (identical grids: both sides of the pixel rule are 16× the latent ones).
+    """
+    if cfg.vae:
+        frame = cfg.frame_geometry(aspect)
+        return frame["h"], frame["w"]
+    try:
+        rw, rh = (float(v) for v in aspect.split(":"))
+    except ValueError:
+        raise InputError(f"aspect ratio must look like '16:9', got {aspect!r}") from None
+    if not (rw > 0 and rh > 0 and math.isfinite(rw) and math.isfinite(rh)):
+        raise InputError(f"aspect ratio must be two positive numbers like '16:9', got {aspect!r}")
+    area, ratio, p = float(cfg.latent_img_size ** 2), rw / rh, cfg.patch_size
+    h, w = round(math.sqrt(area / ratio) / p), round(math.sqrt(area * ratio) / p)
+    if h < 1 or w < 1:
+        raise InputError(f"aspect ratio {aspect!r} gives a {h}x{w} token grid; use a ratio like 16:9")
+    return h, w
+
+
+@dataclass(frozen=True)
+class AspectGrid:
+    """One exported aspect ratio and its token grid (h, w)."""
+
+    aspect: str
+    h: int
+    w: int
 
 
 @dataclass(frozen=True)
@@ -55,6 +96,8 @@ class Geometry:
     temporal_causal: int
     has_denoiser: bool
     noise_std: float
+    #: every exported aspect and its grid (empty: the one grid (h, w), no aspect names)
+    aspects: tuple[AspectGrid, ...] = ()
 
     # ------------------------------------------------------------ derived
     @property
@@ -68,6 +111,70 @@ class Geometry:
     @property
     def tokens_per_frame(self) -> int:
         return self.h * self.w
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """Every exported token grid (h, w), default first, no duplicates."""
+        out = [(self.h, self.w)]
+        for a in self.aspects:
+            if (a.h, a.w) not in out:
+                out.append((a.h, a.w))
+        return tuple(out)
+
+    @property
+    def max_tokens_per_frame(self) -> int:
+        return max(h * w for h, w in self.grids)
+
+    @property
+    def min_tokens_per_frame(self) -> int:
+        return min(h * w for h, w in self.grids)
+
+    @property
+    def aspect(self) -> Optional[str]:
+        """Name of the current grid's aspect (None when the export names no aspects)."""
+        for a in self.aspects:
+            if (a.h, a.w) == (self.h, self.w):
+                return a.aspect
+        return None
+
+    @property
+    def aspect_names(self) -> tuple[str, ...]:
+        return tuple(a.aspect for a in self.aspects)
+
+    def for_grid(self, h: int, w: int) -> "Geometry":
+        """This geometry on token grid (h, w), which must be one of :attr:`grids` (InputError otherwise)."""
+        if (h, w) == (self.h, self.w):
+            return self
+        if (h, w) not in self.grids:
+            raise InputError(f"this export has no {h}x{w} token grid (latent {h * self.patch_size}x"
+                             f"{w * self.patch_size}); exported grids: {self._grid_listing()}; "
+                             "re-export with --aspects for more")
+        return replace(self, h=h, w=w)
+
+    def for_aspect(self, aspect: str) -> "Geometry":
+        """This geometry on the grid of ``aspect`` (InputError listing the exported aspects otherwise)."""
+        for a in self.aspects:
+            if a.aspect == aspect:
+                return self.for_grid(a.h, a.w)
+        if not self.aspects:
+            raise InputError(f"this export has one {self.h}x{self.w} token grid and no aspect ratios; "
+                             "re-export with --aspects to generate at other aspects")
+        raise InputError(f"aspect {aspect!r} is not in this export; exported aspects: "
+                         f"{', '.join(self.aspect_names)} (re-export with --aspects {aspect} to add it)")
+
+    def grid_for_size(self, height: int, width: int) -> Optional["Geometry"]:
+        """The geometry whose latent frame is height x width (None when no exported grid has it)."""
+        p = self.patch_size
+        if height % p or width % p or (height // p, width // p) not in self.grids:
+            return None
+        return self.for_grid(height // p, width // p)
+
+    def _grid_listing(self) -> str:
+        names = {}
+        for a in self.aspects:
+            names.setdefault((a.h, a.w), []).append(a.aspect)
+        return ", ".join(f"{h}x{w}" + (f" ({'/'.join(names[(h, w)])})" if (h, w) in names else "")
+                         for h, w in self.grids)
 
     @property
     def num_blocks(self) -> int:
@@ -92,8 +199,10 @@ class Geometry:
 
     # ------------------------------------------------------------ build / persist
     @classmethod
-    def from_config(cls, cfg: ModelConfig, grid: tuple[int, int], max_frames: int, max_batch: int) -> "Geometry":
-        """Geometry of ``cfg`` on token grid ``grid = (h, w)``."""
+    def from_config(cls, cfg: ModelConfig, grid: tuple[int, int], max_frames: int, max_batch: int,
+                    aspects: Sequence[str] = ()) -> "Geometry":
+        """Geometry of ``cfg`` on token grid ``grid = (h, w)`` (the default), also covering the grids of
+        ``aspects`` (:func:`aspect_grid`)."""
         h, w = grid
         blocks = tuple(BlockGeometry(k, cfg.layers[k], cfg.block_heads(k), cfg.block_width(k),
                                      cfg.block_permutation(k), cfg.block_has_text(k))
@@ -103,21 +212,24 @@ class Geometry:
                    text_width=cfg.text_width, head_dim=cfg.head_dim, rope_length=cfg.rope_seq_len, blocks=blocks,
                    frame_local=bool(cfg.shallow_block_local), local_attn_window=cfg.local_attn_window,
                    denoiser_window=cfg.denoiser_window, temporal_causal=cfg.temporal_causal,
-                   has_denoiser=bool(cfg.learnable_self_denoiser), noise_std=cfg.noise_std)
+                   has_denoiser=bool(cfg.learnable_self_denoiser), noise_std=cfg.noise_std,
+                   aspects=tuple(AspectGrid(a, *aspect_grid(cfg, a)) for a in dict.fromkeys(aspects)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["blocks"] = [asdict(b) for b in self.blocks]
+        d["aspects"] = [asdict(a) for a in self.aspects]
         return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Geometry":
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - {"aspects"})   # manifests before aspects: one grid
         if missing:
             raise ManifestError(f"manifest geometry lacks {', '.join(missing)}; re-export with this starflow-trt")
         try:
             blocks = tuple(BlockGeometry(**b) for b in data["blocks"])
+            aspects = tuple(AspectGrid(**a) for a in data.get("aspects", ()))
         except TypeError as exc:
-            raise ManifestError(f"manifest geometry has malformed blocks ({exc}); re-export") from exc
-        return cls(**{**{k: data[k] for k in names}, "blocks": blocks})
+            raise ManifestError(f"manifest geometry has malformed blocks or aspects ({exc}); re-export") from exc
+        return cls(**{**{k: data[k] for k in names if k in data}, "blocks": blocks, "aspects": aspects})

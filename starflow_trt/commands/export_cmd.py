@@ -23,7 +23,14 @@ from . import options
 @click.option("--max-frames", default=None, type=options.POSITIVE_INT,
               help="latent frames (default: config vid_size / window)")
 @click.option("--grid", default=None, callback=options.grid, help="token grid HxW (default: config geometry)")
-@click.option("--aspect", default="16:9", show_default=True, callback=options.aspect, help="frame aspect for VAE configs")
+@click.option("--aspect", default=None, callback=options.aspect,
+              help="aspect of the default grid (default: 16:9, or the first of --aspects)")
+@click.option("--aspects", default="auto", show_default=True, callback=options.aspects,
+              help="aspect ratios the graphs cover, e.g. 16:9,9:16,1:1, or all (the nine upstream ratios); "
+                   "auto: all for VAE / mix_aspect configs, else the one config grid")
+@click.option("--dtype", "dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="graph precision: fp16 / bf16 weights and K/V (half-size files) with FP32 islands "
+                   "(norms, softmax, RoPE, affine head); fp32 for verification")
 @click.option("--text-encoder", "text_encoder", default=None, callback=options.text_encoder_dir,
               help="local Hugging Face T5 folder: adds the text_encoder graph and copies the tokenizer")
 @click.option("--vae", "vae", default=None, callback=options.vae_path,
@@ -31,7 +38,8 @@ from . import options
 @options.force_option("replace OUT_DIR if it is a starflow-trt export (never other files)")
 def export_command(config: str, checkpoint: str, out_dir: str, graphs: Optional[list[str]], opset: int,
                    external_data: str, simplify: bool, max_batch: int, max_frames: Optional[int],
-                   grid: Optional[tuple[int, int]], aspect: str, text_encoder: Optional[str], vae: Optional[str],
+                   grid: Optional[tuple[int, int]], aspect: Optional[str], aspects, dtype: str,
+                   text_encoder: Optional[str], vae: Optional[str],
                    force: bool) -> None:
     """Export the stage graphs of CHECKPOINT to ONNX with a manifest.json."""
     from .. import logs
@@ -42,7 +50,10 @@ def export_command(config: str, checkpoint: str, out_dir: str, graphs: Optional[
     check_output_dir(out_dir, force, inputs=[config, checkpoint, text_encoder, vae])  # refuse before any work
     cfg = load_config(config)  # validated: a bad config stops here, before the checkpoint is read
     height, width = grid or (None, None)
-    limits = ExportLimits(max_batch=max_batch, max_frames=max_frames, height=height, width=width, aspect=aspect)
+    if grid and aspects == "auto":
+        aspects = ()   # an explicit --grid is the one grid
+    limits = ExportLimits(max_batch=max_batch, max_frames=max_frames, height=height, width=width, aspect=aspect,
+                          aspects=aspects, dtype=dtype)
     with logs.captured():  # exporter chatter hidden unless --verbose; the bar stays on the terminal
         with logs.progress(desc="export", unit="graph") as bar:
             def progress(msg: str) -> None:
@@ -55,4 +66,7 @@ def export_command(config: str, checkpoint: str, out_dir: str, graphs: Optional[
     click.echo(f"{'graph':18} {'params':>14} {'file MB':>9} {'export s':>9}")
     for r in rows:
         click.echo(f"{r['graph']:18} {r['params']:>14,} {r['bytes'] / 1e6:>9.2f} {r['seconds']:>9.2f}")
-    click.echo(f"wrote {len(rows)} graphs + manifest.json to {manifest.root} (opset {opset}, {manifest.exporter})")
+    g = manifest.geometry
+    grids = ", ".join(f"{a.aspect} {a.h}x{a.w}" for a in g.aspects) or f"{g.h}x{g.w}"
+    click.echo(f"wrote {len(rows)} graphs + manifest.json to {manifest.root} (opset {opset}, {manifest.precision}, "
+               f"{manifest.exporter}); token grids: {grids}")

@@ -36,7 +36,9 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="image-to-video: the first frame")
 @click.option("--video", "video_in", type=click.Path(exists=True, dir_okay=False), help="video-to-video: the frames to continue")
 @click.option("--fps", default=16, show_default=True, type=options.POSITIVE_INT, help="output fps (and the fps template)")
-@click.option("--aspect", default="16:9", show_default=True, callback=options.aspect, help="aspect template")
+@click.option("--aspect", default=None, callback=options.aspect,
+              help="frame aspect, e.g. 9:16: picks the token grid of an --aspects export and the prompt template "
+                   "(default: the export's default grid, 16:9 for VAE configs)")
 @click.option("--text-embeddings", "text", default=None, type=click.Path(exists=True, dir_okay=False),
               help="y.npy [B, L, D] (instead of --prompt)")
 @click.option("--uncond", type=click.Path(exists=True, dir_okay=False), help="empty-prompt embeddings [B, L, D]")
@@ -134,11 +136,11 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
             on_progress(stage, done, total)
 
         media = dict(prompt=list(prompts), negative_prompt=list(negative) or None, image=image, video=video_in,
-                     fps=fps, aspect=aspect, on_video=on_video) if prompts else {}
+                     fps=fps, on_video=on_video) if prompts else {}
         try:
             result = pipe.generate(y, y_uncond=y_uncond, noise=z, seed=seed, num_frames=frames, guidance=guidance,
                                    jacobi=jacobi, context=ctx_latents, denoise=not no_denoise, on_progress=on_progress_rows,
-                                   **media)
+                                   aspect=aspect, **media)
         finally:
             for bar in bars.values():
                 bar.close()

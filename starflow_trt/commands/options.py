@@ -8,7 +8,7 @@ A bad option value is a click usage error, reported before the command body runs
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import click
 import numpy as np
@@ -71,8 +71,10 @@ def grid(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Op
     return h, w
 
 
-def aspect(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """``--aspect W:H`` with two finite positive numbers."""
+def aspect(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """``--aspect W:H`` with two finite positive numbers (None: not given)."""
+    if value is None:
+        return None
     try:
         rw, rh = (float(v) for v in value.split(":"))
     except ValueError:
@@ -80,6 +82,19 @@ def aspect(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if not (math.isfinite(rw) and math.isfinite(rh) and rw > 0 and rh > 0):
         raise click.BadParameter(f"both sides must be finite and > 0, got {value!r}", ctx, param)
     return value
+
+
+def aspects(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Union[str, tuple[str, ...]]:
+    """``--aspects 16:9,9:16,1:1 | all | auto`` → the ratios (each checked like ``--aspect``), or ``all`` / ``auto``."""
+    if value is None or value.strip().lower() in ("auto", ""):
+        return "auto"
+    if value.strip().lower() == "all":
+        return "all"
+    out = tuple(aspect(ctx, param, v.strip()) for v in value.split(","))
+    dup = sorted({a for a in out if out.count(a) > 1})
+    if dup:
+        raise click.BadParameter(f"{', '.join(dup)} listed twice", ctx, param)
+    return out
 
 
 def text_encoder_dir(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:

@@ -120,4 +120,5 @@ class DenoiserGraph(nn.Module):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, rope_cos: torch.Tensor,
                 rope_sin: torch.Tensor) -> torch.Tensor:
-        return self.denoiser(x, text, rope=(rope_cos, rope_sin))
+        wdtype = self.denoiser.proj_in.weight.dtype   # FP16/BF16 exports: float32 IO, cast inside
+        return self.denoiser(x.to(wdtype), text.to(wdtype), rope=(rope_cos, rope_sin)).to(x.dtype)

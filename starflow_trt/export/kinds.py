@@ -3,7 +3,9 @@
 Each class is the whole contract of its graphs (see :mod:`.registry`); the torch wrappers
 are in :mod:`.graphs`, the cost formulas in :mod:`starflow_trt.costs`.
 Notation: B max batch, T max frames, F = h·w tokens per frame, N = T·F, L text length,
-D text width, c token channels, hd head dim.
+D text width, c token channels, hd head dim. An export covering several grids (``--aspects``)
+gets one range per dim over all of them: ``h`` / ``w`` from the smallest to the largest side,
+F (and so S, P, rows) up to the largest grid's; opt values are the default grid's.
 """
 
 from __future__ import annotations
@@ -21,13 +23,28 @@ from .manifest import DimRange, GraphSpec, TensorInfo
 from .registry import ExportContext, GraphKind, kv_tensors, register_graph, tensor
 
 
+#: ONNX tensor dtype of the K/V (and weights) of each export precision
+KV_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
 def _kv(ctx: ExportContext, prefix: str, seq, block: int) -> list[TensorInfo]:
     b = ctx.geo.blocks[block]
-    return kv_tensors(prefix, seq, b.layers, b.heads, ctx.geo.head_dim)
+    dtype = KV_DTYPES[getattr(ctx.limits, "dtype", "fp32")]
+    return [TensorInfo(t.name, dtype, t.shape) for t in kv_tensors(prefix, seq, b.layers, b.heads, ctx.geo.head_dim)]
 
 
 def _grid(geo: Geometry) -> dict[str, DimRange]:
-    return {"h": DimRange(geo.h, geo.h, geo.h), "w": DimRange(geo.w, geo.w, geo.w)}
+    """h / w from the smallest to the largest exported side (opt: the default grid)."""
+    hs, ws = [h for h, _ in geo.grids], [w for _, w in geo.grids]
+    return {"h": DimRange(min(hs), geo.h, max(hs)), "w": DimRange(min(ws), geo.w, max(ws))}
+
+
+def _example_grid(geo: Geometry) -> tuple[int, int]:
+    """Trace sizes of h, w: distinct from each other and from batch 3 / T 2, so the exporter
+    keeps them two independent symbols (equal example sizes would be merged into one)."""
+    if len(geo.grids) == 1 and geo.h != geo.w and {geo.h, geo.w}.isdisjoint({2, 3}):
+        return geo.h, geo.w
+    return 5, 7
 
 
 @register_graph
@@ -91,7 +108,7 @@ class StepKind(GraphKind):
 
     def dims(self, ctx, block):
         g = ctx.geo
-        F, T, B, L = g.tokens_per_frame, g.max_frames, g.max_batch, g.text_length
+        F, T, B, L = g.max_tokens_per_frame, g.max_frames, g.max_batch, g.text_length
         N = T * F
         opt_s = min(ctx.limits.opt_chunk, N)
         if block == g.top_index:   # text prefix + every video token, guidance-doubled batch
@@ -162,15 +179,17 @@ class ForwardKind(GraphKind):
 
     def dims(self, ctx, block):
         g = ctx.geo
-        F, T = g.tokens_per_frame, g.max_frames
-        rows = (F if self._local(g, block) else T * F) + self._text(g, block)
+        F, T, text = g.tokens_per_frame, g.max_frames, self._text(g, block)
+        per_seq = (lambda f: f) if self._local(g, block) else (lambda f: T * f)
         return {"batch": DimRange(1, 1, g.max_batch), "T": DimRange(1, T, T), **_grid(g),
-                "rows": DimRange(F + self._text(g, block), rows, rows)}
+                "rows": DimRange(g.min_tokens_per_frame + text, per_seq(F) + text,
+                                 per_seq(g.max_tokens_per_frame) + text)}
 
     def example_sizes(self, ctx, block):
         g = ctx.geo
         frames = 1 if self._local(g, block) else 2
-        return {"batch": 3, "T": 2, "h": g.h, "w": g.w, "rows": frames * g.h * g.w + self._text(g, block)}
+        h, w = _example_grid(g)
+        return {"batch": 3, "T": 2, "h": h, "w": w, "rows": frames * h * w + self._text(g, block)}
 
     def build(self, geo, block, weights) -> nn.Module:
         return ForwardGraph(weights.block(block), self._local(geo, block))
@@ -221,11 +240,12 @@ class DenoiserKind(GraphKind):
         g = ctx.geo
         dt, F, L = self._frames(g), g.tokens_per_frame, g.text_length
         return {"batch": DimRange(1, 1, g.max_batch), "T": DimRange(1, dt, dt), **_grid(g),
-                "rows": DimRange(L + F, L + dt * F, L + dt * F)}
+                "rows": DimRange(L + g.min_tokens_per_frame, L + dt * F, L + dt * g.max_tokens_per_frame)}
 
     def example_sizes(self, ctx, block):
         g = ctx.geo
-        return {"batch": 3, "T": 2, "h": g.h, "w": g.w, "rows": g.text_length + 2 * g.h * g.w}
+        h, w = _example_grid(g)
+        return {"batch": 3, "T": 2, "h": h, "w": w, "rows": g.text_length + 2 * h * w}
 
     def build(self, geo, block, weights) -> nn.Module:
         return DenoiserGraph(weights.denoiser())

@@ -367,6 +367,7 @@ class _VaeKind(_MediaKind):
     def ranges(self, ctx, inputs):
         p = ctx.cfg.patch_size
         grid = {"h": ctx.geo.h * p, "w": ctx.geo.w * p}
+        largest = {"h": max(h for h, _ in ctx.geo.grids) * p, "w": max(w for _, w in ctx.geo.grids) * p}  # --aspects
         s = VAE_SPATIAL_FACTOR
         out = {}
         for d in _dim_names(inputs):
@@ -374,7 +375,7 @@ class _VaeKind(_MediaKind):
                 out[d] = DimRange(1, 1, ctx.geo.max_batch)
             else:
                 base, r = grid[d[0].lower()], self._factor(d, s)
-                out[d] = DimRange(r, base * r, base * r)
+                out[d] = DimRange(r, base * r, largest[d[0].lower()] * r)
         return out
 
     def sizes(self, inputs):

@@ -9,6 +9,10 @@ Choices (also in the README):
   supported by TensorRT with KV outputs.
 * One block at a time: the state dict is memory-mapped and only the exported
   block's tensors are touched, so a 7B checkpoint exports within 24 GB.
+* ``limits.dtype`` fp16 / bf16: the Linear weights and the K/V in that dtype (half-size
+  files and caches), FP32 islands in the reference layers (norms, softmax, RoPE, the affine
+  head); graph inputs other than K/V and the scale / shift / z / logdet outputs stay float32.
+  Weights are converted tensor by tensor from the checkpoint's dtype (:mod:`.weights`).
 * Everything is written into a temp directory next to OUT_DIR and renamed at
   the end: an interrupted export leaves no OUT_DIR that looks complete.
 * Which graphs, their IO, dims and example inputs come from the graph registry
@@ -47,6 +51,8 @@ DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(17, 21)
 EXPORTER = "torch.onnx.export(dynamo=True)"
 TWO_GB = 2 * 1024 ** 3
+#: graph kinds exported in ``limits.dtype`` (the media graphs stay float32)
+HALF_KINDS = ("prefill", "step", "forward", "denoiser")
 KV_LAYOUT = "per layer past_k_l / past_v_l [P, batch, heads, head_dim] (new_k_l / new_v_l [S, …]), K after RoPE"
 
 
@@ -62,7 +68,7 @@ def _dynamic_shapes(plan: GraphPlan, module: nn.Module) -> tuple:
 
 
 def export_one(plan: GraphPlan, geo: Geometry, directory: Path, opset: int, external_data: str,
-               simplify: bool) -> tuple[GraphSpec, float]:
+               simplify: bool, precision: str = "fp32") -> tuple[GraphSpec, float]:
     """Export one planned graph into ``directory``; returns its spec and export seconds."""
     import onnx
 
@@ -93,7 +99,7 @@ def export_one(plan: GraphPlan, geo: Geometry, directory: Path, opset: int, exte
     inferred.unlink()
     externals = sorted({e.location for e in _external_refs(path)}) if use_external else []
     spec = GraphSpec(name=plan.name, file=path.name, sha256=sha256_path(path), kind=plan.kind, block=plan.block,
-                     precision="fp32", inputs=plan.inputs, outputs=plan.outputs, dims=plan.dims,
+                     precision=precision, inputs=plan.inputs, outputs=plan.outputs, dims=plan.dims,
                      external_data=externals,
                      extra={"params": params, "bytes": _dir_bytes(directory, [path.name, *externals]), **extra})
     return spec, time.perf_counter() - start
@@ -164,7 +170,8 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
     geo = geometry_for(cfg, limits)
     from .media_kinds import MediaSources
 
-    plans = plan_graphs(cfg, geo, limits, BlockLoader(cfg, state), MediaSources(text_encoder, vae))
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[limits.dtype]
+    plans = plan_graphs(cfg, geo, limits, BlockLoader(cfg, state, dtype), MediaSources(text_encoder, vae))
     if graphs:
         unknown = sorted(set(graphs) - {p.name for p in plans})
         if unknown:
@@ -181,13 +188,14 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
         for i, plan in enumerate(plans):
             if progress:
                 progress(f"[{i + 1}/{len(plans)}] {plan.name}")
-            spec, seconds = export_one(plan, geo, tmp, opset, external_data, simplify)
+            precision = limits.dtype if graph_kind(plan.kind).kind in HALF_KINDS else "fp32"
+            spec, seconds = export_one(plan, geo, tmp, opset, external_data, simplify, precision)
             spec.extra["export_seconds"] = round(seconds, 2)
             specs[plan.name] = spec
             rows.append({"graph": plan.name, "params": spec.extra["params"], "bytes": spec.extra["bytes"],
                          "seconds": round(seconds, 2)})
         manifest = Manifest(
-            root=out, precision="fp32", config=cfg, config_hash=cfg.hash(),
+            root=out, precision=limits.dtype, config=cfg, config_hash=cfg.hash(),
             checkpoint={"file": Path(checkpoint).name, "path": str(Path(checkpoint).resolve()),
                         "sha256": sha256_file(checkpoint)},
             geometry=geo, opset=opset, exporter=EXPORTER, versions=_versions(), graphs=specs,

@@ -132,7 +132,8 @@ class FlowBlock(nn.Module):
 
         y [B, L, D]; cos/sin [L, hd] (rows 0..L−1); returns [(k, v) [B, H, L, hd]] per layer.
         """
-        _, kv = run_layers(self.attn_blocks, self.proj_txt(y), cos, sin, past, "causal", temperature)
+        _, kv = run_layers(self.attn_blocks, self.proj_txt(y.to(self.proj_txt.weight.dtype)), cos, sin, past,
+                           "causal", temperature)
         return kv
 
     def step(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -151,10 +152,11 @@ class FlowBlock(nn.Module):
         h = self.proj_in(tokens.to(self.proj_in.weight.dtype))
         text_len = 0
         if text is not None:
-            h = torch.cat([self.proj_txt(text), h], dim=1)
+            h = torch.cat([self.proj_txt(text.to(h.dtype)), h], dim=1)
             text_len = text.shape[1]
         h, kv = run_layers(self.attn_blocks, h, cos, sin, past, mask, temperature)
-        o = self.proj_out(self.final_norm(h[:, text_len:]))
+        # the affine head (proj_out, soft clip, softplus) runs in proj_out's dtype: FP32 in FP16/BF16 exports
+        o = self.proj_out(self.final_norm(h[:, text_len:]).to(self.proj_out.weight.dtype))
         if self.soft_clip > 0:
             o = self.soft_clip * torch.tanh(o / self.soft_clip)
         acc = acc_dtype(o.dtype)

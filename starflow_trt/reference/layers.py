@@ -17,6 +17,14 @@ from .rope import apply_rope
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
+#: half-precision dtypes: the layers keep FP32 islands (norms, softmax, RoPE) around them
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the precision-critical maths: float32 for half inputs (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
 
 class TwoPartMask:
     """Causal attention over an uncopied past: scores against the past and the new keys apart.
@@ -33,6 +41,18 @@ class TwoPartMask:
 #: Attention masks: ``"causal"`` (query i sees keys ``j <= P + i``), ``None`` (full), a bool tensor,
 #: or a :class:`TwoPartMask`.
 Mask = Union[str, torch.Tensor, TwoPartMask, None]
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in (at least) float32, returned in the input dtype (an FP32 island
+    in FP16/BF16 graphs; unchanged maths in float32 / float64)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = _acc(x.dtype)
+        if acc == x.dtype and self.weight.dtype == x.dtype:
+            return super().forward(x)
+        return F.layer_norm(x.to(acc), self.normalized_shape, self.weight.to(acc), self.bias.to(acc),
+                            self.eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -64,7 +84,7 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int, head_dim: int):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
-        self.norm = nn.LayerNorm(width, eps=1e-5)
+        self.norm = LayerNorm(width, eps=1e-5)
         self.qkv = nn.Linear(width, 3 * heads * head_dim)
         self.proj = nn.Linear(heads * head_dim, width)
 
@@ -98,19 +118,39 @@ class Attention(nn.Module):
                 attn_mask = causal_mask(s, keys.shape[2], x.device)
         else:
             attn_mask = mask
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        if q.dtype in HALF:   # FP32 softmax island (scores in the half dtype, probabilities cast back)
+            out = _half_attention(q, keys, values, attn_mask, is_causal, scale)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=is_causal,
+                                                 scale=scale)
         out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self.proj(out), (k, v)
 
 
+def _half_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                    is_causal: bool, scale: float) -> torch.Tensor:
+    """``scaled_dot_product_attention`` for FP16/BF16 q, k, v [B, H, S, hd]: QKᵀ in the half dtype,
+    mask + softmax in float32, probabilities cast back for the product with V."""
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).float()
+    if is_causal:
+        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return torch.matmul(torch.softmax(scores, -1).to(v.dtype), v)
+
+
 def _two_part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Optional[KV],
                         new_bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax([q·Kpastᵀ, q·kᵀ + bias])·[Vpast; v] without concatenating K/V. q, k, v [B, H, S, hd]."""
-    new_scores = torch.matmul(q, k.transpose(-1, -2)) * scale + new_bias
+    """softmax([q·Kpastᵀ, q·kᵀ + bias])·[Vpast; v] without concatenating K/V. q, k, v [B, H, S, hd].
+
+    Half q/k/v: the scores are cast to float32 for the bias and the softmax (an FP32 island)."""
+    acc = _acc(q.dtype)
+    new_scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).to(acc) + new_bias
     if past is None:
-        return torch.matmul(torch.softmax(new_scores, -1), v)
+        return torch.matmul(torch.softmax(new_scores, -1).to(v.dtype), v)
     p = past[0].shape[2]
-    probs = torch.softmax(torch.cat([torch.matmul(q, past[0].transpose(-1, -2)) * scale, new_scores], -1), -1)
+    past_scores = (torch.matmul(q, past[0].transpose(-1, -2)) * scale).to(acc)
+    probs = torch.softmax(torch.cat([past_scores, new_scores], -1), -1).to(v.dtype)
     return torch.matmul(probs[..., :p], past[1]) + torch.matmul(probs[..., p:], v)
 
 
@@ -131,7 +171,7 @@ class MLP(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.norm = nn.LayerNorm(width, eps=1e-5)
+        self.norm = LayerNorm(width, eps=1e-5)
         self.main = nn.Sequential(nn.Linear(width, 4 * width), ExactGELU(), nn.Linear(4 * width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ loaded runners, RoPE rows and SOS vectors, and per-call timed calls."""
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -47,11 +48,28 @@ class Graphs:
 
     def rope(self, frames: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE (cos, sin) [text_len + frames·F, hd] on the backend's device (computed once per shape)."""
-        key = (frames, text_len)
+        g = self.geo
+        key = (frames, text_len, g.h, g.w)   # one table per shape and token grid (--aspects exports)
         if key not in self._ropes:
-            g = self.geo
             self._ropes[key] = rope_table(g.head_dim, frames, g.h, g.w, text_len, g.rope_length, device=self.device)
         return self._ropes[key]
+
+    def kv_dtype(self, name: str) -> torch.dtype:
+        """The K/V dtype of graph ``name`` (its ``new_k_0`` output): the cache follows the graphs' precision."""
+        from .backends.base import TORCH_DTYPES
+
+        if not self.has(name):
+            return torch.float32
+        kv = [t for t in self.manifest.graph(name).outputs if t.name.startswith(f"{NEW}_k_")]
+        return TORCH_DTYPES[kv[0].dtype] if kv else torch.float32
+
+    def on_grid(self, geo) -> "Graphs":
+        """These graphs on ``geo`` (another exported token grid): runners and RoPE cache shared."""
+        if geo is self.geo:
+            return self
+        view = copy.copy(self)
+        view.geo = geo
+        return view
 
     def sos(self, block: int) -> torch.Tensor:
         """Block ``block``'s start-of-sequence vector [c]."""

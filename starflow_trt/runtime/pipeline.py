@@ -161,7 +161,8 @@ class Pipeline:
                  should_stop: Optional[Callable[[], bool]] = None,
                  on_progress: Optional[ProgressCallback] = None, *, prompt: Optional[Sequence[str]] = None,
                  negative_prompt: Optional[Sequence[str]] = None, image=None, video=None, fps: int = 16,
-                 aspect: str = "16:9", on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
+                 aspect: Optional[str] = None,
+                 on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
         """Sample latents [B, T, C, H, W] for text embeddings y [B, L, D], or for ``prompt``.
 
         prompt (list of B strings; with a ``text_encoder`` graph): encoded with upstream's templates
@@ -181,6 +182,11 @@ class Pipeline:
         on_progress(stage, done, total): ``("deep", tokens, tokens)`` as the deep block commits
         tokens, ``("shallow", frames, frames)`` and ``("denoiser", frames, frames)`` as frames finish.
 
+        aspect ("16:9"; exports with ``--aspects``): the token grid of the call (InputError listing the
+        exported aspects when it is not one of them) and the prompt template's ratio. None: the grid
+        of the given noise / context (any exported grid), else the export's default grid; the template
+        then names that grid's aspect. Exports of one unnamed grid ignore it for the grid.
+
         Any batch: B > the export's ``max_batch`` runs in chunks of ``max_batch`` rows (the last
         shorter), one after the other, and the result is the concatenation of the chunk results,
         exactly what calling ``generate`` on each chunk gives. Noise drawn from ``seed``: chunk k
@@ -190,8 +196,11 @@ class Pipeline:
         restart at 0 for every chunk). The thresholded Jacobi stopping test averages over the
         rows of a call, so a chunked call equals the chunk calls, not B calls of one row.
         """
+        geo = self._call_geometry(aspect, noise if noise is not None else context)
+        spec = sampler_spec(geo)
+        aspect = aspect or geo.aspect or "16:9"   # the template's ratio
         media = self._media_inputs(y, y_uncond, context, prompt, negative_prompt, image, video, fps, aspect,
-                                   guidance, seed)
+                                   guidance, seed, geo)
         if media is not None:
             y, y_uncond, context = media["y"], media["y_uncond"], media["context"]
         if y is None:
@@ -203,16 +212,16 @@ class Pipeline:
         options = dict(num_frames=num_frames, guidance=guidance, jacobi=jacobi,
                        denoise=denoise and self.graphs.has(DENOISER))   # no denoiser graph: nothing to do
         # the whole request first: errors name the caller's shapes, and nothing runs on bad input
-        whole = check_request(dataclasses.replace(self.spec, max_batch=None), tensors["y"], tensors["noise"],
+        whole = check_request(dataclasses.replace(spec, max_batch=None), tensors["y"], tensors["noise"],
                               y_uncond=tensors["y_uncond"], context=tensors["context"], **options)
         bounds = chunk_bounds(whole.batch, self.geo.max_batch)
         results = []
         for k, (start, end) in enumerate(bounds):
             part = {name: rows(t, start, end) for name, t in tensors.items()}
-            req = check_request(self.spec, part["y"], part["noise"], y_uncond=part["y_uncond"],
+            req = check_request(spec, part["y"], part["noise"], y_uncond=part["y_uncond"],
                                 context=part["context"], **options)
             results.append(self._generate(req, None if given else int(seed) + k, on_frame, should_stop, on_progress,
-                                          on_video))
+                                          on_video, geo))
             if len(bounds) > 1 and on_progress is not None:
                 on_progress("batch", k + 1, len(bounds))
         result = results[0]
@@ -231,16 +240,18 @@ class Pipeline:
 
     def _generate(self, req: Request, seed: Optional[int], on_frame: Optional[FrameCallback],
                   should_stop: Optional[Callable[[], bool]], on_progress: Optional[ProgressCallback],
-                  on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
-        """One call of at most ``max_batch`` rows; seed None: the request's noise. With VAE graphs the
-        final latent frames stream through the decoder (``result.video``)."""
+                  on_video: Optional[Callable[[torch.Tensor], None]] = None,
+                  geo: Optional[Geometry] = None) -> GenerateResult:
+        """One call of at most ``max_batch`` rows on token grid ``geo`` (default: the export's); seed None:
+        the request's noise. With VAE graphs the final latent frames stream through the decoder
+        (``result.video``)."""
         decoder = self._decoder(on_video) if self.graphs.has(n.VAE_DECODE_FIRST) else None
         if decoder is not None:
             on_frame = _chain(on_frame, decoder.push)
-        g = self.geo
+        g = geo or self.geo
         noise = req.noise if seed is None else torch.randn(req.batch, req.frames, g.channel_size, g.height, g.width,
                                                            generator=torch.Generator().manual_seed(seed))
-        run = GenerateRun(self.graphs, self.workspace, req, noise, on_frame, on_progress, should_stop,
+        run = GenerateRun(self.graphs.on_grid(g), self.workspace, req, noise, on_frame, on_progress, should_stop,
                           info={"seed": seed, "noise": "given" if seed is None else "seed"})
         with self.backend.host_thread_limit():
             latents, raw = self._execute(run)
@@ -252,8 +263,19 @@ class Pipeline:
             stats["time_to_first_decoded_frame"] = round(decoder.first_s - run.start, 6)
         return result
 
+    def _call_geometry(self, aspect: Optional[str], latents) -> Geometry:
+        """The token grid of one call: ``aspect``'s, else that of ``latents`` [B, T, C, H, W] when it is an
+        exported grid, else the default. Exports without named aspects have one grid."""
+        g = self.geo
+        if aspect is not None and g.aspects:
+            return g.for_aspect(aspect)
+        shape = getattr(latents, "shape", None)
+        if shape is not None and len(shape) == 5 and len(g.grids) > 1:
+            return g.grid_for_size(int(shape[-2]), int(shape[-1])) or g
+        return g
+
     def _media_inputs(self, y, y_uncond, context, prompt, negative_prompt, image, video, fps, aspect,
-                      guidance, seed) -> Optional[dict]:
+                      guidance, seed, geo: Optional[Geometry] = None) -> Optional[dict]:
         """Prompt → (y, y_uncond); image / video → context latents. None when none is given."""
         if prompt is None and image is None and video is None:
             if negative_prompt is not None:
@@ -275,7 +297,7 @@ class Pipeline:
             from ..media.io import prepare_image, prepare_video
             from ..media.vae import context_latents
 
-            g, vae = self.geo, self.vae_stage
+            g, vae = geo or self.geo, self.vae_stage
             H, W = g.height * vae.spatial, g.width * vae.spatial
             clip = prepare_image(image, H, W) if image is not None else prepare_video(
                 video, H, W, max_frames=1 + vae.temporal * (g.max_frames - 1))
@@ -313,9 +335,9 @@ class Pipeline:
         export's ``max_batch`` rows (every row's score is independent of the others');
         on_progress("batch", chunks done, chunks) after every chunk.
         """
-        g = self.geo
         x = as_float32(x, "x")
-        check_video(x, self.spec, "x")
+        g = self._call_geometry(None, x)   # any exported grid
+        check_video(x, sampler_spec(g), "x")
         y = as_float32(y, "y")
         check_text(y, self.spec, x.shape[0], "y")
         if x.shape[1] > g.max_frames:
@@ -324,16 +346,16 @@ class Pipeline:
         bounds = chunk_bounds(x.shape[0], g.max_batch)
         nlls = []
         for k, (start, end) in enumerate(bounds):
-            nlls.append(self._score(x[start:end], y[start:end]))
+            nlls.append(self._score(x[start:end], y[start:end], g))
             if on_progress is not None:
                 on_progress("batch", k + 1, len(bounds))
         nll = torch.cat(nlls)
         return nll.float().cpu(), likelihood.bits_per_dim(nll).float().cpu()
 
-    def _score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """NLL [b] (float64) of at most ``max_batch`` rows x [b, T, C, H, W], y [b, L, D]."""
-        g = self.geo
-        calls = GraphCalls(self.graphs)
+    def _score(self, x: torch.Tensor, y: torch.Tensor, geo: Optional[Geometry] = None) -> torch.Tensor:
+        """NLL [b] (float64) of at most ``max_batch`` rows x [b, T, C, H, W], y [b, L, D] on grid ``geo``."""
+        g = geo or self.geo
+        calls = GraphCalls(self.graphs.on_grid(g))
         h = patchify(x, g.patch_size).contiguous().to(self.backend.device)
         y = y.to(self.backend.device)
         logdets = []

@@ -14,7 +14,7 @@ import torch
 
 from ..reference.flow import patchify, unpatchify
 from ..sampling import BlockTrace, Hooks, Request
-from .graphs import GraphCalls, Graphs
+from .graphs import DEEP_STEP, GraphCalls, Graphs, step_graph
 from .kv import Workspace
 
 FrameCallback = Callable[[int, torch.Tensor], None]
@@ -77,13 +77,15 @@ class GenerateRun:
         g, ws, hd = self.geo, self.ws, self.geo.head_dim
         before = ws.allocations
         top = g.top
-        ws.reserve("deep_kv", self.deep_capacity * top.layers * 2 * self.bp * top.heads * hd, torch.float32)
+        # the caches take the graphs' K/V dtype (FP16/BF16 exports: half the memory)
+        ws.reserve("deep_kv", self.deep_capacity * top.layers * 2 * self.bp * top.heads * hd,
+                   self.graphs.kv_dtype(DEEP_STEP))
         shallow = [g.blocks[k] for k in g.shallow_blocks]
         seqs = self.batch * (self.frames if g.frame_local else 1)
         s_len = self.F if g.frame_local else self.n_tokens
         if shallow:
             per_slot = max(b.layers * b.heads for b in shallow) * 2 * hd
-            ws.reserve("shallow_kv", s_len * per_slot * seqs, torch.float32)
+            ws.reserve("shallow_kv", s_len * per_slot * seqs, self.graphs.kv_dtype(step_graph(g.shallow_blocks[0], g)))
         max_s = max(self.n_tokens, self.F * max(self.n_ctx, 1))
         ws.reserve("scale", max_s * max(self.bp, seqs) * self.c, torch.float32)
         ws.reserve("shift", max_s * max(self.bp, seqs) * self.c, torch.float32)

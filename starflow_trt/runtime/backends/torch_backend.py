@@ -58,10 +58,17 @@ class TorchBackend(Backend):
     def load_impl(self, spec: GraphSpec) -> GraphRunner:
         from ...export.registry import graph_kind
 
+        from ...export.weights import BlockLoader
+        from .base import TORCH_DTYPES
+
         kind = graph_kind(spec.kind)
-        media = getattr(kind, "build_media", None)   # text encoder / VAE: rebuilt from the recorded source weights
-        module = media(spec) if media is not None else kind.build(self.geo, spec.block, self.loader)
-        return TorchRunner(spec, module)
+        media = getattr(kind, "build_media", None)
+        if media is not None:   # text encoder / VAE: rebuilt from the recorded source weights
+            return TorchRunner(spec, media(spec))
+        # graphs of an `export --dtype fp16|bf16` take half K/V: build their modules in that dtype
+        kv = TORCH_DTYPES[next((t.dtype for t in spec.outputs if t.name.startswith("new_k_")), "float32")]
+        loader = self.loader if kv == torch.float32 else BlockLoader(self.loader.cfg, self.loader.state, kv)
+        return TorchRunner(spec, kind.build(self.geo, spec.block, loader))
 
     def release(self) -> None:
         self.loader = None

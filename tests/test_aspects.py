@@ -1,0 +1,148 @@
+"""One export, several aspect ratios (``export --aspects``): grids, dim ranges, runtime grid choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from starflow_trt.config import load_config
+from starflow_trt.errors import InputError, StarflowError
+from starflow_trt.export.limits import ExportLimits, geometry_for
+from starflow_trt.export.manifest import load_manifest
+from starflow_trt.geometry import UPSTREAM_ASPECTS, aspect_grid
+
+from .conftest import assert_golden
+
+ASPECTS = ("16:9", "9:16", "1:1")
+GRIDS = {"16:9": (3, 5), "9:16": (5, 3), "1:1": (4, 4)}   # img_size 4, patch 1: area 16 tokens
+
+
+@pytest.fixture(scope="module")
+def aspect_export(goldens_dir, tmp_path_factory):
+    from starflow_trt.export.onnx_export import export_graphs
+
+    out = tmp_path_factory.mktemp("aspects") / "tiny_t2v"
+    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out,
+                  limits=ExportLimits(max_frames=3, max_batch=2, aspects=ASPECTS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(aspect_export):
+    pytest.importorskip("onnxruntime")
+    from starflow_trt.runtime.pipeline import Pipeline
+
+    with Pipeline.from_dir(aspect_export, backend="ort") as p:
+        yield p
+
+
+def test_spec_aspect_rule_on_the_7b_config():
+    # the spec's table (§1.3): aspect_ratio_to_image_size(640, R, multiple=16)
+    from starflow_trt.bench.paths import model_config_7b
+
+    cfg = load_config(model_config_7b())
+    table = {"1:1": (40, 40), "16:9": (30, 53), "9:16": (53, 30), "2:3": (49, 33), "3:2": (33, 49),
+             "4:5": (45, 36), "5:4": (36, 45), "21:9": (26, 61), "9:21": (61, 26)}
+    assert {a: aspect_grid(cfg, a) for a in UPSTREAM_ASPECTS} == table
+    geo = geometry_for(cfg, ExportLimits(aspects="auto"))   # VAE / mix_aspect config: all nine by default
+    assert geo.aspect_names == UPSTREAM_ASPECTS and (geo.h, geo.w) == (30, 53) and geo.aspect == "16:9"
+    assert geo.max_tokens_per_frame == 45 * 36 and geo.min_tokens_per_frame == 26 * 61
+
+
+def test_latent_rule_without_vae_and_bad_requests(goldens_dir):
+    cfg = load_config(goldens_dir / "config.yaml")
+    assert {a: aspect_grid(cfg, a) for a in ASPECTS} == GRIDS
+    assert geometry_for(cfg, ExportLimits(aspects="auto")).aspects == ()   # no VAE, no mix_aspect: one grid
+    with pytest.raises(StarflowError, match="--grid .* or --aspects"):
+        geometry_for(cfg, ExportLimits(height=6, width=4, aspects=ASPECTS))
+    with pytest.raises(StarflowError, match="not among --aspects"):
+        geometry_for(cfg, ExportLimits(aspect="4:5", aspects=ASPECTS))
+
+
+def test_manifest_ranges_cover_every_grid(aspect_export):
+    m = load_manifest(aspect_export)
+    g = m.geometry
+    assert [(a.aspect, a.h, a.w) for a in g.aspects] == [(a, *GRIDS[a]) for a in ASPECTS]
+    assert (g.h, g.w) == (3, 5) and set(g.grids) == set(GRIDS.values())
+    L, T = g.text_length, g.max_frames
+    deep = m.graph("deep_step").dims
+    assert (deep["S"].max, deep["P"].max) == (T * 16, L + T * 16)     # the largest grid: 4x4 = 16 tokens
+    shallow = m.graph("shallow_step_0").dims
+    assert (shallow["S"].max, shallow["P"].max) == (16, 15)
+    fwd = m.graph("forward_5").dims
+    assert (fwd["h"].min, fwd["h"].opt, fwd["h"].max) == (3, 3, 5) and (fwd["w"].min, fwd["w"].max) == (3, 5)
+    assert (fwd["rows"].min, fwd["rows"].max) == (L + 15, L + T * 16)
+    den = m.graph("denoiser").dims
+    assert (den["h"].min, den["h"].max, den["rows"].max) == (3, 5, L + T * 16)
+    # the previous single-grid manifests (no "aspects") still read: one grid
+    data = json.loads((aspect_export / "manifest.json").read_text())
+    from starflow_trt.geometry import Geometry
+
+    old = {k: v for k, v in data["geometry"].items() if k != "aspects"}
+    assert Geometry.from_dict(old).grids == ((3, 5),)
+
+
+@pytest.mark.parametrize("aspect", ASPECTS)
+def test_each_aspect_matches_the_reference_sampler(pipe, ref32, cases, aspect):
+    h, w = GRIDS[aspect]
+    y, yu = cases["y"][:1], cases["y_uncond"][:1]
+    noise = torch.randn(1, 3, 4, h, w, generator=torch.Generator().manual_seed(7))
+    ref = ref32.sample(noise, y, yu, guidance=2.0)
+    out = pipe.generate(y, yu, noise=noise, guidance=2.0, denoise=False, aspect=aspect)
+    assert out.latents.shape == (1, 3, 4, h, w)
+    assert_golden(out.latents, ref, "reverse.g2")
+    # seeded noise without a noise tensor follows the aspect's grid; the noise's grid is found without aspect
+    assert pipe.generate(y, seed=1, aspect=aspect, denoise=False).latents.shape == (1, 3, 4, h, w)
+    assert_golden(pipe.generate(y, yu, noise=noise, guidance=2.0, denoise=False).latents, ref, "reverse.g2")
+    # scoring takes any exported grid too
+    nll, _ = pipe.score(ref, y)
+    torch.testing.assert_close(nll, ref32.nll(ref, y), rtol=1e-4, atol=1e-5)
+
+
+def test_denoised_aspect_matches_the_reference(pipe, ref32, cases):
+    h, w = GRIDS["9:16"]
+    y = cases["y"][:1]
+    noise = torch.randn(1, 3, 4, h, w, generator=torch.Generator().manual_seed(3))
+    raw = ref32.sample(noise, y)
+    out = pipe.generate(y, noise=noise, denoise=True, aspect="9:16")
+    assert_golden(out.raw, raw, "reverse.g0")
+    assert_golden(out.latents, ref32.denoise(raw, y), "denoised")
+
+
+def test_unsupported_aspect_is_one_line(pipe, cases):
+    with pytest.raises(InputError, match=r"aspect '4:5' is not in this export; exported aspects: 16:9, 9:16, 1:1"):
+        pipe.generate(cases["y"][:1], aspect="4:5")
+    noise = torch.randn(1, 3, 4, 5, 3)
+    with pytest.raises(InputError):   # 9:16 noise asked to run as 16:9
+        pipe.generate(cases["y"][:1], noise=noise, aspect="16:9")
+
+
+def test_cli_export_and_generate_by_aspect(goldens_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    out = tmp_path / "g"
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"), "-o",
+                               str(out), "--aspects", "1:1,9:16", "--max-frames", "2", "--max-batch", "1",
+                               "--graphs", "deep_prefill,deep_step,shallow_step_0,shallow_step_1,shallow_step_2,"
+                               "shallow_step_3,shallow_step_4"])
+    assert res.exit_code == 0, res.output
+    assert "1:1 4x4, 9:16 5x3" in res.output
+    y = tmp_path / "y.npy"
+    np.save(y, np.zeros((1, 4, 16), np.float32))
+    res = runner.invoke(main, ["generate", str(out), "--text-embeddings", str(y), "--aspect", "9:16", "--no-denoise",
+                               "--thread-pool", "session", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "o" / "latents.npy").shape == (1, 2, 4, 5, 3)
+    res = runner.invoke(main, ["generate", str(out), "--text-embeddings", str(y), "--aspect", "21:9",
+                               "--thread-pool", "session", "-o", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "exported aspects: 1:1, 9:16" in res.output
+    res = runner.invoke(main, ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"), "-o",
+                               str(tmp_path / "bad"), "--aspects", "16:9,x"])
+    assert res.exit_code == 2 and "16:9" in res.output

@@ -146,3 +146,34 @@ def test_cli_export_and_generate_by_aspect(goldens_dir, tmp_path):
     res = runner.invoke(main, ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"), "-o",
                                str(tmp_path / "bad"), "--aspects", "16:9,x"])
     assert res.exit_code == 2 and "16:9" in res.output
+
+
+@pytest.mark.slow
+def test_bench_config_export_generates_at_three_aspects(tmp_path):
+    """The bench config (deep 6 × 512, random weights): one export, three grids, each == the reference sampler."""
+    pytest.importorskip("onnxruntime")
+    from starflow_trt.bench.paths import bench_config
+    from starflow_trt.checkpoint import save_state_dict
+    from starflow_trt.export.onnx_export import export_graphs
+    from starflow_trt.reference import build_model, load_reference
+    from starflow_trt.runtime.pipeline import Pipeline
+
+    cfg = load_config(bench_config())
+    torch.manual_seed(0)
+    save_state_dict(build_model(cfg).state_dict(), tmp_path / "model.pth")
+    out = tmp_path / "graphs"
+    export_graphs(bench_config(), tmp_path / "model.pth", out,
+                  limits=ExportLimits(max_frames=2, max_batch=1, aspects=ASPECTS))
+    ref = load_reference(bench_config(), tmp_path / "model.pth")
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(1, cfg.txt_size, cfg.text_width, generator=g)
+    with Pipeline.from_dir(out, backend="ort", thread_pool="session") as pipe:
+        grids = set()
+        for aspect in ASPECTS:
+            h, w = aspect_grid(cfg, aspect)
+            grids.add((h, w))
+            noise = torch.randn(1, 2, cfg.channel_size, h, w, generator=g)
+            expected = ref.sample(noise, y, torch.zeros_like(y), guidance=2.0)
+            got = pipe.generate(y, torch.zeros_like(y), noise=noise, guidance=2.0, denoise=False, aspect=aspect)
+            assert_golden(got.latents, expected, "reverse.g2")
+    assert len(grids) == 3

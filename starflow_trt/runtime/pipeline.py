@@ -44,7 +44,8 @@ from .tensors import as_float32
 #: The runtime's default Jacobi schedule (``"upstream"`` reproduces upstream exactly).
 DEFAULT_SCHEDULE = "predictive"
 
-__all__ = ["Pipeline", "GenerateResult", "make_backend", "THREAD_POOLS", "DEFAULT_SCHEDULE", "SCHEDULES", "FrameCallback"]
+__all__ = ["Pipeline", "GenerateResult", "make_backend", "THREAD_POOLS", "DEFAULT_SCHEDULE", "SCHEDULES",
+           "FrameCallback"]
 
 
 @dataclass
@@ -197,7 +198,7 @@ class Pipeline:
         rows of a call, so a chunked call equals the chunk calls, not B calls of one row.
         """
         geo = self._call_geometry(aspect, noise if noise is not None else context)
-        spec = sampler_spec(geo)
+        spec = self._spec_on(geo)
         aspect = aspect or geo.aspect or "16:9"   # the template's ratio
         media = self._media_inputs(y, y_uncond, context, prompt, negative_prompt, image, video, fps, aspect,
                                    guidance, seed, geo)
@@ -262,6 +263,10 @@ class Pipeline:
             stats["seconds"]["decode"] = round(decoder.seconds, 6)
             stats["time_to_first_decoded_frame"] = round(decoder.first_s - run.start, 6)
         return result
+
+    def _spec_on(self, geo: Geometry) -> SamplerSpec:
+        """This export's sampler spec on one of its grids (the residual floor is the export's)."""
+        return dataclasses.replace(sampler_spec(geo), residual_floor=self.spec.residual_floor)
 
     def _call_geometry(self, aspect: Optional[str], latents) -> Geometry:
         """The token grid of one call: ``aspect``'s, else that of ``latents`` [B, T, C, H, W] when it is an
@@ -337,7 +342,7 @@ class Pipeline:
         """
         x = as_float32(x, "x")
         g = self._call_geometry(None, x)   # any exported grid
-        check_video(x, sampler_spec(g), "x")
+        check_video(x, self._spec_on(g), "x")
         y = as_float32(y, "y")
         check_text(y, self.spec, x.shape[0], "y")
         if x.shape[1] > g.max_frames:

@@ -86,8 +86,9 @@ def project(cfg: ModelConfig, tokens_per_frame: int, frames: int, gpu: dict, pre
     den = denoiser_cost(cfg, 1, min(frames, cfg.local_attn_window or frames), tokens_per_frame, dtype_bytes)
     den_s = max(den.flops / peak, den.bytes / bw)
     total = deep + shallow + den_s
+    # K/V stay fp16 in int8 exports too (the Q/DQ graphs quantise weights and activations, not the cache)
     kv_gb = 2 * cfg.layers[cfg.top_index] * (2 if guidance else 1) * cfg.block_heads(cfg.top_index) * \
-        cfg.head_dim * (cfg.txt_size + frames * tokens_per_frame) * dtype_bytes / 1e9
+        cfg.head_dim * (cfg.txt_size + frames * tokens_per_frame) * 2 / 1e9
     weights_gb = (sum(p for p in _params(cfg))) * dtype_bytes / 1e9
     return {"seconds_per_frame": total / frames, "seconds_per_video": total, "deep_s": deep, "shallow_s": shallow,
             "denoiser_s": den_s, "deep_calls": round(calls),

@@ -64,6 +64,14 @@ def test_demo_end_to_end(tmp_path):
     assert report["held_out_bits_per_dim"]["mean"] < report["held_out_bits_per_dim"]["identity_flow"]
     assert report["int8"]["bits_per_dim"]["increase"] <= 0.02
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    # the README's prompt line on the demo's output directory (it stands for its export, DEMO/graphs)
+    gen = subprocess.run([sys.executable, "-m", "starflow_trt.cli", "generate", str(tmp_path / "demo"), "--prompt",
+                          "a red square moving right", "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert "using its export" in gen.stderr and (tmp_path / "out" / "video.mp4").stat().st_size > 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert "a red square moving right" in json.dumps(stats["request"]["prompt"])
     # a second demo replaces the first one's directory (it is ours), never a foreign one
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.txt").write_text("keep")

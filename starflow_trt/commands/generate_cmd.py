@@ -30,7 +30,7 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 
 
 @click.command("generate")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("directory", type=click.Path(exists=True, file_okay=False), callback=options.export_dir)
 @click.option("--prompt", "prompts", multiple=True, help="prompt (repeat for a batch; needs a text_encoder graph)")
 @click.option("--negative-prompt", "negative", multiple=True, help="negative prompt, one per --prompt")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="image-to-video: the first frame")
@@ -157,7 +157,7 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
 
 
 @click.command("score")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("directory", type=click.Path(exists=True, file_okay=False), callback=options.export_dir)
 @click.option("--video", required=True, type=click.Path(exists=True),
               help="x.npy [B, T, C, H, W], a directory of .npy latents, or a text file listing .npy files "
                    "(one clip [T, C, H, W] or clips [B, T, C, H, W] each; streamed in chunks of max_batch)")

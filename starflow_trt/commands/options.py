@@ -190,6 +190,17 @@ def long_video(window: Optional[int], context_length: Optional[int], autoregress
                                  f"pass --context-length {window - 1} or less", param_hint="'--context-length'")
 
 
+def export_dir(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An export / engine directory; a `starflow-trt demo` output stands for its FP32 export (DIR/graphs)."""
+    from pathlib import Path
+
+    root = Path(value)
+    if not (root / "manifest.json").exists() and (root / "graphs" / "manifest.json").exists():
+        click.echo(f"{root} is a demo output: using its export {root / 'graphs'}", err=True)
+        return str(root / "graphs")
+    return value
+
+
 def force_option(help: str = "replace OUT if starflow-trt wrote it (never other files)") -> Callable:
     return click.option("--force", is_flag=True, help=help)
 

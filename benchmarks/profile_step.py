@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -165,47 +164,11 @@ def export_bench(graphs: Path, int8: Path | None) -> None:
                             overwrite=True, log=lambda m: None)
 
 
-WEIGHT_OPS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulInteger", "DynamicQuantizeMatMul",
-              "MatMulIntegerToFloat", "QLinearMatMul")
-
-
 def op_table(path: Path, feed: dict, threads: int, runs: int) -> dict:
     """Kernel milliseconds per call by op type (per-node medians; MatMul split into weight and activation products)."""
-    import onnxruntime as ort
+    from starflow_trt.bench.workloads import profile_ops
 
-    with tempfile.TemporaryDirectory(prefix="sftrt-prof.") as tmp:
-        session = ort.InferenceSession(str(path), session_options(threads, os.path.join(tmp, "step")),
-                                       providers=["CPUExecutionProvider"])
-        session.run(None, feed)
-        start = time.perf_counter()
-        for _ in range(runs):
-            session.run(None, feed)
-        wall = (time.perf_counter() - start) / runs
-        with open(session.end_profiling(), encoding="utf-8") as fh:
-            events = json.load(fh)
-    per_node: dict[str, list[float]] = {}
-    node_op: dict[str, str] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            op = e["args"]["op_name"]
-            if op in WEIGHT_OPS:
-                # prepacked / constant weights are not listed among the node's runtime inputs
-                shapes = e["args"].get("input_type_shape", [])
-                op += " (weights)" if len(shapes) == 1 or op in ("MatMulIntegerToFloat", "QLinearMatMul",
-                                                                 "Gemm", "FusedGemm") else " (activations)"
-            per_node.setdefault(e["name"], []).append(e["dur"] / 1e3)
-            node_op[e["name"]] = op
-    # per node the median over the calls: a call preempted by another process does not skew the shares
-    by_op: dict[str, float] = {}
-    count: dict[str, int] = {}
-    for name, durs in per_node.items():
-        op = node_op[name]
-        by_op[op] = by_op.get(op, 0.0) + sorted(durs)[len(durs) // 2]
-        count[op] = count.get(op, 0) + 1
-    total = sum(by_op.values())
-    rows = [{"op": op, "ms": ms, "nodes": count[op], "share": ms / total}
-            for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])]
-    return {"wall_ms": wall * 1e3, "kernel_ms": total, "ops": rows}
+    return profile_ops(path, session_options(threads), feed, runs)
 
 
 def main() -> None:

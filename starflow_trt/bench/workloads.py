@@ -189,11 +189,18 @@ def schedule_quality(pipe, texts: torch.Tensor, uncond: torch.Tensor, noise_shap
     return {"guidance": guidance, "block": block, "threshold": threshold, "rows": rows}
 
 
-def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> dict:
-    """Where a ``deep_step`` call's time goes: ONNX Runtime's per-node profile summed by op type.
+#: ONNX Runtime ops that multiply by a weight matrix (when its weight is a constant)
+WEIGHT_OPS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulInteger", "DynamicQuantizeMatMul",
+              "MatMulIntegerToFloat", "QLinearMatMul")
 
-    A separate profiling session of the same graph with the pipeline's ORT options; the kernel
-    times add up to a little more than the call (profiling overhead), shares are what matter.
+
+def profile_ops(path, options, feed: dict, runs: int = 10) -> dict:
+    """Kernel milliseconds per call by op type: ONNX Runtime's per-node profile of ``runs`` calls.
+
+    Per node the median over the calls (a call preempted by another process does not skew the
+    shares); MatMul-like nodes split into weight and activation products. ``options`` is an
+    ``onnxruntime.SessionOptions`` (profiling is switched on here). Returns wall_ms, kernel_ms
+    and ``ops`` rows {op, ms, nodes, share}, largest first.
     """
     import json
     import os
@@ -201,16 +208,10 @@ def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> di
 
     import onnxruntime as ort
 
-    g = pipe.geo
-    p = g.text_length + g.max_frames * g.tokens_per_frame // 2 if p is None else p
-    spec = pipe.manifest.graph(names.DEEP_STEP)
-    inputs, _ = graph_tensors(pipe, spec, {"batch": 2, "S": s, "P": p})
-    feed = {k: v.numpy() for k, v in inputs.items()}
-    options = pipe.backend.session_options()   # the pipeline's ORT backend: same threading
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="sftrt-prof.") as tmp:
-        options.profile_file_prefix = os.path.join(tmp, "deep_step")
-        session = ort.InferenceSession(str(spec.path), options, providers=["CPUExecutionProvider"])
+        options.profile_file_prefix = os.path.join(tmp, "step")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         session.run(None, feed)
         start = time.perf_counter()
         for _ in range(runs):
@@ -218,16 +219,42 @@ def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> di
         wall = (time.perf_counter() - start) / runs
         with open(session.end_profiling(), encoding="utf-8") as fh:
             events = json.load(fh)
-    by_op: dict[str, float] = {}
+    per_node: dict[str, list[float]] = {}
+    node_op: dict[str, str] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             op = e["args"]["op_name"]
-            if op in ("MatMul", "FusedMatMul"):   # prepacked weights are not listed as inputs
-                op += " (weights)" if len(e["args"].get("input_type_shape", [])) == 1 else " (activations)"
-            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3
+            if op in WEIGHT_OPS:
+                # prepacked / constant weights are not listed among the node's runtime inputs
+                shapes = e["args"].get("input_type_shape", [])
+                op += " (weights)" if len(shapes) == 1 or op in ("MatMulIntegerToFloat", "QLinearMatMul",
+                                                                 "Gemm", "FusedGemm") else " (activations)"
+            per_node.setdefault(e["name"], []).append(e["dur"] / 1e3)
+            node_op[e["name"]] = op
+    by_op: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for name, durs in per_node.items():
+        op = node_op[name]
+        by_op[op] = by_op.get(op, 0.0) + sorted(durs)[len(durs) // 2]
+        count[op] = count.get(op, 0) + 1
     total = sum(by_op.values())
-    rows = [{"op": op, "ms": ms / (runs + 1), "share": ms / total}
+    rows = [{"op": op, "ms": ms, "nodes": count[op], "share": ms / total}
             for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])]
+    return {"wall_ms": wall * 1e3, "kernel_ms": total, "ops": rows}
+
+
+def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> dict:
+    """Where a ``deep_step`` call's time goes (:func:`profile_ops` with the pipeline's ORT options).
+
+    The kernel times add up to a little more than the call (profiling overhead); shares are what matter.
+    """
+    g = pipe.geo
+    p = g.text_length + g.max_frames * g.tokens_per_frame // 2 if p is None else p
+    spec = pipe.manifest.graph(names.DEEP_STEP)
+    inputs, _ = graph_tensors(pipe, spec, {"batch": 2, "S": s, "P": p})
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    prof = profile_ops(spec.path, pipe.backend.session_options(), feed, runs)   # the pipeline's threading
+    rows, wall = prof["ops"], prof["wall_ms"] / 1e3
     weight_ms = sum(r["ms"] for r in rows if r["op"].endswith("(weights)"))
     # fp32 weight bytes / 4 = parameters; one multiply-add per parameter and row
     cost = graph_kind(spec.kind).cost(pipe.manifest.config, spec.block, {"batch": 2, "S": s, "P": p})

@@ -71,7 +71,8 @@ def test_demo_end_to_end(tmp_path):
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert "using its export" in gen.stderr and (tmp_path / "out" / "video.mp4").stat().st_size > 0
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert "a red square moving right" in json.dumps(stats["request"]["prompt"])
+    assert stats["cli"]["options"]["prompts"] == ["a red square moving right"]
+    assert stats["cli"]["options"]["directory"] == str(tmp_path / "demo" / "graphs")
     # a second demo replaces the first one's directory (it is ours), never a foreign one
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.txt").write_text("keep")

@@ -60,6 +60,26 @@ def _parse_opt_float(text: str) -> Optional[float]:
     return None if text.strip() in ("None", "none", "") else float(text)
 
 
+def aspect_size(aspect: str, area: float, multiple: int,
+                error: type[Exception] = ConfigError) -> tuple[int, int]:
+    """Upstream's ``aspect_ratio_to_image_size`` (spec §1.3): (H, W) of about ``area`` at ratio
+    ``aspect`` ("rw:rh"), each rounded to a multiple of ``multiple`` and at least one multiple
+    (``error`` naming the aspect otherwise)."""
+    try:
+        rw, rh = (float(v) for v in aspect.split(":"))
+    except ValueError:
+        raise error(f"aspect ratio must look like '16:9', got {aspect!r}") from None
+    if not (rw > 0 and rh > 0 and math.isfinite(rw) and math.isfinite(rh)):
+        raise error(f"aspect ratio must be two positive numbers like '16:9', got {aspect!r}")
+    ratio = rw / rh
+    H = round(math.sqrt(area / ratio) / multiple) * multiple
+    W = round(math.sqrt(area * ratio) / multiple) * multiple
+    if H < multiple or W < multiple:
+        raise error(f"aspect ratio {aspect!r} gives a {H // multiple}x{W // multiple} token grid; "
+                    "use a ratio like 16:9")
+    return H, W
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every field the spec names (§1.2), with the upstream parser's defaults.
@@ -245,20 +265,9 @@ class ModelConfig:
             side = self.latent_img_size
             return {"H": side, "W": side, "h": side // p, "w": side // p,
                     "tokens_per_frame": (side // p) ** 2}
-        try:
-            rw, rh = (float(v) for v in aspect.split(":"))
-        except ValueError as exc:
-            raise ConfigError(f"aspect ratio must look like '16:9', got {aspect!r}") from exc
-        area = float((self.latent_img_size * VAE_SPATIAL_FACTOR) ** 2)
-        if not (rw > 0 and rh > 0 and math.isfinite(rw) and math.isfinite(rh)):
-            raise ConfigError(f"aspect ratio must be two positive numbers like '16:9', got {aspect!r}")
-        ratio = rw / rh
         m = VAE_SPATIAL_FACTOR * p
-        H = round(math.sqrt(area / ratio) / m) * m
-        W = round(math.sqrt(area * ratio) / m) * m
-        h, w = H // VAE_SPATIAL_FACTOR // p, W // VAE_SPATIAL_FACTOR // p
-        if not (rw > 0 and rh > 0 and h >= 1 and w >= 1):
-            raise ConfigError(f"aspect ratio {aspect!r} gives a {h}x{w} token grid; use a ratio like 16:9")
+        H, W = aspect_size(aspect, float((self.latent_img_size * VAE_SPATIAL_FACTOR) ** 2), m)
+        h, w = H // m, W // m
         return {"H": H, "W": W, "h": h, "w": w, "tokens_per_frame": h * w}
 
     # ------------------------------------------------------------- validation

@@ -15,11 +15,10 @@ One export may cover several token grids (``export --aspects``): ``geo.aspects``
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
-from .config import ModelConfig
+from .config import ModelConfig, aspect_size
 from .errors import InputError, ManifestError
 
 #: upstream's sampling aspect ratios (``mix_aspect`` configs; spec §1.3)
@@ -36,17 +35,9 @@ def aspect_grid(cfg: ModelConfig, aspect: str) -> tuple[int, int]:
     if cfg.vae:
         frame = cfg.frame_geometry(aspect)
         return frame["h"], frame["w"]
-    try:
-        rw, rh = (float(v) for v in aspect.split(":"))
-    except ValueError:
-        raise InputError(f"aspect ratio must look like '16:9', got {aspect!r}") from None
-    if not (rw > 0 and rh > 0 and math.isfinite(rw) and math.isfinite(rh)):
-        raise InputError(f"aspect ratio must be two positive numbers like '16:9', got {aspect!r}")
-    area, ratio, p = float(cfg.latent_img_size ** 2), rw / rh, cfg.patch_size
-    h, w = round(math.sqrt(area / ratio) / p), round(math.sqrt(area * ratio) / p)
-    if h < 1 or w < 1:
-        raise InputError(f"aspect ratio {aspect!r} gives a {h}x{w} token grid; use a ratio like 16:9")
-    return h, w
+    p = cfg.patch_size
+    H, W = aspect_size(aspect, float(cfg.latent_img_size ** 2), p, error=InputError)
+    return H // p, W // p
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ graphs or a TensorRT runner for ``.engine`` files; ``SimpleCompareFunc``). Input
 
 Pass rule per output (the calibration quality gate's metric): relative L2 error ``||got - ref|| / ||ref||``
 over all calls <= ``tol``, checked with polygraphy's ``L2CompareFunc``; ``tol`` from the graph's precision
-(:data:`TOLERANCES`: the gate's limits for fp16 / int8; TensorRT FP32 engines get TF32's
+(:func:`default_tolerance`: the gate's limits for fp16 / int8; TensorRT FP32 engines get TF32's
 :data:`ENGINE_FP32_TOLERANCE`). polygraphy's max absolute / relative errors are reported beside it.
 """
 
@@ -37,11 +37,20 @@ from .export.manifest import GraphSpec, Manifest, load_manifest
 
 PathLike = Union[str, os.PathLike]
 
-#: relative L2 error allowed per output, by the precision of the graph under test (fp16 / int8: the
-#: calibration gate's ``max_graph_error``, :func:`~starflow_trt.calibration.calibrate.default_gate`)
-TOLERANCES = {"fp32": 1e-5, "fp16": 0.01, "int8": 0.1}
+#: relative L2 error allowed per output of an FP32 ONNX graph
+FP32_TOLERANCE = 1e-5
 #: TensorRT runs FP32 layers in TF32 by default
 ENGINE_FP32_TOLERANCE = 1e-3
+
+
+def default_tolerance(precision: str, engine: bool = False) -> float:
+    """Relative L2 error allowed per output for a graph of ``precision``: fp16 / int8 take the
+    calibration gate's ``max_graph_error`` (:func:`~starflow_trt.calibration.calibrate.default_gate`)."""
+    from .calibration.calibrate import default_gate
+
+    if precision == "fp32":
+        return ENGINE_FP32_TOLERANCE if engine else FP32_TOLERANCE
+    return default_gate(precision).max_graph_error if precision in ("fp16", "int8") else 0.2
 
 
 @dataclass
@@ -309,8 +318,7 @@ def verify_directory(directory: PathLike, against: Optional[PathLike] = None, in
         if not calls:
             raise StarflowError(f"no inputs for graph {name!r} (kind {spec.kind} is not registered here)")
         is_engine = spec.file.endswith(".engine")
-        tol = tolerance if tolerance is not None else (
-            ENGINE_FP32_TOLERANCE if is_engine and spec.precision == "fp32" else TOLERANCES.get(spec.precision, 0.2))
+        tol = tolerance if tolerance is not None else default_tolerance(spec.precision, is_engine)
         log(f"  {name}: {len(calls)} {how} call(s)")
         results.append(compare_graph(spec, ref, calls, tol, how, "tensorrt" if is_engine else "onnxruntime"))
     return VerifyReport(directory=str(directory), reference=str(ref_dir),

@@ -297,7 +297,6 @@ def write_ort_variants(directory: Union[str, os.PathLike], graphs: Optional[Sequ
         counts = optimize_graph(spec.path, dst, fusions)
         if not any(counts.values()):
             dst.unlink()
-            spec.ort_variant = None
             rows.append({"graph": name, "fusions": counts, "file": None})
             continue
         spec.ort_variant = {"file": dst.name, "sha256": sha256_path(dst), "fusions": counts,

@@ -65,7 +65,8 @@ class TrtRunner(GraphRunner):
 
     def _address(self, name: str, t: torch.Tensor) -> None:
         if not self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr()):
-            raise StarflowError(f"TensorRT has no tensor {name!r} in the engine of {self.spec.name}; rebuild it")
+            raise StarflowError(f"TensorRT refused the address of {name!r} for {self.spec.name} (not a tensor of "
+                                "the engine, or not 256-byte aligned: see the TensorRT log); rebuild the engine")
 
     def _execute(self, stream_handle: int, what: str) -> None:
         if not self.context.execute_async_v3(stream_handle):

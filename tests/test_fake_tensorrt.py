@@ -187,8 +187,8 @@ def test_fake_enforces_the_documented_contracts(engines, fake_trt):
         fake_tensorrt.make_module(fake_tensorrt.Recorder(version="11.0.0")).BuilderFlag.FP16
 
 
-@pytest.mark.xfail(strict=True, reason="TensorRT documents 256-byte aligned tensor addresses; the KV-cache slot "
-                                       "views (runtime/kv.py) are bound at arbitrary offsets")
+@pytest.mark.xfail(strict=True, reason="setTensorAddress documents 256-byte aligned addresses; the runtime binds "
+                                       "KV-cache slot views (runtime/kv.py) and token slices at any offset")
 def test_bound_addresses_are_256_byte_aligned(engines, cases, fake_trt):
     _generate(engines, cases, backend="trt")
     assert fake_trt.misaligned == set()

@@ -192,3 +192,16 @@ def test_fake_enforces_the_documented_contracts(engines, fake_trt):
 def test_bound_addresses_are_256_byte_aligned(engines, cases, fake_trt):
     _generate(engines, cases, backend="trt")
     assert fake_trt.misaligned == set()
+
+
+def test_cuda_graphs_option_is_trt_only():
+    from starflow_trt.errors import InputError
+    from starflow_trt.runtime.backends import BackendOptions, make_backend
+    from starflow_trt.serving.app import ServeConfig
+
+    with pytest.raises(InputError, match="--backend trt"):
+        make_backend("ort", None, cuda_graphs=True)
+    with pytest.raises(InputError, match="--backend trt"):
+        ServeConfig(backend="ort", cuda_graphs=True)
+    cfg = ServeConfig(backend="trt", cuda_graphs=True)   # what each serving replica gets
+    assert ServeConfig.from_dict(cfg.to_dict()).cuda_graphs is True and BackendOptions().cuda_graphs is False

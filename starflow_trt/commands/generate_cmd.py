@@ -61,6 +61,7 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("--context", type=click.Path(exists=True, dir_okay=False), help="conditioning latents [B, N, C, H, W]")
 @click.option("--no-denoise", is_flag=True, help="skip the learnable denoiser")
 @options.backend_option()
+@options.cuda_graphs_option()
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
 @click.option("--thread-pool", type=click.Choice(THREAD_POOLS), default="shared", show_default=True,
               help="ORT CPU threads: one pool shared by all graphs, or a pool per graph")
@@ -69,8 +70,8 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.pass_context
 def generate_command(ctx: click.Context, directory, prompts, negative, image, video_in, fps, aspect, text, uncond,
                      noise, seed, frames, window, context_length, guidance, jacobi_block, jacobi_iters,
-                     jacobi_threshold, schedule, autoregressive, context, no_denoise, backend, checkpoint, thread_pool,
-                     out_dir, force) -> None:
+                     jacobi_threshold, schedule, autoregressive, context, no_denoise, backend, cuda_graphs, checkpoint,
+                     thread_pool, out_dir, force) -> None:
     """Generate from --prompt (video.mp4 with VAE graphs) or text embeddings through the graphs in DIRECTORY.
 
     Any number of prompts (chunks of the export's max_batch; seeded noise of chunk k from seed + k).
@@ -92,7 +93,8 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
     y_uncond = options.load_array(uncond, "--uncond")
     z = options.load_array(noise, "--noise")
     ctx_latents = options.load_array(context, "--context")
-    pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, thread_pool=thread_pool)
+    pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, thread_pool=thread_pool,
+                             cuda_graphs=cuda_graphs)
     g = pipe.geo
     # upstream's long-video default: the attention window is the training length (a video that fits
     # the window is sampled without one)

@@ -211,6 +211,11 @@ def backend_option(default: str = "ort") -> Callable:
     return click.option("--backend", type=click.Choice(backend_names()), default=default, show_default=True)
 
 
+def cuda_graphs_option() -> Callable:
+    return click.option("--cuda-graphs", is_flag=True,
+                        help="--backend trt: capture each repeated engine call as a CUDA graph and replay it")
+
+
 #: rank and layout of every array option (checked before the pipeline sees it)
 ARRAYS = {"--text-embeddings": (3, "[B, L, D]"), "--uncond": (3, "[B, L, D]"), "--noise": (5, "[B, T, C, H, W]"),
           "--context": (5, "[B, N, C, H, W]"), "--video": (5, "[B, T, C, H, W]")}

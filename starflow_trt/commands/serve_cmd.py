@@ -38,6 +38,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
               help="request deadline in seconds (not started by then: 408; streaming: ends with an error event)")
 @options.backend_option()
+@options.cuda_graphs_option()
 @click.option("--providers", type=click.Choice(["cpu", "auto"]), default="cpu", show_default=True,
               help="ORT execution providers: CPU, or the best available (CUDA / TensorRT EPs)")
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads per replica")
@@ -48,7 +49,7 @@ def _is_loopback(host: str) -> bool:
               help="also batch thresholded-Jacobi requests (their frames then depend on their batch)")
 @click.option("--no-warmup", is_flag=True, help="skip the warm-up generate when a replica starts")
 def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_replica, accelerator_type, host, port,
-                  address, max_queued, timeout_s, backend, providers, threads, max_batch, batch_wait_ms,
+                  address, max_queued, timeout_s, backend, cuda_graphs, providers, threads, max_batch, batch_wait_ms,
                   batch_approximate, no_warmup) -> None:
     """Serve DIRECTORY over HTTP: POST /v1/videos streams frames as NDJSON; GET /healthz, GET /v1/models."""
     from ..errors import StarflowError
@@ -61,7 +62,7 @@ def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_
     except ImportError as exc:
         raise StarflowError(f"serving needs Ray Serve ({exc}); pip install 'starflow-trt[serve]'") from exc
     gpu = backend == "trt" or providers == "auto"
-    cfg = ServeConfig(backend=backend, providers="auto" if providers == "auto" else None, threads=threads,
+    cfg = ServeConfig(backend=backend, cuda_graphs=cuda_graphs, providers="auto" if providers == "auto" else None, threads=threads,
                       replicas=replicas, max_replicas=max_replicas,
                       gpus_per_replica=(1.0 if gpu else 0.0) if gpus_per_replica is None else gpus_per_replica,
                       cpus_per_replica=cpus_per_replica, accelerator_type=accelerator_type, max_batch=max_batch,

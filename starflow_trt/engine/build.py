@@ -94,14 +94,18 @@ def cuda_device() -> DeviceInfo:
 
 def _build_one(trt, onnx_path: Path, profile: Mapping[str, Any], options: BuildOptions, strongly_typed: bool,
                timing_cache_bytes: bytes, flags: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
-    """Serialized engine + updated timing cache for one ONNX graph."""
+    """Serialized engine + updated timing cache for one ONNX graph.
+
+    ``flags``: the plan's ``BuilderFlag`` names (weakly typed builds only); the network's creation
+    flags are a separate bit mask.
+    """
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     major = int(trt.__version__.split(".")[0])
-    flags = 0
+    network_flags = 0
     if strongly_typed and major < 11:  # always strongly typed in 11 (the flag is deprecated there)
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+        network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(network_flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -114,10 +118,17 @@ def _build_one(trt, onnx_path: Path, profile: Mapping[str, Any], options: BuildO
             config.set_flag(getattr(trt.BuilderFlag, flag))
     prof = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
-        prof.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
-    config.add_optimization_profile(prof)
+        try:
+            prof.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+        except ValueError as exc:  # documented: an inconsistent min/opt/max
+            raise StarflowError(f"profile of {name!r} in {onnx_path.name} is invalid ({lo} / {opt} / {hi}: {exc}); "
+                                "fix the --shape overrides (min <= opt <= max)") from exc
+    if config.add_optimization_profile(prof) < 0:
+        raise StarflowError(f"TensorRT refused the optimisation profile of {onnx_path.name}; check the --shape overrides")
     cache = config.create_timing_cache(timing_cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise StarflowError("the timing cache was written by another TensorRT or GPU; delete it or pass "
+                            "another --timing-cache")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise StarflowError(f"TensorRT failed to build an engine for {onnx_path} (see the log above)")

@@ -89,7 +89,8 @@ class Pipeline:
     @classmethod
     def from_dir(cls, directory: Union[str, os.PathLike], backend: str = "ort", precision: Optional[str] = None,
                  providers: Optional[Sequence] = None, checkpoint: Optional[Union[str, os.PathLike]] = None,
-                 threads: Optional[int] = None, verify: bool = True, thread_pool: str = "session") -> "Pipeline":
+                 threads: Optional[int] = None, verify: bool = True, thread_pool: str = "session",
+                 cuda_graphs: bool = False) -> "Pipeline":
         """Load ``directory/manifest.json``; verify graph hashes; pick a backend.
 
         precision: expected precision of the directory (``None``: whatever it holds).
@@ -97,12 +98,14 @@ class Pipeline:
         thread_pool: ``"session"`` (default) or ``"shared"``: all ORT CPU sessions of the process
         share one spinning pool (measured faster end to end; once on, every later ORT session of
         the process must share it, so ORT's quantization tools no longer run in that process).
+        cuda_graphs (``trt`` only): capture each repeated engine call once and replay it.
         """
         manifest = load_manifest(directory, verify=verify)
         if precision is not None and precision != manifest.precision:
             raise ManifestError(f"{directory} holds {manifest.precision} graphs, not {precision}; "
                                 f"use `starflow-trt calibrate --precision {precision}` to make them")
-        return cls(manifest, make_backend(backend, manifest, providers, checkpoint, threads, thread_pool))
+        return cls(manifest, make_backend(backend, manifest, providers, checkpoint, threads, thread_pool,
+                                           cuda_graphs))
 
     def close(self) -> None:
         """Release the backend (sessions, TensorRT contexts, CUDA graphs); the Pipeline is unusable after."""

@@ -32,6 +32,7 @@ class BackendOptions:
     checkpoint: Optional[str] = None       # torch: the checkpoint the graphs came from
     threads: Optional[int] = None          # ort: intra-op threads
     thread_pool: str = "session"           # ort: "session" | "shared"
+    cuda_graphs: bool = False              # trt: capture each repeated call once, replay it after
 
 
 @dataclass(frozen=True)
@@ -70,14 +71,17 @@ def backend_status() -> dict[str, tuple[bool, Optional[str]]]:
 
 
 def make_backend(kind: str, manifest: Manifest, providers=None, checkpoint=None, threads=None,
-                 thread_pool: str = "session") -> Backend:
-    """Backend by registered name (``ort`` | ``torch`` | ``trt`` | …). ``thread_pool`` (ort): ``session`` | ``shared``."""
+                 thread_pool: str = "session", cuda_graphs: bool = False) -> Backend:
+    """Backend by registered name (``ort`` | ``torch`` | ``trt`` | …). ``thread_pool`` (ort): ``session`` | ``shared``;
+    ``cuda_graphs`` (trt): CUDA-graph replay of repeated calls."""
     if thread_pool not in THREAD_POOLS:
         raise InputError(f"unknown thread pool {thread_pool!r}: choose {' or '.join(THREAD_POOLS)}")
     entry = BACKENDS.get(kind)
     if entry is None:
         raise InputError(f"unknown backend {kind!r}: choose {', '.join(BACKENDS)}")
-    return entry.factory(manifest, BackendOptions(providers, checkpoint, threads, thread_pool))
+    if cuda_graphs and kind != "trt":
+        raise InputError(f"--cuda-graphs replays TensorRT engines: use it with --backend trt, not {kind!r}")
+    return entry.factory(manifest, BackendOptions(providers, checkpoint, threads, thread_pool, cuda_graphs))
 
 
 # ------------------------------------------------------------------ built-ins
@@ -124,4 +128,4 @@ def _trt(manifest: Manifest, options: BackendOptions) -> Backend:
     except ImportError as exc:
         raise BackendUnavailable(f"backend 'trt' is not available here ({exc}); "
                                  "install 'starflow-trt[gpu]' on a machine with an NVIDIA GPU") from exc
-    return TrtBackend(manifest)
+    return TrtBackend(manifest, cuda_graphs=options.cuda_graphs)

@@ -8,8 +8,10 @@ of NVIDIA's TensorRT diffusion demos. Optional CUDA-graph replay for repeated ca
 with identical shapes and addresses (the iterations of one Jacobi chunk). ``close()`` frees
 the captured graphs, the execution contexts, the engines and the runtime, in that order.
 
-Written against the TensorRT 10/11 Python API documentation; it cannot be run here
-(no GPU): ``pytest -m gpu`` verifies it on a machine that has one.
+Written against the TensorRT 10/11 Python API documentation. Without a GPU, its code paths
+run in tests/test_fake_tensorrt.py under a recording fake of that documented API (buffers in
+host memory, the engines executed by ONNX Runtime): that checks the bind / execute / capture
+plumbing, never TensorRT itself. ``pytest -m gpu`` verifies it on a machine that has one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ import torch
 from ...errors import BackendUnavailable, StarflowError
 from ...export.manifest import GraphSpec, Manifest
 from .base import Backend, GraphRunner
+
+#: where the engines' buffers live: CUDA device 0, the GPU that ``cuda_device()`` describes
+DEVICE = torch.device("cuda", 0)
+
+
+def check_engine_io(spec: GraphSpec, engine, trt) -> None:
+    """Refuse an engine whose IO tensors (names, input / output) are not the manifest entry's."""
+    mode = {engine.get_tensor_name(i): engine.get_tensor_mode(engine.get_tensor_name(i))
+            for i in range(engine.num_io_tensors)}
+    want = {**{t.name: trt.TensorIOMode.INPUT for t in spec.inputs},
+            **{t.name: trt.TensorIOMode.OUTPUT for t in spec.outputs}}
+    if mode != want:
+        diff = sorted(set(mode.items()) ^ set(want.items()), key=str)
+        raise StarflowError(f"engine {spec.path.name} does not have the IO tensors the manifest names for "
+                            f"{spec.name!r} (differs in {', '.join(str(n) for n, _ in diff)}); rebuild it "
+                            "with `starflow-trt build`")
 
 
 class TrtRunner(GraphRunner):
@@ -38,10 +56,21 @@ class TrtRunner(GraphRunner):
         for name, t in inputs.items():
             if t.device != self.device:
                 raise StarflowError(f"trt input {name!r} is on {t.device}, expected {self.device}")
-            ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr())
+            if not ctx.set_input_shape(name, tuple(t.shape)):  # False: not an input, or outside the profile
+                raise StarflowError(f"TensorRT refused shape {tuple(t.shape)} for {name!r} of {self.spec.name}: "
+                                    "outside the engine's optimisation profile; rebuild with a wider --shape")
+            self._address(name, t)
         for name, t in outputs.items():
-            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr())
+            self._address(name, t)
+
+    def _address(self, name: str, t: torch.Tensor) -> None:
+        if not self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr()):
+            raise StarflowError(f"TensorRT refused the address of {name!r} for {self.spec.name} (not a tensor of "
+                                "the engine, or not 256-byte aligned: see the TensorRT log); rebuild the engine")
+
+    def _execute(self, stream_handle: int, what: str) -> None:
+        if not self.context.execute_async_v3(stream_handle):
+            raise StarflowError(f"TensorRT execution of {self.spec.name} failed{what} (see the TensorRT log above)")
 
     def infer_impl(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         stream = torch.cuda.current_stream(self.device)
@@ -54,16 +83,15 @@ class TrtRunner(GraphRunner):
                 return
         self._bind(inputs, outputs)
         if key is None:
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise StarflowError(f"TensorRT execution of {self.spec.name} failed")
+            self._execute(stream.cuda_stream, "")
             return
         # first call with these shapes/addresses: run once (lazy init), then capture for replays
-        self.context.execute_async_v3(stream.cuda_stream)
+        self._execute(stream.cuda_stream, "")
         graph = torch.cuda.CUDAGraph()
         capture = torch.cuda.Stream(self.device)
         capture.wait_stream(stream)
         with torch.cuda.graph(graph, stream=capture):
-            self.context.execute_async_v3(capture.cuda_stream)
+            self._execute(capture.cuda_stream, " while capturing a CUDA graph (retry without --cuda-graphs)")
         stream.wait_stream(capture)
         self._graphs[key] = graph
 
@@ -99,7 +127,7 @@ class TrtBackend(Backend):
         if "engines" not in manifest.extra:
             raise BackendUnavailable(f"{manifest.root} holds ONNX graphs, not engines; run "
                                      "`starflow-trt build DIR -o ENGINES` and pass that directory")
-        self.device = torch.device("cuda", 0)
+        self.device = DEVICE
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
         self.cuda_graphs = cuda_graphs
@@ -114,6 +142,7 @@ class TrtBackend(Backend):
         engine = self.runtime.deserialize_cuda_engine(spec.path.read_bytes())
         if engine is None:
             raise StarflowError(f"TensorRT could not deserialize {spec.path}; rebuild it")
+        check_engine_io(spec, engine, self.trt)
         return TrtRunner(spec, engine, self.device, self.cuda_graphs)
 
     def release(self) -> None:

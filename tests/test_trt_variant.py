@@ -1,0 +1,242 @@
+"""TensorRT variants of the step / prefill graphs (export/trt_variant.py): the concat-then-attend form in
+every layer, the same outputs as the portable graphs under ONNX Runtime, recorded and hash-checked in the
+manifest, parsed by ``build``. Whether TensorRT fuses the form is not observable here (no GPU): the
+structural tests assert the pattern TensorRT's fused-attention guide documents, nothing more."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from starflow_trt.errors import ManifestError
+from starflow_trt.export.manifest import load_manifest
+from starflow_trt.export.trt_variant import FORM, attention_layers, form_problems
+from starflow_trt.reference.layers import _concat_attention, _two_part_attention
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+VARIANT_KINDS = ("step", "prefill")
+
+
+def _export(goldens_dir, out, graphs, **kw):
+    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
+
+    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, graphs=graphs, trt_variants=True,
+                  limits=ExportLimits(height=6, width=4, max_frames=3, max_batch=4, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_dir(goldens_dir, tmp_path_factory):
+    """One 1-layer shallow step graph and its variant, plus a forward graph (a kind without one)."""
+    return _export(goldens_dir, tmp_path_factory.mktemp("trtvar") / "g", ["shallow_step_1", "forward_0"])
+
+
+@pytest.fixture(scope="module")
+def full_dir(goldens_dir, tmp_path_factory):
+    """Every step and prefill graph of the goldens export, with variants."""
+    names = ["deep_prefill", "deep_step", *(f"shallow_step_{k}" for k in range(5))]
+    return _export(goldens_dir, tmp_path_factory.mktemp("trtvar") / "full", names)
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _cases(spec, rng):
+    """Sizes within the graph's ranges: P = 0, the smallest S, and random S / P."""
+    if spec.kind == "prefill":
+        return [{"batch": 1}, {"batch": 3}]
+    d = spec.dims
+    rand = {k: int(rng.integers(r.min, r.max + 1)) for k, r in d.items()}
+    return [{"batch": 2, "S": min(5, d["S"].max), "P": 0}, {"batch": 1, "S": 1, "P": d["P"].max}, rand,
+            {**rand, "P": int(rng.integers(d["P"].min, d["P"].max + 1))}]
+
+
+def _parity(directory) -> list[tuple[str, dict, float, float]]:
+    """(graph, sizes, max abs error, max relative error) of variant vs portable over every output."""
+    from starflow_trt.bench.workloads import graph_tensors
+
+    manifest = load_manifest(directory)
+    rng = np.random.default_rng(0)
+    rows = []
+    for spec in (s for s in manifest.graphs.values() if s.kind in VARIANT_KINDS):
+        portable, variant = _session(spec.path), _session(spec.trt_path)
+        for sizes in _cases(spec, rng):
+            inputs, _ = graph_tensors(SimpleNamespace(manifest=manifest), spec, sizes, seed=3)
+            feed = {k: v.numpy() for k, v in inputs.items()}
+            ref, got = portable.run(None, feed), variant.run(None, feed)
+            assert [a.shape for a in ref] == [b.shape for b in got]
+            err = max(float(np.abs(a - b).max(initial=0.0)) for a, b in zip(ref, got))
+            rel = max(float(np.abs(a - b).max(initial=0.0) / max(np.abs(a).max(initial=0.0), 1e-30))
+                      for a, b in zip(ref, got))
+            rows.append((spec.name, sizes, err, rel))
+    return rows
+
+
+def _assert_form(directory):
+    """Every layer of every variant in the form; IO identical to the portable graph."""
+    manifest = load_manifest(directory, verify=True)
+    specs = [s for s in manifest.graphs.values() if s.kind in VARIANT_KINDS]
+    assert specs
+    for spec in specs:
+        assert spec.trt_variant["form"] == FORM and spec.trt_path.name == spec.file[:-5] + ".trt.onnx"
+        model, portable = onnx.load(str(spec.trt_path)), onnx.load(str(spec.path))
+        io = lambda m: [(v.name, str(v.type)) for v in (*m.graph.input, *m.graph.output)]  # noqa: E731
+        assert io(model) == io(portable)
+        layers = manifest.geometry.blocks[spec.block].layers
+        past = spec.kind == "step"
+        attended = range(layers) if past else range(layers - 1)   # prefill: the last layer's attention is dead code
+        found = attention_layers(model)
+        assert len(found) == len(attended) and not any(n.op_type == "Attention" for n in model.graph.node)
+        for layer in attended:
+            k, v = f"new_k_{layer}", f"new_v_{layer}"
+            (a,) = [a for a in found if k in a.keys]
+            assert a.keys == ((f"past_k_{layer}", k) if past else (k,)), a
+            assert a.values == ((f"past_v_{layer}", v) if past else (v,)), a
+            if past:
+                assert a.key_axis == 2 and a.value_axis == 2   # the sequence axis of [B, H, P+S, hd]
+            assert a.q_scale == pytest.approx(manifest.geometry.head_dim ** -0.5, rel=1e-6)
+            assert a.axis == -1 and [op for op in a.score_ops if op != "Cast"] == ["Add"] and not a.two_part
+        assert form_problems(model, layers, manifest.geometry.head_dim, past, attended) == []
+        # the portable step graph is the two-part form: the check can fail
+        if past:
+            assert any("two-part" in p for p in form_problems(portable, layers, manifest.geometry.head_dim, True))
+
+
+# ---------------------------------------------------------------------------------------- the maths
+@pytest.mark.parametrize("past_len", [0, 1, 6])
+def test_concat_attention_equals_two_part(past_len):
+    g = torch.Generator().manual_seed(past_len)
+    b, h, s, hd = 2, 3, 4, 8
+    q, k, v = (torch.randn(b, h, s, hd, generator=g, dtype=torch.float64) for _ in range(3))
+    past = tuple(torch.randn(b, h, past_len, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.zeros(s, s, dtype=torch.float64).masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(),
+                                                              float("-inf"))
+    scale = hd ** -0.5
+    want = _two_part_attention(q, k, v, past, bias, scale)
+    assert torch.allclose(_concat_attention(q, k, v, past, bias, scale), want, rtol=1e-12, atol=1e-12)
+    full = torch.softmax((q @ torch.cat([past[0], k], 2).transpose(-1, -2)) * scale
+                         + torch.nn.functional.pad(bias, (past_len, 0)), -1) @ torch.cat([past[1], v], 2)
+    assert torch.allclose(want, full, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- one small graph (default run)
+def test_variant_form_and_parity_small(small_dir):
+    _assert_form(small_dir)
+    rows = _parity(small_dir)
+    assert rows and all(rel <= 1e-5 for *_, rel in rows), rows
+    manifest = load_manifest(small_dir)
+    assert manifest.graph("forward_0").trt_variant is None   # no TensorRT form for forward graphs
+
+
+def test_build_plan_parses_the_variant(small_dir):
+    from starflow_trt.engine.build import BuildOptions, build_plan
+
+    manifest = load_manifest(small_dir)
+    plan = build_plan(small_dir, BuildOptions())["graphs"]
+    step = manifest.graph("shallow_step_1")
+    assert plan["shallow_step_1"]["onnx"] == str(step.trt_path) and plan["shallow_step_1"]["attention"] == FORM
+    assert plan["forward_0"]["onnx"] == str(manifest.graph("forward_0").path)
+    assert plan["forward_0"]["attention"] == "portable"
+
+
+def test_modified_or_missing_variant_is_refused(small_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(small_dir, broken)
+    spec = load_manifest(broken).graph("shallow_step_1")
+    assert spec.derive(root=broken).trt_variant == spec.trt_variant   # same file: kept
+    assert spec.derive(sha256="0" * 64).trt_variant is None            # calibrated / engine: dropped
+    with open(spec.trt_path, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ManifestError, match="TensorRT variant .* modified"):
+        load_manifest(broken, verify=True)
+    (broken / spec.trt_variant["file"]).unlink()
+    with pytest.raises(ManifestError, match="TensorRT variant .* missing"):
+        load_manifest(broken, verify=True)
+
+
+def test_form_problems_name_what_is_wrong(small_dir):
+    """Break one piece of the variant at a time: the check names it."""
+    spec = load_manifest(small_dir).graph("shallow_step_1")
+    hd = load_manifest(small_dir).geometry.head_dim
+    for breaks, expect in (("scale", "Q not multiplied"), ("concat", "K is"), ("axis", "softmax axis")):
+        model = onnx.load(str(spec.trt_path))
+        nodes = list(model.graph.node)
+        if breaks == "scale":
+            mm = next(n for n in nodes if n.op_type == "MatMul" and n.output[0] in
+                      {m.input[0] for m in nodes if m.op_type == "Add"} and
+                      any(p.op_type == "Mul" and p.output[0] == n.input[0] for p in nodes))
+            mul = next(p for p in nodes if p.output[0] == mm.input[0])
+            mm.input[0] = mul.input[0]
+        elif breaks == "concat":
+            cat = next(n for n in nodes if n.op_type == "Concat" and "past_k_0" in
+                       {p.input[0] for p in nodes if p.op_type == "Transpose" and p.output[0] in n.input})
+            cat.input[0] = cat.input[1]
+        else:
+            sm = next(n for n in nodes if n.op_type == "Softmax")
+            del sm.attribute[:]
+            sm.attribute.append(onnx.helper.make_attribute("axis", 2))
+        assert any(expect in p for p in form_problems(model, 1, hd, past=True)), breaks
+
+
+def test_share_external_data(small_dir, tmp_path):
+    """A variant saved with its own external data is pointed at the portable graph's file."""
+    from starflow_trt.export.trt_variant import share_external_data
+
+    spec = load_manifest(small_dir).graph("shallow_step_1")
+    src, dst = tmp_path / "s.onnx", tmp_path / "s.trt.onnx"
+    for model_path, target in ((spec.path, src), (spec.trt_path, dst)):
+        onnx.save(onnx.load(str(model_path)), str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=target.name + ".data", size_threshold=256)
+    assert share_external_data(dst, src) > 0
+    assert not (tmp_path / "s.trt.onnx.data").exists()
+    model = onnx.load(str(dst), load_external_data=False)
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"s.onnx.data"}
+    from starflow_trt.bench.workloads import graph_tensors
+
+    inputs, _ = graph_tensors(SimpleNamespace(manifest=load_manifest(small_dir)), spec, {"batch": 2, "S": 3, "P": 2},
+                              seed=1)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    for a, b in zip(_session(spec.trt_path).run(None, feed), _session(dst).run(None, feed)):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ every step / prefill graph
+@pytest.mark.slow
+def test_every_variant_has_the_form(full_dir):
+    _assert_form(full_dir)
+
+
+@pytest.mark.slow
+def test_every_variant_matches_the_portable_graph(full_dir):
+    rows = _parity(full_dir)
+    names = {r[0] for r in rows}
+    assert names == {"deep_prefill", "deep_step", *(f"shallow_step_{k}" for k in range(5))}
+    bad = [r for r in rows if r[3] > 1e-5]
+    assert not bad, bad
+
+
+@pytest.mark.slow
+def test_fp16_variant_keeps_the_fp32_softmax_island(goldens_dir, tmp_path):
+    out = _export(goldens_dir, tmp_path / "h", ["deep_step"], dtype="fp16")
+    spec = load_manifest(out).graph("deep_step")
+    model = onnx.load(str(spec.trt_path))
+    for a in attention_layers(model):
+        assert a.score_ops == ("Cast", "Add"), a   # fp16 Q·Kᵀ, cast to float32, float32 mask + softmax
+    softmax_in = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
+    # the softmax runs on float32 in both forms
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    assert {types[t] for t in softmax_in} == {onnx.TensorProto.FLOAT}
+    assert form_problems(model, 2, load_manifest(out).geometry.head_dim, True) == []
+    rows = _parity(out)
+    assert all(rel <= 1e-3 for *_, rel in rows), rows   # fp16 products: both graphs round alike, not bitwise

@@ -33,8 +33,8 @@ def _export(goldens_dir, out, graphs, **kw):
 
 @pytest.fixture(scope="module")
 def small_dir(goldens_dir, tmp_path_factory):
-    """One 1-layer shallow step graph and its variant, plus a forward graph (a kind without one)."""
-    return _export(goldens_dir, tmp_path_factory.mktemp("trtvar") / "g", ["shallow_step_1", "forward_0"])
+    """One 1-layer shallow step graph and its variant."""
+    return _export(goldens_dir, tmp_path_factory.mktemp("trtvar") / "g", ["shallow_step_1"])
 
 
 @pytest.fixture(scope="module")
@@ -128,26 +128,68 @@ def test_concat_attention_equals_two_part(past_len):
     assert torch.allclose(want, full, rtol=1e-12, atol=1e-12)
 
 
-# ---------------------------------------------------------------- one small graph (default run)
+def _toy_graph(scale_q: bool = True, concat_k: bool = True):
+    """One attention layer in ONNX by hand: K/V = Concat(past, new) [B, H, P+S, hd], Q·Kᵀ, mask, softmax, ·V."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    hd = 4
+    f = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)  # noqa: E731
+    nodes = [helper.make_node("Transpose", [f"{p}_{t}_0"], [f"{p}{t}"], perm=[1, 2, 0, 3])
+             for p in ("past", "new") for t in ("k", "v")]
+    nodes[2].output[0], nodes[3].output[0] = "k", "v"   # the new K/V before their output transposes
+    nodes[2].input[0], nodes[3].input[0] = "k_in", "v_in"
+    nodes += [helper.make_node("Transpose", ["k"], ["new_k_0"], perm=[2, 0, 1, 3]),
+              helper.make_node("Transpose", ["v"], ["new_v_0"], perm=[2, 0, 1, 3]),
+              helper.make_node("Concat", ["pastk", "k"] if concat_k else ["k"], ["keys"], axis=2),
+              helper.make_node("Concat", ["pastv", "v"], ["values"], axis=2),
+              helper.make_node("Transpose", ["keys"], ["kt"], perm=[0, 1, 3, 2]),
+              helper.make_node("Mul", ["q", "scale"], ["qs"]),
+              helper.make_node("MatMul", ["qs" if scale_q else "q", "kt"], ["scores"]),
+              helper.make_node("Add", ["scores", "mask"], ["masked"]),
+              helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "values"], ["out"])]
+    graph = helper.make_graph(nodes, "toy", [f(n) for n in ("q", "k_in", "v_in", "past_k_0", "past_v_0", "mask")],
+                              [f(n) for n in ("out", "new_k_0", "new_v_0")],
+                              [numpy_helper.from_array(np.array(hd ** -0.5, np.float32), "scale")])
+    return helper.make_model(graph), hd
+
+
+def test_form_check_on_a_hand_built_layer():
+    model, hd = _toy_graph()
+    (layer,) = attention_layers(model)
+    assert layer.keys == ("past_k_0", "new_k_0") and layer.values == ("past_v_0", "new_v_0")
+    assert layer.key_axis == 2 and layer.score_ops == ("Add",)
+    assert form_problems(model, 1, hd, past=True) == []
+    assert any("Q not multiplied" in p for p in form_problems(_toy_graph(scale_q=False)[0], 1, hd, past=True))
+    assert any("K is ('new_k_0',)" in p for p in form_problems(_toy_graph(concat_k=False)[0], 1, hd, past=True))
+    assert any("0 softmax nodes" in p for p in form_problems(model, 2, hd, past=True))   # layer 1 missing
+
+
+# ------------------------------------------- one small graph (slow: two exports, ~20-40 s on a busy box)
+@pytest.mark.slow
 def test_variant_form_and_parity_small(small_dir):
     _assert_form(small_dir)
     rows = _parity(small_dir)
     assert rows and all(rel <= 1e-5 for *_, rel in rows), rows
-    manifest = load_manifest(small_dir)
-    assert manifest.graph("forward_0").trt_variant is None   # no TensorRT form for forward graphs
 
 
-def test_build_plan_parses_the_variant(small_dir):
+@pytest.mark.slow
+def test_build_plan_parses_the_variant(small_dir, tmp_path):
     from starflow_trt.engine.build import BuildOptions, build_plan
 
-    manifest = load_manifest(small_dir)
-    plan = build_plan(small_dir, BuildOptions())["graphs"]
-    step = manifest.graph("shallow_step_1")
-    assert plan["shallow_step_1"]["onnx"] == str(step.trt_path) and plan["shallow_step_1"]["attention"] == FORM
-    assert plan["forward_0"]["onnx"] == str(manifest.graph("forward_0").path)
-    assert plan["forward_0"]["attention"] == "portable"
+    step = load_manifest(small_dir).graph("shallow_step_1")
+    plan = build_plan(small_dir, BuildOptions())["graphs"]["shallow_step_1"]
+    assert plan["onnx"] == str(step.trt_path) and plan["attention"] == FORM
+    plain = tmp_path / "plain"   # the same directory without the variant recorded: the portable graph
+    shutil.copytree(small_dir, plain)
+    manifest = load_manifest(plain)
+    manifest.graph("shallow_step_1").trt_variant = None
+    manifest.save()
+    plan = build_plan(plain, BuildOptions())["graphs"]["shallow_step_1"]
+    assert plan["onnx"] == str(plain / step.file) and plan["attention"] == "portable"
 
 
+@pytest.mark.slow
 def test_modified_or_missing_variant_is_refused(small_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(small_dir, broken)
@@ -163,6 +205,7 @@ def test_modified_or_missing_variant_is_refused(small_dir, tmp_path):
         load_manifest(broken, verify=True)
 
 
+@pytest.mark.slow
 def test_form_problems_name_what_is_wrong(small_dir):
     """Break one piece of the variant at a time: the check names it."""
     spec = load_manifest(small_dir).graph("shallow_step_1")
@@ -187,6 +230,7 @@ def test_form_problems_name_what_is_wrong(small_dir):
         assert any(expect in p for p in form_problems(model, 1, hd, past=True)), breaks
 
 
+@pytest.mark.slow
 def test_share_external_data(small_dir, tmp_path):
     """A variant saved with its own external data is pointed at the portable graph's file."""
     from starflow_trt.export.trt_variant import share_external_data

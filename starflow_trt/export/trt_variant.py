@@ -108,14 +108,13 @@ class _Nodes:
             name = users[0].output[0]
 
     def label(self, name: str) -> str:
-        """A graph input's name, else the graph output written from ``name`` through Transposes, else ``name``."""
-        source, _ = self.up(name)
-        if source in self.inputs:
-            return source
+        """The graph output ``name`` is written to through a Transpose, else the graph input it comes from
+        (through Transpose / Cast), else ``name``."""
         for user in self.consumers.get(name, []):
             if user.op_type == "Transpose" and user.output[0] in self.outputs:
                 return user.output[0]
-        return name
+        source, _ = self.up(name)
+        return source if source in self.inputs else name
 
     def parts(self, name: str) -> tuple[tuple[str, ...], Optional[int]]:
         """The labelled inputs of the Concat ``name`` comes from (through Transpose/Cast) and its axis."""

@@ -13,6 +13,9 @@ Choices (also in the README):
   files and caches), FP32 islands in the reference layers (norms, softmax, RoPE, the affine
   head); graph inputs other than K/V and the scale / shift / z / logdet outputs stay float32.
   Weights are converted tensor by tensor from the checkpoint's dtype (:mod:`.weights`).
+* ``trt_variants``: the step / prefill graphs are traced a second time in TensorRT's fused-attention
+  form (``<name>.trt.onnx``, :mod:`.trt_variant`), checked for the form in every layer, recorded as
+  the graph's ``trt_variant``; over 2 GB it shares the portable graph's external data file.
 * Everything is written into a temp directory next to OUT_DIR and renamed at
   the end: an interrupted export leaves no OUT_DIR that looks complete.
 * Which graphs, their IO, dims and example inputs come from the graph registry

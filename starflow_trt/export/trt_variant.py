@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .names import kv_names
+from .ort_optimize import _Graph
 
 #: manifest ``trt_variant.form``: per layer concat(past, new) K/V → Mul(scale) on Q → Q·Kᵀ → (+ mask) → Softmax → ·V
 FORM = "concat_qk_softmax_v"
@@ -63,31 +64,18 @@ class AttentionLayer:
     two_part: bool
 
 
-class _Nodes:
-    """Producer / consumer maps and constants of a loaded ONNX graph."""
+class _Nodes(_Graph):
+    """:class:`~.ort_optimize._Graph`'s producer / consumer maps and constants, with the walks below."""
 
     def __init__(self, model):
-        from onnx import numpy_helper
-
-        graph = model.graph
-        self.inputs = {i.name for i in graph.input}
-        self.outputs = {o.name for o in graph.output}
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.consts = {i.name: i for i in graph.initializer}
-        for n in graph.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.consts[n.output[0]] = n.attribute[0].t
-        self._to_array = numpy_helper.to_array
+        super().__init__(model, Path("."))
+        self.inputs = {i.name for i in model.graph.input}
 
     def scalar(self, name: str) -> Optional[float]:
-        t = self.consts.get(name)
-        if t is None or int(np.prod(t.dims)) != 1 or t.data_location == 1:   # 1: EXTERNAL
+        shape = self.shape(name)
+        if shape is None or int(np.prod(shape)) != 1 or self.tensors[name].data_location == 1:   # 1: EXTERNAL
             return None
-        return float(self._to_array(t).reshape(()))
+        return float(self.value(name).reshape(()))
 
     def up(self, name: str) -> tuple[str, list[str]]:
         """Walk producers of ``name`` through layout / precision ops: (source tensor, ops passed)."""
@@ -138,7 +126,9 @@ def attention_layers(model) -> list[AttentionLayer]:
         while name in g.producer and g.producer[name].op_type in ("Add", "Cast"):
             node = g.producer[name]
             score_ops.insert(0, node.op_type)
-            name = node.input[0]
+            scores = [i for i in node.input if g.producer.get(i) is not None
+                      and g.producer[i].op_type in ("MatMul", "Cast", "Add", "Concat")]
+            name = scores[0] if node.op_type == "Add" and len(scores) == 1 else node.input[0]
         bmm1 = g.producer.get(name)
         two_part = bmm1 is not None and bmm1.op_type == "Concat"
         q_scale, keys, key_axis = None, (), None

@@ -23,18 +23,27 @@ onnx = pytest.importorskip("onnx")
 VARIANT_KINDS = ("step", "prefill")
 
 
-def _export(goldens_dir, out, graphs, **kw):
+def _export(goldens_dir, out, graphs, external_data="auto", **kw):
     from starflow_trt.export.onnx_export import ExportLimits, export_graphs
 
     export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, graphs=graphs, trt_variants=True,
-                  limits=ExportLimits(height=6, width=4, max_frames=3, max_batch=4, **kw))
+                  external_data=external_data, limits=ExportLimits(height=6, width=4, max_frames=3, max_batch=4, **kw))
     return out
 
 
 @pytest.fixture(scope="module")
 def small_dir(goldens_dir, tmp_path_factory):
-    """One 1-layer shallow step graph and its variant."""
-    return _export(goldens_dir, tmp_path_factory.mktemp("trtvar") / "g", ["shallow_step_1"])
+    """One 1-layer shallow step graph and its variant, exported by the CLI."""
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    out = tmp_path_factory.mktemp("trtvar") / "g"
+    res = CliRunner().invoke(main, ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"),
+                                    "-o", str(out), "--graphs", "shallow_step_1", "--grid", "6x4", "--max-frames", "3",
+                                    "--trt-variants"])
+    assert res.exit_code == 0, res.output
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +184,17 @@ def test_variant_form_and_parity_small(small_dir):
 
 @pytest.mark.slow
 def test_build_plan_parses_the_variant(small_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
     from starflow_trt.engine.build import BuildOptions, build_plan
 
     step = load_manifest(small_dir).graph("shallow_step_1")
-    plan = build_plan(small_dir, BuildOptions())["graphs"]["shallow_step_1"]
+    res = CliRunner().invoke(main, ["build", str(small_dir), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)["graphs"]["shallow_step_1"]
     assert plan["onnx"] == str(step.trt_path) and plan["attention"] == FORM
     plain = tmp_path / "plain"   # the same directory without the variant recorded: the portable graph
     shutil.copytree(small_dir, plain)
@@ -284,3 +300,14 @@ def test_fp16_variant_keeps_the_fp32_softmax_island(goldens_dir, tmp_path):
     assert form_problems(model, 2, load_manifest(out).geometry.head_dim, True) == []
     rows = _parity(out)
     assert all(rel <= 1e-3 for *_, rel in rows), rows   # fp16 products: both graphs round alike, not bitwise
+
+
+@pytest.mark.slow
+def test_external_data_variant_shares_the_portable_file(goldens_dir, tmp_path):
+    """Graphs over 2 GB keep weights in external data: the variant points at the portable graph's file."""
+    out = _export(goldens_dir, tmp_path / "x", ["shallow_step_1"], external_data="always")
+    spec = load_manifest(out, verify=True).graph("shallow_step_1")
+    assert spec.external_data and spec.trt_variant["external_data"] == spec.external_data
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".data")) == spec.external_data
+    rows = _parity(out)
+    assert rows and all(rel <= 1e-5 for *_, rel in rows), rows

@@ -297,7 +297,8 @@ def test_fp16_variant_keeps_the_fp32_softmax_island(goldens_dir, tmp_path):
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     assert {types[t] for t in softmax_in} == {onnx.TensorProto.FLOAT}
-    assert form_problems(model, 2, load_manifest(out).geometry.head_dim, True) == []
+    geo = load_manifest(out).geometry
+    assert form_problems(model, geo.blocks[spec.block].layers, geo.head_dim, True) == []
     rows = _parity(out)
     assert all(rel <= 1e-3 for *_, rel in rows), rows   # fp16 products: both graphs round alike, not bitwise
 

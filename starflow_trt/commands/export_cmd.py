@@ -35,11 +35,14 @@ from . import options
               help="local Hugging Face T5 folder: adds the text_encoder graph and copies the tokenizer")
 @click.option("--vae", "vae", default=None, callback=options.vae_path,
               help="Wan2.2_VAE.pth or a diffusers VAE folder: adds the vae_decode_first/step and vae_encode graphs")
+@click.option("--trt-variants/--no-trt-variants", default=False, show_default=True,
+              help="also write the step / prefill graphs in TensorRT's fused-attention form "
+                   "(<graph>.trt.onnx: concat(past, new) K/V, one softmax; what `build` parses)")
 @options.force_option("replace OUT_DIR if it is a starflow-trt export (never other files)")
 def export_command(config: str, checkpoint: str, out_dir: str, graphs: Optional[list[str]], opset: int,
                    external_data: str, simplify: bool, max_batch: int, max_frames: Optional[int],
                    grid: Optional[tuple[int, int]], aspect: Optional[str], aspects, dtype: str,
-                   text_encoder: Optional[str], vae: Optional[str],
+                   text_encoder: Optional[str], vae: Optional[str], trt_variants: bool,
                    force: bool) -> None:
     """Export the stage graphs of CHECKPOINT to ONNX with a manifest.json."""
     from .. import logs
@@ -62,7 +65,8 @@ def export_command(config: str, checkpoint: str, out_dir: str, graphs: Optional[
 
             manifest, rows = export_graphs(cfg, checkpoint, out_dir, graphs=graphs, opset=opset,
                                            external_data=external_data, simplify=simplify, limits=limits,
-                                           force=force, progress=progress, text_encoder=text_encoder, vae=vae)
+                                           force=force, progress=progress, text_encoder=text_encoder, vae=vae,
+                                           trt_variants=trt_variants)
     click.echo(f"{'graph':18} {'params':>14} {'file MB':>9} {'export s':>9}")
     for r in rows:
         click.echo(f"{r['graph']:18} {r['params']:>14,} {r['bytes'] / 1e6:>9.2f} {r['seconds']:>9.2f}")

@@ -53,11 +53,13 @@ def build_plan(graph_dir: Path, options: BuildOptions, trt_version: str = "10") 
     for name, spec in manifest.graphs.items():
         if options.graphs and name not in options.graphs:
             continue
-        unsupported = check_graph_ops(spec.path, str(major))
+        onnx_path = spec.trt_path or spec.path   # the TensorRT fused-attention variant when recorded
+        unsupported = check_graph_ops(onnx_path, str(major))
         if unsupported:
             raise StarflowError(f"graph {name} has ops TensorRT {major} cannot parse: {unsupported}")
         graphs[name] = {
-            "onnx": str(spec.path), "precision": spec.precision,
+            "onnx": str(onnx_path), "attention": spec.trt_variant["form"] if spec.trt_variant else "portable",
+            "precision": spec.precision,
             "network": "weakly typed" if legacy else "strongly typed",
             # per-kind precision policy (calibration/policy.py): e.g. no FP16 flag for the T5 text encoder
             "flags": builder_flags(find_graph_kind(spec.kind), spec.precision, legacy, options.bf16_text),
@@ -150,7 +152,7 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
         for name, item in plan["graphs"].items():
             log(f"building {name} ({item['network']}, precision {item['precision']})")
             spec = source.graph(name)
-            engine, cache = _build_one(trt, spec.path, graph_profile(spec, options.overrides), options,
+            engine, cache = _build_one(trt, Path(item["onnx"]), graph_profile(spec, options.overrides), options,
                                        not options.legacy_fp16_flag, cache, tuple(item["flags"]))
             engine_path = tmp / f"{name}.engine"
             engine_path.write_bytes(engine)

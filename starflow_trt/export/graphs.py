@@ -12,7 +12,9 @@ Contract (documented in the manifest and README):
   ``[:P]`` prefix of a layer is a contiguous view (zero-copy input) and every new slot range
   ``[idx, idx + S)`` is a contiguous view (zero-copy output). Inside the graph the past is
   never concatenated with the new keys (two-part attention, :class:`TwoPartMask`), so a step
-  copies nothing of the cache. Rotating at write time equals upstream's re-rotation at every
+  copies nothing of the cache. The TensorRT variants (``concat_attention``, :mod:`.trt_variant`)
+  spell the same attention as concat(past, new) → pre-scaled Q·Kᵀ → softmax → ·V, the form
+  TensorRT fuses; their IO is the same. Rotating at write time equals upstream's re-rotation at every
   read because a slot's RoPE row never changes while it is cached (spec §4.3, §8.1).
 * Positions enter as precomputed RoPE rows ``rope_cos / rope_sin [S, hd]`` (float32)
   of the slots being written, so graphs are shape- and position-agnostic
@@ -54,15 +56,23 @@ def layers_to_kv(layers: list[KV]) -> tuple[torch.Tensor, ...]:
 
 
 class TextPrefillGraph(nn.Module):
-    """``deep_prefill``: text [B, L, D] + RoPE rows [L, hd] → new_k_l, new_v_l [L, B, H, hd] per layer."""
+    """``deep_prefill``: text [B, L, D] + RoPE rows [L, hd] → new_k_l, new_v_l [L, B, H, hd] per layer.
 
-    def __init__(self, block: FlowBlock):
+    ``concat_attention``: the TensorRT form (pre-scaled Q, additive causal mask; no past here).
+    """
+
+    def __init__(self, block: FlowBlock, concat_attention: bool = False):
         super().__init__()
         self.block = block
+        self.concat_attention = concat_attention
 
     def forward(self, text: torch.Tensor, rope_cos: torch.Tensor,
                 rope_sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return layers_to_kv(self.block.prefill_text(text, rope_cos, rope_sin))
+        mask = "causal"
+        if self.concat_attention:
+            n = text.shape[1]
+            mask = TwoPartMask(additive_causal_mask(n, n, text.dtype, text.device), concat=True)
+        return layers_to_kv(self.block.prefill_text(text, rope_cos, rope_sin, mask=mask))
 
 
 class StepGraph(nn.Module):
@@ -71,17 +81,19 @@ class StepGraph(nn.Module):
     tokens [B, S, c] (sequence order, already shifted: SOS / previous tokens);
     rope_cos/sin [S, hd] (rows of slots P … P+S−1); then past_k_0, past_v_0, … [P, B, H, hd].
     Outputs scale, shift [B, S, c] float32, then new_k_0, new_v_0, … [S, B, H, hd].
-    Query i attends to the whole past and to new tokens ≤ i.
+    Query i attends to the whole past and to new tokens ≤ i. ``concat_attention``: the TensorRT
+    form (K/V concatenated with the past inside the graph), same IO.
     """
 
-    def __init__(self, block: FlowBlock):
+    def __init__(self, block: FlowBlock, concat_attention: bool = False):
         super().__init__()
         self.block = block
+        self.concat_attention = concat_attention
 
     def forward(self, tokens: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = tokens.shape[1]
-        mask = TwoPartMask(additive_causal_mask(s, s, tokens.dtype, tokens.device))
+        mask = TwoPartMask(additive_causal_mask(s, s, tokens.dtype, tokens.device), concat=self.concat_attention)
         a, b, kv = self.block.step(tokens, rope_cos, rope_sin, kv_to_layers(past), mask=mask)
         return (a.float(), b.float(), *layers_to_kv(kv))
 

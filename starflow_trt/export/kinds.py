@@ -21,6 +21,7 @@ from . import names as n
 from .graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph
 from .manifest import DimRange, GraphSpec, TensorInfo
 from .registry import ExportContext, GraphKind, kv_tensors, register_graph, tensor
+from .trt_variant import FORM as TRT_FORM
 
 
 #: ONNX tensor dtype of the K/V (and weights) of each export precision
@@ -53,6 +54,7 @@ class PrefillKind(GraphKind):
 
     kind = "prefill"
     wrapper = TextPrefillGraph
+    trt_form = TRT_FORM
 
     def instances(self, ctx):
         return [(n.DEEP_PREFILL, ctx.geo.top_index)]
@@ -74,6 +76,12 @@ class PrefillKind(GraphKind):
     def build(self, geo, block, weights) -> nn.Module:
         return TextPrefillGraph(weights.block(block))
 
+    def build_trt(self, geo, block, weights) -> nn.Module:
+        return TextPrefillGraph(weights.block(block), concat_attention=True)
+
+    def trt_attention(self, layers):
+        return range(layers - 1), False   # no past; the last layer's attention output feeds nothing
+
     def cost(self, cfg: ModelConfig, block, sizes: Mapping[str, int]):
         return costs.prefill_cost(cfg, sizes["batch"])
 
@@ -91,6 +99,7 @@ class StepKind(GraphKind):
 
     kind = "step"
     wrapper = StepGraph
+    trt_form = TRT_FORM
     label_dims = ("batch", "S", "P")
 
     def instances(self, ctx):
@@ -123,6 +132,9 @@ class StepKind(GraphKind):
 
     def build(self, geo, block, weights) -> nn.Module:
         return StepGraph(weights.block(block))
+
+    def build_trt(self, geo, block, weights) -> nn.Module:
+        return StepGraph(weights.block(block), concat_attention=True)
 
     def manifest_extra(self, module: nn.Module) -> dict:
         return {n.SOS: module.block.sos_embed.detach().flatten().tolist()}  # the runtime feeds SOS first

@@ -115,6 +115,9 @@ class GraphSpec:
     #: ORT-only optimised copy of this graph (contrib-op fusions, :mod:`.ort_optimize`): ``{"file", "sha256",
     #: "fusions", "external_data", "onnxruntime"}``; same IO contract, loaded by the ``ort`` backend only
     ort_variant: Optional[dict[str, Any]] = None
+    #: the same graph in TensorRT's fused-attention form (:mod:`.trt_variant`): ``{"file", "sha256", "form",
+    #: "external_data"}``; same IO contract, parsed by ``build`` instead of ``file``
+    trt_variant: Optional[dict[str, Any]] = None
 
     @property
     def path(self) -> Path:
@@ -125,14 +128,21 @@ class GraphSpec:
     @property
     def ort_path(self) -> Optional[Path]:
         """Path of the ORT variant (None without one); its sha256 is checked like the graph's."""
-        if not self.ort_variant:
+        return self._variant_path("ORT", self.ort_variant, "re-run `starflow-trt export` (or write_ort_variants)")
+
+    @property
+    def trt_path(self) -> Optional[Path]:
+        """Path of the TensorRT variant (None without one); its sha256 is checked like the graph's."""
+        return self._variant_path("TensorRT", self.trt_variant, "re-run `starflow-trt export --trt-variants`")
+
+    def _variant_path(self, label: str, variant: Optional[dict[str, Any]], remedy: str) -> Optional[Path]:
+        if not variant:
             return None
-        path = self.path.parent / self.ort_variant["file"]
+        path = self.path.parent / variant["file"]
         if not path.exists():
-            raise ManifestError(f"ORT variant {path} of graph {self.name!r} is missing; "
-                                "re-run `starflow-trt export` (or write_ort_variants) or restore it")
-        if sha256_path(path) != self.ort_variant["sha256"]:
-            raise ManifestError(f"ORT variant {path} of graph {self.name!r} was modified after it was written "
+            raise ManifestError(f"{label} variant {path} of graph {self.name!r} is missing; {remedy} or restore it")
+        if sha256_path(path) != variant["sha256"]:
+            raise ManifestError(f"{label} variant {path} of graph {self.name!r} was modified after it was written "
                                 "(sha256 mismatch); re-create it")
         return path
 
@@ -153,7 +163,8 @@ class GraphSpec:
         for extra in self.external_data:
             if not (self.root / extra).exists():
                 raise ManifestError(f"external data file {self.root / extra} of graph {self.name!r} is missing")
-        self.ort_path   # the ORT variant, when recorded, must be there and unmodified
+        self.ort_path   # the variants, when recorded, must be there and unmodified
+        self.trt_path
 
     def profile(self, overrides: Optional[Mapping[str, Mapping[str, int]]] = None
                 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
@@ -214,11 +225,12 @@ class GraphSpec:
     def derive(self, **changes: Any) -> "GraphSpec":
         """A copy with ``changes`` (e.g. ``root``, ``file``, ``sha256``, ``precision``, ``extra``).
 
-        A copy with another ``file`` or ``sha256`` (calibrated graph, engine) drops the ORT variant,
-        which was made from this graph, unless ``ort_variant`` is given too.
+        A copy with another ``file`` or ``sha256`` (calibrated graph, engine) drops the ORT and TensorRT
+        variants, which were made from this graph, unless ``ort_variant`` / ``trt_variant`` is given too.
         """
-        if ("file" in changes or "sha256" in changes) and "ort_variant" not in changes:
-            changes["ort_variant"] = None
+        if "file" in changes or "sha256" in changes:
+            for variant in ("ort_variant", "trt_variant"):
+                changes.setdefault(variant, None)
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,12 +239,13 @@ class GraphSpec:
                 "outputs": [t.to_dict() for t in self.outputs],
                 "dims": {k: v.to_dict() for k, v in self.dims.items()},
                 "external_data": list(self.external_data), **self.extra,
-                **({"ort_variant": self.ort_variant} if self.ort_variant else {})}
+                **({"ort_variant": self.ort_variant} if self.ort_variant else {}),
+                **({"trt_variant": self.trt_variant} if self.trt_variant else {})}
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any], root: Optional[Path]) -> "GraphSpec":
         known = {"file", "sha256", "kind", "block", "precision", "inputs", "outputs", "dims", "external_data",
-                 "ort_variant"}
+                 "ort_variant", "trt_variant"}
         try:
             return cls(name=name, file=d["file"], sha256=d["sha256"], kind=d["kind"], block=d.get("block"),
                        precision=d.get("precision", "fp32"),
@@ -241,7 +254,7 @@ class GraphSpec:
                        dims={k: DimRange(**v) for k, v in d.get("dims", {}).items()},
                        external_data=list(d.get("external_data", [])),
                        extra={k: v for k, v in d.items() if k not in known}, root=root,
-                       ort_variant=d.get("ort_variant"))
+                       ort_variant=d.get("ort_variant"), trt_variant=d.get("trt_variant"))
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest entry for graph {name!r} is malformed ({exc}); re-export") from exc
 

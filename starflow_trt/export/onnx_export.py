@@ -13,6 +13,9 @@ Choices (also in the README):
   files and caches), FP32 islands in the reference layers (norms, softmax, RoPE, the affine
   head); graph inputs other than K/V and the scale / shift / z / logdet outputs stay float32.
   Weights are converted tensor by tensor from the checkpoint's dtype (:mod:`.weights`).
+* ``trt_variants``: the step / prefill graphs are traced a second time in TensorRT's fused-attention
+  form (``<name>.trt.onnx``, :mod:`.trt_variant`), checked for the form in every layer, recorded as
+  the graph's ``trt_variant``; over 2 GB it shares the portable graph's external data file.
 * Everything is written into a temp directory next to OUT_DIR and renamed at
   the end: an interrupted export leaves no OUT_DIR that looks complete.
 * Which graphs, their IO, dims and example inputs come from the graph registry
@@ -68,19 +71,37 @@ def _dynamic_shapes(plan: GraphPlan, module: nn.Module) -> tuple:
 
 
 def export_one(plan: GraphPlan, geo: Geometry, directory: Path, opset: int, external_data: str,
-               simplify: bool, precision: str = "fp32") -> tuple[GraphSpec, float]:
-    """Export one planned graph into ``directory``; returns its spec and export seconds."""
-    import onnx
+               simplify: bool, precision: str = "fp32", trt_variant: bool = False) -> tuple[GraphSpec, float]:
+    """Export one planned graph into ``directory``; returns its spec and export seconds.
 
+    ``trt_variant``: also trace the kind's TensorRT form (:mod:`.trt_variant`) into ``<name>.trt.onnx``
+    and record it as the spec's ``trt_variant`` (kinds without one: ignored).
+    """
     start = time.perf_counter()
     kind = graph_kind(plan.kind)
     module = plan.make()
     extra = kind.manifest_extra(module)
     params = sum(p.numel() for p in module.parameters())
-    args = kind.example_inputs(plan.inputs, plan.example, geo)
     path = directory / f"{plan.name}.onnx"
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     use_external = external_data == "always" or weight_bytes > TWO_GB - (64 << 20)
+    _write_graph(module, plan, geo, path, opset, use_external, simplify)
+    del module
+    _check_graph(path)
+    externals = sorted({e.location for e in _external_refs(path)}) if use_external else []
+    spec = GraphSpec(name=plan.name, file=path.name, sha256=sha256_path(path), kind=plan.kind, block=plan.block,
+                     precision=precision, inputs=plan.inputs, outputs=plan.outputs, dims=plan.dims,
+                     external_data=externals,
+                     extra={"params": params, "bytes": _dir_bytes(directory, [path.name, *externals]), **extra})
+    if trt_variant and plan.make_trt is not None:
+        spec.trt_variant = _export_trt_variant(plan, geo, path, opset, use_external, simplify)
+    return spec, time.perf_counter() - start
+
+
+def _write_graph(module: nn.Module, plan: GraphPlan, geo: Geometry, path: Path, opset: int, use_external: bool,
+                 simplify: bool) -> None:
+    """Trace ``module`` on the plan's example inputs and save it (IO names and dynamic dims from the plan)."""
+    args = graph_kind(plan.kind).example_inputs(plan.inputs, plan.example, geo)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -88,21 +109,44 @@ def export_one(plan: GraphPlan, geo: Geometry, directory: Path, opset: int, exte
             input_names=[t.name for t in plan.inputs], output_names=[t.name for t in plan.outputs],
             optimize=True, verbose=False)
         program.save(path, external_data=use_external)
-    del program, module, args
+    del program, args
     gc.collect()
     if simplify:
         _simplify(path, use_external)
-    # full checker + shape inference on every output (path-based: works past 2 GB)
+
+
+def _check_graph(path: Path) -> None:
+    """Full checker + strict shape inference on every output (path-based: works past 2 GB)."""
+    import onnx
+
     onnx.checker.check_model(str(path), full_check=True)
-    inferred = directory / f".{plan.name}.inferred.onnx"
+    inferred = path.with_name(f".{path.name}.inferred.onnx")
     onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=True, strict_mode=True)
     inferred.unlink()
-    externals = sorted({e.location for e in _external_refs(path)}) if use_external else []
-    spec = GraphSpec(name=plan.name, file=path.name, sha256=sha256_path(path), kind=plan.kind, block=plan.block,
-                     precision=precision, inputs=plan.inputs, outputs=plan.outputs, dims=plan.dims,
-                     external_data=externals,
-                     extra={"params": params, "bytes": _dir_bytes(directory, [path.name, *externals]), **extra})
-    return spec, time.perf_counter() - start
+
+
+def _export_trt_variant(plan: GraphPlan, geo: Geometry, portable: Path, opset: int, use_external: bool,
+                        simplify: bool) -> dict:
+    """Trace the plan's TensorRT form beside ``portable`` (sharing its external data); its manifest record.
+
+    Refuses (StarflowError) a traced graph whose attention is not in the form in every layer
+    (an exporter or simplifier that rewrote it)."""
+    import onnx
+
+    from .trt_variant import form_problems, share_external_data, trt_variant_entry, variant_path
+
+    kind = graph_kind(plan.kind)
+    dst = variant_path(portable)
+    _write_graph(plan.make_trt(), plan, geo, dst, opset, use_external, simplify)
+    if use_external:
+        share_external_data(dst, portable)
+    _check_graph(dst)
+    attended, past = kind.trt_attention(geo.blocks[plan.block].layers)
+    problems = form_problems(onnx.load(str(dst), load_external_data=False), geo.blocks[plan.block].layers,
+                             geo.head_dim, past, attended)
+    if problems:
+        raise StarflowError(f"{dst.name} is not in TensorRT's fused-attention form: {'; '.join(problems)}")
+    return trt_variant_entry(dst, sorted({e.location for e in _external_refs(dst)}) if use_external else [])
 
 
 @dataclass
@@ -145,8 +189,12 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
                   limits: ExportLimits = ExportLimits(), force: bool = False,
                   progress: Optional[Callable[[str], None]] = None,
                   text_encoder: Optional[Union[str, os.PathLike]] = None,
-                  vae: Optional[Union[str, os.PathLike]] = None) -> tuple[Manifest, list[dict]]:
+                  vae: Optional[Union[str, os.PathLike]] = None,
+                  trt_variants: bool = False) -> tuple[Manifest, list[dict]]:
     """Export the stage graphs; returns the manifest and one summary row per graph.
+
+    ``trt_variants``: also write the step / prefill graphs in TensorRT's fused-attention form
+    (``<name>.trt.onnx``, the manifest's ``trt_variant``, what ``build`` parses; :mod:`.trt_variant`).
 
     graphs: names to export (default all); ``external_data``: ``auto`` (only graphs
     over 2 GB) or ``always``. ``text_encoder`` (a local Hugging Face T5 directory) and
@@ -189,7 +237,7 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
             if progress:
                 progress(f"[{i + 1}/{len(plans)}] {plan.name}")
             precision = limits.dtype if graph_kind(plan.kind).kind in HALF_KINDS else "fp32"
-            spec, seconds = export_one(plan, geo, tmp, opset, external_data, simplify, precision)
+            spec, seconds = export_one(plan, geo, tmp, opset, external_data, simplify, precision, trt_variants)
             spec.extra["export_seconds"] = round(seconds, 2)
             specs[plan.name] = spec
             rows.append({"graph": plan.name, "params": spec.extra["params"], "bytes": spec.extra["bytes"],

@@ -69,6 +69,8 @@ class GraphPlan:
     outputs: list[TensorInfo]
     dims: dict[str, DimRange]
     example: dict[str, int]
+    #: factory of the same graph in TensorRT's fused-attention form (None: the kind has none)
+    make_trt: Optional[Callable[[], nn.Module]] = None
 
 
 def tensor(name: str, *shape, dtype: str = "float32") -> TensorInfo:
@@ -99,6 +101,8 @@ class GraphKind:
     int8_exclude: ClassVar[tuple[str, ...]] = ()
     #: module paths converted to FP16 (None: calibration's default, the flow transformer's modules)
     fp16_modules: ClassVar[Optional[tuple[str, ...]]] = None
+    #: attention form of this kind's TensorRT variant (:meth:`build_trt`; None: no variant)
+    trt_form: ClassVar[Optional[str]] = None
 
     # ----------------------------------------------------------- export contract
     def instances(self, ctx: ExportContext) -> list[tuple[str, Optional[int]]]:
@@ -122,6 +126,15 @@ class GraphKind:
     def build(self, geo: Geometry, block: Optional[int], weights) -> nn.Module:
         """The torch wrapper with its weights (``weights``: an :class:`~.weights.BlockLoader`)."""
         raise NotImplementedError
+
+    def build_trt(self, geo: Geometry, block: Optional[int], weights) -> nn.Module:
+        """The wrapper in TensorRT's fused-attention form (same IO and maths; kinds with ``trt_form``)."""
+        raise NotImplementedError
+
+    def trt_attention(self, layers: int) -> tuple[Sequence[int], bool]:
+        """(layers whose attention the graph holds, whether it attends over past K/V inputs): what
+        :func:`~.trt_variant.form_problems` checks the TensorRT variant against."""
+        return range(layers), True
 
     def manifest_extra(self, module: nn.Module) -> dict:
         """Extra fields of the graph's manifest entry (e.g. the SOS vector of step graphs)."""
@@ -157,7 +170,8 @@ class GraphKind:
         return GraphPlan(name=name, kind=self.kind, block=block,
                          make=lambda: self.build(ctx.geo, block, weights),
                          inputs=self.inputs(ctx, block), outputs=self.outputs(ctx, block),
-                         dims=self.dims(ctx, block), example=self.example_sizes(ctx, block))
+                         dims=self.dims(ctx, block), example=self.example_sizes(ctx, block),
+                         make_trt=(lambda: self.build_trt(ctx.geo, block, weights)) if self.trt_form else None)
 
 
 def _torch_dtype(name: str) -> torch.dtype:

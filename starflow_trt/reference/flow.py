@@ -127,13 +127,14 @@ class FlowBlock(nn.Module):
 
     # ------------------------------------------------------------- network
     def prefill_text(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     past: Optional[list[KV]] = None, temperature: float = 1.0) -> list[KV]:
+                     past: Optional[list[KV]] = None, temperature: float = 1.0, mask: Mask = "causal") -> list[KV]:
         """Text tokens through every layer (causal among themselves) → their K/V per layer.
 
         y [B, L, D]; cos/sin [L, hd] (rows 0..L−1); returns [(k, v) [B, H, L, hd]] per layer.
+        mask: ``"causal"`` or an equivalent explicit one (graph export: the TensorRT form).
         """
         _, kv = run_layers(self.attn_blocks, self.proj_txt(y.to(self.proj_txt.weight.dtype)), cos, sin, past,
-                           "causal", temperature)
+                           mask, temperature)
         return kv
 
     def step(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

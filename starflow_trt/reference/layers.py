@@ -32,10 +32,16 @@ class TwoPartMask:
     ``new_bias`` [S, S] is added to the scores of the new keys (0 where key j <= query i, −inf
     elsewhere); every past key is visible. The softmax runs over both parts together, so this is
     the same attention as concatenating the K/V, without copying the cache (exported step graphs).
+
+    ``concat``: the same attention spelled the way TensorRT fuses it into one flash kernel
+    (its fused-attention guide; NVIDIA/TensorRT#2981): K/V = concat(past, new) along the
+    sequence, Q pre-scaled, one Q·Kᵀ, the bias padded with zeros over the past and added,
+    softmax, one product with V (:func:`_concat_attention`; the TensorRT graph variants).
     """
 
-    def __init__(self, new_bias: torch.Tensor):
+    def __init__(self, new_bias: torch.Tensor, concat: bool = False):
         self.new_bias = new_bias
+        self.concat = concat
 
 
 #: Attention masks: ``"causal"`` (query i sees keys ``j <= P + i``), ``None`` (full), a bool tensor,
@@ -107,7 +113,8 @@ class Attention(nn.Module):
         v = qkv[2]
         scale = (self.head_dim ** -0.25) ** 2 / temperature
         if isinstance(mask, TwoPartMask):
-            out = _two_part_attention(q, k, v, past, mask.new_bias, scale)
+            attend = _concat_attention if mask.concat else _two_part_attention
+            out = attend(q, k, v, past, mask.new_bias, scale)
             return self.proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)), (k, v)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         attn_mask, is_causal = None, False
@@ -152,6 +159,20 @@ def _two_part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past:
     past_scores = (torch.matmul(q, past[0].transpose(-1, -2)) * scale).to(acc)
     probs = torch.softmax(torch.cat([past_scores, new_scores], -1), -1).to(v.dtype)
     return torch.matmul(probs[..., :p], past[1]) + torch.matmul(probs[..., p:], v)
+
+
+def _concat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Optional[KV],
+                      new_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax((q·scale)·[Kpast; k]ᵀ + [0 | bias])·[Vpast; v]: :func:`_two_part_attention` in
+    TensorRT's fusable form. q, k, v [B, H, S, hd], past k/v [B, H, P, hd], bias [S, S].
+
+    Equal in exact arithmetic; the scale moves onto Q because TensorRT requires it before the first
+    MatMul. Same FP32 island for half q/k/v (scores cast to float32 for the bias and the softmax)."""
+    acc = _acc(q.dtype)
+    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+    bias = F.pad(new_bias, (keys.shape[2] - k.shape[2], 0))   # [S, P + S]: every past key visible
+    scores = torch.matmul(q * scale, keys.transpose(-1, -2)).to(acc) + bias
+    return torch.matmul(torch.softmax(scores, -1).to(v.dtype), values)
 
 
 class ExactGELU(nn.GELU):

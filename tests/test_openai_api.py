@@ -273,3 +273,22 @@ def test_the_middleware_answers_401_in_openai_shape_except_on_open_paths():
     assert _call(key, "/v1/videos", [(b"authorization", b"Bearer k")])[0] == ["/v1/videos"]
     assert _call(key, "/healthz")[0] == ["/healthz"] and _call(key, "/")[0] == ["/"]
     assert _call(lambda: None, "/v1/models")[0] == ["/v1/models"]     # no key set: open
+
+
+def test_serve_takes_the_key_from_the_option_or_the_environment(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
+    from starflow_trt.commands import serve_cmd
+
+    seen = []
+    monkeypatch.setattr(ModelSummary, "from_dir", classmethod(lambda cls, d: TOY))
+    monkeypatch.setattr(serve_cmd, "_run", lambda directory, cfg, *a: seen.append(cfg))
+    runner = CliRunner()
+    r = runner.invoke(serve_cmd.serve_command, [str(tmp_path), "--videos-max-mb", "1", "--videos-max-age", "2"],
+                      env={"STARFLOW_API_KEY": "from-env"})
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(serve_cmd.serve_command, [str(tmp_path), "--api-key", "from-flag"], env={"STARFLOW_API_KEY": ""})
+    assert r.exit_code == 0, r.output
+    assert seen[0].api_key == "from-env" and seen[0].videos_max_bytes == 1 << 20 and seen[0].videos_max_age_s == 7200
+    assert seen[1].api_key == "from-flag"

@@ -156,3 +156,34 @@ def test_post_videos_streams_when_asked_and_creates_a_job_otherwise(client, serv
     status, _, body = _post(served, {"prompt": PROMPT, "output": "latents"}, "application/json")
     err = json.loads(body)
     assert status == 400 and err["field"] == "output" and "/v1/videos/stream" in err["error"]["message"]
+
+
+def test_after_an_ingress_restart_a_job_is_downloadable_or_failed_never_half_written(client, served):
+    import time
+
+    import psutil
+
+    done = client.videos.create_and_poll(prompt=PROMPT, seconds="0.25", extra_body={"seed": 8})
+    slow = client.videos.create(prompt=PROMPT, seconds="0.75",
+                                extra_body={"seed": 9, "sampler": "autoregressive", "denoise": False})
+    ingress = [p for p in psutil.Process().children(recursive=True)
+               if any("VideoIngress" in part for part in p.cmdline())]
+    assert len(ingress) == 1, ingress
+    ingress[0].kill()
+    end = time.monotonic() + 120
+    while True:
+        try:
+            got = client.videos.retrieve(slow.id)
+            break
+        except (openai.APIConnectionError, openai.InternalServerError):
+            assert time.monotonic() < end, "the ingress did not come back within 120 s"
+            time.sleep(0.5)
+    served.processes.snapshot()
+    assert psutil.pid_exists(ingress[0].pid) is False or ingress[0].status() == psutil.STATUS_ZOMBIE
+    if got.status == "failed":
+        assert got.error.code == "server_restarted", got
+    else:
+        assert got.status == "completed" and len(_mp4_frames(client.videos.download_content(slow.id).read())) == 6
+    assert client.videos.retrieve(done.id).status == "completed"
+    assert len(_mp4_frames(client.videos.download_content(done.id).read())) == 2
+    assert not [p for p in served.videos.rglob(".*") if p.is_file()]     # no stage file left behind

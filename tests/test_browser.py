@@ -1,5 +1,6 @@
-"""The page at ``/`` in a real headless Chromium (Selenium + Debian's chromium / chromium-driver; .ci/run installs them).
+"""The page at ``/`` in a real headless Chromium (Selenium + Debian's chromium and chromium-driver).
 
+.ci/run installs them; the test skips, saying so, where they are missing.
 The server has an API key: the page sends it from its key field. Autoregressive sampling without
 the denoiser (which holds the toy's frames until the last) streams the frames one by one.
 """
@@ -12,7 +13,8 @@ import time
 import pytest
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'starflow-trt[serve]'")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install 'starflow-trt[test]'")
+webdriver = pytest.importorskip("selenium.webdriver",
+                                reason="selenium is not installed: pip install 'starflow-trt[test]'")
 psutil = pytest.importorskip("psutil", reason="psutil is not installed: pip install 'starflow-trt[serve]'")
 
 pytestmark = pytest.mark.slow

@@ -92,7 +92,8 @@ def test_input_reference_equals_the_streaming_api_for_the_same_seed(client, serv
         {"prompt": PROMPT, "seed": 21, "sampler": "autoregressive", "frames": 4,
          "image": base64.b64encode(png).decode()})
     assert np.array_equal(sheet, spritesheet(want.frames))
-    plain = client.videos.create_and_poll(prompt=PROMPT, seconds="0.5", extra_body={"seed": 21, "sampler": "autoregressive"})
+    plain = client.videos.create_and_poll(prompt=PROMPT, seconds="0.5",
+                                          extra_body={"seed": 21, "sampler": "autoregressive"})
     other = _decode_png(client.videos.download_content(plain.id, variant="spritesheet").read())
     assert not np.array_equal(sheet, other)                    # the reference changed the video
 

@@ -79,7 +79,8 @@ class ModelSummary:
                    window=g.local_attn_window, default_guidance=float(cfg.cfg[0]) if cfg.cfg else 0.0,
                    noise_std=float(g.noise_std), prompt_encoder=detect_prompt_encoder(sha),
                    config_hash=m.config_hash, checkpoint_sha256=sha, graphs=tuple(sorted(m.graphs)),
-                   engines=m.extra.get("engines"), fps=cfg.fps, vae=bool(cfg.vae), aspect_sizes=_aspect_sizes(g, bool(cfg.vae)))
+                   engines=m.extra.get("engines"), fps=cfg.fps, vae=bool(cfg.vae),
+                   aspect_sizes=_aspect_sizes(g, bool(cfg.vae)))
 
 
 def _aspect_sizes(geometry, vae: bool) -> tuple[tuple[str, int, int], ...]:

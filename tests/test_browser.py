@@ -1,6 +1,7 @@
 """The page at ``/`` in a real headless Chromium (Selenium + Debian's chromium and chromium-driver).
 
 .ci/run installs them; the test skips, saying so, where they are missing.
+
 The server has an API key: the page sends it from its key field. Autoregressive sampling without
 the denoiser (which holds the toy's frames until the last) streams the frames one by one.
 """

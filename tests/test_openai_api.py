@@ -178,8 +178,8 @@ def test_retention_by_count_bytes_and_age_removes_the_oldest_finished(tmp_path):
 def test_delete_and_cursor_pages(tmp_path):
     store = JobStore(tmp_path)
     jobs = [_job(store) for _ in range(5)]
-    for i, j in enumerate(jobs):
-        j.created_at = 1000 + i
+    for j in jobs:
+        j.created_at = 1000                                     # the same second: creation order still holds
     first = store.page(limit=2)
     assert [d["id"] for d in first["data"]] == [jobs[4].id, jobs[3].id] and first["has_more"]
     assert first["object"] == "list" and first["last_id"] == jobs[3].id

@@ -66,6 +66,7 @@ class Job:
     expires_at: Optional[int] = None
     request_id: Optional[str] = None     # the streaming request's id (X-Starflow-Request)
     bytes: int = 0
+    created: float = 0.0                 # time.time() at creation (list order; created_at is whole seconds)
     finished: float = 0.0                # time.time() when it completed or failed (retention order, age)
 
     def to_openai(self) -> dict[str, Any]:
@@ -111,8 +112,9 @@ class JobStore:
 
     # ------------------------------------------------------------ lifecycle
     def new(self, *, model: str, prompt: str, seconds: str, size: str, frames: int) -> Job:
-        job = Job(id=f"video_{secrets.token_hex(12)}", created_at=int(time.time()), model=model, prompt=prompt,
-                  seconds=seconds, size=size, frames=frames)
+        now = time.time()
+        job = Job(id=f"video_{secrets.token_hex(12)}", created_at=int(now), created=now, model=model,
+                  prompt=prompt, seconds=seconds, size=size, frames=frames)
         self._dir(job.id).mkdir()
         self.save(job)
         self.jobs[job.id] = job
@@ -156,7 +158,7 @@ class JobStore:
     def page(self, after: Optional[str] = None, limit: int = 20, order: str = "desc") -> dict[str, Any]:
         """OpenAI's cursor page: jobs by creation time, those after the job ``after``."""
         self.prune()
-        jobs = sorted(self.jobs.values(), key=lambda j: (j.created_at, j.id), reverse=order == "desc")
+        jobs = sorted(self.jobs.values(), key=lambda j: (j.created, j.id), reverse=order == "desc")
         if after is not None:
             ids = [j.id for j in jobs]
             if after not in ids:

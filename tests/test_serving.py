@@ -9,6 +9,7 @@ holds the replica's worker, so the tests do not depend on the machine's speed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -33,6 +35,9 @@ PROMPTS = ["a red square moving right", "a blue disc moving up", "a green square
 #: slow enough to overlap other requests: autoregressive, guided, frames streamed one by one
 BLOCKER = {"prompt": "a green disc moving up", "seed": 99, "guidance": 3.0, "sampler": "autoregressive",
            "denoise": False, "frames": 6, "output": "latents"}
+
+#: POST /v1/videos streams when the client accepts NDJSON (without it: an OpenAI video job)
+STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
 
 
 def _free_port() -> int:
@@ -91,7 +96,7 @@ class Service:
 
     def open(self, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        conn.request("POST", "/v1/videos", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        conn.request("POST", "/v1/videos", body=json.dumps(body), headers=STREAM_HEADERS)
         return conn, conn.getresponse()
 
     def post(self, body) -> tuple[int, dict]:
@@ -99,7 +104,7 @@ class Service:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
             raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-            conn.request("POST", "/v1/videos", body=raw, headers={"Content-Type": "application/json"})
+            conn.request("POST", "/v1/videos", body=raw, headers=STREAM_HEADERS)
             resp = conn.getresponse()
             data = resp.read()
             return resp.status, (json.loads(data) if resp.status != 200 else {"lines": data.splitlines()})
@@ -107,12 +112,13 @@ class Service:
             conn.close()
 
 
-@pytest.fixture(scope="module")
-def service(toy_export):
+@contextlib.contextmanager
+def local_service(export, cfg) -> Iterator[Service]:
+    """A loopback-only Ray cluster serving ``export`` with ``cfg``; every process it started is checked gone after."""
     import ray
     from ray import serve
 
-    from starflow_trt.serving.app import ServeConfig, start
+    from starflow_trt.serving.app import start
 
     if ray.is_initialized():
         pytest.skip("a Ray instance is already running in this process")
@@ -124,8 +130,7 @@ def service(toy_export):
              _metrics_export_port=metrics_port)
     try:
         procs.snapshot()
-        cfg = ServeConfig(max_ongoing=8, max_queued=4, timeout_s=60, batch_wait_s=0.1)
-        start(toy_export, cfg, host="127.0.0.1", port=port)
+        start(export, cfg, host="127.0.0.1", port=port)
         procs.snapshot()
         yield Service(f"http://127.0.0.1:{port}", port, metrics_port, procs)
     finally:
@@ -143,6 +148,16 @@ def service(toy_export):
             time.sleep(0.5)
         assert len(procs.seen) >= 4, f"expected Ray's processes to be tracked, saw {procs.seen}"
         assert not procs.alive(), f"processes of the test cluster still running after shutdown: {procs.alive()}"
+
+
+@pytest.fixture(scope="module")
+def service(toy_export, tmp_path_factory):
+    from starflow_trt.serving.app import ServeConfig
+
+    cfg = ServeConfig(max_ongoing=8, max_queued=4, timeout_s=60, batch_wait_s=0.1,
+                      videos_dir=str(tmp_path_factory.mktemp("videos")))
+    with local_service(toy_export, cfg) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,8 @@ def ray_processes() -> list[dict]:
     return sorted(out, key=lambda r: -r["rss_mib"])
 
 
-def start_cluster(directory: Path, port: int, num_cpus: int) -> dict:
+def start_cluster(directory: Path, port: int, num_cpus: int, config=None) -> dict:
+    """A loopback-only local cluster serving ``directory`` (``config``: a ServeConfig, default the defaults)."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
 
@@ -195,25 +196,29 @@ def start_cluster(directory: Path, port: int, num_cpus: int) -> dict:
     t0 = time.perf_counter()
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     t_ray = time.perf_counter() - t0
-    start(directory, ServeConfig(), host="127.0.0.1", port=port)
+    start(directory, config or ServeConfig(), host="127.0.0.1", port=port)
     return {"ray_init_s": round(t_ray, 2), "startup_s": round(time.perf_counter() - t0, 2)}
 
 
 # ------------------------------------------------------------------ run
+def toy_graphs(log=print) -> Path:
+    """The toy export the serving benchmarks share (exported once into benchmarks/.cache)."""
+    directory = REPO / "benchmarks" / ".cache" / "toy_graphs"
+    if not (directory / "manifest.json").exists():
+        from ..export.onnx_export import ExportLimits, export_graphs
+        from ..toy import load_bundled
+
+        log(f"exporting the toy model to {directory}")
+        toy = load_bundled()
+        export_graphs(toy.config_path, toy.checkpoint_path, directory, limits=ExportLimits(max_batch=8), force=True)
+    return directory
+
+
 def run(out_dir: Path, directory: Optional[Path], workloads: list[str], levels: tuple[int, ...], per_level: int,
         max_seconds: float, num_cpus: int = 2, log=print) -> dict:
     from .machine import machine_info
 
-    if directory is None:
-        directory = REPO / "benchmarks" / ".cache" / "toy_graphs"
-        if not (directory / "manifest.json").exists():
-            from ..export.onnx_export import ExportLimits, export_graphs
-            from ..toy import load_bundled
-
-            log(f"exporting the toy model to {directory}")
-            toy = load_bundled()
-            export_graphs(toy.config_path, toy.checkpoint_path, directory, limits=ExportLimits(max_batch=8),
-                          force=True)
+    directory = directory or toy_graphs(log)
     port = _free_port()
     log("baseline pipeline: loading and warming up")
     base = Baseline(directory)

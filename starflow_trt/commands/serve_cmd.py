@@ -48,10 +48,23 @@ def _is_loopback(host: str) -> bool:
 @click.option("--batch-approximate", is_flag=True,
               help="also batch thresholded-Jacobi requests (their frames then depend on their batch)")
 @click.option("--no-warmup", is_flag=True, help="skip the warm-up generate when a replica starts")
+@click.option("--api-key", envvar="STARFLOW_API_KEY", default=None, show_envvar=True,
+              help="require 'Authorization: Bearer KEY' on every endpoint but /healthz and the page")
+@click.option("--videos-dir", type=click.Path(file_okay=False), default=None,
+              help="where OpenAI video jobs keep their files  [default: ~/.cache/starflow-trt/videos/starflow]")
+@click.option("--videos-max-count", default=100, show_default=True, type=click.IntRange(min=1),
+              help="finished video jobs kept (the oldest go first)")
+@click.option("--videos-max-mb", default=2048.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="megabytes the finished video jobs may hold")
+@click.option("--videos-max-age", default=24.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="hours a finished video job is kept")
 def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_replica, accelerator_type, host, port,
                   address, max_queued, timeout_s, backend, cuda_graphs, providers, threads, max_batch, batch_wait_ms,
-                  batch_approximate, no_warmup) -> None:
-    """Serve DIRECTORY over HTTP: POST /v1/videos streams frames as NDJSON; GET /healthz, GET /v1/models."""
+                  batch_approximate, no_warmup, api_key, videos_dir, videos_max_count, videos_max_mb,
+                  videos_max_age) -> None:
+    """Serve DIRECTORY over HTTP: the streaming API (POST /v1/videos/stream, NDJSON), OpenAI's videos API
+    (POST /v1/videos, GET /v1/videos[/ID[/content]], DELETE /v1/videos/ID), GET /v1/models, GET /healthz
+    and a page at /."""
     from ..errors import StarflowError
     from ..serving.app import ServeConfig
     from ..serving.summary import ModelSummary
@@ -62,15 +75,18 @@ def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_
     except ImportError as exc:
         raise StarflowError(f"serving needs Ray Serve ({exc}); pip install 'starflow-trt[serve]'") from exc
     gpu = backend == "trt" or providers == "auto"
-    cfg = ServeConfig(backend=backend, cuda_graphs=cuda_graphs, providers="auto" if providers == "auto" else None, threads=threads,
-                      replicas=replicas, max_replicas=max_replicas,
+    cfg = ServeConfig(backend=backend, cuda_graphs=cuda_graphs, providers="auto" if providers == "auto" else None,
+                      threads=threads, replicas=replicas, max_replicas=max_replicas,
                       gpus_per_replica=(1.0 if gpu else 0.0) if gpus_per_replica is None else gpus_per_replica,
                       cpus_per_replica=cpus_per_replica, accelerator_type=accelerator_type, max_batch=max_batch,
                       batch_wait_s=batch_wait_ms / 1000, batch_approximate=batch_approximate, max_queued=max_queued,
-                      timeout_s=timeout_s, warmup=not no_warmup)
+                      timeout_s=timeout_s, warmup=not no_warmup, api_key=api_key or None, videos_dir=videos_dir,
+                      videos_max_count=videos_max_count, videos_max_bytes=int(videos_max_mb * (1 << 20)),
+                      videos_max_age_s=videos_max_age * 3600)
     if not _is_loopback(host):
-        click.echo(f"warning: binding {host}: the service is reachable from other machines and has no "
-                   "authentication; put an authenticating proxy in front", err=True)
+        click.echo(f"warning: binding {host}: the service is reachable from other machines "
+                   + ("with an API key but no TLS; put a TLS proxy in front" if api_key else
+                      "and has no authentication; set --api-key and put a TLS proxy in front"), err=True)
     if model.engines and not accelerator_type:
         click.echo(f"warning: {directory} holds TensorRT engines built on {model.engines.get('gpu')} "
                    f"(compute capability {model.engines.get('compute_capability')}); pin replicas with "
@@ -88,7 +104,7 @@ def _run(directory, cfg, host: str, port: int, address: Optional[str]) -> None:
     t0 = time.perf_counter()
     start(directory, cfg, host=host, port=port, address=address)
     click.echo(f"serving {directory} on http://{host}:{port} in {time.perf_counter() - t0:.1f} s "
-               f"(POST /v1/videos, GET /healthz, GET /v1/models); Ctrl-C stops")
+               f"(page at /, POST /v1/videos[/stream], GET /healthz, GET /v1/models); Ctrl-C stops")
     try:
         while True:
             time.sleep(1.0)

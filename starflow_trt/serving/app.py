@@ -22,6 +22,8 @@ from .summary import ModelSummary
 
 #: Serve's own HTTP timeout sits this far behind the ingress deadline (a backstop only)
 PROXY_TIMEOUT_GRACE_S = 30.0
+#: the API key's environment variable (``serve --api-key`` sets the same)
+API_KEY_ENV = "STARFLOW_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class ServeConfig:
     warmup: bool = True
     app_name: str = "starflow"
     route_prefix: str = "/"
+    api_key: Optional[str] = None            # every endpoint but /healthz and the page needs it; None: STARFLOW_API_KEY
+    videos_dir: Optional[str] = None         # finished OpenAI video jobs; None: ~/.cache/starflow-trt/videos/APP
+    videos_max_count: int = 100
+    videos_max_bytes: int = 2 << 30
+    videos_max_age_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or (self.max_replicas is not None and self.max_replicas < self.replicas):
@@ -63,9 +70,21 @@ class ServeConfig:
             raise InputError(f"--cuda-graphs replays TensorRT engines: use it with --backend trt, not {self.backend!r}")
         if self.max_batch is not None and self.max_batch < 1:
             raise InputError(f"max_batch must be >= 1, got {self.max_batch}")
+        self.retention()    # raises for bad video retention limits
+
+    def videos_root(self) -> Path:
+        if self.videos_dir:
+            return Path(self.videos_dir)
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(cache, "starflow-trt", "videos", self.app_name)
 
     def request_limits(self) -> RequestLimits:
         return replace(self.limits, max_timeout_s=self.timeout_s)
+
+    def retention(self):
+        from .jobs import Retention
+
+        return Retention(self.videos_max_count, self.videos_max_bytes, self.videos_max_age_s)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +104,8 @@ def build_app(directory: Union[str, os.PathLike], config: Optional[ServeConfig] 
     from .ingress import VideoIngress
 
     cfg = config or ServeConfig()
+    if cfg.api_key is None and os.environ.get(API_KEY_ENV):
+        cfg = replace(cfg, api_key=os.environ[API_KEY_ENV])
     model = ModelSummary.from_dir(directory)
     max_batch = min(cfg.max_batch or model.max_batch, model.max_batch)
     actor: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica}

@@ -43,13 +43,14 @@ class VideoResult:
 
 
 class VideoClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 660.0):
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 660.0, api_key: Optional[str] = None):
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise StarflowError(f"url {url!r} must look like http://HOST:PORT (TLS belongs to a proxy in front)")
         self.host, self.port = parts.hostname, parts.port or 80
         self.prefix = parts.path.rstrip("/")
         self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     # ------------------------------------------------------------ plumbing
     def _connect(self) -> http.client.HTTPConnection:
@@ -58,7 +59,7 @@ class VideoClient:
     def _get(self, path: str) -> tuple[int, dict]:
         conn = self._connect()
         try:
-            conn.request("GET", self.prefix + path)
+            conn.request("GET", self.prefix + path, headers=self.headers)
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read() or b"{}")
         finally:
@@ -78,12 +79,14 @@ class VideoClient:
 
     # ------------------------------------------------------------ videos
     def stream(self, request: dict) -> Iterator[dict]:
-        """POST /v1/videos; yields events as they arrive. Closing the iterator disconnects (cancels)."""
+        """POST /v1/videos asking for NDJSON (a stream); yields events as they arrive. Closing the iterator
+        disconnects (cancels)."""
         conn = self._connect()
         try:
             body = json.dumps(request).encode("utf-8")
             conn.request("POST", self.prefix + "/v1/videos", body=body,
-                         headers={"Content-Type": "application/json", "Accept": "application/x-ndjson"})
+                         headers={"Content-Type": "application/json", "Accept": "application/x-ndjson",
+                                  **self.headers})
             resp = conn.getresponse()
             if resp.status != 200:
                 payload = resp.read()
@@ -91,7 +94,10 @@ class VideoClient:
                     err = json.loads(payload)
                 except ValueError:
                     err = {"error": payload.decode("utf-8", "replace")[:300]}
-                raise ServiceError(resp.status, err.get("error", ""), err.get("field"))
+                message = err.get("error", "")
+                if isinstance(message, dict):        # OpenAI's error shape (401)
+                    message = message.get("message", "")
+                raise ServiceError(resp.status, message, err.get("field"))
             sse = resp.getheader("Content-Type", "").startswith("text/event-stream")
             while True:
                 line = resp.readline()

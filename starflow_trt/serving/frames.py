@@ -31,11 +31,15 @@ def frame_event(index: int, frame: torch.Tensor, output: str) -> dict:
 
 def png_bytes(frame: torch.Tensor) -> bytes:
     """[3, H, W] in [-1, 1] → PNG bytes."""
-    import cv2
-
     from ..runtime.video_io import to_uint8
 
-    rgb = to_uint8(frame[None])[0]
+    return rgb_png_bytes(to_uint8(frame[None])[0])
+
+
+def rgb_png_bytes(rgb: np.ndarray) -> bytes:
+    """[H, W, 3] uint8 RGB → PNG bytes."""
+    import cv2
+
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise RuntimeError("OpenCV could not encode a PNG frame")
@@ -43,14 +47,15 @@ def png_bytes(frame: torch.Tensor) -> bytes:
 
 
 def mp4_bytes(frames: Sequence[torch.Tensor], fps: int) -> bytes:
-    """Frames [3, H, W] in [-1, 1] → mp4 bytes (OpenCV ``mp4v``)."""
+    """Frames [3, H, W] in [-1, 1] → H.264 mp4 bytes (what browsers play; ``media.io``'s writer)."""
     import torch
 
-    from ..runtime.video_io import to_uint8, write_mp4
+    from ..media.io import write_video
+    from ..runtime.video_io import to_uint8
 
     video = to_uint8(torch.stack(list(frames)))
     with tempfile.TemporaryDirectory(prefix="starflow-serve-") as tmp:
-        return write_mp4(video, Path(tmp) / "video.mp4", fps=fps).read_bytes()
+        return write_video(video, Path(tmp) / "video.mp4", fps=fps).read_bytes()
 
 
 def error_event(message: str) -> dict:

@@ -2,14 +2,20 @@
 
 Routes::
 
-    POST /v1/videos   JSON request (see ``limits``) → 200 application/x-ndjson (or text/event-stream):
+    POST /v1/videos/stream (and POST /v1/videos asking for a stream: ``Accept: application/x-ndjson``
+                      or ``text/event-stream``, or a JSON body with ``stream``)
+                      JSON request (see ``limits``) → 200 application/x-ndjson (or text/event-stream):
                       {"type": "frame", "index": i, ...} for i = 0..T-1 in order, then
                       {"type": "done", "stats": {...}}; a failure mid-stream ends it with
                       {"type": "error", "message": "..."}.
                       400 invalid request (before any streaming), 408 the request did not start before
                       its deadline, 503 overloaded (queue full) or no replica.
     GET  /healthz     200 when the generation deployment is healthy, else 503
-    GET  /v1/models   what is served: model summary, backend, limits, batching
+    GET  /v1/models   what is served: model summary, backend, limits, batching (OpenAI's model list)
+    POST /v1/videos (multipart form, or JSON without asking for a stream), GET /v1/videos[/{id}[/content]],
+    DELETE /v1/videos/{id}: OpenAI's videos API (``openai_api``, ``jobs``); GET /: the page (``static``)
+
+With an API key every route but ``/healthz`` and the page needs ``Authorization: Bearer KEY``.
 
 The status line is sent when the request's batch starts on a replica, so a request still queued at
 its deadline gets 408; past that point a deadline ends the stream with an error event. The deadline
@@ -19,20 +25,29 @@ is the request's ``timeout_s`` (at most the server's), enforced here whatever he
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type of the routes
 
 import asyncio
+import json
 import time
+from pathlib import Path
 from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from . import openai_api as oai
+from .auth import BearerAuth
 from .frames import MEDIA_TYPES, error_event, format_event
+from .job_runner import run_job
+from .jobs import ASSETS, JobStore
 from .limits import RequestError, VideoRequest, parse_request
 from .summary import ModelSummary
 
 app = FastAPI(title="starflow-trt video generation", docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(BearerAuth, key=lambda: getattr(app.state, "api_key", None),
+                   route_prefix=lambda: getattr(app.state, "route_prefix", "/"))
+PAGE = Path(__file__).with_name("static") / "index.html"
 
 
 def _error(status: int, message: str, field: Optional[str] = None, **headers: str) -> JSONResponse:
@@ -40,6 +55,13 @@ def _error(status: int, message: str, field: Optional[str] = None, **headers: st
     if field is not None:
         body["field"] = field
     return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _oai_error(status: int, exc: RequestError) -> JSONResponse:
+    """A validator error in OpenAI's shape, naming the OpenAI parameter (``image`` → ``input_reference``)."""
+    param = oai.openai_param(exc.field)
+    message = str(exc).split(": ", 1)[-1]
+    return JSONResponse(oai.error_body(f"{param}: {message}", param), status_code=status)
 
 
 def _short(exc: BaseException) -> str:
@@ -87,16 +109,51 @@ class VideoIngress:
         self.metrics = IngressMetrics()
         self._replica_info: Optional[dict] = None
         self._in_flight = 0
+        app.state.api_key, app.state.route_prefix = self.config.api_key, self.config.route_prefix
+        self.jobs = JobStore(self.config.videos_root(), self.config.retention())
+        self._jobs: dict[str, asyncio.Task] = {}
+        self._created = int(time.time())
 
     # ------------------------------------------------------------ videos
     @app.post("/v1/videos")
     async def videos(self, request: Request) -> Response:
+        """The streaming API when the client asks for a stream, else OpenAI's create (a job)."""
         t0 = time.perf_counter()
+        if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form")):
+            return await self._create_from_form(request)
         try:
-            req = parse_request(await _read_body(request, self.limits.max_body_bytes), self.model, self.limits)
+            body = await _read_body(request, self.limits.max_body_bytes)
         except RequestError as exc:
             self.metrics.finished("invalid", time.perf_counter() - t0)
             return _error(400, str(exc), exc.field)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or oai.wants_stream(request.headers.get("accept", ""), data):
+            return await self._stream(body, t0)
+        return await self._create(data, None)
+
+    @app.post("/v1/videos/stream")
+    async def videos_stream(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            body = await _read_body(request, self.limits.max_body_bytes)
+        except RequestError as exc:
+            self.metrics.finished("invalid", time.perf_counter() - t0)
+            return _error(400, str(exc), exc.field)
+        return await self._stream(body, t0)
+
+    async def _stream(self, body: bytes, t0: float) -> Response:
+        try:
+            req = parse_request(body, self.model, self.limits)
+        except RequestError as exc:
+            self.metrics.finished("invalid", time.perf_counter() - t0)
+            return _error(400, str(exc), exc.field)
+        return await self._open(req, t0)
+
+    async def _open(self, req: VideoRequest, t0: float) -> Response:
+        """Start ``req`` on a replica: its streaming response once its batch starts, or an error response."""
         deadline = t0 + req.timeout_s
         response, handed_over = None, False
         try:
@@ -173,6 +230,119 @@ class VideoIngress:
         """Serve calls this every few seconds: refresh the gauge (Ray drops gauges left unset)."""
         self.metrics.in_flight.set(self._in_flight)
 
+    # ------------------------------------------------------------ OpenAI videos API (jobs)
+    async def _create_from_form(self, request: Request) -> Response:
+        declared = request.headers.get("content-length", "")
+        limit = self.limits.max_body_bytes
+        if declared.isdigit() and int(declared) > limit:
+            return _oai_error(400, RequestError("body", f"{declared} bytes exceed the limit of {limit}"))
+        try:
+            form = await request.form(max_files=1, max_fields=64, max_part_size=limit)
+        except Exception as exc:  # noqa: BLE001 - malformed multipart
+            return _oai_error(400, RequestError("body", f"not a valid form ({exc}); send multipart/form-data"))
+        image, items = None, []
+        for key, value in form.multi_items():
+            if key == "input_reference" and hasattr(value, "read"):
+                image = await value.read(limit + 1)
+                if len(image) > limit:
+                    return _oai_error(400, RequestError("input_reference", f"more than {limit} bytes"))
+            else:
+                items.append((key, value))
+        try:
+            data = oai.form_fields(items)
+        except RequestError as exc:
+            return _oai_error(400, exc)
+        return await self._create(data, image)
+
+    async def _create(self, data: dict, image: Optional[bytes]) -> Response:
+        """OpenAI create → the streaming API's request (same validator) → a job run in the background."""
+        try:
+            if image is None and data.get("input_reference") is not None:
+                image = oai.image_from_json(data["input_reference"])
+            fields = oai.to_stream_request({k: v for k, v in data.items() if k != "input_reference"}, image,
+                                           self.model, self.config.app_name)
+            req = parse_request(json.dumps(fields).encode("utf-8"), self.model, self.limits)
+        except RequestError as exc:
+            return _oai_error(400, exc)
+        job = self.jobs.new(model=self.config.app_name, prompt=req.prompt or "",
+                            seconds=oai.seconds_of(req.frames, self.model), size=oai.size_of(fields, self.model),
+                            frames=req.frames)
+        self._jobs[job.id] = asyncio.create_task(self._run_job(job, req))
+        return JSONResponse(job.to_openai(), headers={"openai-poll-after-ms": str(oai.POLL_AFTER_MS)})
+
+    async def _run_job(self, job, req: VideoRequest) -> None:
+        """The streaming path (same replica call, deadline, metrics) consumed into the job's files."""
+        try:
+            response = await self._open(req, time.perf_counter())
+            if not isinstance(response, StreamingResponse):
+                self.jobs.fail(job, json.loads(response.body)["error"], f"http_{response.status_code}")
+                return
+            self.jobs.start(job, req.request_id)
+            lines = response.body_iterator
+            try:
+                await run_job(self.jobs, job, (json.loads(line) async for line in lines))
+            finally:
+                await lines.aclose()
+        except asyncio.CancelledError:
+            pass                                    # deleted while running
+        finally:
+            self._jobs.pop(job.id, None)
+
+    def _job(self, video_id: str):
+        job = self.jobs.get(video_id)
+        if job is None:
+            return None, JSONResponse(oai.error_body(f"no video {video_id!r}: it was deleted, expired or never "
+                                                     "existed; list them with GET /v1/videos", "video_id",
+                                                     "not_found"), status_code=404)
+        return job, None
+
+    @app.get("/v1/videos")
+    async def videos_list(self, after: Optional[str] = None, limit: int = 20, order: str = "desc") -> Response:
+        if not 1 <= limit <= 100:
+            return _oai_error(400, RequestError("limit", f"must be in [1, 100], got {limit}"))
+        if order not in ("asc", "desc"):
+            return _oai_error(400, RequestError("order", f"must be asc or desc, got {order!r}"))
+        try:
+            return JSONResponse(self.jobs.page(after, limit, order))
+        except KeyError:
+            return _oai_error(400, RequestError("after", f"no video {after!r}; pass the last_id of a page"))
+
+    @app.get("/v1/videos/{video_id}")
+    async def videos_retrieve(self, video_id: str) -> Response:
+        job, missing = self._job(video_id)
+        if missing is not None:
+            return missing
+        headers = {} if job.status in ("completed", "failed") else {"openai-poll-after-ms": str(oai.POLL_AFTER_MS)}
+        return JSONResponse(job.to_openai(), headers=headers)
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def videos_content(self, video_id: str, variant: str = "video") -> Response:
+        job, missing = self._job(video_id)
+        if missing is not None:
+            return missing
+        if variant not in ASSETS:
+            return _oai_error(400, RequestError("variant", f"must be one of {', '.join(ASSETS)}, got {variant!r}"))
+        if job.status != "completed":
+            return _oai_error(400, RequestError("video_id", f"video {video_id} is {job.status}; poll it until "
+                                                            "completed (a failed one has no content)"))
+        return FileResponse(self.jobs.asset_path(job, variant), media_type=ASSETS[variant][1])
+
+    @app.delete("/v1/videos/{video_id}")
+    async def videos_delete(self, video_id: str) -> Response:
+        job, missing = self._job(video_id)
+        if missing is not None:
+            return missing
+        task = self._jobs.get(video_id)
+        if task is not None:                        # running: stop it (the replica drops the request)
+            task.cancel()
+            await asyncio.wait([task], timeout=10)
+        self.jobs.delete(video_id)
+        return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
+
+    @app.get("/")
+    async def page(self) -> Response:
+        return HTMLResponse(await asyncio.to_thread(PAGE.read_text, "utf-8"))
+
     # ------------------------------------------------------------ health, models
     @app.get("/healthz")
     async def healthz(self) -> Response:
@@ -192,7 +362,10 @@ class VideoIngress:
                 pass
         cfg = self.config
         return JSONResponse({
-            "data": [{"id": cfg.app_name, "object": "model", **self.model.to_dict(), **(self._replica_info or {})}],
+            "object": "list",
+            "data": [{**self.model.to_dict(), **(self._replica_info or {}),
+                      **oai.model_object(cfg.app_name, self._created),
+                      "sizes": list(oai.export_sizes(self.model)), "fps": oai.export_fps(self.model)}],
             "limits": {**self.limits.to_dict(), "max_queued": cfg.max_queued},
             "batching": {"max_batch": min(cfg.max_batch or self.model.max_batch, self.model.max_batch),
                          "wait_s": cfg.batch_wait_s, "approximate": cfg.batch_approximate},

@@ -39,6 +39,9 @@ class ModelSummary:
     checkpoint_sha256: Optional[str]
     graphs: tuple[str, ...]
     engines: Optional[dict] = None  # engine directories: {"gpu", "compute_capability", "tensorrt"}
+    fps: Optional[int] = None      # the config's video fps (``vid_size = "frames:fps"``), None: image config
+    vae: bool = False              # latent frames decode to 1 + 4(T-1) pixel frames of 16x the latent size
+    aspect_sizes: tuple[tuple[str, int, int], ...] = ()  # (aspect, width, height) in pixels per exported aspect
 
     @property
     def aspect(self) -> str:
@@ -49,6 +52,7 @@ class ModelSummary:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["graphs"] = list(self.graphs)
+        d["aspect_sizes"] = [list(s) for s in self.aspect_sizes]
         d["aspect"] = self.aspect
         return d
 
@@ -56,6 +60,7 @@ class ModelSummary:
     def from_dict(cls, d: dict[str, Any]) -> "ModelSummary":
         d = {k: v for k, v in d.items() if k != "aspect"}
         d["graphs"] = tuple(d["graphs"])
+        d["aspect_sizes"] = tuple(tuple(s) for s in d.get("aspect_sizes", ()))
         return cls(**d)
 
     @classmethod
@@ -74,7 +79,18 @@ class ModelSummary:
                    window=g.local_attn_window, default_guidance=float(cfg.cfg[0]) if cfg.cfg else 0.0,
                    noise_std=float(g.noise_std), prompt_encoder=detect_prompt_encoder(sha),
                    config_hash=m.config_hash, checkpoint_sha256=sha, graphs=tuple(sorted(m.graphs)),
-                   engines=m.extra.get("engines"))
+                   engines=m.extra.get("engines"), fps=cfg.fps, vae=bool(cfg.vae),
+                   aspect_sizes=_aspect_sizes(g, bool(cfg.vae)))
+
+
+def _aspect_sizes(geometry, vae: bool) -> tuple[tuple[str, int, int], ...]:
+    """(aspect, width, height) in pixels of each aspect the export names (``export --aspects``)."""
+    scale = 16 if vae else 1   # the VAE's spatial factor
+    out = []
+    for a in geometry.aspects:
+        g = geometry.for_grid(a.h, a.w)
+        out.append((a.aspect, g.width * scale, g.height * scale))
+    return tuple(out)
 
 
 def detect_prompt_encoder(checkpoint_sha256: Optional[str]) -> Optional[str]:

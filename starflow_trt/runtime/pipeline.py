@@ -89,7 +89,8 @@ class Pipeline:
     @classmethod
     def from_dir(cls, directory: Union[str, os.PathLike], backend: str = "ort", precision: Optional[str] = None,
                  providers: Optional[Sequence] = None, checkpoint: Optional[Union[str, os.PathLike]] = None,
-                 threads: Optional[int] = None, verify: bool = True, thread_pool: str = "session") -> "Pipeline":
+                 threads: Optional[int] = None, verify: bool = True, thread_pool: str = "session",
+                 device: Optional[str] = None, dtype: Optional[str] = None, cuda_graphs: bool = False) -> "Pipeline":
         """Load ``directory/manifest.json``; verify graph hashes; pick a backend.
 
         precision: expected precision of the directory (``None``: whatever it holds).
@@ -97,12 +98,15 @@ class Pipeline:
         thread_pool: ``"session"`` (default) or ``"shared"``: all ORT CPU sessions of the process
         share one spinning pool (measured faster end to end; once on, every later ORT session of
         the process must share it, so ORT's quantization tools no longer run in that process).
+        device / dtype / cuda_graphs (``backend="torch"``): ``"cpu"`` | ``"cuda[:N]"``; ``"fp32"`` | ``"fp16"`` |
+        ``"bf16"`` (None: the export's); CUDA-graph replay of repeated step calls.
         """
         manifest = load_manifest(directory, verify=verify)
         if precision is not None and precision != manifest.precision:
             raise ManifestError(f"{directory} holds {manifest.precision} graphs, not {precision}; "
                                 f"use `starflow-trt calibrate --precision {precision}` to make them")
-        return cls(manifest, make_backend(backend, manifest, providers, checkpoint, threads, thread_pool))
+        return cls(manifest, make_backend(backend, manifest, providers, checkpoint, threads, thread_pool, device, dtype,
+                                          cuda_graphs))
 
     def close(self) -> None:
         """Release the backend (sessions, TensorRT contexts, CUDA graphs); the Pipeline is unusable after."""

@@ -32,6 +32,9 @@ class BackendOptions:
     checkpoint: Optional[str] = None       # torch: the checkpoint the graphs came from
     threads: Optional[int] = None          # ort: intra-op threads
     thread_pool: str = "session"           # ort: "session" | "shared"
+    device: Optional[str] = None           # torch: "cpu" (default) | "cuda" | "cuda:N"
+    dtype: Optional[str] = None            # torch: "fp32" | "fp16" | "bf16" (None: the manifest's)
+    cuda_graphs: bool = False              # torch on CUDA: replay repeated step calls from CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,20 @@ def backend_status() -> dict[str, tuple[bool, Optional[str]]]:
 
 
 def make_backend(kind: str, manifest: Manifest, providers=None, checkpoint=None, threads=None,
-                 thread_pool: str = "session") -> Backend:
-    """Backend by registered name (``ort`` | ``torch`` | ``trt`` | …). ``thread_pool`` (ort): ``session`` | ``shared``."""
+                 thread_pool: str = "session", device: Optional[str] = None, dtype: Optional[str] = None,
+                 cuda_graphs: bool = False) -> Backend:
+    """Backend by registered name (``ort`` | ``torch`` | ``trt`` | …). ``thread_pool`` (ort): ``session`` | ``shared``;
+    ``device`` / ``dtype`` / ``cuda_graphs``: the torch backend's (see :mod:`.torch_backend`)."""
     if thread_pool not in THREAD_POOLS:
         raise InputError(f"unknown thread pool {thread_pool!r}: choose {' or '.join(THREAD_POOLS)}")
     entry = BACKENDS.get(kind)
     if entry is None:
         raise InputError(f"unknown backend {kind!r}: choose {', '.join(BACKENDS)}")
-    return entry.factory(manifest, BackendOptions(providers, checkpoint, threads, thread_pool))
+    if kind != "torch" and (dtype is not None or str(device or "cpu") != "cpu"):
+        raise InputError(f"device / dtype are options of --backend torch; backend {kind!r} takes its device "
+                         "from its execution engine (ort: providers) and its precision from the export")
+    return entry.factory(manifest, BackendOptions(providers, checkpoint, threads, thread_pool, device, dtype,
+                                                  cuda_graphs))
 
 
 # ------------------------------------------------------------------ built-ins
@@ -110,11 +119,12 @@ def _ort(manifest: Manifest, options: BackendOptions) -> Backend:
                       shared_pool=options.thread_pool == "shared")
 
 
-@register_backend("torch", "the PyTorch export wrappers, given the checkpoint: debugging, parity")
+@register_backend("torch", "the PyTorch export wrappers, given the checkpoint, on the CPU or a CUDA GPU "
+                            "(the GPU path without TensorRT)")
 def _torch(manifest: Manifest, options: BackendOptions) -> Backend:
     from .torch_backend import TorchBackend
 
-    return TorchBackend(manifest, options.checkpoint)
+    return TorchBackend(manifest, options.checkpoint, options.device, options.dtype, options.cuda_graphs)
 
 
 @register_backend("trt", "TensorRT engines of `starflow-trt build`, on an NVIDIA GPU", _probe_trt)

@@ -79,3 +79,45 @@ def test_chunked_denoise_stays_on_the_device():
         got = run(fake.device)
         assert got.device == fake.device
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+RUNS = {   # label → generate kwargs (guidance 2 everywhere but the first)
+    "ar.denoised": dict(guidance=0.0),
+    **{f"{s}.th": dict(jacobi=JacobiConfig(block_size=8, max_iter=16, threshold=1e-3, schedule=s), denoise=False)
+       for s in ("upstream", "sliding", "predictive")},
+    "long_video": dict(jacobi=JacobiConfig(block_size=8, max_iter=16, threshold=1e-3, window=2, context_length=1),
+                       denoise=False),
+    "i2v": dict(jacobi=JacobiConfig(block_size=8, max_iter=16, threshold=1e-3), context="cond_frame", denoise=False),
+}
+
+
+@pytest.fixture(scope="module")
+def cpu_results(goldens_export, goldens_dir, cases):
+    from starflow_trt.runtime.pipeline import Pipeline
+
+    with Pipeline.from_dir(goldens_export, backend="torch", checkpoint=goldens_dir / "model.pth", threads=1) as pipe:
+        return {label: _generate(pipe, cases, kwargs) for label, kwargs in RUNS.items()}
+
+
+def _generate(pipe, cases, kwargs):
+    kwargs = dict(kwargs)
+    if kwargs.get("context") is not None:
+        kwargs["context"] = cases[kwargs["context"]]
+    kwargs.setdefault("guidance", 2.0)
+    return pipe.generate(cases["y"], cases["y_uncond"], noise=cases["noise"], **kwargs)
+
+
+@pytest.mark.parametrize("label", list(RUNS))
+def test_pipeline_on_the_torch_backend_stays_on_the_device(goldens_export, goldens_dir, cases, cpu_results, label):
+    """Pipeline → stages → sampling core → torch backend with every buffer on the (fake) device."""
+    from starflow_trt.runtime.pipeline import Pipeline
+
+    with FakeDevice() as fake:
+        with Pipeline.from_dir(goldens_export, backend="torch", checkpoint=goldens_dir / "model.pth",
+                               device=fake.device, threads=1) as pipe:
+            result = _generate(pipe, cases, RUNS[label])
+            assert all(on_fake(buf) for buf in pipe.workspace._flat.values())
+        assert fake.calls > 1000 and not on_fake(result.latents)   # the result comes back to the CPU
+    want = cpu_results[label]
+    torch.testing.assert_close(result.latents, want.latents, rtol=0, atol=0)
+    assert result.stats["graph_calls"] == want.stats["graph_calls"]

@@ -30,7 +30,7 @@ class BackendOptions:
 
     providers: Optional[Sequence] = None   # ort: execution providers (None: CPU, "auto": best available)
     checkpoint: Optional[str] = None       # torch: the checkpoint the graphs came from
-    threads: Optional[int] = None          # ort: intra-op threads
+    threads: Optional[int] = None          # ort, torch: intra-op threads
     thread_pool: str = "session"           # ort: "session" | "shared"
     device: Optional[str] = None           # torch: "cpu" (default) | "cuda" | "cuda:N"
     dtype: Optional[str] = None            # torch: "fp32" | "fp16" | "bf16" (None: the manifest's)
@@ -124,7 +124,8 @@ def _ort(manifest: Manifest, options: BackendOptions) -> Backend:
 def _torch(manifest: Manifest, options: BackendOptions) -> Backend:
     from .torch_backend import TorchBackend
 
-    return TorchBackend(manifest, options.checkpoint, options.device, options.dtype, options.cuda_graphs)
+    return TorchBackend(manifest, options.checkpoint, options.device, options.dtype, options.cuda_graphs,
+                        options.threads)
 
 
 @register_backend("trt", "TensorRT engines of `starflow-trt build`, on an NVIDIA GPU", _probe_trt)

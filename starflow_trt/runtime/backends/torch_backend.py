@@ -11,7 +11,8 @@ None: the manifest's. A step runs :class:`~starflow_trt.export.graphs.CachedStep
 ``new_k_l`` slots follow its ``past_k_l`` in one buffer (the runtime's cache always does): one
 ``scaled_dot_product_attention`` over the cache prefix. ``cuda_graphs`` (CUDA only): a step call
 whose shapes and buffer addresses repeat (the sweeps of one Jacobi chunk) is captured on its
-second occurrence and replayed after; a call seen once pays nothing.
+second occurrence and replayed after; a call seen once pays nothing. ``threads``: torch's intra-op
+threads during a call (CPU; None: leave torch's setting).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class TorchBackend(Backend):
 
     def __init__(self, manifest: Manifest, checkpoint: Optional[Union[str, os.PathLike]] = None,
                  device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, threads: Optional[int] = None):
         from ...checkpoint import load_state_dict, sha256_file, strip_wrapper_prefixes
         from ...export.weights import BlockLoader
 
@@ -172,6 +173,7 @@ class TorchBackend(Backend):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.host_threads = threads   # torch intra-op threads while generating (None: torch's setting)
         path = Path(checkpoint or manifest.checkpoint.get("path", ""))
         if not path.is_file():
             raise ManifestError(f"backend 'torch' needs the checkpoint the graphs came from; "

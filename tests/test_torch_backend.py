@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from starflow_trt.errors import BackendUnavailable, InputError
-from starflow_trt.reference import JacobiConfig
+from starflow_trt.reference import JacobiConfig, load_reference
 from starflow_trt.runtime.pipeline import Pipeline
 
 from .conftest import assert_golden
@@ -86,34 +86,52 @@ def test_cached_step_is_the_exported_step(goldens_dir):
                 assert err < tol, (dtype, s, p, err)
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_half_precision_workspace_and_toy_quality_gate(toy_export, dtype):
+@pytest.fixture(scope="module")
+def toy_manifest():
+    """The bundled toy's manifest without ONNX files (what the torch backend needs; seconds, not an export)."""
+    from starflow_trt.export.limits import ExportLimits
+    from starflow_trt.export.onnx_export import graphless_manifest
+    from starflow_trt.toy import load_bundled
+
+    toy = load_bundled()
+    return graphless_manifest(toy.config_path, toy.checkpoint_path, ExportLimits(max_batch=8))
+
+
+def _toy_pipe(manifest, dtype=None) -> Pipeline:
+    from starflow_trt.runtime.backends.torch_backend import TorchBackend
+
+    return Pipeline(manifest, TorchBackend(manifest, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param("fp16", marks=pytest.mark.slow), "bf16"])   # CPU fp16: ~60 s
+def test_half_precision_workspace_and_toy_quality_gate(toy_manifest, dtype):
+    """The calibration gate of a half export (bits/dim, latent PSNR) against the fp32 torch backend."""
     from starflow_trt.calibration.calibrate import _check_gate, _compare, default_gate
-    from starflow_trt.export.manifest import load_manifest
     from starflow_trt.toy.calibration import toy_calibration_set
 
-    text, uncond, clips = toy_calibration_set(load_manifest(toy_export), samples=4)
-    with Pipeline.from_dir(toy_export) as p32, Pipeline.from_dir(toy_export, backend="torch", dtype=dtype) as pt:
+    text, uncond, clips = toy_calibration_set(toy_manifest, samples=4)
+    with _toy_pipe(toy_manifest) as p32, _toy_pipe(toy_manifest, dtype) as pt:
         quality = _compare(p32, pt, text, uncond, 2.0, JacobiConfig(block_size=16, max_iter=32, threshold=1e-3), clips)
         want = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        assert pt.workspace._flat["deep_kv"].dtype == want
-        assert pt.backend.describe()["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+        assert pt.workspace._flat["deep_kv"].dtype == want and p32.workspace._flat["deep_kv"].dtype == torch.float32
+        assert pt.backend.describe()["dtype"] == str(want).replace("torch.", "")
     gate = default_gate("fp16" if dtype == "fp16" else "int8")   # bf16 keeps 8 mantissa bits: the INT8 gate
     assert _check_gate({"graphs": {}, **quality}, gate) == [], quality
 
 
-def test_toy_quality_gate_fp32(toy_export):
+def test_toy_through_the_torch_backend_is_the_reference_sampler(toy_manifest):
+    """fp32 toy clips through Pipeline (torch backend) equal the eager reference sampler's (upstream Jacobi)."""
     from starflow_trt.calibration.calibrate import psnr
-
     from starflow_trt.toy import load_bundled
 
     toy = load_bundled()
-    prompts = ["a red square moving left", "a blue disc moving up"]
-    kwargs = dict(y_uncond=toy.encode(["", ""]), guidance=3.0, seed=0, jacobi=JacobiConfig(block_size=16))
-    with Pipeline.from_dir(toy_export) as ort, Pipeline.from_dir(toy_export, backend="torch") as pt:
-        a = ort.generate(toy.encode(prompts), **kwargs).latents
-        b = pt.generate(toy.encode(prompts), **kwargs).latents
-    assert psnr(b, a) >= 60.0   # fp32 against fp32: rounding only
+    y, u = toy.encode(["a red square moving left", "a blue disc moving up"]), toy.encode(["", ""])
+    g = toy_manifest.geometry
+    noise = torch.randn(2, g.max_frames, g.channel_size, g.height, g.width, generator=torch.Generator().manual_seed(0))
+    jac = JacobiConfig(block_size=16, max_iter=32, threshold=1e-3, schedule="upstream")
+    ours = _toy_pipe(toy_manifest).generate(y, u, noise=noise, guidance=3.0, jacobi=jac, denoise=False).latents
+    ref = load_reference(toy.config_path, toy.checkpoint_path).sample(noise, y, u, guidance=3.0, jacobi=jac)
+    assert psnr(ours, ref) >= 60.0, psnr(ours, ref)   # fp32 against fp32: rounding only
 
 
 def test_bad_device_and_dtype_are_one_line_errors(goldens_export, goldens_dir):
@@ -125,3 +143,30 @@ def test_bad_device_and_dtype_are_one_line_errors(goldens_export, goldens_dir):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="--device cpu"):
             Pipeline.from_dir(goldens_export, backend="torch", checkpoint=ckpt, device="cuda")
+
+
+def test_cli_torch_backend_device_and_dtype(goldens_export, goldens_dir, cases, tmp_path):
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    y = tmp_path / "y.npy"
+    np.save(y, cases["y"].numpy())
+    np.save(tmp_path / "noise.npy", cases["noise"].numpy())
+    common = ["generate", str(goldens_export), "--text-embeddings", str(y), "--noise", str(tmp_path / "noise.npy"),
+              "--autoregressive", "--no-denoise", "--backend", "torch", "--checkpoint", str(goldens_dir / "model.pth")]
+    runner = CliRunner()
+    out = runner.invoke(main, [*common, "--device", "cpu", "--dtype", "fp32", "-o", str(tmp_path / "gen")])
+    assert out.exit_code == 0, out.output
+    assert_golden(torch.from_numpy(np.load(tmp_path / "gen" / "latents.npy")), cases["reverse.g0"], "reverse.g0")
+    stats = json.loads((tmp_path / "gen" / "stats.json").read_text())
+    assert stats["backend"]["backend"] == "torch" and stats["backend"]["device"] == "cpu"
+    if not torch.cuda.is_available():
+        out = runner.invoke(main, [*common, "--device", "cuda", "-o", str(tmp_path / "g2")])
+        assert out.exit_code == 2 and out.output.startswith("error:") and "--device cpu" in out.output
+        assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "g2").exists()
+    out = runner.invoke(main, [*common[:-4], "--device", "cuda:0", "-o", str(tmp_path / "g3")])
+    assert out.exit_code == 2 and "options of --backend torch" in out.output

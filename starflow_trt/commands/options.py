@@ -211,6 +211,14 @@ def backend_option(default: str = "ort") -> Callable:
     return click.option("--backend", type=click.Choice(backend_names()), default=default, show_default=True)
 
 
+def torch_device_options(func: Callable) -> Callable:
+    """``--device`` and ``--dtype``: where and in what precision ``--backend torch`` runs (the GPU path without TensorRT)."""
+    func = click.option("--dtype", "torch_dtype", type=click.Choice(("fp32", "fp16", "bf16")), default=None,
+                        help="for --backend torch: module and K/V precision (default: the export's)")(func)
+    return click.option("--device", default=None, metavar="cpu|cuda[:N]",
+                        help="for --backend torch: run the graphs' modules there (default cpu)")(func)
+
+
 #: rank and layout of every array option (checked before the pipeline sees it)
 ARRAYS = {"--text-embeddings": (3, "[B, L, D]"), "--uncond": (3, "[B, L, D]"), "--noise": (5, "[B, T, C, H, W]"),
           "--context": (5, "[B, N, C, H, W]"), "--video": (5, "[B, T, C, H, W]")}

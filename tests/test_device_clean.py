@@ -92,10 +92,25 @@ RUNS = {   # label → generate kwargs (guidance 2 everywhere but the first)
 
 
 @pytest.fixture(scope="module")
-def cpu_results(goldens_export, goldens_dir, cases):
+def goldens_manifest(goldens_dir):
+    """The goldens export's manifest, in memory without ONNX files (the torch backend needs none)."""
+    from starflow_trt.export.limits import ExportLimits
+    from starflow_trt.export.onnx_export import graphless_manifest
+
+    return graphless_manifest(goldens_dir / "config.yaml", goldens_dir / "model.pth",
+                              ExportLimits(height=6, width=4, max_frames=3, max_batch=4))
+
+
+def _pipe(manifest, device=None):
+    from starflow_trt.runtime.backends.torch_backend import TorchBackend
     from starflow_trt.runtime.pipeline import Pipeline
 
-    with Pipeline.from_dir(goldens_export, backend="torch", checkpoint=goldens_dir / "model.pth", threads=1) as pipe:
+    return Pipeline(manifest, TorchBackend(manifest, device=device, threads=1))
+
+
+@pytest.fixture(scope="module")
+def cpu_results(goldens_manifest, cases):
+    with _pipe(goldens_manifest) as pipe:
         return {label: _generate(pipe, cases, kwargs) for label, kwargs in RUNS.items()}
 
 
@@ -108,15 +123,15 @@ def _generate(pipe, cases, kwargs):
 
 
 @pytest.mark.parametrize("label", list(RUNS))
-def test_pipeline_on_the_torch_backend_stays_on_the_device(goldens_export, goldens_dir, cases, cpu_results, label):
+def test_pipeline_on_the_torch_backend_stays_on_the_device(goldens_manifest, cases, cpu_results, label):
     """Pipeline → stages → sampling core → torch backend with every buffer on the (fake) device."""
-    from starflow_trt.runtime.pipeline import Pipeline
-
     with FakeDevice() as fake:
-        with Pipeline.from_dir(goldens_export, backend="torch", checkpoint=goldens_dir / "model.pth",
-                               device=fake.device, threads=1) as pipe:
+        with _pipe(goldens_manifest, fake.device) as pipe:
             result = _generate(pipe, cases, RUNS[label])
             assert all(on_fake(buf) for buf in pipe.workspace._flat.values())
+            if label == "ar.denoised":   # scoring: the forward graphs on the device too
+                nll, _ = pipe.score(cases["x"], cases["y"])
+                assert not on_fake(nll)
         assert fake.calls > 1000 and not on_fake(result.latents)   # the result comes back to the CPU
     want = cpu_results[label]
     torch.testing.assert_close(result.latents, want.latents, rtol=0, atol=0)

@@ -10,8 +10,9 @@ weights in that dtype, FP32 norms and affine head, as ``export --dtype``), K/V c
 None: the manifest's. A step runs :class:`~starflow_trt.export.graphs.CachedStepGraph` when its
 ``new_k_l`` slots follow its ``past_k_l`` in one buffer (the runtime's cache always does): one
 ``scaled_dot_product_attention`` over the cache prefix. ``cuda_graphs`` (CUDA only): a step call
-whose shapes and buffer addresses repeat (the sweeps of one Jacobi chunk) is captured on its
-second occurrence and replayed after; a call seen once pays nothing. ``threads``: torch's intra-op
+whose shapes and K/V / output addresses repeat (the sweeps of one Jacobi chunk at one cache index)
+is captured on its second occurrence and replayed after (tokens and RoPE rows copied in); a call
+seen once pays nothing, so schedules that move the index every sweep gain little. ``threads``: torch's intra-op
 threads during a call (CPU; None: leave torch's setting).
 """
 
@@ -33,6 +34,8 @@ from .base import TORCH_DTYPES, Backend, GraphRunner
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: captured CUDA graphs kept per step runner (each holds its activations)
 MAX_GRAPHS = 8
+#: step inputs a captured graph takes by copy (the rest: by address)
+_COPIED = (TOKENS, ROPE_COS, ROPE_SIN)
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -97,14 +100,13 @@ class TorchStepRunner(TorchRunner):
     else the exported :class:`StepGraph`; optional CUDA-graph replay of repeated calls."""
 
     def __init__(self, spec: GraphSpec, module: torch.nn.Module, cached: torch.nn.Module,
-                 kv_dtype: Optional[torch.dtype], cuda_graphs: bool = False, pool=None):
+                 kv_dtype: Optional[torch.dtype], cuda_graphs: bool = False):
         super().__init__(spec, module, kv_dtype)
         self.cached = cached
         self.layers = sum(t.name.startswith(f"{PAST}_k_") for t in spec.inputs)
         self.cuda_graphs = cuda_graphs
-        self.pool = pool
         self._seen: set[tuple] = set()
-        self._graphs: "OrderedDict[tuple, torch.cuda.CUDAGraph]" = OrderedDict()
+        self._graphs: "OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, dict]]" = OrderedDict()
 
     @torch.no_grad()
     def _run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
@@ -122,36 +124,46 @@ class TorchStepRunner(TorchRunner):
     def infer_impl(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         if not (self.cuda_graphs and inputs[TOKENS].is_cuda):
             return self._run(inputs, outputs)
-        key = tuple((n, tuple(t.shape), t.data_ptr()) for n, t in (*inputs.items(), *outputs.items()))
-        graph = self._graphs.get(key)
-        if graph is None and key in self._seen:   # second call alike: capture it, replay from now on
-            graph = self._capture(key, inputs, outputs)
-        if graph is None:
+        # tokens and RoPE rows are small: copied into the graph's own inputs, so only their shapes
+        # key a graph; the K/V and outputs are bound by address (the cache slots of this call)
+        key = tuple((n, tuple(t.shape), None if n in _COPIED else t.data_ptr())
+                    for n, t in (*inputs.items(), *outputs.items()))
+        entry = self._graphs.get(key)
+        if entry is None and key in self._seen:   # the second call alike: capture it, replay from now on
+            entry = self._capture(key, inputs, outputs)
+        if entry is None:
+            if len(self._seen) > 4 * 1024:   # keys of calls long past (the cache index only grows)
+                self._seen.clear()
             self._seen.add(key)
             return self._run(inputs, outputs)
         self._graphs.move_to_end(key)
+        graph, static = entry
+        for n in _COPIED:
+            static[n].copy_(inputs[n])
         graph.replay()
 
-    def _capture(self, key: tuple, inputs, outputs) -> "torch.cuda.CUDAGraph":
-        """Capture one call (warmed up on a side stream first, as the CUDA-graph docs ask)."""
+    def _capture(self, key: tuple, inputs, outputs) -> tuple["torch.cuda.CUDAGraph", dict]:
+        """Capture one call on static copies of its small inputs (warmed up on a side stream first,
+        as the CUDA-graph docs ask); each graph has its own memory pool."""
+        static = {**inputs, **{n: inputs[n].clone() for n in _COPIED}}
         stream = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(stream)
         with torch.cuda.stream(side):
-            self._run(inputs, outputs)
+            self._run(static, outputs)
         stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._run(inputs, outputs)
-        self._graphs[key] = graph
+        with torch.cuda.graph(graph):
+            self._run(static, outputs)
+        self._graphs[key] = (graph, static)
         if len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)[1].reset()
-        return graph
+            self._graphs.popitem(last=False)[1][0].reset()
+        return graph, static
 
     def close(self) -> None:
         if self._graphs:
             torch.cuda.synchronize()
-            for graph in self._graphs.values():
+            for graph, _ in self._graphs.values():
                 graph.reset()
             self._graphs.clear()
         super().close()
@@ -183,7 +195,6 @@ class TorchBackend(Backend):
         state, _ = strip_wrapper_prefixes(load_state_dict(path))
         self.loader = BlockLoader(manifest.config, state)
         self.geo = manifest.geometry
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         if self.device.type == "cuda":   # float32 means float32 (parity), not TF32
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -208,8 +219,7 @@ class TorchBackend(Backend):
         module = kind.build(self.geo, spec.block, loader).to(self.device)
         override = kv if self.dtype is not None else None
         if spec.kind == "step":
-            return TorchStepRunner(spec, module, CachedStepGraph(module.block), override, self.cuda_graphs,
-                                   self._pool)
+            return TorchStepRunner(spec, module, CachedStepGraph(module.block), override, self.cuda_graphs)
         return TorchRunner(spec, module, override)
 
     def release(self) -> None:

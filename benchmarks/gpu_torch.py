@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -205,10 +206,26 @@ def deep_step_graphed(device, dtype, tiny, compiled: bool = False, layout: str =
     """
     if device.type != "cuda":
         return
+    with _past_layout(layout):
+        _graphed_rows(device, dtype, compiled, layout)
+
+
+@contextmanager
+def _past_layout(layout: str):
+    """"bhpd": the step wrappers take past K/V already [B, H, P, hd] (``kv_to_layers`` an identity
+    pairing) for the duration; the module's own ``kv_to_layers`` is restored after, even on error."""
     from starflow_trt.export import graphs as export_graphs
 
+    original = export_graphs.kv_to_layers
     if layout == "bhpd":
         export_graphs.kv_to_layers = lambda flat: [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+    try:
+        yield
+    finally:
+        export_graphs.kv_to_layers = original
+
+
+def _graphed_rows(device, dtype, compiled: bool, layout: str) -> None:
     cfg = _seven_b()
     k = cfg.num_blocks - 1
     block = random_module(lambda: FlowBlock(cfg, k), device, dtype)

@@ -22,9 +22,10 @@ class FakeBlock(BlockModel):
     """Causal "network": token j's (a, b) = :func:`affine` of every cached input plus the inputs up
     to j. The cache stores the inputs themselves (one layer, one head of width c)."""
 
-    def __init__(self, batch: int, capacity: int, text: Optional[torch.Tensor] = None):
-        self.cache = KVCache.allocate(1, batch, 1, capacity, C, torch.float64)
-        self.sos = torch.full((C,), 0.1, dtype=torch.float64)
+    def __init__(self, batch: int, capacity: int, text: Optional[torch.Tensor] = None,
+                 device: Optional[torch.device] = None):
+        self.cache = KVCache.allocate(1, batch, 1, capacity, C, torch.float64, device)
+        self.sos = torch.full((C,), 0.1, dtype=torch.float64, device=device)
         self.text = text           # [L, B, c] text "tokens"
         self.evaluations = 0
         self.prefills: list[str] = []

@@ -194,7 +194,7 @@ def test_bound_addresses_are_256_byte_aligned(engines, cases, fake_trt):
     assert fake_trt.misaligned == set()
 
 
-def test_cuda_graphs_option_is_trt_only():
+def test_cuda_graphs_option_is_refused_on_ort():
     from starflow_trt.errors import InputError
     from starflow_trt.runtime.backends import BackendOptions, make_backend
     from starflow_trt.serving.app import ServeConfig

@@ -63,6 +63,7 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @options.backend_option()
 @options.cuda_graphs_option()
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
+@options.torch_device_options
 @click.option("--thread-pool", type=click.Choice(THREAD_POOLS), default="shared", show_default=True,
               help="ORT CPU threads: one pool shared by all graphs, or a pool per graph")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
@@ -71,7 +72,7 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 def generate_command(ctx: click.Context, directory, prompts, negative, image, video_in, fps, aspect, text, uncond,
                      noise, seed, frames, window, context_length, guidance, jacobi_block, jacobi_iters,
                      jacobi_threshold, schedule, autoregressive, context, no_denoise, backend, cuda_graphs, checkpoint,
-                     thread_pool, out_dir, force) -> None:
+                     device, torch_dtype, thread_pool, out_dir, force) -> None:
     """Generate from --prompt (video.mp4 with VAE graphs) or text embeddings through the graphs in DIRECTORY.
 
     Any number of prompts (chunks of the export's max_batch; seeded noise of chunk k from seed + k).
@@ -94,7 +95,7 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
     z = options.load_array(noise, "--noise")
     ctx_latents = options.load_array(context, "--context")
     pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, thread_pool=thread_pool,
-                             cuda_graphs=cuda_graphs)
+                             cuda_graphs=cuda_graphs, device=device, dtype=torch_dtype)
     g = pipe.geo
     # upstream's long-video default: the attention window is the training length (a video that fits
     # the window is sampled without one)
@@ -167,11 +168,13 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
               help="y.npy [N, L, D]: one row per clip, in file order")
 @options.backend_option()
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
+@options.torch_device_options
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="also write scores.json into this directory")
 @options.force_option()
 @click.pass_context
-def score_command(ctx: click.Context, directory, video, text, backend, checkpoint, out_dir, force) -> None:
+def score_command(ctx: click.Context, directory, video, text, backend, checkpoint, device, torch_dtype, out_dir,
+                  force) -> None:
     """Per-sample NLL (nats/dim) and bits/dim of VIDEO through the forward graphs (JSON on stdout).
 
     Any number of clips: they are scored in chunks of the export's max_batch (a progress bar
@@ -192,7 +195,7 @@ def score_command(ctx: click.Context, directory, video, text, backend, checkpoin
         check_output_dir(out_dir, force, inputs)
     x = options.load_array(video, "--video") if single else None
     y = options.load_array(text, "--text-embeddings")
-    pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint)
+    pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, device=device, dtype=torch_dtype)
     g = pipe.geo
     if single:
         stream = [latents.LatentFile(paths[0], x.shape[0], x.shape[1], False)]

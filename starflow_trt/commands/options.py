@@ -213,7 +213,15 @@ def backend_option(default: str = "ort") -> Callable:
 
 def cuda_graphs_option() -> Callable:
     return click.option("--cuda-graphs", is_flag=True,
-                        help="--backend trt: capture each repeated engine call as a CUDA graph and replay it")
+                        help="--backend trt (or torch on CUDA): capture each repeated call as a CUDA graph and replay it")
+
+
+def torch_device_options(func: Callable) -> Callable:
+    """``--device`` and ``--dtype``: where and in what precision ``--backend torch`` runs (the GPU path without TensorRT)."""
+    func = click.option("--dtype", "torch_dtype", type=click.Choice(("fp32", "fp16", "bf16")), default=None,
+                        help="for --backend torch: module and K/V precision (default: the export's)")(func)
+    return click.option("--device", default=None, metavar="cpu|cuda[:N]",
+                        help="for --backend torch: run the graphs' modules there (default cpu)")(func)
 
 
 #: rank and layout of every array option (checked before the pipeline sees it)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..reference.denoiser import Denoiser
 from ..reference.flow import FlowBlock
-from ..reference.layers import KV, TwoPartMask, causal_mask
+from ..reference.layers import IN_CACHE, KV, TwoPartMask, causal_mask
 from .names import kv_names  # noqa: F401  (re-exported: the KV naming lives in names.py)
 
 
@@ -96,6 +96,25 @@ class StepGraph(nn.Module):
         mask = TwoPartMask(additive_causal_mask(s, s, tokens.dtype, tokens.device), concat=self.concat_attention)
         a, b, kv = self.block.step(tokens, rope_cos, rope_sin, kv_to_layers(past), mask=mask)
         return (a.float(), b.float(), *layers_to_kv(kv))
+
+
+class CachedStepGraph(nn.Module):
+    """The step of :class:`StepGraph` over a cache that holds its new slots right after the past
+    (the torch backend; not exported): one SDPA over the cache prefix, no two-part scores.
+
+    tokens [B, S, c], rope_cos/sin [S, hd]; then per layer k, v [P + S, B, H, hd], views of the
+    cache whose last S slots receive this call's rotated K/V (the graph's ``new_k_l`` / ``new_v_l``).
+    Returns scale, shift [B, S, c] float32.
+    """
+
+    def __init__(self, block: FlowBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, tokens: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                *cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b, _ = self.block.step(tokens, rope_cos, rope_sin, kv_to_layers(cache), mask=IN_CACHE)
+        return a.float(), b.float()
 
 
 class ForwardGraph(nn.Module):

@@ -210,21 +210,7 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
 
     media_inputs = [p for p in (text_encoder, vae) if p]
     check_output_dir(out, force, inputs=[config, checkpoint, *media_inputs])  # before any work: refuse, touch nothing
-    cfg = config if isinstance(config, ModelConfig) else load_config(config)
-    state = load_state_dict(checkpoint, mmap=True)
-    state, _ = strip_wrapper_prefixes(state)
-    cfg = infer_text_width(cfg, state)
-    validate_state_dict(state, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
-    geo = geometry_for(cfg, limits)
-    from .media_kinds import MediaSources
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[limits.dtype]
-    plans = plan_graphs(cfg, geo, limits, BlockLoader(cfg, state, dtype), MediaSources(text_encoder, vae))
-    if graphs:
-        unknown = sorted(set(graphs) - {p.name for p in plans})
-        if unknown:
-            raise StarflowError(f"unknown graph(s) {', '.join(unknown)}; choose from {', '.join(p.name for p in plans)}")
-        plans = [p for p in plans if p.name in set(graphs)]
+    cfg, geo, plans = _plans(config, checkpoint, graphs, limits, text_encoder, vae)
     rows = []
     with staged_directory(out, force=force, inputs=[config, checkpoint, *media_inputs]) as tmp:
         if text_encoder and any(p.kind == "text_encoder" for p in plans):   # T5: its tokenizer files
@@ -242,16 +228,59 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
             specs[plan.name] = spec
             rows.append({"graph": plan.name, "params": spec.extra["params"], "bytes": spec.extra["bytes"],
                          "seconds": round(seconds, 2)})
-        manifest = Manifest(
-            root=out, precision=limits.dtype, config=cfg, config_hash=cfg.hash(),
-            checkpoint={"file": Path(checkpoint).name, "path": str(Path(checkpoint).resolve()),
-                        "sha256": sha256_file(checkpoint)},
-            geometry=geo, opset=opset, exporter=EXPORTER, versions=_versions(), graphs=specs,
-            extra={"simplified": simplify, "kv_layout": KV_LAYOUT})
-        for spec in specs.values():
-            spec.root = out
+        manifest = _manifest(out, cfg, geo, checkpoint, limits, opset, specs, simplify)
         manifest.save(tmp)
     return manifest, rows
+
+
+def _plans(config, checkpoint, graphs: Optional[Sequence[str]], limits: ExportLimits, text_encoder=None, vae=None
+           ) -> tuple[ModelConfig, Geometry, list[GraphPlan]]:
+    """The checked config, the geometry and the plans of the graphs to export (``graphs``: names, None: all)."""
+    cfg = config if isinstance(config, ModelConfig) else load_config(config)
+    state = load_state_dict(checkpoint, mmap=True)
+    state, _ = strip_wrapper_prefixes(state)
+    cfg = infer_text_width(cfg, state)
+    validate_state_dict(state, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
+    geo = geometry_for(cfg, limits)
+    from .media_kinds import MediaSources
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[limits.dtype]
+    plans = plan_graphs(cfg, geo, limits, BlockLoader(cfg, state, dtype), MediaSources(text_encoder, vae))
+    if graphs:
+        unknown = sorted(set(graphs) - {p.name for p in plans})
+        if unknown:
+            raise StarflowError(f"unknown graph(s) {', '.join(unknown)}; choose from {', '.join(p.name for p in plans)}")
+        plans = [p for p in plans if p.name in set(graphs)]
+    return cfg, geo, plans
+
+
+def _manifest(root: Path, cfg: ModelConfig, geo: Geometry, checkpoint, limits: ExportLimits, opset: int,
+              specs: dict[str, GraphSpec], simplify: bool) -> Manifest:
+    manifest = Manifest(
+        root=root, precision=limits.dtype, config=cfg, config_hash=cfg.hash(),
+        checkpoint={"file": Path(checkpoint).name, "path": str(Path(checkpoint).resolve()),
+                    "sha256": sha256_file(checkpoint)},
+        geometry=geo, opset=opset, exporter=EXPORTER, versions=_versions(), graphs=specs,
+        extra={"simplified": simplify, "kv_layout": KV_LAYOUT})
+    for spec in specs.values():
+        spec.root = root
+    return manifest
+
+
+def graphless_manifest(config: Union[str, os.PathLike, ModelConfig], checkpoint: Union[str, os.PathLike],
+                       limits: ExportLimits = ExportLimits(), graphs: Optional[Sequence[str]] = None) -> Manifest:
+    """The manifest :func:`export_graphs` would write, in memory and without ONNX files: what
+    ``backend="torch"`` needs (``Pipeline(graphless_manifest(...), TorchBackend(...))``), in seconds
+    instead of an export's minutes. Media graphs are left out (they need their source weights)."""
+    cfg, geo, plans = _plans(config, checkpoint, graphs, limits)
+    specs = {}
+    for plan in plans:
+        kind = graph_kind(plan.kind)
+        precision = limits.dtype if kind.kind in HALF_KINDS else "fp32"
+        specs[plan.name] = GraphSpec(name=plan.name, file="", sha256="", kind=plan.kind, block=plan.block,
+                                     precision=precision, inputs=plan.inputs, outputs=plan.outputs, dims=plan.dims,
+                                     extra=kind.manifest_extra(plan.make()))
+    return _manifest(Path(checkpoint).parent, cfg, geo, checkpoint, limits, DEFAULT_OPSET, specs, False)
 
 
 def _versions() -> dict[str, str]:

@@ -44,9 +44,24 @@ class TwoPartMask:
         self.concat = concat
 
 
+class InCache:
+    """Causal attention over a cache that already holds room for the new K/V right after the past.
+
+    ``past`` is (k, v) [B, H, P + S, hd] per layer, views of the cache whose last S slots this
+    call writes (its rotated k, v) before one ``scaled_dot_product_attention`` over all P + S
+    slots, query i seeing slots ``j <= P + i``. The same attention as concatenating the past
+    and the new K/V, without the copy; on CUDA the mask is a lower-right causal bias, which the
+    fused kernels apply without a [B, H, S, P] score tensor. Their softmax runs in float32,
+    so half inputs need no separate FP32 island here (the torch backend's step).
+    """
+
+
+#: the one :class:`InCache` instance (it carries no state)
+IN_CACHE = InCache()
+
 #: Attention masks: ``"causal"`` (query i sees keys ``j <= P + i``), ``None`` (full), a bool tensor,
-#: or a :class:`TwoPartMask`.
-Mask = Union[str, torch.Tensor, TwoPartMask, None]
+#: a :class:`TwoPartMask`, or :data:`IN_CACHE`.
+Mask = Union[str, torch.Tensor, TwoPartMask, InCache, None]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -112,9 +127,12 @@ class Attention(nn.Module):
         q, k = apply_rope(qkv[:2], cos, sin).unbind(0)   # q and k rotated together
         v = qkv[2]
         scale = (self.head_dim ** -0.25) ** 2 / temperature
-        if isinstance(mask, TwoPartMask):
-            attend = _concat_attention if mask.concat else _two_part_attention
-            out = attend(q, k, v, past, mask.new_bias, scale)
+        if isinstance(mask, (TwoPartMask, InCache)):
+            if isinstance(mask, InCache):
+                out = _in_cache_attention(q, k, v, past, scale)
+            else:
+                attend = _concat_attention if mask.concat else _two_part_attention
+                out = attend(q, k, v, past, mask.new_bias, scale)
             return self.proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)), (k, v)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         attn_mask, is_causal = None, False
@@ -173,6 +191,26 @@ def _concat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: O
     bias = F.pad(new_bias, (keys.shape[2] - k.shape[2], 0))   # [S, P + S]: every past key visible
     scores = torch.matmul(q * scale, keys.transpose(-1, -2)).to(acc) + bias
     return torch.matmul(torch.softmax(scores, -1).to(v.dtype), values)
+
+
+def _in_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV, scale: float) -> torch.Tensor:
+    """Write k, v [B, H, S, hd] into the last S slots of ``cache`` (k, v) [B, H, P + S, hd], then
+    softmax(q·Kᵀ·scale + causal)·V over every slot (:class:`InCache`)."""
+    keys, values = cache
+    s, total = q.shape[2], keys.shape[2]
+    keys[:, :, total - s:].copy_(k)
+    values[:, :, total - s:].copy_(v)
+    attn_mask, is_causal = None, False
+    if s == total:
+        is_causal = s > 1
+    elif s > 1:   # a single query sees every slot
+        if q.is_cuda:
+            from torch.nn.attention.bias import causal_lower_right
+
+            attn_mask = causal_lower_right(s, total)
+        else:
+            attn_mask = causal_mask(s, total, q.device)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 
 class ExactGELU(nn.GELU):

@@ -61,7 +61,9 @@ class Graphs:
         if not self.has(name):
             return torch.float32
         kv = [t for t in self.manifest.graph(name).outputs if t.name.startswith(f"{NEW}_k_")]
-        return TORCH_DTYPES[kv[0].dtype] if kv else torch.float32
+        dtype = TORCH_DTYPES[kv[0].dtype] if kv else torch.float32
+        override = getattr(self.backend, "kv_dtype", None)   # a backend that runs the graphs in its own dtype
+        return dtype if override is None else override(dtype)
 
     def on_grid(self, geo) -> "Graphs":
         """These graphs on ``geo`` (another exported token grid): runners and RoPE cache shared."""

@@ -90,7 +90,7 @@ class Pipeline:
     def from_dir(cls, directory: Union[str, os.PathLike], backend: str = "ort", precision: Optional[str] = None,
                  providers: Optional[Sequence] = None, checkpoint: Optional[Union[str, os.PathLike]] = None,
                  threads: Optional[int] = None, verify: bool = True, thread_pool: str = "session",
-                 cuda_graphs: bool = False) -> "Pipeline":
+                 device: Optional[str] = None, dtype: Optional[str] = None, cuda_graphs: bool = False) -> "Pipeline":
         """Load ``directory/manifest.json``; verify graph hashes; pick a backend.
 
         precision: expected precision of the directory (``None``: whatever it holds).
@@ -98,14 +98,16 @@ class Pipeline:
         thread_pool: ``"session"`` (default) or ``"shared"``: all ORT CPU sessions of the process
         share one spinning pool (measured faster end to end; once on, every later ORT session of
         the process must share it, so ORT's quantization tools no longer run in that process).
-        cuda_graphs (``trt`` only): capture each repeated engine call once and replay it.
+        cuda_graphs (``trt``; ``torch`` on CUDA): capture each repeated call once and replay it.
+        device / dtype (``backend="torch"``): ``"cpu"`` | ``"cuda[:N]"``; ``"fp32"`` | ``"fp16"`` | ``"bf16"``
+        (None: the export's).
         """
         manifest = load_manifest(directory, verify=verify)
         if precision is not None and precision != manifest.precision:
             raise ManifestError(f"{directory} holds {manifest.precision} graphs, not {precision}; "
                                 f"use `starflow-trt calibrate --precision {precision}` to make them")
-        return cls(manifest, make_backend(backend, manifest, providers, checkpoint, threads, thread_pool,
-                                           cuda_graphs))
+        return cls(manifest, make_backend(backend, manifest, providers, checkpoint, threads, thread_pool, device, dtype,
+                                          cuda_graphs))
 
     def close(self) -> None:
         """Release the backend (sessions, TensorRT contexts, CUDA graphs); the Pipeline is unusable after."""

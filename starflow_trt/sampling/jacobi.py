@@ -76,7 +76,7 @@ def sliding_phase(inv: "BlockInversion", jac: JacobiConfig, s: int, target: int,
     work, seq = inv.work, inv.seq
     exact = s           # tokens < exact are exact
     frontier = s        # tokens < frontier have an initial guess
-    evals = torch.zeros(target, dtype=torch.int32)   # network evaluations of each position
+    evals = torch.zeros(target, dtype=torch.int32, device=seq.device)   # network evaluations of each position
     if inv.scale is None:
         inv.scale, inv.shift = torch.empty_like(seq), torch.empty_like(seq)
         inv.known_from = inv.known = s   # positions before the first phase (a context) have no (a, b)

@@ -35,7 +35,7 @@ class ServeConfig:
     providers: Optional[str] = None          # ORT: None (CPU) or "auto" (best available EP)
     threads: Optional[int] = None
     thread_pool: str = "shared"
-    cuda_graphs: bool = False                # trt: CUDA-graph replay of repeated engine calls
+    cuda_graphs: bool = False                # trt / torch on CUDA: CUDA-graph replay of repeated calls
     replicas: int = 1
     max_replicas: Optional[int] = None       # > replicas: autoscale on ongoing requests
     gpus_per_replica: float = 0.0
@@ -66,8 +66,9 @@ class ServeConfig:
             raise InputError(f"max_queued must be >= 0 (or -1: unbounded), got {self.max_queued}")
         if self.timeout_s <= 0:
             raise InputError(f"timeout must be > 0 seconds, got {self.timeout_s}")
-        if self.cuda_graphs and self.backend != "trt":
-            raise InputError(f"--cuda-graphs replays TensorRT engines: use it with --backend trt, not {self.backend!r}")
+        if self.cuda_graphs and self.backend not in ("trt", "torch"):
+            raise InputError(f"--cuda-graphs replays TensorRT engines or torch modules on CUDA: use it with --backend "
+                             f"trt or torch, not {self.backend!r}")
         if self.max_batch is not None and self.max_batch < 1:
             raise InputError(f"max_batch must be >= 1, got {self.max_batch}")
         self.retention()    # raises for bad video retention limits

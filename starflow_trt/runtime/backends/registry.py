@@ -30,9 +30,11 @@ class BackendOptions:
 
     providers: Optional[Sequence] = None   # ort: execution providers (None: CPU, "auto": best available)
     checkpoint: Optional[str] = None       # torch: the checkpoint the graphs came from
-    threads: Optional[int] = None          # ort: intra-op threads
+    threads: Optional[int] = None          # ort, torch: intra-op threads
     thread_pool: str = "session"           # ort: "session" | "shared"
-    cuda_graphs: bool = False              # trt: capture each repeated call once, replay it after
+    device: Optional[str] = None           # torch: "cpu" (default) | "cuda" | "cuda:N"
+    dtype: Optional[str] = None            # torch: "fp32" | "fp16" | "bf16" (None: the manifest's)
+    cuda_graphs: bool = False              # trt, torch on CUDA: capture each repeated call once, replay it after
 
 
 @dataclass(frozen=True)
@@ -71,17 +73,23 @@ def backend_status() -> dict[str, tuple[bool, Optional[str]]]:
 
 
 def make_backend(kind: str, manifest: Manifest, providers=None, checkpoint=None, threads=None,
-                 thread_pool: str = "session", cuda_graphs: bool = False) -> Backend:
+                 thread_pool: str = "session", device: Optional[str] = None, dtype: Optional[str] = None,
+                 cuda_graphs: bool = False) -> Backend:
     """Backend by registered name (``ort`` | ``torch`` | ``trt`` | …). ``thread_pool`` (ort): ``session`` | ``shared``;
-    ``cuda_graphs`` (trt): CUDA-graph replay of repeated calls."""
+    ``device`` / ``dtype`` / ``cuda_graphs``: the torch backend's (see :mod:`.torch_backend`)."""
     if thread_pool not in THREAD_POOLS:
         raise InputError(f"unknown thread pool {thread_pool!r}: choose {' or '.join(THREAD_POOLS)}")
     entry = BACKENDS.get(kind)
     if entry is None:
         raise InputError(f"unknown backend {kind!r}: choose {', '.join(BACKENDS)}")
-    if cuda_graphs and kind != "trt":
-        raise InputError(f"--cuda-graphs replays TensorRT engines: use it with --backend trt, not {kind!r}")
-    return entry.factory(manifest, BackendOptions(providers, checkpoint, threads, thread_pool, cuda_graphs))
+    if cuda_graphs and kind not in ("trt", "torch"):
+        raise InputError(f"--cuda-graphs replays TensorRT engines or torch modules on CUDA: use it with --backend trt "
+                         f"or torch, not {kind!r}")
+    if kind != "torch" and (dtype is not None or str(device or "cpu") != "cpu"):
+        raise InputError(f"device / dtype are options of --backend torch; backend {kind!r} takes its device "
+                         "from its execution engine (ort: providers) and its precision from the export")
+    return entry.factory(manifest, BackendOptions(providers, checkpoint, threads, thread_pool, device, dtype,
+                                                  cuda_graphs))
 
 
 # ------------------------------------------------------------------ built-ins
@@ -114,11 +122,13 @@ def _ort(manifest: Manifest, options: BackendOptions) -> Backend:
                       shared_pool=options.thread_pool == "shared")
 
 
-@register_backend("torch", "the PyTorch export wrappers, given the checkpoint: debugging, parity")
+@register_backend("torch", "the PyTorch export wrappers, given the checkpoint, on the CPU or a CUDA GPU "
+                            "(the GPU path without TensorRT)")
 def _torch(manifest: Manifest, options: BackendOptions) -> Backend:
     from .torch_backend import TorchBackend
 
-    return TorchBackend(manifest, options.checkpoint)
+    return TorchBackend(manifest, options.checkpoint, options.device, options.dtype, options.cuda_graphs,
+                        options.threads)
 
 
 @register_backend("trt", "TensorRT engines of `starflow-trt build`, on an NVIDIA GPU", _probe_trt)

@@ -165,7 +165,7 @@ def export_graphs(config: Union[str, os.PathLike, ModelConfig], checkpoint: Unio
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
     state = load_state_dict(checkpoint, mmap=True)
     state, _ = strip_wrapper_prefixes(state)
-    cfg = infer_text_width(cfg, state)
+    cfg = infer_text_width(cfg, state, text_encoder)
     validate_state_dict(state, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
     geo = geometry_for(cfg, limits)
     from .media_kinds import MediaSources

@@ -9,6 +9,7 @@ holds the replica's worker, so the tests do not depend on the machine's speed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -107,12 +109,14 @@ class Service:
             conn.close()
 
 
-@pytest.fixture(scope="module")
-def service(toy_export):
+@contextlib.contextmanager
+def loopback_cluster(directory, cfg) -> "Iterator[tuple[int, int, _Processes]]":
+    """A local Ray cluster serving ``directory`` with ServeConfig ``cfg`` on 127.0.0.1 (no dashboard, usage
+    stats off): yields (HTTP port, metrics port, processes); every process it started is checked gone."""
     import ray
     from ray import serve
 
-    from starflow_trt.serving.app import ServeConfig, start
+    from starflow_trt.serving.app import start
 
     if ray.is_initialized():
         pytest.skip("a Ray instance is already running in this process")
@@ -124,10 +128,9 @@ def service(toy_export):
              _metrics_export_port=metrics_port)
     try:
         procs.snapshot()
-        cfg = ServeConfig(max_ongoing=8, max_queued=4, timeout_s=60, batch_wait_s=0.1)
-        start(toy_export, cfg, host="127.0.0.1", port=port)
+        start(directory, cfg, host="127.0.0.1", port=port)
         procs.snapshot()
-        yield Service(f"http://127.0.0.1:{port}", port, metrics_port, procs)
+        yield port, metrics_port, procs
     finally:
         procs.snapshot()
         try:
@@ -143,6 +146,15 @@ def service(toy_export):
             time.sleep(0.5)
         assert len(procs.seen) >= 4, f"expected Ray's processes to be tracked, saw {procs.seen}"
         assert not procs.alive(), f"processes of the test cluster still running after shutdown: {procs.alive()}"
+
+
+@pytest.fixture(scope="module")
+def service(toy_export):
+    from starflow_trt.serving.app import ServeConfig
+
+    cfg = ServeConfig(max_ongoing=8, max_queued=4, timeout_s=60, batch_wait_s=0.1)
+    with loopback_cluster(toy_export, cfg) as (port, metrics_port, procs):
+        yield Service(f"http://127.0.0.1:{port}", port, metrics_port, procs)
 
 
 @pytest.fixture(scope="module")

@@ -370,7 +370,10 @@ def test_09_calibrate_int8(journey):
     with j.step("calibrate int8 (--samples 2 of 3)", "int8 manifest; 2 prompts captured; gate numbers finite"):
         from starflow_trt.export.manifest import load_manifest
 
-        y, yu = j.pipe().encode_text([PROMPT, OTHER_PROMPT, "a green triangle moving up"], fps=FPS)
+        prompts = [PROMPT, OTHER_PROMPT, "a green triangle moving up"]   # 6 captions > the graph's 4 rows
+        y, yu = j.pipe().encode_text(prompts, fps=FPS)
+        one, one_u = j.pipe().encode_text(prompts[2:], fps=FPS)
+        assert _max_err(y[2:], one) < 1e-5 and _max_err(yu[2:], one_u) < 1e-5
         np.save(j.root / "cal_y.npy", y.numpy())
         np.save(j.root / "cal_u.npy", yu.numpy())
         j.cli("calibrate", j.root / "fp32", "--precision", "int8", "--text-embeddings", j.root / "cal_y.npy",

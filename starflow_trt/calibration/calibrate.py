@@ -116,6 +116,9 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
             + ", ".join(f"{g} {i['calls']}/{i['seen']} in {len(i['shards'])} shard(s)" for g, i in index["graphs"].items()))
     cal, held = captured.split(0.25)
     with staged_directory(out, force=overwrite, inputs=[src]) as tmp:
+        from ..media.text import carry_tokenizer
+
+        carry_tokenizer(manifest, tmp)   # prompts on OUT need the export's tokenizer
         new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log)
         quality = {"graphs": {}}
         for name, spec in new.graphs.items():

@@ -389,16 +389,15 @@ def test_09_calibrate_int8(journey):
 
 def test_10_verify(journey):
     j = journey
-    with j.step("verify int8 against fp32", "every graph compared; report JSON lists all graphs"):
+    with j.step("verify int8 against fp32", "exit 0; every graph of the INT8 export within its tolerance"):
         from starflow_trt.export.manifest import load_manifest
 
         report = j.root / "verify.json"
-        res = CliRunner().invoke(main, ["verify", str(j.root / "int8"), "--calls", "2", "--report", str(report)])
-        assert res.exit_code in (0, 1), res.output   # 1: a graph beyond its tolerance (random weights)
+        j.cli("verify", j.root / "int8", "--calls", "2", "--report", report)   # exit 0: every graph within tol
         data = json.loads(report.read_text())
-        text = json.dumps(data)
-        assert all(name in text for name in load_manifest(j.root / "int8").graphs)
-        assert data["passed"] == (res.exit_code == 0)
+        assert data["passed"] and {g["name"] for g in data["graphs"]} == set(load_manifest(j.root / "int8").graphs)
+        worst = max(g["rel_l2"] for g in data["graphs"])
+        j.rows[-1]["checked"] += f" (worst rel L2 {worst:.3f})"
 
 
 def test_11_generate_int8(journey):

@@ -4,9 +4,12 @@ The upstream file has one top-level key ``arguments`` holding a list of
 one-key maps. Upstream joins them into a command line (``--key value``), splits
 on whitespace and parses with its training parser, so list options are written
 as space-separated strings (``layers_per_block: 2 2 2 2 2 24``). We parse the
-same way, with the parser's types and defaults (spec §1.1-§1.3), keep unknown
-keys (listed in :attr:`ModelConfig.unknown`) instead of aborting, and derive the
-geometry the rest of the toolchain needs.
+same way, with the parser's types and defaults (spec §1.1-§1.3): a key absent from
+the file takes upstream's default (the published configs name only what differs from
+it; :attr:`ModelConfig.absent` records which, :func:`applied_defaults` lists them),
+training-only keys (:data:`TRAINING_KEYS`) are accepted and ignored, other unknown keys
+are kept (:attr:`ModelConfig.unknown`) instead of aborting. ``txt_dim`` is not an
+upstream key: it is the text encoder's hidden size (:meth:`ModelConfig.with_text_width`).
 """
 
 from __future__ import annotations
@@ -139,8 +142,13 @@ class ModelConfig:
     cfg: tuple[float, ...] = ()
     drop_label: float = 0.0
     drop_image: float = 0.0
-    # --- keys we do not know: kept verbatim, never fatal ---
+    # --- keys we do not know (training-only ones included): kept verbatim, never fatal ---
     unknown: tuple[tuple[str, str], ...] = field(default=(), compare=True)
+    # --- provenance, not model fields (never compared, stored or hashed) ---
+    #: fields absent from the parsed YAML: they hold upstream's defaults (spec §1.2)
+    absent: tuple[str, ...] = field(default=(), compare=False)
+    #: where a ``txt_dim`` absent from the YAML came from (see :meth:`with_text_width`)
+    txt_dim_source: Optional[str] = field(default=None, compare=False)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -220,12 +228,42 @@ class ModelConfig:
 
     @property
     def text_width(self) -> Optional[int]:
-        """``txt_dim``: explicit field, else the named text encoder's width, else None."""
+        """``txt_dim``: explicit (or resolved, :meth:`with_text_width`), else the named text encoder's
+        width, else None."""
         if self.txt_dim is not None:
             return self.txt_dim
         if self.text is not None:
             return TEXT_ENCODER_WIDTHS.get(self.text)
         return None
+
+    @property
+    def text_width_source(self) -> Optional[str]:
+        """Where :attr:`text_width` comes from, in words (None when it is unknown)."""
+        if self.txt_dim is not None:
+            return self.txt_dim_source or "the config"
+        if self.text_width is not None:
+            return f"the width of text encoder {self.text}"
+        return None
+
+    def with_text_width(self, width: int, source: str) -> "ModelConfig":
+        """This config with ``txt_dim = width`` from ``source`` (words), unless the YAML states ``txt_dim``.
+
+        Upstream takes ``txt_dim`` from the text encoder it loads; callers resolve it in the order
+        ``--text-encoder`` directory, checkpoint's text projection, named encoder (the fallback of
+        :attr:`text_width`)."""
+        if self.txt_dim is not None:
+            return self
+        return dataclasses.replace(self, txt_dim=int(width), txt_dim_source=source)
+
+    @property
+    def training_keys(self) -> tuple[str, ...]:
+        """Keys of the YAML that only upstream's training uses (accepted and ignored)."""
+        return tuple(k for k, _ in self.unknown if k in TRAINING_KEYS)
+
+    @property
+    def unknown_keys(self) -> tuple[str, ...]:
+        """Keys of the YAML that are neither fields nor known training-only options (kept verbatim)."""
+        return tuple(k for k, _ in self.unknown if k not in TRAINING_KEYS)
 
     @property
     def video_frames(self) -> Optional[int]:
@@ -275,6 +313,9 @@ class ModelConfig:
         """Raise :class:`ConfigError` naming every bad field: sizes, ranges, and the combinations
         upstream asserts against (spec §1.2). Sizes are checked first: derived geometry (widths,
         heads, FLOPs) is meaningless for a config that fails them."""
+        if self.vae is not None and self.vid_size is None:
+            raise ConfigError(f"image models are not supported: this config has no vid_size and names the image VAE "
+                              f"{self.vae}; starflow-trt deploys STARFlow-V video configs (vid_size and the Wan2.2 VAE)")
         sizes = _size_problems(self)
         if sizes:
             raise ConfigError("invalid config: " + "; ".join(sizes) + "; fix these fields in the YAML")
@@ -286,14 +327,15 @@ class ModelConfig:
         if self.cond_top_only and self.txt_size <= 0:
             problems.append("cond_top_only requires txt_size > 0")
         if self.temporal_causal and self.seq_order != "L2R":
-            problems.append("temporal_causal != 0 requires seq_order: L2R")
+            problems.append("temporal_causal != 0 requires seq_order: L2R" + self._default_note("seq_order"))
         if self.seq_order not in ("L2R", "R2L"):
             problems.append(f"seq_order must be L2R or R2L, got {self.seq_order!r}")
         if self.rope and (self.head_dim % 4 or self.head_dim < 16):
             problems.append(f"rope needs head_dim divisible by 4 and >= 16, got {self.head_dim}")
         for k in range(self.num_blocks):
             if self.num_heads is None and self.block_width(k) % self.head_dim:
-                problems.append(f"block {k} width {self.block_width(k)} is not a multiple of head_dim {self.head_dim}")
+                problems.append(f"block {k} width {self.block_width(k)} is not a multiple of head_dim {self.head_dim}"
+                                + self._default_note("head_dim"))
                 break
         if len(self.layers_per_block) not in (1, self.num_blocks):
             problems.append("layers_per_block must have 1 or num_blocks entries")
@@ -305,9 +347,9 @@ class ModelConfig:
         if self.num_kv_heads is not None and self.num_kv_heads != self.block_heads(self.top_index):
             problems.append("num_kv_heads (grouped-query attention) is not supported")
         if not self.rope:
-            problems.append("rope: 0 (learned positional embeddings) is not supported; STARFlow-V uses rope: 1")
+            problems.append(self._unsupported("rope", "learned positional embeddings", "rope: 1"))
         if not self.sos:
-            problems.append("sos: 0 is not supported; STARFlow-V uses sos: 1")
+            problems.append(self._unsupported("sos", "no start-of-sequence token", "sos: 1"))
         if self.use_pretrained_lm:
             problems.append("use_pretrained_lm (LLM-initialised top block) is not supported")
         if self.num_heads is None and any(self.block_heads(k) < 1 for k in range(self.num_blocks)):
@@ -316,11 +358,27 @@ class ModelConfig:
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 
+    def _default_note(self, name: str) -> str:
+        """" (absent from the YAML: upstream's default X)" for a field the YAML does not state, else ""."""
+        if name not in self.absent:
+            return ""
+        return f" ({name} is absent from the YAML: upstream's default {getattr(self, name)} applies)"
+
+    def _unsupported(self, name: str, what: str, fix: str) -> str:
+        """One problem for a value of ``name`` the toolchain refuses, saying when it is upstream's default."""
+        value = getattr(self, name)
+        if name in self.absent:
+            return (f"{name} is absent from the YAML: upstream's default {value} ({what}) is not supported here; "
+                    f"add '- {fix}'")
+        return f"{name}: {value} ({what}) is not supported; STARFlow-V uses {fix}"
+
     # ----------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the parsed fields (tuples become lists)."""
         out: dict[str, Any] = {}
         for f in fields(self):
+            if not f.compare:   # provenance (absent, txt_dim_source): not part of the model
+                continue
             v = getattr(self, f.name)
             out[f.name] = [list(x) for x in v] if f.name == "unknown" else (list(v) if isinstance(v, tuple) else v)
         return out
@@ -349,10 +407,10 @@ class ModelConfig:
         defaults = ModelConfig()
         items = []
         for f in fields(self):
-            if f.name == "unknown":
+            if f.name == "unknown" or not f.compare:
                 continue
             v = getattr(self, f.name)
-            if (v == getattr(defaults, f.name) or v is None) and f.name not in REQUIRED_KEYS:
+            if (v == getattr(defaults, f.name) or v is None) and f.name not in STATED_KEYS:
                 continue
             if isinstance(v, tuple):
                 v = " ".join(str(x) for x in v)
@@ -415,9 +473,38 @@ def _size_problems(cfg: "ModelConfig") -> list[str]:
     return problems
 
 
-#: fields every STARFlow-V config states: their parser defaults (rope 0, sos 0, head_dim 64, channels 512)
-#: describe other models, so a config without them is refused instead of silently misread
-REQUIRED_KEYS = ("channels", "head_dim", "rope", "sos")
+#: fields :meth:`ModelConfig.to_yaml` writes even at their default (a reader sees the attention layout)
+STATED_KEYS = ("channels", "head_dim", "rope", "sos")
+
+#: options of upstream's training parser that the published configs carry and nothing here uses
+#: (data loading, optimiser, FSDP, logging): accepted and ignored, listed apart from unknown keys
+TRAINING_KEYS = frozenset({
+    "no_flip", "fsdp", "fsdp_text_encoder", "secondary_img_size", "batch_size", "secondary_batch_size",
+    "secondary_ratio", "lr", "min_lr", "wds", "loss_scaling", "grad_clip", "grad_skip", "sample_freq",
+    "latent_norm_regularization",
+})
+
+#: fields never listed as applied defaults: provenance, txt_dim (resolved apart), training-only switches
+_NOT_DEFAULTS = ("unknown", "absent", "txt_dim_source", "txt_dim", "drop_label", "drop_image",
+                 "gradient_checkpoint", "gradient_checkpoint_mlp")
+
+
+def applied_defaults(cfg: ModelConfig) -> list[str]:
+    """``"name value"`` for every field absent from the YAML that holds a value (upstream's default; a None
+    default means "derived" and is not listed), then how ``txt_dim`` was resolved when the YAML lacks it."""
+    out = []
+    for f in fields(cfg):
+        if f.name in _NOT_DEFAULTS or f.name not in cfg.absent:
+            continue
+        v = getattr(cfg, f.name)
+        if v is None or v == ():
+            continue
+        out.append(f"{f.name} {' '.join(map(str, v)) if isinstance(v, tuple) else v}")
+    if "txt_dim" in cfg.absent and cfg.txt_size > 0:
+        width = cfg.text_width
+        out.append(f"txt_dim {width} (from {cfg.text_width_source})" if width is not None
+                   else "txt_dim unknown (no text encoder width known; pass a checkpoint or --text-encoder)")
+    return out
 
 
 _PARSERS = {
@@ -472,7 +559,7 @@ def parse_config(data: Mapping[str, Any] | str) -> ModelConfig:
     items = data["arguments"]
     if not isinstance(items, list):
         raise ConfigError("'arguments' must be a list of one-key maps like '- channels: 512'")
-    known = {f.name: f for f in fields(ModelConfig) if f.name != "unknown"}
+    known = {f.name: f for f in fields(ModelConfig) if f.name != "unknown" and f.compare}
     values: dict[str, Any] = {}
     unknown: list[tuple[str, str]] = []
     for item in items:
@@ -484,11 +571,8 @@ def parse_config(data: Mapping[str, Any] | str) -> ModelConfig:
                 values[key] = _convert(key, raw, int if key in _INT_FIELDS else str)
             else:
                 unknown.append((str(key), raw))
-    missing = [k for k in REQUIRED_KEYS if k not in values]
-    if missing:
-        raise ConfigError(f"config lacks required key(s) {', '.join(missing)}: add them under 'arguments:' "
-                          "(STARFlow-V uses e.g. '- rope: 1', '- sos: 1', '- head_dim: 64')")
-    cfg = ModelConfig(**values, unknown=tuple(unknown))
+    absent = tuple(name for name in known if name not in values)   # these keep upstream's defaults
+    cfg = ModelConfig(**values, unknown=tuple(unknown), absent=absent)
     cfg.validate()
     return cfg
 

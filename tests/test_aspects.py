@@ -119,6 +119,34 @@ def test_unsupported_aspect_is_one_line(pipe, cases):
         pipe.generate(cases["y"][:1], noise=noise, aspect="16:9")
 
 
+def test_cli_score_of_a_directory_takes_every_exported_grid(aspect_export, pipe, ref32, cases, tmp_path):
+    """score --video DIR: clips of any exported grid, mixed in one directory (was: the default grid only)."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    g = torch.Generator().manual_seed(11)
+    xs = {a: torch.randn(2, 2, 4, *GRIDS[a], generator=g) for a in ("9:16", "1:1", "16:9")}
+    for i, (a, x) in enumerate(xs.items()):
+        np.save(clips / f"{i}.npy", x.numpy())
+    y = cases["y"][:1].expand(6, -1, -1).contiguous()
+    np.save(tmp_path / "y.npy", y.numpy())
+    res = CliRunner().invoke(main, ["score", str(aspect_export), "--video", str(clips), "--text-embeddings",
+                                    str(tmp_path / "y.npy")])
+    assert res.exit_code == 0, res.output
+    scores = json.loads(res.output.strip().splitlines()[-1])
+    want = torch.cat([ref32.nll(x, y[:2]) for x in xs.values()])
+    torch.testing.assert_close(torch.tensor(scores["nll"]), want.float(), rtol=1e-4, atol=1e-5)
+    assert [len(f["nll"]) for f in scores["files"]] == [2, 2, 2]
+    np.save(clips / "9.npy", torch.randn(1, 2, 4, 2, 8).numpy())   # no exported grid: one line naming them
+    res = CliRunner().invoke(main, ["score", str(aspect_export), "--video", str(clips), "--text-embeddings",
+                                    str(tmp_path / "y.npy")])
+    assert res.exit_code == 2 and "other exported H x W: 5x3, 4x4" in res.output, res.output
+
+
 def test_cli_export_and_generate_by_aspect(goldens_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     import numpy as np

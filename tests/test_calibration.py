@@ -149,3 +149,38 @@ def test_toy_calibration_set_only_for_toy_exports(goldens_export, toy_export):
     text, uncond, (clips, clip_text) = toy_calibration_set(load_manifest(toy_export), samples=4)
     assert text.shape[0] == uncond.shape[0] == 4 and clips.shape[0] == clip_text.shape[0] == HELD_OUT_CLIPS
     assert not torch.equal(text[0], uncond[0])
+
+
+def test_samples_takes_the_first_rows_or_is_refused(goldens_export, cases, tmp_path, monkeypatch):
+    """--samples N with embeddings: the first N rows are captured (was: ignored); more than given: one line."""
+    from click.testing import CliRunner
+
+    from starflow_trt.calibration import calibrate as C
+    from starflow_trt.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(pipe, text, uncond, *args, **kwargs):
+        seen["text"], seen["uncond"] = text.clone(), uncond.clone()
+        raise Stop
+
+    monkeypatch.setattr(C, "capture_activations", spy)
+    y, u = cases["y"], cases["y_uncond"]
+    assert y.shape[0] >= 2
+    with pytest.raises(Stop):
+        C.calibrate_directory(goldens_export, tmp_path / "a", "int8", samples=1, text=y, uncond=u, log=lambda m: None)
+    assert torch.equal(seen["text"], y[:1]) and torch.equal(seen["uncond"], u[:1])
+    with pytest.raises(Stop):   # no --samples: every row
+        C.calibrate_directory(goldens_export, tmp_path / "a", "int8", text=y, uncond=u, log=lambda m: None)
+    assert seen["text"].shape[0] == y.shape[0]
+    np.save(tmp_path / "y.npy", y.numpy())
+    np.save(tmp_path / "u.npy", u.numpy())
+    res = CliRunner().invoke(main, ["calibrate", str(goldens_export), "--precision", "int8", "--samples",
+                                    str(y.shape[0] + 1), "--text-embeddings", str(tmp_path / "y.npy"), "--uncond",
+                                    str(tmp_path / "u.npy"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert f"--samples {y.shape[0] + 1} but --text-embeddings has {y.shape[0]} row(s)" in res.output
+    assert not (tmp_path / "out").exists()

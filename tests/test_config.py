@@ -74,3 +74,102 @@ def test_bad_configs(text, needle):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+# ------------------------------------------------------------ upstream's published configs (issue 21)
+UPSTREAM = Path(__file__).resolve().parent / "data" / "upstream_configs"
+PUBLISHED_7B = UPSTREAM / "starflow-v_7B_t2v_caus_480p.yaml"
+PUBLISHED_3B = UPSTREAM / "starflow_3B_t2i_256x256.yaml"
+
+
+def _inspect(*args):
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    return CliRunner().invoke(main, ["inspect", *map(str, args)])
+
+
+def test_published_7b_parses_like_the_bundled_one():
+    """The file as published names no head_dim / txt_dim and carries training keys: upstream's defaults
+    apply, the model is the same as the bundled (explicit) 7B config's."""
+    text = PUBLISHED_7B.read_text()
+    assert "head_dim" not in text and "txt_dim" not in text
+    published, bundled = load_config(PUBLISHED_7B), load_config(CONFIG_7B)
+    assert published.head_dim == 64 and published.text_width == 2048 and published.txt_dim is None
+    assert {"head_dim", "txt_dim", "use_bias", "norm_type"} <= set(published.absent)
+    assert "channels" not in published.absent and published.cfg == (2.5,)
+    assert "fsdp" in published.training_keys and "lr" in published.training_keys
+    assert published.unknown_keys == ()
+    model_fields = ("layers", "channels", "top_channels", "head_dim", "txt_size", "text_width", "rope_seq_len",
+                    "token_channels", "latent_frames", "temporal_causal", "denoiser_window", "soft_clip")
+    assert {f: getattr(published, f) for f in model_fields} == {f: getattr(bundled, f) for f in model_fields}
+
+
+def test_published_7b_inspect_params_and_defaults_line():
+    res = _inspect(PUBLISHED_7B)
+    assert res.exit_code == 0, res.output
+    assert "total (with denoiser) 6,890,096,528" in res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("upstream defaults applied")]
+    assert len(lines) == 1
+    assert "head_dim 64" in lines[0] and "txt_dim 2048 (from the width of text encoder google/flan-t5-xl)" in lines[0]
+    assert "channels" not in lines[0].replace("channels/token", "")   # stated in the file
+    assert "ignored training-only keys: no_flip, fsdp" in res.output and "kept unknown" not in res.output
+
+
+def test_absent_rope_is_upstreams_default_and_refused():
+    text = PUBLISHED_7B.read_text().replace("- rope: 1\n", "")
+    with pytest.raises(ConfigError, match="rope is absent from the YAML: upstream's default 0 .* not supported here"):
+        parse_config(text)
+    with pytest.raises(ConfigError, match=r"^invalid config: rope: 0 \(learned"):   # stated: no "absent"
+        parse_config(text + "- rope: 0\n")
+
+
+def test_absent_seq_order_names_the_default():
+    text = PUBLISHED_7B.read_text().replace("- seq_order: L2R\n", "")
+    with pytest.raises(ConfigError, match="seq_order is absent from the YAML: upstream's default R2L applies"):
+        parse_config(text)
+
+
+def test_published_3b_image_config_is_one_line():
+    with pytest.raises(ConfigError, match="image models are not supported"):
+        load_config(PUBLISHED_3B)
+    res = _inspect(PUBLISHED_3B)
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "image models are not supported" in res.output
+
+
+def test_training_keys_do_not_change_the_model():
+    base = load_config(PUBLISHED_7B)
+    noisy = parse_config(PUBLISHED_7B.read_text() + "- lr: 1e-3\n- my_typo: 3\n")
+    assert noisy.unknown_keys == ("my_typo",) and noisy.training_keys.count("lr") == 2
+    assert noisy.replace(unknown=base.unknown) == base
+
+
+def test_txt_dim_resolution_order(tmp_path):
+    """--text-encoder directory's d_model, else the checkpoint's proj_txt, else the named encoder."""
+    import json
+
+    import torch
+
+    from starflow_trt.config import applied_defaults
+    from starflow_trt.reference import infer_text_width
+
+    cfg = load_config(PUBLISHED_7B)
+    assert cfg.text_width == 2048   # the named encoder (flan-t5-xl)
+    state = {"blocks.5.proj_txt.weight": torch.empty(4096, 1024)}
+    from_ckpt = infer_text_width(cfg, state)
+    assert from_ckpt.text_width == 1024 and "proj_txt" in from_ckpt.text_width_source
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"d_model": 1024}))
+    from_dir = infer_text_width(cfg, state, t5)
+    assert from_dir.text_width == 1024 and "--text-encoder" in from_dir.text_width_source
+    assert any(d.startswith("txt_dim 1024 (from --text-encoder") for d in applied_defaults(from_dir))
+    assert infer_text_width(cfg, None, t5).text_width == 1024   # directory beats the named encoder
+    (t5 / "config.json").write_text(json.dumps({"d_model": 512}))
+    with pytest.raises(ConfigError, match="hidden size 512 .* takes 1024-wide text"):
+        infer_text_width(cfg, state, t5)
+    stated = parse_config(PUBLISHED_7B.read_text() + "- txt_dim: 300\n")
+    assert infer_text_width(stated, state, t5).text_width == 300   # a YAML that states it wins
+    # provenance is not part of the model: same hash as the explicit value
+    assert from_ckpt.hash() == cfg.replace(txt_dim=1024).hash()

@@ -118,6 +118,29 @@ def test_bf16_graph_structure(goldens_bf16):
     assert softmax and set(softmax) == {onnx.TensorProto.FLOAT}
 
 
+def test_bf16_on_ort_is_one_line_naming_the_fix(goldens_bf16, tmp_path):
+    """ORT cannot run BF16 graphs: refused before any session (was: NOT_IMPLEMENTED / KeyError internal errors)."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+    from starflow_trt.errors import BackendUnavailable
+    from starflow_trt.runtime.backends import make_backend
+    from starflow_trt.runtime.backends.ort_backend import OrtBackend
+
+    m = load_manifest(goldens_bf16)
+    with pytest.raises(BackendUnavailable, match="bf16 .*--backend torch .*--dtype fp16 or fp32"):
+        make_backend("ort", m)
+    with pytest.raises(BackendUnavailable, match="deep_step"):   # a backend made without the manifest
+        OrtBackend().load(m.graph("deep_step"))
+    y = tmp_path / "y.npy"
+    np.save(y, np.zeros((1, m.geometry.text_length, m.geometry.text_width), np.float32))
+    res = CliRunner().invoke(main, ["generate", str(goldens_bf16), "--text-embeddings", str(y), "-o",
+                                    str(tmp_path / "out")])
+    assert res.exit_code == 2 and res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
+    assert "--backend torch" in res.output and "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_step_graph_modules_match_fp32(goldens_dir, dtype):
     """The torch graph wrappers in FP16/BF16 (weights as the export converts them) vs FP32: scale/shift and K/V."""

@@ -190,10 +190,12 @@ def test_invalid_config_fields_are_named(goldens_dir, edit, field):
 
 
 def test_config_missing_keys_are_named(tmp_path):
-    # was: a config lacking keys silently took defaults, then errored about head_dim / rope / sos combinations
+    # absent keys take upstream's defaults (issue 21); the ones not supported here say so, naming the field
     cfg = tmp_path / "partial.yaml"
     cfg.write_text("arguments:\n- channels: 32\n- channel_size: 4\n")
-    assert_user_error(run("inspect", cfg), "lacks required key(s) head_dim, rope, sos")
+    line = assert_user_error(run("inspect", cfg), "head_dim is absent from the YAML: upstream's default 64 applies",
+                             "rope is absent from the YAML: upstream's default 0", "add '- sos: 1'")
+    assert "not supported here" in line
 
 
 def test_output_under_a_file_or_read_only(goldens_copy, goldens_export, npys, tmp_path, monkeypatch):

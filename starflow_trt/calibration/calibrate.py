@@ -73,7 +73,8 @@ def psnr(test: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: str = "entropy",
-                        samples: int = 16, text: Optional[torch.Tensor] = None, uncond: Optional[torch.Tensor] = None,
+                        samples: Optional[int] = None, text: Optional[torch.Tensor] = None,
+                        uncond: Optional[torch.Tensor] = None,
                         guidance: float = 3.0, jacobi: Optional[JacobiConfig] = JacobiConfig(block_size=16),
                         exclude: Sequence[str] = DEFAULT_EXCLUDE, gate: Optional[QualityGate] = None,
                         eval_clips: Optional[tuple[torch.Tensor, torch.Tensor]] = None, max_calls: int = 48,
@@ -98,6 +99,11 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
                             "with the kind of prompts the model will serve")
     if guidance > 0 and uncond is None:
         raise StarflowError("guidance > 0 needs --uncond embeddings for calibration")
+    if samples is not None:   # the first ``samples`` prompts (None: every row given)
+        if samples < 1 or samples > text.shape[0]:
+            raise StarflowError(f"--samples {samples} but --text-embeddings has {text.shape[0]} row(s); pass at "
+                                f"most {text.shape[0]} samples or more embedding rows")
+        text, uncond = text[:samples], (uncond[:samples] if uncond is not None else None)
     pipe32 = Pipeline(manifest, make_backend("ort", manifest))
     t0 = time.perf_counter()
     seeds = [1000]
@@ -110,6 +116,9 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
             + ", ".join(f"{g} {i['calls']}/{i['seen']} in {len(i['shards'])} shard(s)" for g, i in index["graphs"].items()))
     cal, held = captured.split(0.25)
     with staged_directory(out, force=overwrite, inputs=[src]) as tmp:
+        from ..media.text import carry_tokenizer
+
+        carry_tokenizer(manifest, tmp)   # prompts on OUT need the export's tokenizer
         new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log)
         quality = {"graphs": {}}
         for name, spec in new.graphs.items():

@@ -10,12 +10,17 @@ import click
 
 from . import options
 
+#: calibration prompts of a toy export when --samples is not given
+TOY_SAMPLES = 16
+
 
 @click.command("calibrate")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--precision", type=click.Choice(["int8", "fp16"]), required=True)
 @click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True)
-@click.option("--samples", default=16, show_default=True, type=options.POSITIVE_INT, help="calibration prompts (videos)")
+@click.option("--samples", default=None, type=options.POSITIVE_INT,
+              help="calibration prompts (videos): the first N rows of --text-embeddings (default: every row), "
+                   "or N of the toy's prompts (default 16)")
 @click.option("--text-embeddings", "text", type=click.Path(exists=True, dir_okay=False),
               help="calibration prompts y.npy [N, L, D] (default: the bundled toy's prompts for toy exports)")
 @click.option("--uncond", type=click.Path(exists=True, dir_okay=False), help="empty-prompt embeddings [N, L, D]")
@@ -28,7 +33,7 @@ from . import options
 @click.option("--capture-dir", type=click.Path(file_okay=False), help="also keep the captured graph inputs here "
               "(size-bounded .npz shards)")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def calibrate_command(directory: str, precision: str, method: str, samples: int, text: Optional[str],
+def calibrate_command(directory: str, precision: str, method: str, samples: Optional[int], text: Optional[str],
                       uncond: Optional[str], guidance: float, exclude: tuple, trt_version: str, ignore_gate: bool,
                       force: bool, capture_dir: Optional[str], out_dir: str) -> None:
     """Calibrate the FP32 graphs of DIRECTORY into INT8 (Q/DQ) or FP16 graphs in OUT, gated on quality."""
@@ -65,7 +70,7 @@ def calibrate_command(directory: str, precision: str, method: str, samples: int,
     if text_t is None:  # an export of the bundled toy calibrates on the toy's own prompts and clips
         from ..toy.calibration import toy_calibration_set
 
-        found = toy_calibration_set(source, samples)
+        found = toy_calibration_set(source, samples or TOY_SAMPLES)
         if found is not None:
             text_t, uncond_t, eval_clips = found
 

@@ -200,7 +200,7 @@ def score_command(ctx: click.Context, directory, video, text, backend, checkpoin
     if single:
         stream = [latents.LatentFile(paths[0], x.shape[0], x.shape[1], False)]
     else:
-        stream = [latents.inspect(f, (g.channel_size, g.height, g.width), g.max_frames) for f in paths]
+        stream = [latents.inspect(f, latents.export_geometries(g), g.max_frames) for f in paths]
     total = sum(f.clips for f in stream)
     if y.shape[0] != total:
         raise InputError(f"--text-embeddings has {y.shape[0]} rows but --video holds {total} clips; "

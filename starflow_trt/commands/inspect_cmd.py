@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from ..config import ModelConfig, load_config
+from ..config import ModelConfig, applied_defaults, load_config
 from ..costs import block_params, denoiser_params, generation_costs, kv_bytes_per_frame
 from . import options
 
@@ -40,7 +40,8 @@ def inspect_report(cfg: ModelConfig, aspect: str = "16:9", frames: Optional[int]
         "kv_bytes_per_frame_fp16": {"guidance": kv_bytes_per_frame(cfg, F, True),
                                     "no_guidance": kv_bytes_per_frame(cfg, F, False)},
         "flops_per_latent_frame": {k: v.flops / T for k, v in costs.items()},
-        "unknown_keys": [k for k, _ in cfg.unknown],
+        "unknown_keys": list(cfg.unknown_keys), "training_keys": list(cfg.training_keys),
+        "defaults_applied": applied_defaults(cfg),
     }
 
 
@@ -49,15 +50,28 @@ def inspect_report(cfg: ModelConfig, aspect: str = "16:9", frames: Optional[int]
 @click.argument("checkpoint", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--aspect", default="16:9", show_default=True, callback=options.aspect, help="frame aspect for VAE configs")
 @click.option("--frames", type=options.POSITIVE_INT, default=None, help="latent frames (default: the config's vid_size)")
-def inspect_command(config: str, checkpoint: Optional[str], aspect: str, frames: Optional[int]) -> None:
-    """Blocks, parameters, geometry, KV-cache size and FLOPs of CONFIG; validates CHECKPOINT if given."""
+@click.option("--text-encoder", "text_encoder", default=None, callback=options.text_encoder_dir,
+              help="local Hugging Face T5 folder: txt_dim is its hidden size (as export takes it)")
+def inspect_command(config: str, checkpoint: Optional[str], aspect: str, frames: Optional[int],
+                    text_encoder: Optional[str]) -> None:
+    """Blocks, parameters, geometry, KV-cache size and FLOPs of CONFIG; validates CHECKPOINT if given.
+
+    Keys absent from CONFIG take upstream's defaults (listed on one line); txt_dim, which upstream
+    takes from its text encoder, comes from --text-encoder, else CHECKPOINT, else the named encoder."""
     cfg = load_config(config)  # validated: sizes, ranges and combinations, one error naming the fields
+    state, notes = None, []
     if checkpoint:
-        from ..checkpoint import load_state_dict, strip_wrapper_prefixes, validate_state_dict
-        from ..reference import build_model, infer_text_width
+        from ..checkpoint import load_state_dict, strip_wrapper_prefixes
 
         state, notes = strip_wrapper_prefixes(load_state_dict(checkpoint))
-        cfg = infer_text_width(cfg, state)
+    if checkpoint or text_encoder:
+        from ..reference import infer_text_width
+
+        cfg = infer_text_width(cfg, state, text_encoder)
+    if state is not None:
+        from ..checkpoint import validate_state_dict
+        from ..reference import build_model
+
         validate_state_dict(state, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
     r = inspect_report(cfg, aspect, frames)
     echo = click.echo
@@ -79,6 +93,10 @@ def inspect_command(config: str, checkpoint: Optional[str], aspect: str, frames:
     fl = r["flops_per_latent_frame"]
     echo("FLOPs per generated latent frame (one sweep, guidance on): " +
          ", ".join(f"{k} {_fmt(v)}" for k, v in fl.items()))
+    if r["defaults_applied"]:
+        echo(f"upstream defaults applied (absent from the YAML): {', '.join(r['defaults_applied'])}")
+    if r["training_keys"]:
+        echo(f"ignored training-only keys: {', '.join(r['training_keys'])}")
     if r["unknown_keys"]:
         echo(f"kept unknown config keys: {', '.join(r['unknown_keys'])}")
     if checkpoint:

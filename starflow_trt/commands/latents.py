@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -25,6 +25,12 @@ class LatentFile:
     clips: int
     frames: int
     clip: bool          # True: a single clip [T, C, H, W]
+    grid: tuple[int, int] = (0, 0)   # latent (H, W) of its clips
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(T, H, W) of one clip: clips of one shape share a chunk."""
+        return (self.frames, *self.grid)
 
 
 def _is_npy(path: Path) -> bool:
@@ -58,8 +64,14 @@ def video_files(path: str) -> list[Path]:
     return files
 
 
-def inspect(path: Path, geometry: tuple[int, int, int], max_frames: int) -> LatentFile:
-    """Read the header of one latent file and check its shape against (C, H, W) and ``max_frames``."""
+def export_geometries(geo) -> tuple[tuple[int, int, int], ...]:
+    """(C, H, W) latents of every token grid a :class:`~starflow_trt.geometry.Geometry` exports, default first."""
+    return tuple((geo.channel_size, h * geo.patch_size, w * geo.patch_size) for h, w in geo.grids)
+
+
+def inspect(path: Path, geometries: Sequence[tuple[int, int, int]], max_frames: int) -> LatentFile:
+    """Read the header of one latent file and check its shape against one of ``geometries`` (C, H, W)
+    (an export's grids: :func:`export_geometries`) and ``max_frames``."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -69,16 +81,19 @@ def inspect(path: Path, geometry: tuple[int, int, int], max_frames: int) -> Late
     shape = array.shape
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
         raise InputError(f"--video file {str(path)!r} holds {getattr(array, 'dtype', '?')} data; save float latents")
-    ok = array.ndim in (4, 5) and tuple(shape[-3:]) == tuple(geometry) and 0 not in shape
+    geometries = [tuple(g) for g in geometries]
+    ok = array.ndim in (4, 5) and tuple(shape[-3:]) in geometries and 0 not in shape
     if not ok:
-        C, H, W = geometry
+        C, H, W = geometries[0]
+        others = "".join(f", {h}x{w}" for _, h, w in geometries[1:])
         raise InputError(f"--video file {str(path)!r} has shape {shape}; expected a clip [T, {C}, {H}, {W}] "
-                         f"or clips [B, T, {C}, {H}, {W}] (this export's geometry)")
+                         f"or clips [B, T, {C}, {H}, {W}] (this export's geometry"
+                         + (f"; other exported H x W: {others[2:]})" if others else ")"))
     frames = shape[-4]
     if frames > max_frames:
         raise InputError(f"--video file {str(path)!r} has {frames} frames; this export scores at most "
                          f"{max_frames}: cut the clips or re-export with --max-frames")
-    return LatentFile(path, 1 if array.ndim == 4 else shape[0], frames, array.ndim == 4)
+    return LatentFile(path, 1 if array.ndim == 4 else shape[0], frames, array.ndim == 4, (shape[-2], shape[-1]))
 
 
 def load_clips(f: LatentFile) -> np.ndarray:
@@ -90,14 +105,14 @@ def load_clips(f: LatentFile) -> np.ndarray:
 
 
 def chunks(files: list[LatentFile], max_batch: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first clip index, clips [b, T, C, H, W]) with b <= max_batch: consecutive clips of equal T
-    (a chunk ends where the frame count changes). Each file is loaded once, when first needed."""
+    """(first clip index, clips [b, T, C, H, W]) with b <= max_batch: consecutive clips of one shape
+    (a chunk ends where the frame count or the grid changes). Each file is loaded once, when first needed."""
     pending: list[np.ndarray] = []
     start = index = 0
     for f in files:
         clips = load_clips(f)
         for row in clips:
-            if pending and (len(pending) == max_batch or pending[0].shape[0] != row.shape[0]):
+            if pending and (len(pending) == max_batch or pending[0].shape != row.shape):
                 yield start, np.stack(pending)
                 pending, start = [], index
             pending.append(row)
@@ -108,10 +123,10 @@ def chunks(files: list[LatentFile], max_batch: int) -> Iterator[tuple[int, np.nd
 
 def count_chunks(files: list[LatentFile], max_batch: int) -> int:
     """How many chunks :func:`chunks` yields (for the progress bar)."""
-    n, size, frames = 0, 0, None
+    n, size, shape = 0, 0, None
     for f in files:
         for _ in range(f.clips):
-            if size == 0 or size == max_batch or f.frames != frames:
+            if size == 0 or size == max_batch or f.shape != shape:
                 n, size = n + 1, 0
-            size, frames = size + 1, f.frames
+            size, shape = size + 1, f.shape
     return n

@@ -149,6 +149,9 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
     cache = cache_path.read_bytes() if cache_path.exists() else b""
     with staged_directory(out_dir, force=True, inputs=[graph_dir]) as tmp:  # CLI checks --force first
         manifest = source.derive(tmp)
+        from ..media.text import carry_tokenizer
+
+        carry_tokenizer(source, tmp)   # prompts on the engines need the export's tokenizer
         for name, item in plan["graphs"].items():
             log(f"building {name} ({item['network']}, precision {item['precision']})")
             spec = source.graph(name)

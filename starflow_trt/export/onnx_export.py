@@ -239,7 +239,7 @@ def _plans(config, checkpoint, graphs: Optional[Sequence[str]], limits: ExportLi
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
     state = load_state_dict(checkpoint, mmap=True)
     state, _ = strip_wrapper_prefixes(state)
-    cfg = infer_text_width(cfg, state)
+    cfg = infer_text_width(cfg, state, text_encoder)
     validate_state_dict(state, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
     geo = geometry_for(cfg, limits)
     from .media_kinds import MediaSources

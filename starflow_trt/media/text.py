@@ -133,6 +133,18 @@ def copy_tokenizer(src: PathLike, dst: PathLike) -> dict[str, str]:
     return hashes
 
 
+def carry_tokenizer(manifest, dst_root: PathLike) -> None:
+    """Copy the tokenizer folder that ``manifest``'s text_encoder graph records (an export made with
+    ``--text-encoder DIR``) into the directory derived from it (calibrated graphs, engines): its prompts
+    need the same files. Nothing to do for exports without one or with the toy's word table."""
+    from ..export.names import TEXT_ENCODER
+
+    spec = manifest.graphs.get(TEXT_ENCODER)
+    folder = spec.extra.get("tokenizer_dir") if spec is not None else None
+    if folder:
+        copy_tokenizer(Path(manifest.root) / folder, Path(dst_root) / folder)
+
+
 def load_tokenizer(directory: PathLike):
     """The Hugging Face tokenizer of a local directory (no download)."""
     transformers = _require_transformers()

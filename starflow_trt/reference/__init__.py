@@ -6,31 +6,59 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from ..config import ModelConfig, load_config
+from ..errors import ConfigError
 from ..sampling import KVCache
 from .flow import FlowBlock, guide, patchify, unpatchify
 from .model import StarflowV, deprecated_buffer_values
 from .sampler import JacobiConfig
 
 __all__ = ["load_reference", "build_model", "JacobiConfig", "StarflowV", "FlowBlock", "KVCache",
-           "guide", "patchify", "unpatchify", "infer_text_width"]
+           "guide", "patchify", "unpatchify", "infer_text_width", "text_encoder_width"]
 
 PathLike = Union[str, os.PathLike]
 
 
-def infer_text_width(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> ModelConfig:
-    """Fill ``txt_dim`` from the top block's ``proj_txt`` weight when the config does not give it."""
-    if cfg.text_width is not None or cfg.txt_size <= 0:
+def infer_text_width(cfg: ModelConfig, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                     text_encoder: Optional[PathLike] = None) -> ModelConfig:
+    """Fill a ``txt_dim`` the YAML does not state, as upstream does from its text encoder: the hidden size
+    (``d_model``) of the ``text_encoder`` directory when given, else the width the checkpoint's top-block
+    ``proj_txt.weight`` [width, txt_dim] takes, else (:attr:`ModelConfig.text_width`) the named encoder's.
+
+    A directory whose width differs from the checkpoint's is refused (one line naming both)."""
+    if cfg.txt_dim is not None or cfg.txt_size <= 0:
         return cfg
     key = f"blocks.{cfg.top_index}.proj_txt.weight"
-    if key in state_dict:
-        return cfg.replace(txt_dim=int(state_dict[key].shape[1]))
+    shape = tuple(state_dict[key].shape) if state_dict is not None and key in state_dict else None
+    width = text_encoder_width(text_encoder) if text_encoder is not None else None
+    if width is not None:
+        if shape is not None and len(shape) == 2 and shape[1] != width:
+            raise ConfigError(f"text encoder {os.fspath(text_encoder)} has hidden size {width} but the checkpoint's "
+                              f"{key} takes {shape[1]}-wide text; pass the encoder the checkpoint was trained with")
+        return cfg.with_text_width(width, f"--text-encoder {os.fspath(text_encoder)} (d_model)")
+    if shape is not None and len(shape) == 2:
+        return cfg.with_text_width(shape[1], f"the checkpoint's {key}")
     return cfg
+
+
+def text_encoder_width(directory: PathLike) -> Optional[int]:
+    """Hidden size (``d_model``) in a Hugging Face T5 directory's config.json; None for anything else
+    (the toy's word table is a file, its width is checked when it is loaded)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        width = json.loads(path.read_text(encoding="utf-8")).get("d_model")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ConfigError(f"cannot read the text encoder's {path} ({exc}); pass the folder save_pretrained wrote") from exc
+    return width if isinstance(width, int) and width >= 1 else None
 
 
 def build_model(cfg: ModelConfig, device: Union[str, torch.device] = "cpu",

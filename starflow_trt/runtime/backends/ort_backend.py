@@ -64,6 +64,17 @@ def choose_providers(requested: Optional[Sequence] = None) -> list:
     return list(requested)
 
 
+def refuse_bf16(specs) -> None:
+    """One line naming the fix when a graph of ``specs`` is BF16: ONNX Runtime's CPU EP has no BF16 MatMul
+    (NOT_IMPLEMENTED at session creation) and numpy, which its IO binding speaks, has no bfloat16."""
+    names = [s.name for s in specs if s.precision == "bf16"]
+    if names:
+        raise BackendUnavailable(f"{len(names)} graph(s) of this export are bf16 ({', '.join(names[:3])}"
+                                 f"{', ...' if len(names) > 3 else ''}), which ONNX Runtime cannot run (its CPU EP has "
+                                 "no BF16 MatMul); use --backend torch (with --checkpoint) or trt, or re-export with "
+                                 "--dtype fp16 or fp32 for --backend ort")
+
+
 class OrtRunner(GraphRunner):
     def __init__(self, spec: GraphSpec, session, device_type: str):
         super().__init__(spec)
@@ -168,6 +179,7 @@ class OrtBackend(Backend):
         return variant if variant is not None else spec.path
 
     def load_impl(self, spec: GraphSpec) -> GraphRunner:
+        refuse_bf16([spec])
         return OrtRunner(spec, self.session(self.graph_path(spec), spec), self.device_type)
 
     def describe(self) -> dict:

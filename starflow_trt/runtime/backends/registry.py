@@ -116,8 +116,9 @@ def _probe_trt() -> Optional[str]:
 
 @register_backend("ort", "ONNX Runtime: CPU EP by default, CUDA / TensorRT EPs on request", _probe_ort)
 def _ort(manifest: Manifest, options: BackendOptions) -> Backend:
-    from .ort_backend import OrtBackend
+    from .ort_backend import OrtBackend, refuse_bf16
 
+    refuse_bf16(manifest.graphs.values())   # before any session: one line naming the fix
     return OrtBackend(providers=options.providers, threads=options.threads,
                       shared_pool=options.thread_pool == "shared")
 

@@ -41,7 +41,11 @@ class TextStage:
         self.tokenizer = load_tokenizer(directory)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Captions (already templated) → text [B, L, D] float32 (padded rows exactly 0)."""
+        """Captions (already templated) → text [B, L, D] float32 (padded rows exactly 0); any B, in chunks of
+        the graph's batch range (a row's features do not depend on the other rows)."""
+        rows = int(self.spec.dims["batch"].max) if "batch" in self.spec.dims else len(texts)
+        if len(texts) > rows:
+            return torch.cat([self.encode_texts(texts[i:i + rows]) for i in range(0, len(texts), rows)])
         from ...media.text import tokenize
 
         if isinstance(self.tokenizer, WordTokenizer):

@@ -39,6 +39,17 @@ def held_out_prompts(n: int, samples: int = 16) -> list[str]:
     return [p for p in PROMPTS if p not in used][:n]
 
 
+def toy_export(cache: Path) -> Path:
+    """The bundled toy's export in ``cache`` (as run.py makes it: batch up to 8)."""
+    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
+
+    out = cache / "toy_graphs"
+    if not (out / "manifest.json").exists():
+        toy = load_bundled()
+        export_graphs(toy.config_path, toy.checkpoint_path, out, limits=ExportLimits(max_batch=8), force=True)
+    return out
+
+
 def calibrate_all(src: Path, cache: Path, stem: str, toy: bool, log) -> dict[str, Path]:
     out = {}
     for label, precision, placement in VARIANTS:
@@ -86,7 +97,8 @@ def deep_calls(pipes: dict[str, Pipeline], texts, uncond, noise_shape, guidance:
 
 def markdown(result: dict) -> str:
     lines = ["# FP8 / INT8 / FP16 quality vs FP32 (ONNX Runtime CPU EP)", "",
-             f"Measured {result['date']} in {result['seconds']:.0f} s on a shared 2-vCPU machine. No TensorRT, no GPU.",
+             f"Measured {result['date']} on a shared 2-vCPU machine (seconds per part: {result['seconds']}). "
+             "No TensorRT, no GPU.",
              ""]
     for model, rows in result["quality"].items():
         lines += [f"## {model}", "", "| precision | bits/dim Δ | latent PSNR dB | worst graph rel L2 | deep_step rel L2 "
@@ -102,6 +114,8 @@ def markdown(result: dict) -> str:
         lines.append("")
     for key, title in (("deep_calls_toy", "Toy: deep calls on held-out prompts"),
                        ("deep_calls_bench", "Bench config: deep calls over 8 prompts")):
+        if key not in result:
+            continue
         lines += [f"## {title} (ratio to FP32)", "", "| precision | schedule | deep calls | ratio | median dist to AR |",
                   "|---|---|---|---|---|"]
         for name, rows in result[key].items():
@@ -109,6 +123,8 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {name} | {r['schedule']} | {r['deep_calls']} | {r['deep_calls_vs_fp32']:.2f} | "
                              f"{r['dist_median']:.3g} |")
         lines.append("")
+    if "projection_fp8" not in result:
+        return "\n".join(lines) + "\n"
     lines += ["## 7B on Hopper: PROJECTION (roofline on datasheet peaks, not a measurement)", "",
               "| GPU | schedule | GEMMs | K/V | s / video | K/V GB | weights GB | fits |", "|---|---|---|---|---|---|---|---|"]
     for r in result["projection_fp8"]:
@@ -120,37 +136,45 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--held-out", type=int, default=8, help="toy held-out prompts for the deep-calls rows")
+    ap.add_argument("--models", default="toy,bench", help="toy, bench or both (results merge into the JSON)")
     ap.add_argument("-o", "--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
+    models = set(args.models.split(","))
     start = time.perf_counter()
     paths = BenchPaths.under(args.out, HERE / ".cache")
-    dirs = _prepare(replace(FULL, int8=False), paths, print)   # the toy and bench-config exports (cached)
-    toy_dirs = calibrate_all(dirs["toy_graphs"], paths.cache, "toy", True, print)
-    bench_dirs = calibrate_all(dirs["graphs"], paths.cache, "bench", False, print)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "quality": {"toy": quality_rows(toy_dirs), "bench config": quality_rows(bench_dirs)}}
-    toy = load_bundled()
-    prompts = held_out_prompts(args.held_out)
-    pipes = {"fp32": Pipeline.from_dir(dirs["toy_graphs"]), **{k: Pipeline.from_dir(v) for k, v in toy_dirs.items()}}
-    g = pipes["fp32"].geo
-    print(f"toy: deep calls over {len(prompts)} held-out prompts")
-    result["held_out_prompts"] = prompts
-    result["deep_calls_toy"] = deep_calls(pipes, toy.encode(prompts), toy.encode([""] * len(prompts)),
-                                          (1, g.max_frames, 3, g.height, g.width), 3.0, "toy")
-    bench = {"fp32": Pipeline.from_dir(dirs["graphs"]), "fp8": Pipeline.from_dir(bench_dirs["fp8"])}
-    bg = bench["fp32"].geo
-    texts = torch.randn(8, bg.text_length, bg.text_width, generator=torch.Generator().manual_seed(3))   # as run.py
-    print("bench config: deep calls over 8 prompts (the 7B projection's measured schedules)")
-    result["deep_calls_bench"] = deep_calls(bench, texts, torch.zeros_like(texts),
-                                            (1, bg.max_frames, bg.channel_size, bg.height, bg.width), 2.0, "bench")
-    tokens = bg.max_frames * bg.tokens_per_frame
-    schedules = [ScheduleWork.from_counts(r["schedule"], r["deep_tokens"], r["deep_calls"], r["samples"] * tokens)
-                 for r in result["deep_calls_bench"]["fp32"]]
-    result["projection_schedules"] = [s.__dict__ for s in schedules]
-    result["projection_fp8"] = fp8_projection_table(load_config(model_config_7b()), schedules)
-    result["seconds"] = time.perf_counter() - start
+    path = args.out / "quality_fp8.json"
+    result = json.loads(path.read_text()) if path.exists() else {"quality": {}}
+    if "toy" in models:
+        dirs = {"toy_graphs": toy_export(paths.cache)}
+        toy_dirs = calibrate_all(dirs["toy_graphs"], paths.cache, "toy", True, print)
+        result["quality"]["toy"] = quality_rows(toy_dirs)
+        toy = load_bundled()
+        prompts = held_out_prompts(args.held_out)
+        pipes = {"fp32": Pipeline.from_dir(dirs["toy_graphs"]), **{k: Pipeline.from_dir(v) for k, v in toy_dirs.items()}}
+        g = pipes["fp32"].geo
+        print(f"toy: deep calls over {len(prompts)} held-out prompts")
+        result["held_out_prompts"] = prompts
+        result["deep_calls_toy"] = deep_calls(pipes, toy.encode(prompts), toy.encode([""] * len(prompts)),
+                                              (1, g.max_frames, 3, g.height, g.width), 3.0, "toy")
+    if "bench" in models:
+        dirs = _prepare(replace(FULL, int8=False, toy=False), paths, print)   # the bench-config export
+        bench_dirs = calibrate_all(dirs["graphs"], paths.cache, "bench", False, print)
+        result["quality"]["bench config"] = quality_rows(bench_dirs)
+        bench = {"fp32": Pipeline.from_dir(dirs["graphs"]), "fp8": Pipeline.from_dir(bench_dirs["fp8"])}
+        bg = bench["fp32"].geo
+        texts = torch.randn(8, bg.text_length, bg.text_width, generator=torch.Generator().manual_seed(3))   # as run.py
+        print("bench config: deep calls over 8 prompts (the 7B projection's measured schedules)")
+        result["deep_calls_bench"] = deep_calls(bench, texts, torch.zeros_like(texts),
+                                                (1, bg.max_frames, bg.channel_size, bg.height, bg.width), 2.0, "bench")
+        tokens = bg.max_frames * bg.tokens_per_frame
+        schedules = [ScheduleWork.from_counts(r["schedule"], r["deep_tokens"], r["deep_calls"], r["samples"] * tokens)
+                     for r in result["deep_calls_bench"]["fp32"]]
+        result["projection_schedules"] = [s.__dict__ for s in schedules]
+        result["projection_fp8"] = fp8_projection_table(load_config(model_config_7b()), schedules)
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result.setdefault("seconds", {})[args.models] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality_fp8.json").write_text(json.dumps(result, indent=1, default=str))
+    path.write_text(json.dumps(result, indent=1, default=str))
     (args.out / "quality_fp8.md").write_text(markdown(result))
     print(markdown(result))
 

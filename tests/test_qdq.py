@@ -222,3 +222,30 @@ def test_fp8_gate_and_verify_tolerance():
     gate = default_gate("fp8")
     assert (gate.max_bpd_increase, gate.min_psnr_db) == (0.002, 35.0)
     assert default_tolerance("fp8") == gate.max_graph_error < default_tolerance("int8") + 0.1
+
+
+def test_kv_fp8_rounds_what_is_written_not_what_is_scored():
+    """--kv-dtype fp8: the new_k output (written to the cache) is E4M3-rounded with amax/448; the same step's
+    attention still reads the unrounded K."""
+    from starflow_trt.calibration.qdq import kv_outputs, quantize_kv_writes
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((D, D)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["new_k_0"], name="k_proj"),
+             helper.make_node("Transpose", ["new_k_0"], ["kT"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "kT"], ["scores"], name="score")]
+    f = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [f("x", ["S", D])], [f("scores", ["S", "S"]),
+                                                                                  f("new_k_0", ["S", D])],
+                                                [numpy_helper.from_array(w, "w")]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((6, D)).astype(np.float32)
+    k = x @ w
+    assert kv_outputs(model) == ["new_k_0"]
+    assert quantize_kv_writes(model, {"new_k_0": float(np.abs(k).max())}, qformat("fp8")) == ["new_k_0"]
+    onnx.checker.check_model(model)
+    scores, new_k = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})
+    np.testing.assert_allclose(new_k, _e4m3(k, np.float32(np.abs(k).max() / 448)), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(new_k, k, rtol=1e-4)
+    np.testing.assert_allclose(scores, x @ k.T, rtol=1e-4, atol=1e-4)

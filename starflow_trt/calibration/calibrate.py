@@ -92,11 +92,13 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
                         eval_clips: Optional[tuple[torch.Tensor, torch.Tensor]] = None, max_calls: int = 48,
                         trt_version: str = "10.3.0", force: bool = False, overwrite: bool = False,
                         capture_dir: Optional[Path] = None, shard_bytes: int = 64 << 20,
-                        placement: str = "ort", log: Callable[[str], None] = print) -> Manifest:
+                        placement: str = "ort", kv_dtype: Optional[str] = None,
+                        log: Callable[[str], None] = print) -> Manifest:
     """Calibrate ``src`` (FP32 graphs) into ``out``; see the module docstring.
 
     ``method``: default the precision's first of :data:`METHODS_FOR`; ``placement``: of the Q/DQ
-    (:data:`PLACEMENTS`; FP8 is always "trt")."""
+    (:data:`PLACEMENTS`; FP8 is always "trt"); ``kv_dtype="fp8"``: the step graphs also round the K/V they
+    write to E4M3 (:func:`.qdq.quantize_kv_writes`; FP8 only)."""
     from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
 
@@ -111,6 +113,8 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
             raise StarflowError(f"--method {method} does not apply to {precision}; use one of "
                                 f"{', '.join(METHODS_FOR[precision])}")
     method = method or "entropy"
+    if kv_dtype not in (None, "fp8") or (kv_dtype and precision != "fp8"):
+        raise StarflowError(f"--kv-dtype {kv_dtype} needs --precision fp8 (the only K/V type besides the graphs' own)")
     src, out = Path(src), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise StarflowError(f"{out} exists and is not empty; choose another -o or remove it")
@@ -135,7 +139,8 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
             + ", ".join(f"{g} {i['calls']}/{i['seen']} in {len(i['shards'])} shard(s)" for g, i in index["graphs"].items()))
     cal, held = captured.split(0.25)
     with staged_directory(out, force=overwrite, inputs=[src]) as tmp:
-        new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log, placement)
+        new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log, placement,
+                              kv_fp8=kv_dtype == "fp8")
         quality = {"graphs": {}}
         for name, spec in new.graphs.items():
             if spec.precision == "fp32":   # converted graphs (e.g. fp16 VAE graphs in an int8 directory) are gated
@@ -156,6 +161,9 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
             new.extra["calibration"]["trt_cache_versions"] = "TensorRT 8.x-10.x (implicit INT8)"
         if precision in QUANTIZED:   # which Q/DQ a directory holds (build --dry-run and verify read it)
             new.extra["quantization"] = quantization_record(precision, placement, new)
+            if kv_dtype:
+                new.extra["quantization"]["kv_dtype"] = ("fp8 (E4M3-rounded on write; the ORT cache array stays "
+                                                         "FP32: quality simulated, memory not saved)")
         if floor:
             new.extra["calibration"]["residual_floor"] = floor
             log(f"Jacobi residual floor of the {precision} graphs: {floor['value']:.2e}")
@@ -176,7 +184,8 @@ def quantization_record(precision: str, placement: str, manifest: Manifest) -> d
 
 
 def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, cal: CaptureSet,
-                    exclude: Sequence[str], trt_version: str, log, placement: str = "ort") -> Manifest:
+                    exclude: Sequence[str], trt_version: str, log, placement: str = "ort",
+                    kv_fp8: bool = False) -> Manifest:
     from ..export.registry import find_graph_kind
     from .fp16 import FP16_MODULES, convert_fp16
 
@@ -195,7 +204,7 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
                 info = quantize_graph(spec.path, dst, calls, method, excluded, ranges_path=ranges)
             else:
                 info = quantize_graph_trt(spec.path, dst, calls, decision.precision, method, excluded,
-                                          ranges_path=ranges)
+                                          ranges_path=ranges, kv_fp8=kv_fp8)
             if decision.precision == "int8":   # implicit-INT8 caches have no FP8 counterpart
                 cache = write_cache(tmp / f"{name}.calib.cache", load_ranges(ranges), method, trt_version)
                 info["trt_calibration_cache"] = cache.name

@@ -116,13 +116,14 @@ def quantize_graph(src: Path, dst: Path, calls: Sequence[Call], method: str = "e
 
 def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: str = "int8",
                        method: str = "minmax", exclude: Sequence[str] = DEFAULT_EXCLUDE, percentile: float = 99.99,
-                       ranges_path: Optional[Path] = None) -> dict:
+                       ranges_path: Optional[Path] = None, kv_fp8: bool = False) -> dict:
     """Write ``src`` with INT8 or FP8 Q/DQ placed by TensorRT's rules (:mod:`.qdq`, placement "trt") to ``dst``.
 
-    Activation amax from ORT's symmetric calibrator over ``calls`` (``method``); weights per channel."""
+    Activation amax from ORT's symmetric calibrator over ``calls`` (``method``); weights per channel.
+    ``kv_fp8``: also round the K/V the graph writes to E4M3 (:func:`.qdq.quantize_kv_writes`)."""
     import onnx
 
-    from .qdq import insert_qdq, qformat
+    from .qdq import insert_qdq, kv_outputs, output_amax, qformat, quantize_kv_writes
 
     fmt = qformat(precision)
     model = onnx.load(str(src))
@@ -130,6 +131,9 @@ def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: s
         cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
         amax = load_ranges(cache)
     info = insert_qdq(model, amax, fmt, exclude)
+    if kv_fp8 and kv_outputs(model):
+        names = kv_outputs(model)
+        info["kv_fp8_outputs"] = quantize_kv_writes(model, output_amax(src, calls, names), qformat("fp8"))
     onnx.save(model, str(dst))
     return {**info, "method": method, "placement": "trt", "format": fmt.name, "opset": _opset(model)}
 

@@ -257,3 +257,54 @@ def qdq_layout(model) -> dict:
         if entry:
             out[node.name] = entry
     return out
+
+
+# ------------------------------------------------------------------------ --kv-dtype fp8
+def kv_outputs(model) -> list[str]:
+    """The K/V a graph writes to the cache: its ``new_k_l`` / ``new_v_l`` outputs [S, batch, heads, head_dim]."""
+    from ..export.names import NEW
+
+    return [o.name for o in model.graph.output if o.name.startswith((f"{NEW}_k_", f"{NEW}_v_"))]
+
+
+def output_amax(path, calls, names: Sequence[str]) -> dict[str, float]:
+    """Max |x| of the graph outputs ``names`` over ``calls`` (ORT CPU)."""
+    import onnxruntime as ort
+
+    from .capture import iter_feeds
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in sess.get_inputs()]
+    amax = {n: 0.0 for n in names}
+    for feeds in iter_feeds(calls, inputs):
+        for n, v in zip(names, sess.run(list(names), feeds)):
+            amax[n] = max(amax[n], float(np.abs(v).max()) if v.size else 0.0)
+    return amax
+
+
+def quantize_kv_writes(model, amax: Mapping[str, float], fmt: QFormat) -> list[str]:
+    """``--kv-dtype fp8``: every K/V output goes through Q→DQ (per tensor, ``amax / qmax``, saturating) before
+    it is written, so the cache holds E4M3 values and later calls read them dequantized (in place; returns the
+    outputs changed). The step's own new K/V are scored unrounded: they are read before they are written.
+    On ORT the cache array stays FP32 (the values are what an FP8 cache would hold; the memory is not saved);
+    an FP8 cache in memory needs FP8 graph I/O, which this export does not have."""
+    from onnx import helper
+
+    graph = model.graph
+    changed = []
+    for name in kv_outputs(model):
+        inner = f"{name}__unquantized"
+        for node in graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        scale = np.float32(max(float(amax[name]), 1e-12) / fmt.qmax)
+        zero = np.zeros((), np.int8) if fmt.name == "int8" else np.zeros((), np.uint8).view(_fp8())
+        graph.initializer.extend([_tensor(f"{name}_kv_scale", np.array(scale)), _tensor(f"{name}_kv_zero", zero, fmt)])
+        attrs = {"saturate": 1} if fmt.name != "int8" else {}
+        graph.node.extend([helper.make_node("QuantizeLinear", [inner, f"{name}_kv_scale", f"{name}_kv_zero"],
+                                            [f"{name}_kv_q"], name=f"{name}_kv_QuantizeLinear", **attrs),
+                           helper.make_node("DequantizeLinear", [f"{name}_kv_q", f"{name}_kv_scale", f"{name}_kv_zero"],
+                                            [name], name=f"{name}_kv_DequantizeLinear")])
+        changed.append(name)
+    _set_opset(model, fmt.min_opset)
+    return changed

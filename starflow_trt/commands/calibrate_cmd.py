@@ -21,6 +21,8 @@ from . import options
 @click.option("--placement", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
               help="INT8 Q/DQ placed for ONNX Runtime's quantizer or by TensorRT's explicit-quantization rules "
                    "(use trt for `build`; fp8 is always trt)")
+@click.option("--kv-dtype", type=click.Choice(["fp8"]), default=None,
+              help="with --precision fp8: K/V rounded to E4M3 when written to the cache (quality simulated on ORT)")
 @click.option("--samples", default=16, show_default=True, type=options.POSITIVE_INT, help="calibration prompts (videos)")
 @click.option("--text-embeddings", "text", type=click.Path(exists=True, dir_okay=False),
               help="calibration prompts y.npy [N, L, D] (default: the bundled toy's prompts for toy exports)")
@@ -34,7 +36,8 @@ from . import options
 @click.option("--capture-dir", type=click.Path(file_okay=False), help="also keep the captured graph inputs here "
               "(size-bounded .npz shards)")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def calibrate_command(directory: str, precision: str, method: Optional[str], placement: str, samples: int,
+def calibrate_command(directory: str, precision: str, method: Optional[str], placement: str,
+                      kv_dtype: Optional[str], samples: int,
                       text: Optional[str],
                       uncond: Optional[str], guidance: float, exclude: tuple, trt_version: str, ignore_gate: bool,
                       force: bool, capture_dir: Optional[str], out_dir: str) -> None:
@@ -59,6 +62,8 @@ def calibrate_command(directory: str, precision: str, method: Optional[str], pla
     if precision == "fp8" and method == "entropy":
         raise InputError("--method entropy is an INT8 histogram fit; fp8 takes --method minmax (amax, default) "
                          "or percentile")
+    if kv_dtype and precision != "fp8":
+        raise InputError(f"--kv-dtype {kv_dtype} needs --precision fp8; drop it or calibrate to fp8")
     for pattern in exclude:
         try:
             re.compile(pattern)
@@ -95,7 +100,7 @@ def calibrate_command(directory: str, precision: str, method: Optional[str], pla
         manifest = calibrate_directory(
             Path(directory), Path(out_dir), precision, method, samples,
             text_t, uncond_t, guidance, exclude=exclude or DEFAULT_EXCLUDE, eval_clips=eval_clips, trt_version=trt_version, force=ignore_gate,
-            overwrite=force, capture_dir=cap, placement=placement, log=log)
+            overwrite=force, capture_dir=cap, placement=placement, kv_dtype=kv_dtype, log=log)
         bar.update(steps - bar.n)
     q = manifest.extra["quality"]
     click.echo(f"{'graph':18} {'rel L2 (worst output)':>22}")

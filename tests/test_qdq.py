@@ -249,3 +249,12 @@ def test_kv_fp8_rounds_what_is_written_not_what_is_scored():
     np.testing.assert_allclose(new_k, _e4m3(k, np.float32(np.abs(k).max() / 448)), rtol=1e-6, atol=1e-6)
     assert not np.allclose(new_k, k, rtol=1e-4)
     np.testing.assert_allclose(scores, x @ k.T, rtol=1e-4, atol=1e-4)
+
+
+def test_registered_media_kinds_keep_their_precision_in_fp8():
+    from starflow_trt.calibration.policy import graph_precision
+    from starflow_trt.export.registry import graph_kind
+
+    assert graph_precision(graph_kind("text_encoder"), "fp8").precision == "fp32"
+    assert graph_precision(graph_kind("vae_decode_step"), "fp8").precision == "fp16"
+    assert graph_precision(graph_kind("step"), "fp8").precision == "fp8"

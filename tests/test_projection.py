@@ -48,3 +48,20 @@ def test_stage_projection_rows():
     assert h100["fp16"]["vae_decode_s"] == pytest.approx(608e12 / (GPUS["H100 80GB SXM"]["fp16_tflops"] * 1e12))
     for r in rows:
         assert r["total_s"] == pytest.approx(r["text_s"] + r["flow_s"] + r["vae_decode_s"])
+
+
+def test_fp8_projection_on_hopper():
+    """FP8 rows: the fp8 rate where calls are compute bound, 1-byte weights; ``--kv-dtype fp8`` halves the cache."""
+    from starflow_trt.bench.projection import fp8_projection_table, project
+
+    cfg = load_config(model_config_7b())
+    rows = fp8_projection_table(cfg, [ScheduleWork("predictive", 1.1, 60.0)])
+    assert {r["gpu"] for r in rows} == {"H100 80GB SXM", "H200 141GB SXM"} and len(rows) == 8
+    by = {(r["gpu"], r["precision"], r["kv_dtype"]): r for r in rows}
+    for gpu in ("H100 80GB SXM", "H200 141GB SXM"):
+        fp16, fp8 = by[(gpu, "fp16", "fp16")], by[(gpu, "fp8", "fp16")]
+        assert fp8["seconds_per_video"] < fp16["seconds_per_video"] and fp8["weights_gb"] == fp16["weights_gb"] / 2
+        assert by[(gpu, "fp8", "fp8")]["kv_cache_gb"] == pytest.approx(fp16["kv_cache_gb"] / 2)
+    assert by[("H200 141GB SXM", "fp8", "fp16")]["seconds_per_video"] < by[("H100 80GB SXM", "fp8", "fp16")]["seconds_per_video"]
+    with pytest.raises(ValueError, match="no fp8 rate"):   # Orin (Ampere) has no FP8 tensor cores
+        project(cfg, 100, 2, GPUS["Jetson AGX Orin 64GB"], "fp8")

@@ -14,10 +14,13 @@ from typing import Optional, Sequence
 from ..config import ModelConfig
 from ..costs import step_cost, text_encoder_flops
 
-GPUS = {  # dense tensor-core peaks and memory, per the NVIDIA datasheets named
-    "H100 80GB SXM": {"fp16_tflops": 989.0, "int8_tops": 1979.0, "bandwidth_gbs": 3350.0, "memory_gb": 80,
-                      "source": "NVIDIA H100 Tensor Core GPU datasheet (SXM5, dense)"},
-    "L4": {"fp16_tflops": 121.0, "int8_tops": 242.0, "bandwidth_gbs": 300.0, "memory_gb": 24,
+GPUS = {  # dense tensor-core peaks and memory, per the NVIDIA datasheets named (fp8: E4M3, where the GPU has it)
+    "H100 80GB SXM": {"fp16_tflops": 989.0, "int8_tops": 1979.0, "fp8_tflops": 1979.0, "bandwidth_gbs": 3350.0,
+                      "memory_gb": 80, "source": "NVIDIA H100 Tensor Core GPU datasheet (SXM5, dense)"},
+    "H200 141GB SXM": {"fp16_tflops": 989.0, "int8_tops": 1979.0, "fp8_tflops": 1979.0, "bandwidth_gbs": 4800.0,
+                       "memory_gb": 141, "source": "NVIDIA H200 Tensor Core GPU datasheet (SXM, dense = half the "
+                                                   "sparsity figures)"},
+    "L4": {"fp16_tflops": 121.0, "int8_tops": 242.0, "fp8_tflops": 242.0, "bandwidth_gbs": 300.0, "memory_gb": 24,
            "source": "NVIDIA L4 Tensor Core GPU datasheet (dense = half the sparsity figures)"},
     "Jetson AGX Orin 64GB": {"fp16_tflops": 42.5, "int8_tops": 85.0, "bandwidth_gbs": 204.8, "memory_gb": 64,
                              "source": "NVIDIA Jetson AGX Orin series datasheet (GPU only, dense; 275 TOPS is "
@@ -53,16 +56,24 @@ def _frame_calls(cfg: ModelConfig, frame: int, tokens: int, chunk: int, guidance
     return out
 
 
+#: peak rate key per precision of the GEMMs
+PEAK_KEY = {"fp16": "fp16_tflops", "int8": "int8_tops", "fp8": "fp8_tflops"}
+
+
 def project(cfg: ModelConfig, tokens_per_frame: int, frames: int, gpu: dict, precision: str = "fp16",
-            sweeps_per_token: float = 1.0, chunk: int = 1, guidance: bool = True) -> dict:
+            sweeps_per_token: float = 1.0, chunk: int = 1, guidance: bool = True, kv_bytes: int = 2) -> dict:
     """Seconds per latent frame (average) and per video for the deep block + shallow blocks + denoiser.
 
     chunk=1 is token-by-token decoding (each call streams all deep weights: memory bound). With
     ``chunk`` tokens per call and ``sweeps_per_token`` deep evaluations per token, a video makes
     ``sweeps · tokens / chunk`` deep calls (a measured schedule: chunk = its tokens per call).
+    ``precision``: of weights and GEMMs (fp16, int8, fp8: 1 byte per weight at the fp8 / int8 rate);
+    ``kv_bytes``: per cached K/V element (2: fp16, 1: ``--kv-dtype fp8``), for the memory columns.
     """
-    dtype_bytes = 1 if precision == "int8" else 2
-    peak = (gpu["int8_tops"] if precision == "int8" else gpu["fp16_tflops"]) * 1e12
+    if PEAK_KEY[precision] not in gpu:
+        raise ValueError(f"no {precision} rate for this GPU")
+    dtype_bytes = 1 if precision in ("int8", "fp8") else 2
+    peak = gpu[PEAK_KEY[precision]] * 1e12
     bw = gpu["bandwidth_gbs"] * 1e9
     deep = 0.0
     calls = 0.0
@@ -86,9 +97,9 @@ def project(cfg: ModelConfig, tokens_per_frame: int, frames: int, gpu: dict, pre
     den = denoiser_cost(cfg, 1, min(frames, cfg.local_attn_window or frames), tokens_per_frame, dtype_bytes)
     den_s = max(den.flops / peak, den.bytes / bw)
     total = deep + shallow + den_s
-    # K/V stay fp16 in int8 exports too (the Q/DQ graphs quantise weights and activations, not the cache)
+    # K/V stay fp16 in int8 / fp8 exports (the Q/DQ graphs quantise GEMM inputs, not the cache) unless kv_bytes=1
     kv_gb = 2 * cfg.layers[cfg.top_index] * (2 if guidance else 1) * cfg.block_heads(cfg.top_index) * \
-        cfg.head_dim * (cfg.txt_size + frames * tokens_per_frame) * 2 / 1e9
+        cfg.head_dim * (cfg.txt_size + frames * tokens_per_frame) * kv_bytes / 1e9
     weights_gb = (sum(p for p in _params(cfg))) * dtype_bytes / 1e9
     return {"seconds_per_frame": total / frames, "seconds_per_video": total, "deep_s": deep, "shallow_s": shallow,
             "denoiser_s": den_s, "deep_calls": round(calls),
@@ -122,6 +133,24 @@ def projection_table(cfg: ModelConfig, schedules: Sequence[ScheduleWork], aspect
         for label, chunk, sweeps, precision in plans:
             r = project(cfg, tokens, frames, gpu, precision, sweeps, chunk)
             rows.append({"gpu": name, "schedule": label, "precision": precision, **r, "source": gpu["source"]})
+    return rows
+
+
+def fp8_projection_table(cfg: ModelConfig, schedules: Sequence[ScheduleWork], aspect: str = "16:9",
+                         frames: int = 21, gpus: Sequence[str] = ("H100 80GB SXM", "H200 141GB SXM")) -> list[dict]:
+    """FP8 vs FP16 (and INT8) for every measured schedule on Hopper, with the FP16 and FP8 K/V cache sizes:
+    PROJECTIONS (roofline on datasheet peaks), not measurements."""
+    tokens = cfg.frame_geometry(aspect)["tokens_per_frame"]
+    rows = []
+    for name in gpus:
+        gpu = GPUS[name]
+        for w in schedules:
+            chunk = max(1, round(w.tokens_per_call))
+            for precision, kv_bytes in (("fp16", 2), ("int8", 2), ("fp8", 2), ("fp8", 1)):
+                r = project(cfg, tokens, frames, gpu, precision, w.sweeps, chunk, kv_bytes=kv_bytes)
+                rows.append({"gpu": name, "schedule": f"{w.name} (S≈{chunk}, {w.sweeps:.2f} sweeps)",
+                             "precision": precision, "kv_dtype": "fp8" if kv_bytes == 1 else "fp16", **r,
+                             "source": gpu["source"]})
     return rows
 
 

@@ -1,8 +1,9 @@
-"""``calibrate``: FP32 graph directory → complete INT8 (Q/DQ) or FP16 graph directory, gated on quality.
+"""``calibrate``: FP32 graph directory → complete INT8 / FP8 (Q/DQ) or FP16 graph directory, gated on quality.
 
 1. Capture the inputs every graph sees while the FP32 graphs sample videos (and score them).
-2. INT8: Q/DQ graphs calibrated on 3/4 of the captured calls (+ a TensorRT calibration
-   cache per graph from the same ranges); FP16: mixed FP16/FP32 graphs.
+2. INT8 / FP8: Q/DQ graphs calibrated on 3/4 of the captured calls, placed for ONNX Runtime's quantizer
+   (``placement="ort"``, INT8 only) or by TensorRT's explicit-quantization rules (``"trt"``, :mod:`.qdq`);
+   INT8 also gets a TensorRT calibration cache per graph from the same ranges. FP16: mixed FP16/FP32 graphs.
 3. Quality gate on CPU with ORT: relative L2 error of every graph output vs FP32 on the
    held-out 1/4 of calls; bits/dim increase on held-out clips; PSNR of generated latents vs
    FP32 from the same noise and prompts. A failing gate writes nothing unless ``force``.
@@ -28,8 +29,8 @@ from ..export.manifest import Manifest, load_manifest, sha256_path
 from ..staging import staged_directory
 from ..reference.sampler import JacobiConfig
 from .capture import CaptureSet, capture_activations, iter_feeds
-from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
-from .policy import graph_precision as policy_precision
+from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, quantize_graph_trt, weight_quantized_matmuls
+from .policy import QUANTIZED, graph_precision as policy_precision
 from .trt_cache import write_cache
 
 
@@ -43,9 +44,21 @@ class QualityGate:
 
 
 def default_gate(precision: str) -> QualityGate:
+    """FP8's limits are issue 23's acceptance (bits/dim <= +0.002, latent PSNR >= 35 dB); its per-graph error
+    allows E4M3's 3 mantissa bits: each quantized input is off by up to 2^-4 relative (about 3 % rms), both
+    inputs of a GEMM are, and a flow block chains several GEMMs: ~0.1 at the block's output."""
     if precision == "fp16":
         return QualityGate(max_graph_error=0.01, max_bpd_increase=0.005, min_psnr_db=30.0)
+    if precision == "fp8":
+        return QualityGate(max_graph_error=0.15, max_bpd_increase=0.002, min_psnr_db=35.0)
     return QualityGate(max_graph_error=0.1, max_bpd_increase=0.02, min_psnr_db=20.0)
+
+
+#: calibration methods per quantized precision (FP8: amax, percentile as an option; modelopt's FP8 path is
+#: max-calibrated too); the first is the default
+METHODS_FOR = {"int8": ("entropy", "percentile", "minmax"), "fp8": ("minmax", "percentile")}
+#: Q/DQ placements: "ort" (onnxruntime.quantization's QDQ quantizer), "trt" (TensorRT's rules, .qdq)
+PLACEMENTS = ("trt", "ort")
 
 
 def graph_errors(fp32_path: Path, new_path: Path, calls) -> dict[str, float]:
@@ -72,7 +85,7 @@ def psnr(test: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
 
 
-def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: str = "entropy",
+def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: Optional[str] = None,
                         samples: Optional[int] = None, text: Optional[torch.Tensor] = None,
                         uncond: Optional[torch.Tensor] = None,
                         guidance: float = 3.0, jacobi: Optional[JacobiConfig] = JacobiConfig(block_size=16),
@@ -80,13 +93,29 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
                         eval_clips: Optional[tuple[torch.Tensor, torch.Tensor]] = None, max_calls: int = 48,
                         trt_version: str = "10.3.0", force: bool = False, overwrite: bool = False,
                         capture_dir: Optional[Path] = None, shard_bytes: int = 64 << 20,
+                        placement: str = "ort", kv_dtype: Optional[str] = None,
                         log: Callable[[str], None] = print) -> Manifest:
-    """Calibrate ``src`` (FP32 graphs) into ``out``; see the module docstring."""
+    """Calibrate ``src`` (FP32 graphs) into ``out``; see the module docstring.
+
+    ``method``: default the precision's first of :data:`METHODS_FOR`; ``placement``: of the Q/DQ
+    (:data:`PLACEMENTS`; FP8 is always "trt"); ``kv_dtype="fp8"``: the step graphs also round the K/V they
+    write to E4M3 (:func:`.qdq.quantize_kv_writes`; FP8 only)."""
     from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
 
-    if precision not in ("int8", "fp16"):
-        raise StarflowError(f"--precision must be int8 or fp16, got {precision!r}")
+    if precision not in ("int8", "fp16", "fp8"):
+        raise StarflowError(f"--precision must be int8, fp8 or fp16, got {precision!r}")
+    placement = "trt" if precision == "fp8" else placement
+    if placement not in PLACEMENTS:
+        raise StarflowError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if precision in METHODS_FOR:
+        method = method or METHODS_FOR[precision][0]
+        if method not in METHODS_FOR[precision]:
+            raise StarflowError(f"--method {method} does not apply to {precision}; use one of "
+                                f"{', '.join(METHODS_FOR[precision])}")
+    method = method or "entropy"
+    if kv_dtype not in (None, "fp8") or (kv_dtype and precision != "fp8"):
+        raise StarflowError(f"--kv-dtype {kv_dtype} needs --precision fp8 (the only K/V type besides the graphs' own)")
     src, out = Path(src), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise StarflowError(f"{out} exists and is not empty; choose another -o or remove it")
@@ -119,7 +148,8 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
         from ..media.text import carry_tokenizer
 
         carry_tokenizer(manifest, tmp)   # prompts on OUT need the export's tokenizer
-        new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log)
+        new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log, placement,
+                              kv_fp8=kv_dtype == "fp8")
         quality = {"graphs": {}}
         for name, spec in new.graphs.items():
             if spec.precision == "fp32":   # converted graphs (e.g. fp16 VAE graphs in an int8 directory) are gated
@@ -128,14 +158,21 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
             quality["graphs"][name] = {"rel_l2": errs, "calls": len(held.calls.get(name, []))}
         floor = {}
         quality.update(_end_to_end(manifest, new, text, uncond, guidance, jacobi, eval_clips,
-                                   floor if precision == "int8" else None))
+                                   floor if precision in QUANTIZED else None))
         failures = _check_gate(quality, gate)
         quality["gate"] = {**asdict(gate), "passed": not failures, "failures": failures, "forced": bool(failures and force)}
         new.extra["quality"] = quality
         new.extra["calibration"] = {"precision": precision, "method": method, "exclude": list(exclude),
                                     "prompts": int(text.shape[0]), "seeds": seeds, "guidance": guidance,
                                     "captured_calls": captured.seen, "seconds": round(time.perf_counter() - t0, 1),
-                                    "source": str(src), "trt_cache_versions": "TensorRT 8.x-10.x (implicit INT8)"}
+                                    "source": str(src)}
+        if precision == "int8":
+            new.extra["calibration"]["trt_cache_versions"] = "TensorRT 8.x-10.x (implicit INT8)"
+        if precision in QUANTIZED:   # which Q/DQ a directory holds (build --dry-run and verify read it)
+            new.extra["quantization"] = quantization_record(precision, placement, new)
+            if kv_dtype:
+                new.extra["quantization"]["kv_dtype"] = ("fp8 (E4M3-rounded on write; the ORT cache array stays "
+                                                         "FP32: quality simulated, memory not saved)")
         if floor:
             new.extra["calibration"]["residual_floor"] = floor
             log(f"Jacobi residual floor of the {precision} graphs: {floor['value']:.2e}")
@@ -146,8 +183,18 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: s
     return new.relocate(out)
 
 
+def quantization_record(precision: str, placement: str, manifest: Manifest) -> dict:
+    """The manifest's ``quantization`` entry: placement, Q/DQ element type, opset of the Q/DQ graphs."""
+    from .qdq import qformat
+
+    opsets = sorted({s.extra.get("conversion", {}).get("opset") for s in manifest.graphs.values()} - {None})
+    return {"placement": placement, "format": qformat(precision).name, "opset": opsets[-1] if opsets else None,
+            "rules": "starflow_trt/calibration/qdq.py" if placement == "trt" else "onnxruntime.quantization QDQ"}
+
+
 def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, cal: CaptureSet,
-                    exclude: Sequence[str], trt_version: str, log) -> Manifest:
+                    exclude: Sequence[str], trt_version: str, log, placement: str = "ort",
+                    kv_fp8: bool = False) -> Manifest:
     from ..export.registry import find_graph_kind
     from .fp16 import FP16_MODULES, convert_fp16
 
@@ -158,16 +205,22 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
         kind = find_graph_kind(spec.kind)   # its calibration policy (an unknown kind gets the defaults)
         decision = policy_precision(kind, precision, called=bool(calls))   # per-kind policy (policy.py)
         info: dict = {}
-        if decision.precision == "int8":
-            log(f"  int8 {name}: {len(calls)} calibration calls")
+        if decision.precision in QUANTIZED:
+            log(f"  {decision.precision} {name}: {len(calls)} calibration calls ({placement} placement)")
             ranges = tmp / f"{name}.ranges.json"
             excluded = (*exclude, *(kind.int8_exclude if kind else ()))
-            info = quantize_graph(spec.path, dst, calls, method, excluded, ranges_path=ranges)
-            cache = write_cache(tmp / f"{name}.calib.cache", load_ranges(ranges), method, trt_version)
+            if placement == "ort":
+                info = quantize_graph(spec.path, dst, calls, method, excluded, ranges_path=ranges)
+            else:
+                info = quantize_graph_trt(spec.path, dst, calls, decision.precision, method, excluded,
+                                          ranges_path=ranges, kv_fp8=kv_fp8)
+            if decision.precision == "int8":   # implicit-INT8 caches have no FP8 counterpart
+                cache = write_cache(tmp / f"{name}.calib.cache", load_ranges(ranges), method, trt_version)
+                info["trt_calibration_cache"] = cache.name
             hits, total = weight_quantized_matmuls(dst)
-            info.update({"trt_calibration_cache": cache.name, "weight_qdq_matmuls": hits, "matmuls": total})
+            info.update({"weight_qdq_matmuls": hits, "matmuls": total})
             ranges.unlink()
-            graph_precision = "int8"
+            graph_precision = decision.precision
         elif decision.precision == "fp16":
             log(f"  fp16 {name}")
             info = convert_fp16(spec.path, dst, (kind.fp16_modules if kind else None) or FP16_MODULES)

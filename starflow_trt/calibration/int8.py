@@ -1,4 +1,7 @@
-"""Explicit INT8: Q/DQ graphs with onnxruntime.quantization, calibrated on captured activations.
+"""Explicit INT8 / FP8: Q/DQ graphs calibrated on captured activations (ORT's calibrators).
+
+Two placements: "ort" (:func:`quantize_graph`, onnxruntime.quantization's QDQ quantizer) and "trt"
+(:func:`quantize_graph_trt`, TensorRT's explicit-quantization rules, :mod:`.qdq`; the only one for FP8).
 
 Weights are quantized per output channel, symmetric; activations per tensor, symmetric
 (TensorRT's explicit-quantization requirement). Only MatMul/Gemm are quantized;
@@ -58,46 +61,85 @@ class _Reader:
         raise NotImplementedError
 
 
-def quantize_graph(src: Path, dst: Path, calls: Sequence[Call], method: str = "entropy",
-                   exclude: Sequence[str] = DEFAULT_EXCLUDE, percentile: float = 99.99,
-                   ranges_path: Optional[Path] = None) -> dict:
-    """Write the Q/DQ version of ``src`` to ``dst``; returns what was quantized.
-
-    ``ranges_path``: where ORT's calibration ranges (JSON) are kept; the TensorRT
-    calibration cache is derived from the same file.
-    """
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+def calibrate_ranges(src: Path, calls: Sequence[Call], method: str, path: Path, percentile: float = 99.99) -> Path:
+    """ORT's symmetric calibration ranges of every MatMul/Gemm input and output of ``src`` over ``calls``,
+    written to ``path`` (JSON; :func:`load_ranges` reads amax from it). One call at a time: calls differ in
+    shape (S, P, batch); min/max and histograms merge across calls."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     if not calls:
         raise ValueError(f"no captured calls to calibrate {src.name}")
-    model = onnx.load(str(src))
-    names = [i.name for i in model.graph.input]
-    keep, skip = select_nodes(model, exclude)
-    calib_method = getattr(CalibrationMethod, METHODS[method])
+    import onnx
+
+    names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
     reader_type = type("Reader", (_Reader, CalibrationDataReader), {})
-    with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp:
-        cache = ranges_path or Path(tmp) / "ranges.json"
+    with tempfile.TemporaryDirectory(prefix="sftrt-calib.") as tmp:
         calibrator = create_calibrator(str(src), ["MatMul", "Gemm"], augmented_model_path=str(Path(tmp) / "aug.onnx"),
-                                       calibrate_method=calib_method,
+                                       calibrate_method=getattr(CalibrationMethod, METHODS[method]),
                                        extra_options={"symmetric": True, "percentile": percentile})
-        # one call at a time: calls differ in shape (S, P, batch); histograms merge across calls
         for call in calls:
             calibrator.collect_data(reader_type([call], names))
-        save_tensors_data(calibrator.compute_data(), cache)
+        save_tensors_data(calibrator.compute_data(), path)
         del calibrator
+    return path
+
+
+def quantize_graph(src: Path, dst: Path, calls: Sequence[Call], method: str = "entropy",
+                   exclude: Sequence[str] = DEFAULT_EXCLUDE, percentile: float = 99.99,
+                   ranges_path: Optional[Path] = None) -> dict:
+    """Write the Q/DQ version of ``src`` to ``dst`` with ORT's quantizer (placement "ort"); returns what was
+    quantized.
+
+    ``ranges_path``: where ORT's calibration ranges (JSON) are kept; the TensorRT
+    calibration cache is derived from the same file.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(src))
+    keep, skip = select_nodes(model, exclude)
+    with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp:
+        cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
         quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=keep, calibrate_method=calib_method,
+                        nodes_to_quantize=keep, calibrate_method=getattr(CalibrationMethod, METHODS[method]),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
                         calibration_cache_path=str(cache))
     q = onnx.load(str(dst))
     counts = {op: sum(n.op_type == op for n in q.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
-    return {"quantized_nodes": len(keep), "excluded_nodes": skip, "method": method, **counts}
+    return {"quantized_nodes": len(keep), "excluded_nodes": skip, "method": method, "placement": "ort",
+            "format": "int8", **counts}
+
+
+def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: str = "int8",
+                       method: str = "minmax", exclude: Sequence[str] = DEFAULT_EXCLUDE, percentile: float = 99.99,
+                       ranges_path: Optional[Path] = None, kv_fp8: bool = False) -> dict:
+    """Write ``src`` with INT8 or FP8 Q/DQ placed by TensorRT's rules (:mod:`.qdq`, placement "trt") to ``dst``.
+
+    Activation amax from ORT's symmetric calibrator over ``calls`` (``method``); weights per channel.
+    ``kv_fp8``: also round the K/V the graph writes to E4M3 (:func:`.qdq.quantize_kv_writes`)."""
+    import onnx
+
+    from .qdq import insert_qdq, kv_outputs, output_amax, qformat, quantize_kv_writes
+
+    fmt = qformat(precision)
+    model = onnx.load(str(src))
+    with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp:
+        cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
+        amax = load_ranges(cache)
+    info = insert_qdq(model, amax, fmt, exclude)
+    if kv_fp8 and kv_outputs(model):
+        names = kv_outputs(model)
+        info["kv_fp8_outputs"] = quantize_kv_writes(model, output_amax(src, calls, names), qformat("fp8"))
+    onnx.save(model, str(dst))
+    return {**info, "method": method, "placement": "trt", "format": fmt.name, "opset": _opset(model)}
+
+
+def _opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def load_ranges(path: Path) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""``starflow-trt calibrate DIR --precision int8|fp16 -o OUT``."""
+"""``starflow-trt calibrate DIR --precision int8|fp8|fp16 -o OUT``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,16 @@ TOY_SAMPLES = 16
 
 @click.command("calibrate")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--precision", type=click.Choice(["int8", "fp16"]), required=True)
-@click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True)
+@click.option("--precision", type=click.Choice(["int8", "fp8", "fp16"]), required=True,
+              help="fp8: E4M3 Q/DQ for Hopper / Ada (TensorRT placement, opset 19)")
+@click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default=None,
+              help="activation ranges [default: entropy for int8, minmax (amax) for fp8; fp8 takes minmax or "
+                   "percentile]")
+@click.option("--placement", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="INT8 Q/DQ placed for ONNX Runtime's quantizer or by TensorRT's explicit-quantization rules "
+                   "(use trt for `build`; fp8 is always trt)")
+@click.option("--kv-dtype", type=click.Choice(["fp8"]), default=None,
+              help="with --precision fp8: K/V rounded to E4M3 when written to the cache (quality simulated on ORT)")
 @click.option("--samples", default=None, type=options.POSITIVE_INT,
               help="calibration prompts (videos): the first N rows of --text-embeddings (default: every row), "
                    "or N of the toy's prompts (default 16)")
@@ -33,10 +41,11 @@ TOY_SAMPLES = 16
 @click.option("--capture-dir", type=click.Path(file_okay=False), help="also keep the captured graph inputs here "
               "(size-bounded .npz shards)")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def calibrate_command(directory: str, precision: str, method: str, samples: Optional[int], text: Optional[str],
+def calibrate_command(directory: str, precision: str, method: Optional[str], placement: str,
+                      kv_dtype: Optional[str], samples: Optional[int], text: Optional[str],
                       uncond: Optional[str], guidance: float, exclude: tuple, trt_version: str, ignore_gate: bool,
                       force: bool, capture_dir: Optional[str], out_dir: str) -> None:
-    """Calibrate the FP32 graphs of DIRECTORY into INT8 (Q/DQ) or FP16 graphs in OUT, gated on quality."""
+    """Calibrate the FP32 graphs of DIRECTORY into INT8 / FP8 (Q/DQ) or FP16 graphs in OUT, gated on quality."""
     import re
 
     import torch
@@ -54,6 +63,11 @@ def calibrate_command(directory: str, precision: str, method: str, samples: Opti
         check_output_dir(capture_dir, force, inputs)
         if Path(capture_dir).resolve() == Path(out_dir).resolve():
             raise InputError("--capture-dir must differ from -o; pass another directory")
+    if precision == "fp8" and method == "entropy":
+        raise InputError("--method entropy is an INT8 histogram fit; fp8 takes --method minmax (amax, default) "
+                         "or percentile")
+    if kv_dtype and precision != "fp8":
+        raise InputError(f"--kv-dtype {kv_dtype} needs --precision fp8; drop it or calibrate to fp8")
     for pattern in exclude:
         try:
             re.compile(pattern)
@@ -90,7 +104,7 @@ def calibrate_command(directory: str, precision: str, method: str, samples: Opti
         manifest = calibrate_directory(
             Path(directory), Path(out_dir), precision, method, samples,
             text_t, uncond_t, guidance, exclude=exclude or DEFAULT_EXCLUDE, eval_clips=eval_clips, trt_version=trt_version, force=ignore_gate,
-            overwrite=force, capture_dir=cap, log=log)
+            overwrite=force, capture_dir=cap, placement=placement, kv_dtype=kv_dtype, log=log)
         bar.update(steps - bar.n)
     q = manifest.extra["quality"]
     click.echo(f"{'graph':18} {'rel L2 (worst output)':>22}")

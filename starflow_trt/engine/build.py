@@ -65,9 +65,26 @@ def build_plan(graph_dir: Path, options: BuildOptions, trt_version: str = "10") 
             "flags": builder_flags(find_graph_kind(spec.kind), spec.precision, legacy, options.bf16_text),
             "profile": {k: [list(s) for s in v] for k, v in graph_profile(spec, options.overrides).items()},
         }
+        graphs[name].update(qdq_plan(spec))
     return {"source": str(graph_dir), "tensorrt_major": major, "builder_optimization_level": options.opt_level,
             "workspace_bytes": int(options.workspace_gb * (1 << 30)),
-            "timing_cache": str(options.timing_cache) if options.timing_cache else None, "graphs": graphs}
+            "timing_cache": str(options.timing_cache) if options.timing_cache else None,
+            "quantization": manifest.extra.get("quantization"), "graphs": graphs}
+
+
+def qdq_plan(spec) -> dict[str, Any]:
+    """What the plan says about a Q/DQ graph (empty for float graphs): its placement and type, and for FP8
+    the hardware it needs (TensorRT runs FP8 GEMMs on compute capability >= 8.9: Ada, Hopper)."""
+    conv = spec.extra.get("conversion", {})
+    if spec.precision not in ("int8", "fp8"):
+        return {}
+    out = {"qdq": {k: conv.get(k) for k in ("placement", "format", "opset", "quantized_nodes")}}
+    if spec.precision == "fp8":
+        out["requires"] = "FP8 tensor cores: compute capability >= 8.9 (Ada, Hopper)"
+    if conv.get("placement", "ort") == "ort":
+        out["note"] = ("Q/DQ placed for ONNX Runtime (GEMM outputs quantized too); `calibrate --placement trt` "
+                       "places it where TensorRT fuses it")
+    return out
 
 
 def _tensorrt():

@@ -1,0 +1,310 @@
+"""Q/DQ placed as TensorRT's explicit quantization fuses it: INT8 and FP8 (E4M3), one inserter.
+
+Placement rules (``placement="trt"``), each with its source:
+
+1. Quantize the *inputs* of weighted ops (MatMul, Gemm) and nothing else: no Q/DQ on their outputs, biases,
+   norms, softmax, residual adds. TensorRT, "Q/DQ Layer-Placement Recommendations" (Explicit Quantization,
+   docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html):
+   quantize all inputs of weighted operations, do not quantize their outputs by default; TensorRT then fuses
+   DQ→GEMM (and a following bias/element-wise add) into one quantized kernel. Model Optimizer's ONNX quantizer
+   does the same: ``OpTypesToExcludeOutputQuantization`` = every op type, ``QuantizeBias: False``
+   (modelopt/onnx/quantization/ort_utils.py ``configure_ort``). Residual adds get Q/DQ there only inside a
+   Conv partition (``build_non_residual_input_map``: Conv→Add); these graphs have no Conv, so none here.
+2. Activations: one per-tensor, symmetric scale (zero point 0): ``amax / 127`` (INT8), ``amax / 448`` (E4M3),
+   amax from the captured activations (max |x|, or a percentile). TensorRT supports only symmetric, per-tensor
+   activation quantization (same page, "Quantized Types"). One Q/DQ pair per tensor, shared by all the
+   quantized consumers (modelopt: ``DedicatedQDQPair: False``); unquantized consumers keep the float tensor.
+3. Weights: per output channel, symmetric (``amax_c / 127`` or ``amax_c / 448``), stored quantized (INT8 or
+   float8e4m3fn initializers) behind a ``DequantizeLinear(axis=output axis)``: TensorRT accepts pre-quantized
+   weights when "an IDequantizeLayer is required between the weights and the linear operator" (same page,
+   "Quantized Weights"). MatMul B ``[.., K, N]``: axis = last; Gemm B: axis 0 with ``transB`` else 1.
+   (modelopt stores float weights with a Q→DQ pair instead, ``AddQDQPairToWeight``: equivalent after
+   TensorRT's constant folding; quantized initializers are 4× smaller on disk.)
+4. Small GEMMs stay in float: a weight whose K or N is below 16 (modelopt ``find_nodes_from_matmul_to_exclude``:
+   "INT8 and FP8 Tensor Core kernels need K/N >= 16"). Its other rule, M or N == 1 (GEMV), is shape-dependent;
+   the step graphs have dynamic S (S = 1 decode and S = 64 Jacobi chunks share one engine), so it is not applied.
+5. Attention BMMs (both inputs activations): kept in float by default (``DEFAULT_EXCLUDE``). When included they
+   get per-tensor Q/DQ on both inputs, which works on either form: the portable two-part attention (q·k_pastᵀ and
+   q·k_newᵀ scored separately, one softmax, p_past·v_past + p_new·v_new: four BMMs) and one Q·Kᵀ→softmax→·V.
+   modelopt quantizes MHA BMMs for FP8 only when the fused-MHA pattern matches and 8 < head_size <= 256
+   (``find_nodes_from_mha_to_exclude``), INT8 only up to seq_len 512; the two-part form never matches.
+6. FP8 graphs are opset >= 19 (QuantizeLinear/DequantizeLinear with float8e4m3fn, ``saturate=1``: values past
+   amax clamp to ±448 instead of overflowing to NaN) and IR version >= 9.
+
+What ONNX Runtime's CPU EP runs from these graphs (the quality gate): DequantizeLinear(QuantizeLinear(x)) in
+FP32, i.e. the exact E4M3 / INT8 rounding of every quantized input with the chosen scales, then an FP32 GEMM.
+It does not represent TensorRT's kernels: their accumulation order and precision (FP8 GEMMs accumulate in FP32
+on Hopper, outputs may be FP16), the ops TensorRT fuses or runs in FP16 around them, or its tactic choices.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QFormat:
+    """One quantized type: ONNX element type, largest representable magnitude, minimum opset."""
+
+    name: str          # recorded in the manifest
+    elem_type: int     # onnx.TensorProto enum
+    qmax: float
+    min_opset: int
+
+
+def qformat(precision: str) -> QFormat:
+    """``"int8"`` or ``"fp8"`` (E4M3, finite-only: float8e4m3fn)."""
+    from onnx import TensorProto
+
+    if precision == "int8":
+        return QFormat("int8", TensorProto.INT8, 127.0, 13)
+    if precision == "fp8":
+        return QFormat("float8e4m3fn", TensorProto.FLOAT8E4M3FN, 448.0, 19)
+    raise ValueError(f"no Q/DQ format for precision {precision!r} (int8 or fp8)")
+
+
+#: modelopt's smallest K / N for a quantized GEMM (rule 4)
+MIN_GEMM_DIM = 16
+
+
+@dataclass(frozen=True)
+class Site:
+    """One quantized input: ``node`` reads ``tensor`` at ``index``; ``axis`` is the weight's channel axis
+    (None: an activation, per tensor)."""
+
+    node: str
+    index: int
+    tensor: str
+    axis: Optional[int]
+
+
+def plan_sites(model, exclude: Sequence[str]) -> tuple[list[Site], list[str], list[str]]:
+    """(sites to quantize, quantized MatMul/Gemm names, excluded MatMul/Gemm names) under rules 1-5.
+
+    A node is excluded when its name or module path (``namespace`` metadata) matches a regex of ``exclude``
+    or its weight is a small GEMM (rule 4)."""
+    from .int8 import select_nodes
+
+    selected = set(select_nodes(model, exclude)[0])   # the module-path / name regexes
+    weights = {i.name: i for i in model.graph.initializer}
+    sites, keep, skip = [], [], []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        w = weights.get(node.input[1])
+        small = w is not None and len(w.dims) >= 2 and min(w.dims[-2:]) < MIN_GEMM_DIM
+        if small or node.name not in selected or node.input[0] in weights:
+            skip.append(node.name)
+            continue
+        keep.append(node.name)
+        sites.append(Site(node.name, 0, node.input[0], None))
+        if w is None:   # an attention BMM: both inputs are activations
+            sites.append(Site(node.name, 1, node.input[1], None))
+        else:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = (0 if trans_b else 1) if node.op_type == "Gemm" else len(w.dims) - 1
+            sites.append(Site(node.name, 1, node.input[1], axis))
+    return sites, keep, skip
+
+
+def activation_tensors(model, exclude: Sequence[str]) -> list[str]:
+    """The activation tensors :func:`insert_qdq` needs an amax for (calibrate these)."""
+    return sorted({s.tensor for s in plan_sites(model, exclude)[0] if s.axis is None})
+
+
+def quantize_weight(w: np.ndarray, axis: int, fmt: QFormat) -> tuple[np.ndarray, np.ndarray]:
+    """(quantized weight, per-channel scale [C]) of a float weight, symmetric along ``axis``.
+
+    INT8: round-half-even, clamp to ±127. FP8: round to nearest E4M3 (ml_dtypes), clamp to ±448."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.abs(w).max(axis=reduce).astype(np.float32)
+    scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    x = np.clip(w / scale.reshape(shape), -fmt.qmax, fmt.qmax)
+    if fmt.name == "int8":
+        return np.round(x).astype(np.int8), scale
+    import ml_dtypes
+
+    return x.astype(ml_dtypes.float8_e4m3fn), scale
+
+
+def _tensor(name: str, array: np.ndarray, fmt: Optional[QFormat] = None):
+    from onnx import helper, numpy_helper
+
+    if fmt is None or fmt.name == "int8":
+        return numpy_helper.from_array(array, name)
+    return helper.make_tensor(name, fmt.elem_type, list(array.shape), array.view(np.uint8).tobytes(), raw=True)
+
+
+def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence[str]) -> dict:
+    """Insert Q/DQ into ``model`` (in place) by rules 1-6; ``amax``: activation tensor → max |x| (calibrated).
+
+    Returns what was done: quantized / excluded node names, Q and DQ counts, the activation scales."""
+    from onnx import helper
+
+    sites, keep, skip = plan_sites(model, exclude)
+    missing = sorted({s.tensor for s in sites if s.axis is None} - set(amax))
+    if missing:
+        raise ValueError(f"no calibrated amax for activation(s) {', '.join(missing[:5])}")
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    new_nodes, done, scales, stems = [], {}, {}, set()
+    for site in sites:
+        if site.tensor not in done:
+            stem = re.sub(r"[^A-Za-z0-9_]", "_", site.tensor)
+            while stem in stems:   # two names that sanitise alike
+                stem += "_"
+            stems.add(stem)
+            if site.axis is None:   # activation: Q→DQ, per tensor
+                scale = np.float32(max(float(amax[site.tensor]), 1e-12) / fmt.qmax)
+                zero = np.zeros((), np.int8) if fmt.name == "int8" else np.zeros((), np.uint8).view(_fp8())
+                graph.initializer.extend([_tensor(f"{stem}_scale", np.array(scale)),
+                                          _tensor(f"{stem}_zero", zero, fmt)])
+                q_attrs = {"saturate": 1} if fmt.name != "int8" else {}
+                new_nodes += [helper.make_node("QuantizeLinear", [site.tensor, f"{stem}_scale", f"{stem}_zero"],
+                                               [f"{stem}_q"], name=f"{stem}_QuantizeLinear", **q_attrs),
+                              helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"],
+                                               [f"{stem}_dq"], name=f"{stem}_DequantizeLinear")]
+                scales[site.tensor] = float(scale)
+            else:                   # weight: quantized initializer → DQ, per output channel
+                from onnx import numpy_helper
+
+                wq, wscale = quantize_weight(numpy_helper.to_array(inits[site.tensor]), site.axis, fmt)
+                graph.initializer.extend([_tensor(f"{stem}_quantized", wq, fmt), _tensor(f"{stem}_scale", wscale)])
+                new_nodes.append(helper.make_node("DequantizeLinear", [f"{stem}_quantized", f"{stem}_scale"],
+                                                  [f"{stem}_dq"], name=f"{stem}_DequantizeLinear", axis=site.axis))
+            done[site.tensor] = f"{stem}_dq"
+        nodes[site.node].input[site.index] = done[site.tensor]
+    _toposort(graph, new_nodes)   # each Q/DQ right where its input is ready
+    _drop_unused_initializers(graph)
+    _set_opset(model, fmt.min_opset)
+    counts = {op: sum(n.op_type == op for n in graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    return {"quantized_nodes": len(keep), "excluded_nodes": skip, **counts, "activation_scales": len(scales)}
+
+
+def _fp8():
+    import ml_dtypes
+
+    return ml_dtypes.float8_e4m3fn
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]   # the float weights now quantized are gone
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _toposort(graph, extra) -> None:
+    """Put each node of ``extra`` (Q/DQ chains) right after the node producing its input; ``graph.node`` is
+    already topologically ordered."""
+    waiting: dict[str, list] = {}
+    for node in extra:
+        waiting.setdefault(node.input[0], []).append(node)
+    ordered = []
+
+    def emit(node) -> None:
+        ordered.append(node)
+        for out in node.output:
+            for follower in waiting.pop(out, []):
+                emit(follower)
+
+    for name in [i.name for i in graph.input] + [i.name for i in graph.initializer]:
+        for follower in waiting.pop(name, []):
+            emit(follower)
+    for node in list(graph.node):
+        emit(node)
+    if waiting:
+        raise ValueError(f"Q/DQ inputs never produced: {', '.join(sorted(waiting)[:5])}")
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _set_opset(model, minimum: int) -> None:
+    """Raise the default-domain opset to ``minimum`` (18 → 19 changes no semantics of the ops these graphs
+    use for float types; 19 adds float8 to Q/DQ, Cast, Reshape …) and the IR version to what it needs."""
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < minimum:
+            op.version = minimum
+    if minimum >= 19:
+        model.ir_version = max(model.ir_version, 9)
+
+
+def qdq_layout(model) -> dict:
+    """Per quantized MatMul/Gemm: which inputs come through DequantizeLinear and how ("tensor" or the
+    channel axis). The structural tests and ``build --dry-run`` read it."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        entry = {}
+        for idx, name in enumerate(node.input[:2]):
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), None)
+            src = inits.get(dq.input[0])
+            entry[idx] = {"weight": src is not None, "axis": axis if src is not None else None,
+                          "type": src.data_type if src is not None else None}
+        if entry:
+            out[node.name] = entry
+    return out
+
+
+# ------------------------------------------------------------------------ --kv-dtype fp8
+def kv_outputs(model) -> list[str]:
+    """The K/V a graph writes to the cache: its ``new_k_l`` / ``new_v_l`` outputs [S, batch, heads, head_dim]."""
+    from ..export.names import NEW
+
+    return [o.name for o in model.graph.output if o.name.startswith((f"{NEW}_k_", f"{NEW}_v_"))]
+
+
+def output_amax(path, calls, names: Sequence[str]) -> dict[str, float]:
+    """Max |x| of the graph outputs ``names`` over ``calls`` (ORT CPU)."""
+    import onnxruntime as ort
+
+    from .capture import iter_feeds
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in sess.get_inputs()]
+    amax = {n: 0.0 for n in names}
+    for feeds in iter_feeds(calls, inputs):
+        for n, v in zip(names, sess.run(list(names), feeds)):
+            amax[n] = max(amax[n], float(np.abs(v).max()) if v.size else 0.0)
+    return amax
+
+
+def quantize_kv_writes(model, amax: Mapping[str, float], fmt: QFormat) -> list[str]:
+    """``--kv-dtype fp8``: every K/V output goes through Q→DQ (per tensor, ``amax / qmax``, saturating) before
+    it is written, so the cache holds E4M3 values and later calls read them dequantized (in place; returns the
+    outputs changed). The step's own new K/V are scored unrounded: they are read before they are written.
+    On ORT the cache array stays FP32 (the values are what an FP8 cache would hold; the memory is not saved);
+    an FP8 cache in memory needs FP8 graph I/O, which this export does not have."""
+    from onnx import helper
+
+    graph = model.graph
+    changed = []
+    for name in kv_outputs(model):
+        inner = f"{name}__unquantized"
+        for node in graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        scale = np.float32(max(float(amax[name]), 1e-12) / fmt.qmax)
+        zero = np.zeros((), np.int8) if fmt.name == "int8" else np.zeros((), np.uint8).view(_fp8())
+        graph.initializer.extend([_tensor(f"{name}_kv_scale", np.array(scale)), _tensor(f"{name}_kv_zero", zero, fmt)])
+        attrs = {"saturate": 1} if fmt.name != "int8" else {}
+        graph.node.extend([helper.make_node("QuantizeLinear", [inner, f"{name}_kv_scale", f"{name}_kv_zero"],
+                                            [f"{name}_kv_q"], name=f"{name}_kv_QuantizeLinear", **attrs),
+                           helper.make_node("DequantizeLinear", [f"{name}_kv_q", f"{name}_kv_scale", f"{name}_kv_zero"],
+                                            [name], name=f"{name}_kv_DequantizeLinear")])
+        changed.append(name)
+    _set_opset(model, fmt.min_opset)
+    return changed

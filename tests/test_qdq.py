@@ -1,0 +1,260 @@
+"""TensorRT-placed Q/DQ (calibration/qdq.py): placement rules per layer on a small transformer-like graph,
+FP8 E4M3 numerics on ORT's CPU EP against an independent numpy model, precision policy and build flags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from starflow_trt.calibration.int8 import DEFAULT_EXCLUDE  # noqa: E402
+from starflow_trt.calibration.qdq import MIN_GEMM_DIM, activation_tensors, insert_qdq, qdq_layout, qformat  # noqa: E402
+
+D, H = 32, 64
+
+
+def _ns(node, path: str):
+    node.metadata_props.add(key="namespace", value=path)
+    return node
+
+
+def block_graph(attention: str = "two_part"):
+    """x [S, D] → LayerNorm → q/k/v projections → attention (``two_part``: past and new keys scored separately,
+    one softmax; ``single``: Q·Kᵀ → softmax → ·V) → out proj → residual add → MLP (GELU) → residual add;
+    plus a small GEMM (K = 8) on a side input. Past K/V [P, D] are graph inputs."""
+    rng = np.random.default_rng(0)
+    w = {n: rng.standard_normal(s).astype(np.float32) * 0.2 for n, s in
+         {"wq": (D, D), "wk": (D, D), "wv": (D, D), "wo": (D, D), "w1": (D, H), "w2": (H, D), "ws": (8, D),
+          "b1": (H,)}.items()}
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits += [numpy_helper.from_array(np.ones(D, np.float32), "g"), numpy_helper.from_array(np.zeros(D, np.float32), "b")]
+    att = "block.attention: Attention/matmul"
+    n = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], name="ln"),
+         _ns(helper.make_node("MatMul", ["ln", "wq"], ["q"], name="q_proj"), "block.attention.qkv: Linear"),
+         _ns(helper.make_node("MatMul", ["ln", "wk"], ["k"], name="k_proj"), "block.attention.qkv: Linear"),
+         _ns(helper.make_node("MatMul", ["ln", "wv"], ["v"], name="v_proj"), "block.attention.qkv: Linear")]
+    if attention == "two_part":
+        n += [helper.make_node("Transpose", ["past_k"], ["pkT"], perm=[1, 0]),
+              helper.make_node("Transpose", ["k"], ["kT"], perm=[1, 0]),
+              _ns(helper.make_node("MatMul", ["q", "pkT"], ["s_past"], name="score_past"), att),
+              _ns(helper.make_node("MatMul", ["q", "kT"], ["s_new"], name="score_new"), att),
+              helper.make_node("Concat", ["s_past", "s_new"], ["s"], axis=1),
+              helper.make_node("Softmax", ["s"], ["p"], axis=1),
+              helper.make_node("Shape", ["past_k"], ["pk_shape"]),
+              helper.make_node("Slice", ["pk_shape", "zero", "one"], ["plen"]),
+              helper.make_node("Shape", ["k"], ["k_shape"]),
+              helper.make_node("Slice", ["k_shape", "zero", "one"], ["slen"]),
+              helper.make_node("Concat", ["plen", "slen"], ["splits"], axis=0),
+              helper.make_node("Split", ["p", "splits"], ["p_past", "p_new"], axis=1),
+              _ns(helper.make_node("MatMul", ["p_past", "past_v"], ["o_past"], name="pv_past"), att),
+              _ns(helper.make_node("MatMul", ["p_new", "v"], ["o_new"], name="pv_new"), att),
+              helper.make_node("Add", ["o_past", "o_new"], ["o"])]
+        inits += [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                  numpy_helper.from_array(np.array([1], np.int64), "one")]
+    else:
+        n += [helper.make_node("Transpose", ["k"], ["kT"], perm=[1, 0]),
+              _ns(helper.make_node("MatMul", ["q", "kT"], ["s"], name="score"), att),
+              helper.make_node("Softmax", ["s"], ["p"], axis=1),
+              _ns(helper.make_node("MatMul", ["p", "v"], ["o"], name="pv"), att)]
+    n += [_ns(helper.make_node("MatMul", ["o", "wo"], ["proj"], name="o_proj"), "block.attention.proj: Linear"),
+          helper.make_node("Add", ["x", "proj"], ["h"], name="residual_1"),
+          _ns(helper.make_node("MatMul", ["h", "w1"], ["m1"], name="mlp_0"), "block.mlp.main.0: Linear"),
+          helper.make_node("Add", ["m1", "b1"], ["m1b"], name="bias"),
+          helper.make_node("Gelu", ["m1b"], ["g1"], domain="com.microsoft", name="gelu"),
+          _ns(helper.make_node("MatMul", ["g1", "w2"], ["m2"], name="mlp_2"), "block.mlp.main.2: Linear"),
+          helper.make_node("Add", ["h", "m2"], ["y"], name="residual_2"),
+          _ns(helper.make_node("MatMul", ["side", "ws"], ["side_out"], name="small"), "block.proj_in: Linear")]
+    f = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    inputs = [f("x", ["S", D]), f("side", ["S", 8])]
+    if attention == "two_part":
+        inputs += [f("past_k", ["P", D]), f("past_v", ["P", D])]
+    graph = helper.make_graph(n, "block", inputs, [f("y", ["S", D]), f("side_out", ["S", D])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+def _feeds(attention: str, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    feeds = {"x": rng.standard_normal((5, D)).astype(np.float32), "side": rng.standard_normal((5, 8)).astype(np.float32)}
+    if attention == "two_part":
+        feeds.update(past_k=rng.standard_normal((7, D)).astype(np.float32),
+                     past_v=rng.standard_normal((7, D)).astype(np.float32))
+    return feeds
+
+
+def _amax(model, feeds) -> dict:
+    """Max |x| of every tensor the inserter asks for, from one ORT run of the float graph."""
+    names = activation_tensors(model, ())
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in names
+                           if t not in {o.name for o in m.graph.output} and t not in feeds])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    outs.update(feeds)
+    return {t: float(np.abs(outs[t]).max()) for t in names}
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+@pytest.mark.parametrize("attention", ["two_part", "single"])
+def test_placement_rules_per_layer(precision, attention):
+    model = block_graph(attention)
+    feeds = _feeds(attention)
+    fmt = qformat(precision)
+    info = insert_qdq(model, _amax(block_graph(attention), feeds), fmt, DEFAULT_EXCLUDE)
+    layout = qdq_layout(model)
+    weighted = {"q_proj", "k_proj", "v_proj", "o_proj", "mlp_0", "mlp_2"}
+    attn = {"score_past", "score_new", "pv_past", "pv_new"} if attention == "two_part" else {"score", "pv"}
+    # rule 1: weighted GEMMs have both inputs quantized; attention BMMs (excluded by default) and the small GEMM none
+    assert set(layout) == weighted
+    assert set(info["excluded_nodes"]) == attn | {"small"}
+    for name in weighted:
+        act, weight = layout[name][0], layout[name][1]
+        assert act == {"weight": False, "axis": None, "type": None}                  # rule 2: per tensor
+        assert weight["weight"] and weight["axis"] == 1 and weight["type"] == fmt.elem_type   # rule 3
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    # rule 1: Q/DQ only where a quantized GEMM reads: every DQ feeds GEMMs only, never a residual / bias add,
+    # softmax, norm or a graph output (a GEMM output is quantized only as the next GEMM's input)
+    outputs = {o.name for o in model.graph.output}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear":
+            assert consumers[n.output[0]] and all(c.name in weighted for c in consumers[n.output[0]])
+            assert n.output[0] not in outputs
+        if n.op_type in ("Add", "Softmax", "LayerNormalization", "Gelu"):
+            assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in n.input)
+    # rule 2: one Q/DQ pair for ln, shared by q/k/v; unquantized consumers (none here) would keep the float tensor
+    q_of_ln = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "ln"]
+    assert len(q_of_ln) == 1
+    # scales: per-tensor activation scale = amax / qmax; per-channel weight scale [N]
+    scales = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    amax = _amax(block_graph(attention), feeds)
+    assert scales["ln_scale"].shape == () and np.isclose(scales["ln_scale"], amax["ln"] / fmt.qmax)
+    assert scales["w1_scale"].shape == (H,)
+    # rule 6: FP8 needs opset 19 / IR 9; INT8 keeps the export's opset
+    opset = next(o.version for o in model.opset_import if o.domain == "")
+    assert (opset, model.ir_version >= 9) == ((19, True) if precision == "fp8" else (18, False))
+    onnx.checker.check_model(model)
+
+
+@pytest.mark.parametrize("attention", ["two_part", "single"])
+def test_attention_bmms_quantized_when_included(attention):
+    """Rule 5: with attention included, every BMM of either form gets per-tensor Q/DQ on both inputs."""
+    model = block_graph(attention)
+    feeds = _feeds(attention)
+    insert_qdq(model, _amax(block_graph(attention), feeds), qformat("fp8"), exclude=())
+    layout = qdq_layout(model)
+    attn = {"score_past", "score_new", "pv_past", "pv_new"} if attention == "two_part" else {"score", "pv"}
+    for name in attn:
+        assert set(layout[name]) == {0, 1} and not layout[name][0]["weight"] and not layout[name][1]["weight"]
+    assert "small" not in layout   # rule 4 holds regardless of the regexes
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _e4m3(x: np.ndarray, scale) -> np.ndarray:
+    """Independent model of QuantizeLinear→DequantizeLinear to float8e4m3fn (saturating)."""
+    return np.clip(x / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale
+
+
+def test_fp8_graph_on_ort_cpu_matches_e4m3_rounding():
+    """The gate's simulation: ORT's CPU EP runs the FP8 Q/DQ graph as exact E4M3 rounding of each quantized
+    input with its scale, then FP32 GEMMs: equal to a numpy model of the same, and off the float graph by
+    about E4M3's precision (not zero, not more)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((D, H)).astype(np.float32)
+    graph = helper.make_graph([_ns(helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), "mlp: Linear")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["S", D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["S", H])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = (rng.standard_normal((16, D)) * 3).astype(np.float32)
+    amax = float(np.abs(x).max())
+    insert_qdq(model, {"x": amax}, qformat("fp8"), DEFAULT_EXCLUDE)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wscale = (np.abs(w).max(axis=0) / 448).astype(np.float32)[None, :]
+    for feed in (x, 4 * x):   # 4x: past amax, saturate=1 must clamp to ±448, not give NaN
+        got = sess.run(None, {"x": feed})[0]
+        want = _e4m3(feed, np.float32(amax / 448)) @ _e4m3(w, wscale)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    got = sess.run(None, {"x": x})[0]
+    rel = np.linalg.norm(got - x @ w) / np.linalg.norm(x @ w)
+    assert 0.005 < rel < 0.08   # E4M3: 3 mantissa bits on both inputs
+
+
+def test_small_gemm_threshold_is_modelopts():
+    assert MIN_GEMM_DIM == 16
+
+
+def test_precision_policy_and_builder_flags_for_fp8():
+    from starflow_trt.calibration.policy import TEXT_POLICY, VAE_POLICY, builder_flags, graph_precision
+    from starflow_trt.errors import StarflowError
+
+    class Kind:
+        def __init__(self, kind, policy=None):
+            self.kind, self.precision_policy = kind, policy
+
+    flow, text, vae = Kind("deep_step"), Kind("text_encoder", TEXT_POLICY), Kind("vae_decode", VAE_POLICY)
+    assert graph_precision(flow, "fp8").precision == "fp8"
+    assert graph_precision(flow, "fp8", called=False).precision == "fp32"
+    assert graph_precision(text, "fp8").precision == "fp32"     # T5 stays FP32
+    assert graph_precision(vae, "fp8").precision == "fp16"      # the VAE FP16
+    assert builder_flags(flow, "fp8", weakly_typed=False) == []              # strongly typed: from the ONNX
+    assert builder_flags(flow, "fp8", weakly_typed=True) == ["FP16", "FP8"]
+    assert builder_flags(flow, "int8", weakly_typed=True) == ["FP16", "INT8"]
+    with pytest.raises(StarflowError, match="must not be fp8"):
+        builder_flags(text, "fp8", weakly_typed=False)
+
+
+def test_fp8_gate_and_verify_tolerance():
+    from starflow_trt.calibration.calibrate import default_gate
+    from starflow_trt.verify import default_tolerance
+
+    gate = default_gate("fp8")
+    assert (gate.max_bpd_increase, gate.min_psnr_db) == (0.002, 35.0)
+    assert default_tolerance("fp8") == gate.max_graph_error < default_tolerance("int8") + 0.1
+
+
+def test_kv_fp8_rounds_what_is_written_not_what_is_scored():
+    """--kv-dtype fp8: the new_k output (written to the cache) is E4M3-rounded with amax/448; the same step's
+    attention still reads the unrounded K."""
+    from starflow_trt.calibration.qdq import kv_outputs, quantize_kv_writes
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((D, D)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["new_k_0"], name="k_proj"),
+             helper.make_node("Transpose", ["new_k_0"], ["kT"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "kT"], ["scores"], name="score")]
+    f = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [f("x", ["S", D])], [f("scores", ["S", "S"]),
+                                                                                  f("new_k_0", ["S", D])],
+                                                [numpy_helper.from_array(w, "w")]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((6, D)).astype(np.float32)
+    k = x @ w
+    assert kv_outputs(model) == ["new_k_0"]
+    assert quantize_kv_writes(model, {"new_k_0": float(np.abs(k).max())}, qformat("fp8")) == ["new_k_0"]
+    onnx.checker.check_model(model)
+    scores, new_k = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})
+    np.testing.assert_allclose(new_k, _e4m3(k, np.float32(np.abs(k).max() / 448)), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(new_k, k, rtol=1e-4)
+    np.testing.assert_allclose(scores, x @ k.T, rtol=1e-4, atol=1e-4)
+
+
+def test_registered_media_kinds_keep_their_precision_in_fp8():
+    from starflow_trt.calibration.policy import graph_precision
+    from starflow_trt.export.registry import graph_kind
+
+    assert graph_precision(graph_kind("text_encoder"), "fp8").precision == "fp32"
+    assert graph_precision(graph_kind("vae_decode_step"), "fp8").precision == "fp16"
+    assert graph_precision(graph_kind("step"), "fp8").precision == "fp8"

@@ -124,7 +124,7 @@ class StepKind(GraphKind):
     def build(self, geo, block, weights) -> nn.Module:
         return StepGraph(weights.block(block))
 
-    def manifest_extra(self, module: nn.Module) -> dict:
+    def manifest_extra(self, ctx, block, module: nn.Module) -> dict:
         return {n.SOS: module.block.sos_embed.detach().flatten().tolist()}  # the runtime feeds SOS first
 
     def cost(self, cfg, block, sizes):

@@ -62,13 +62,11 @@ class TorchBackend(Backend):
         from .base import TORCH_DTYPES
 
         kind = graph_kind(spec.kind)
-        media = getattr(kind, "build_media", None)
-        if media is not None:   # text encoder / VAE: rebuilt from the recorded source weights
-            return TorchRunner(spec, media(spec))
         # graphs of an `export --dtype fp16|bf16` take half K/V: build their modules in that dtype
         kv = TORCH_DTYPES[next((t.dtype for t in spec.outputs if t.name.startswith("new_k_")), "float32")]
         loader = self.loader if kv == torch.float32 else BlockLoader(self.loader.cfg, self.loader.state, kv)
-        return TorchRunner(spec, kind.build(self.geo, spec.block, loader))
+        # a kind with its own weights (text encoder, VAE) rebuilds them from the source its entry records
+        return TorchRunner(spec, kind.build(self.geo, spec.block, kind.runtime_weights(spec, loader)))
 
     def release(self) -> None:
         self.loader = None

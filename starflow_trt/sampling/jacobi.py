@@ -89,14 +89,14 @@ class AffineMemory:
 
 @dataclass
 class SweepCursors:
-    """Where one sliding phase stands. Invariants at the top of each sweep:
-    ``s <= exact <= frontier`` and ``s <= frontier``; the phase ends when ``s >= target``.
+    """Where one sliding phase stands. Invariant at the top of each sweep: ``s <= frontier``;
+    the phase ends when ``s >= target``. A sweep evaluates the window ``[s, e)`` and commits
+    at least its first token, the one exact token (its input, token ``s − 1``, was final before
+    the sweep), so every sweep advances ``s``.
     """
 
     #: tokens < s are committed (final, their K/V in the cache)
     s: int
-    #: tokens < exact are exact: computed from inputs that were all final before the sweep
-    exact: int
     #: tokens < frontier have an initial guess in ``work`` (later ones still hold their noise)
     frontier: int
     #: [target] int32: network evaluations of each position during this phase
@@ -106,7 +106,7 @@ class SweepCursors:
 
     @classmethod
     def start(cls, s: int, target: int, device: torch.device) -> "SweepCursors":
-        return cls(s, s, s, torch.zeros(target, dtype=torch.int32, device=device))
+        return cls(s, s, torch.zeros(target, dtype=torch.int32, device=device))
 
 
 class Sliding(Schedule):
@@ -148,7 +148,6 @@ class Sliding(Schedule):
             e = min(s + k, target)   # the sweep evaluates positions [s, e)
             if c.verified and c.frontier > s:
                 e = min(target, max(e, c.frontier + k), s + 2 * k)
-            c.exact = max(c.exact, s)
             if e > c.frontier:
                 mem.predict(work, seq, max(c.frontier, s + 1), e, fs)   # position s's input is final already
                 c.frontier = e
@@ -160,9 +159,8 @@ class Sliding(Schedule):
             mag = (new ** 2).mean(dim=(0, 2))
             prefix_delta = torch.cumsum(sq, 0) / torch.cumsum(mag, 0).clamp_min(1e-30)
             work[:, s + 1 : e + 1] = new
-            c.exact = min(e, c.exact + 1)
             twice = int(torch.cumprod(c.evals[s:e] >= 2, 0).sum())   # leading positions evaluated twice
-            m = self._committable(jac, c, s, e, sq, mag, prefix_delta, twice)
+            m = max(1, self._committable(jac, c, s, e, sq, mag, prefix_delta, twice))   # 1: the exact token
             if int(c.evals[s]) >= jac.max_iter:
                 m = e - s
             c.verified = 0 < twice <= m
@@ -173,10 +171,10 @@ class Sliding(Schedule):
 
     def _committable(self, jac: JacobiConfig, c: SweepCursors, s: int, e: int, sq: torch.Tensor,
                      mag: torch.Tensor, prefix_delta: torch.Tensor, twice: int) -> int:
-        """Tokens of the window ``[s, e)`` to commit: the exact ones, or the longest prefix whose every
-        prefix passes upstream's test over positions evaluated twice (``sq`` / ``mag`` [e−s] per token)."""
+        """Tokens of the window ``[s, e)`` that converged: the longest prefix of the positions evaluated twice
+        whose every prefix passes upstream's test (``sq`` / ``mag`` [e−s]: squared update / value per token)."""
         bad = (prefix_delta[:twice] >= jac.stop).nonzero()
-        return max(c.exact - s, int(bad[0]) if len(bad) else twice)
+        return int(bad[0]) if len(bad) else twice
 
 
 class Predictive(Sliding):
@@ -195,7 +193,7 @@ class Predictive(Sliding):
         once = c.evals[s:e] < 2
         bound = torch.where(once, FIRST_PASS_MARGIN * jac.stop, jac.stop)
         good = (torch.cumsum(sq, 0) < bound * torch.cumsum(mag, 0).clamp_min(1e-30)).nonzero()
-        return max(c.exact - s, int(good[-1]) + 1 if len(good) else 0)
+        return int(good[-1]) + 1 if len(good) else 0
 
 
 #: schedule name → its class (the names of :data:`~.options.SCHEDULES`)

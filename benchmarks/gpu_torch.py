@@ -314,7 +314,7 @@ def text_encoder(device, dtype, tiny) -> None:
 def vae_decode(device, dtype, tiny) -> None:
     from diffusers import AutoencoderKLWan
 
-    from starflow_trt.media.vae import WAN22_VAE_CONFIG
+    from starflow_trt.media.vae_load import WAN22_VAE_CONFIG
 
     cfg = dict(WAN22_VAE_CONFIG)
     if tiny:

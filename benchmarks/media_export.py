@@ -34,9 +34,9 @@ CHILD_T5 = textwrap.dedent("""
     import json, resource, sys, time, torch
     from pathlib import Path
     from transformers import T5Config, T5EncoderModel
-    from starflow_trt.media.export import export_module, ort_callable, ort_session, rel_error
     from starflow_trt.media.text import TextEncoderGraph
     from starflow_trt.media.tiny import FLAN_T5_XL
+    from tests.onnx_helpers import export_module, ort_run, rel_error
     out, tokens = Path(sys.argv[1]), int(sys.argv[2])
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ CHILD_T5 = textwrap.dedent("""
     mask[1, tokens // 3:] = 0
     rss_model = rss()
     seconds = export_module(graph, (ids, mask), out / "text_encoder.onnx", ["input_ids", "attention_mask"],
-                            ["text"], [{0: "batch", 1: "tokens"}] * 2)
+                            ["text"], [[0, 1]] * 2)
     rss_export = rss()
     files = sum(f.stat().st_size for f in out.iterdir())
     t = time.perf_counter()
@@ -57,7 +57,7 @@ CHILD_T5 = textwrap.dedent("""
         ref = graph(ids, mask)
     torch_s = time.perf_counter() - t
     t = time.perf_counter()
-    run = ort_callable(ort_session(out / "text_encoder.onnx"))
+    run = ort_run(out / "text_encoder.onnx")
     (got,) = run(ids, mask)
     ort_s = time.perf_counter() - t
     print(json.dumps({"case": "t5", "params": params, "build_s": build_s, "export_s": seconds,
@@ -71,13 +71,16 @@ CHILD_VAE = textwrap.dedent("""
     import json, resource, sys, time, torch
     from pathlib import Path
     from diffusers import AutoencoderKLWan
-    from starflow_trt.media import vae as V
-    from starflow_trt.media.export import export_module, ort_callable, ort_session, rel_error
+    from starflow_trt.media import vae_graphs as V
+    from starflow_trt.media.vae_load import WAN22_VAE_CONFIG
+    from starflow_trt.media.vae_stream import decode_streaming
+    from tests.media_oracles import decode_whole
+    from tests.onnx_helpers import export_module, ort_run, rel_error
     out, h, w = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.manual_seed(0)
     t = time.perf_counter()
-    vae = AutoencoderKLWan(**V.WAN22_VAE_CONFIG).eval().requires_grad_(False)
+    vae = AutoencoderKLWan(**WAN22_VAE_CONFIG).eval().requires_grad_(False)
     with torch.no_grad():  # diffusers' init leaves some layers at zero/identity; perturb all
         for p in vae.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -86,7 +89,7 @@ CHILD_VAE = textwrap.dedent("""
     dec_params = sum(p.numel() for p in vae.decoder.parameters()) + sum(p.numel() for p in vae.post_quant_conv.parameters())
     z = torch.randn(2, 2, 48, h, w)
     rss_model = rss()
-    axes = {0: "batch", 3: "h", 4: "w"}
+    axes = [0, 3, 4]   # batch, h, w
     first_s = export_module(V.VaeDecodeFirst(vae, plan), (z[:, :1],), out / "vae_decode_first.onnx", ["latents"],
                             ["frames", *plan.output_names()], [axes])
     rss_first = rss()
@@ -100,11 +103,11 @@ CHILD_VAE = textwrap.dedent("""
     torch.set_num_threads(2)
     small = torch.randn(1, 3, 48, 2, 3) * 2
     t = time.perf_counter()
-    ref = V.decode_whole(vae, small)
+    ref = decode_whole(vae, small)
     torch_s = time.perf_counter() - t
-    first, step = (ort_callable(ort_session(out / f"vae_decode_{n}.onnx")) for n in ("first", "step"))
+    first, step = (ort_run(out / f"vae_decode_{n}.onnx") for n in ("first", "step"))
     t = time.perf_counter()
-    got = V.decode_streaming(first, step, small)
+    got = decode_streaming(first, step, small)
     ort_s = time.perf_counter() - t
     print(json.dumps({"case": "vae", "decoder_params": dec_params, "build_and_probe_s": build_s,
                       "example_grid": [h, w], "cache_bytes_b1": plan.bytes(1, h, w), "cache_tensors": len(plan),

@@ -58,7 +58,7 @@ def test_vae_costs_scale_with_latent_pixels_like_torch_counts(one_thread):
     vae = make_vae(seed=0, z_dim=4)
     graphs = vae_graphs(vae)   # example: batch 2, latent grid 2 × 3
     plan = graphs["vae_decode_step"].extra["cache_plan"]
-    from starflow_trt.media.vae import CachePlan
+    from starflow_trt.media.vae_graphs import CachePlan
 
     dec, enc = CachePlan.from_dict(plan), CachePlan.from_dict(graphs["vae_encode_step"].extra["cache_plan"])
     b, h, w = 1, 3, 5   # another batch and grid than the example

@@ -13,8 +13,9 @@ from starflow_trt.errors import ConfigError  # noqa: E402
 from starflow_trt.export.manifest import load_manifest  # noqa: E402
 from starflow_trt.export.onnx_export import ExportLimits, export_graphs  # noqa: E402
 from starflow_trt.media import text as T  # noqa: E402
-from starflow_trt.media.export import ort_callable, ort_session, rel_error  # noqa: E402
 from starflow_trt.media.tiny import make_t5_dir  # noqa: E402
+
+from .onnx_helpers import ort_run, rel_error  # noqa: E402
 
 LIMITS = ExportLimits(height=6, width=4, max_frames=3, max_batch=4)
 
@@ -55,7 +56,7 @@ def test_text_encoder_graph_manifest_and_parity(text_export, t5_dir, goldens_dir
     # ORT vs PyTorch on real tokens, at a batch the graph was not traced with
     enc = T.T5TextEncoder.from_pretrained(t5_dir, T.TextTemplate(txt_size=4))
     ids, mask = enc.tokenize(["a cat", "", "a red square moving right"])
-    ort = ort_callable(ort_session(spec.path))(ids, mask)[0]
+    ort = ort_run(spec.path)(ids, mask)[0]
     ref = enc.encode_texts(["a cat", "", "a red square moving right"])
     assert rel_error(ort, ref) <= 1e-5
     assert (ort[mask == 0] == 0).all()
@@ -156,28 +157,31 @@ def vae_export(goldens_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_vae_graphs_chained_ort_equals_whole_clip(vae_export):
-    from starflow_trt.media import vae as V
+    from starflow_trt.media import latents as LT, vae_stream as VS
+
+    from . import media_oracles as oracles
 
     vae, out = vae_export
     m = load_manifest(out)
     first, step = (m.graphs[k] for k in ("vae_decode_first", "vae_decode_step"))
     assert first.dims["h"].max == 6 and first.dims["w"].max == 4 and step.dims["h_x8"].max == 48
-    norm = V.LatentNorm.from_dict(step.extra["norm"])
-    assert norm == V.LatentNorm.from_vae(vae, None)
+    norm = LT.LatentNorm.from_dict(step.extra["norm"])
+    assert norm == LT.LatentNorm.from_vae(vae, None)
     z = torch.randn(1, 3, 4, 3, 2, generator=torch.Generator().manual_seed(5)) * 2
-    got = V.decode_streaming(ort_callable(ort_session(first.path)), ort_callable(ort_session(step.path)), z)
-    err = rel_error(got, V.decode_whole(vae, z))
+    got = VS.decode_streaming(ort_run(first.path), ort_run(step.path), z)
+    err = rel_error(got, oracles.decode_whole(vae, z))
     assert err <= 1e-5, err
     img = torch.rand(2, 1, 3, 32, 48) * 2 - 1
-    mean, logvar = ort_callable(ort_session(m.graphs["vae_encode"].path))(img)
-    ref_mean, ref_logvar = V.encode_whole(vae, img)
+    mean, logvar = ort_run(m.graphs["vae_encode"].path)(img)
+    ref_mean, ref_logvar = oracles.encode_whole(vae, img)
     assert rel_error(mean, ref_mean) <= 1e-5 and rel_error(logvar, ref_logvar) <= 1e-5
 
 
 @pytest.mark.slow
 def test_pipeline_decode_and_encode_video_match_pytorch(vae_export):
-    from starflow_trt.media import vae as V
     from starflow_trt.runtime import Pipeline
+
+    from . import media_oracles as oracles
 
     vae, out = vae_export
     pipe = Pipeline.from_dir(out, backend="ort")
@@ -185,12 +189,12 @@ def test_pipeline_decode_and_encode_video_match_pytorch(vae_export):
     z = torch.randn(1, 3, 4, 2, 3, generator=torch.Generator().manual_seed(7))
     chunks = []
     frames = pipe.decode(z, on_frames=chunks.append)
-    ref = V.decode_whole(vae, norm.to_vae(z))
+    ref = oracles.decode_whole(vae, norm.to_vae(z))
     assert frames.shape == (1, 9, 3, 32, 48) and [c.shape[1] for c in chunks] == [1, 4, 4]
     assert rel_error(frames, ref) <= 1e-5
     clip = frames.clamp(-1, 1)
     lat = pipe.encode_video(clip, sample=False)
-    mean, logvar = V.encode_whole(vae, clip)
+    mean, logvar = oracles.encode_whole(vae, clip)
     assert lat.shape == (1, 3, 4, 2, 3)
     assert rel_error(lat, norm.latents_from_moments(mean, logvar, sample=False)) <= 1e-5
     img = pipe.encode_video(clip[:, :1])   # one frame: the image graph

@@ -79,8 +79,9 @@ def test_image_to_video_context_is_encode_video_of_the_image(full_export, png, m
 
 
 def test_torch_backend_builds_vae_graphs_from_the_recorded_source(full_export):
-    from starflow_trt.media.export import rel_error
     from starflow_trt.runtime import Pipeline
+
+    from .onnx_helpers import rel_error
 
     graphs = full_export / "graphs"
     source = load_manifest(graphs).graphs["vae_decode_step"].extra["source"]

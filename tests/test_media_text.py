@@ -123,12 +123,12 @@ def test_from_pretrained_errors(tmp_path, t5_dir):
 
 def test_text_encoder_onnx_matches_pytorch(encoder, tmp_path):
     pytest.importorskip("onnxruntime")
-    from starflow_trt.media.export import ort_callable, ort_session, rel_error
     from starflow_trt.media.graphs import text_encoder_graph
 
+    from .onnx_helpers import export_graph, ort_run, rel_error
+
     graph = text_encoder_graph(encoder, batch=2)
-    path, _ = graph.export(tmp_path)
-    run = ort_callable(ort_session(path))
+    run = ort_run(export_graph(graph, tmp_path))
     # another batch size than the example: the batch dim must stay dynamic
     ids, mask = encoder.tokenize(encoder.template.captions(["a red square", "a cat", "a blue circle moving left"],
                                                            fps=16, aspect="16:9"))

@@ -10,8 +10,10 @@ import torch
 pytest.importorskip("diffusers")
 
 from starflow_trt.errors import CheckpointError, InputError  # noqa: E402
-from starflow_trt.media import vae as V  # noqa: E402
+from starflow_trt.media import latents as LT, vae_graphs as VG, vae_load as VL, vae_stream as VS  # noqa: E402
 from starflow_trt.media.tiny import make_vae  # noqa: E402
+
+from . import media_oracles as oracles  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,13 +80,13 @@ def to_upstream_key(key: str, num_res_blocks: int) -> str:
     ("decoder.upsamples.3.upsamples.2.residual.0.gamma", "decoder.up_blocks.3.resnets.2.norm1.gamma"),
 ])
 def test_rename_known_wan22_keys(upstream, ours):
-    assert V.rename_upstream_key(upstream) == ours
+    assert VL.rename_upstream_key(upstream) == ours
 
 
 @pytest.mark.parametrize("bad", ["decoder.foo.weight", "model.conv1.weight", "encoder.middle.0.residual.9.weight"])
 def test_rename_rejects_unknown_keys(bad):
     with pytest.raises(CheckpointError, match="unexpected key"):
-        V.rename_upstream_key(bad)
+        VL.rename_upstream_key(bad)
 
 
 def test_load_upstream_pth_infers_dims_and_matches(vae, tmp_path):
@@ -92,7 +94,7 @@ def test_load_upstream_pth_infers_dims_and_matches(vae, tmp_path):
     upstream = {to_upstream_key(k, vae.config.num_res_blocks): v.clone() for k, v in state.items()}
     assert "encoder.conv1.weight" in upstream and len(upstream) == len(state)
     torch.save(upstream, tmp_path / "Wan2.2_VAE.pth")
-    loaded = V.load_vae(tmp_path / "Wan2.2_VAE.pth")
+    loaded = VL.load_vae(tmp_path / "Wan2.2_VAE.pth")
     for key in ("base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "temperal_downsample", "is_residual",
                 "in_channels", "out_channels", "patch_size", "scale_factor_spatial", "scale_factor_temporal"):
         assert loaded.config[key] == vae.config[key], key
@@ -104,9 +106,9 @@ def test_infer_full_wan22_config_from_tensor_shapes():
     from diffusers import AutoencoderKLWan
 
     with torch.device("meta"):
-        full = AutoencoderKLWan(**V.WAN22_VAE_CONFIG)
-    cfg = V.infer_vae_config(full.state_dict())
-    expected = {k: v for k, v in V.WAN22_VAE_CONFIG.items()}
+        full = AutoencoderKLWan(**VL.WAN22_VAE_CONFIG)
+    cfg = VL.infer_vae_config(full.state_dict())
+    expected = {k: v for k, v in VL.WAN22_VAE_CONFIG.items()}
     assert cfg == expected
 
 
@@ -115,34 +117,34 @@ def test_load_errors_name_the_problem(vae, tmp_path):
     bad["decoder.conv_out.weight"] = torch.zeros(12, 5, 3, 3, 3)  # wrong input width
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="does not match the inferred"):
-        V.load_vae(tmp_path / "bad.pth")
+        VL.load_vae(tmp_path / "bad.pth")
     wan21 = {k: v for k, v in vae.state_dict().items() if ".resnets." not in k or "down_blocks" not in k}
     torch.save(wan21, tmp_path / "wan21.pth")
     with pytest.raises(CheckpointError, match="Wan2.1"):
-        V.load_vae(tmp_path / "wan21.pth")
+        VL.load_vae(tmp_path / "wan21.pth")
     with pytest.raises(CheckpointError, match="not a diffusers VAE directory"):
-        V.load_vae(tmp_path)
+        VL.load_vae(tmp_path)
 
 
 def test_load_diffusers_directory_and_pipeline_subfolder(vae, tmp_path):
     vae.save_pretrained(tmp_path / "pipe" / "vae")
     for path in (tmp_path / "pipe" / "vae", tmp_path / "pipe"):
-        loaded = V.load_vae(path)
+        loaded = VL.load_vae(path)
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
 
 
 def test_wan22_statistics_recorded():
-    assert len(V.WAN22_LATENTS_MEAN) == len(V.WAN22_LATENTS_STD) == 48
-    assert (V.WAN22_LATENTS_MEAN[0], V.WAN22_LATENTS_MEAN[-1]) == (-0.2289, -0.0667)
-    assert (V.WAN22_LATENTS_STD[0], V.WAN22_LATENTS_STD[-1]) == (0.4765, 0.7744)
-    assert min(V.WAN22_LATENTS_STD) > 0
-    norm = V.LatentNorm(temporal_scale=0.6)
-    assert V.LatentNorm.from_dict(norm.to_dict()) == norm
+    assert len(VL.WAN22_LATENTS_MEAN) == len(VL.WAN22_LATENTS_STD) == 48
+    assert (VL.WAN22_LATENTS_MEAN[0], VL.WAN22_LATENTS_MEAN[-1]) == (-0.2289, -0.0667)
+    assert (VL.WAN22_LATENTS_STD[0], VL.WAN22_LATENTS_STD[-1]) == (0.4765, 0.7744)
+    assert min(VL.WAN22_LATENTS_STD) > 0
+    norm = LT.LatentNorm(temporal_scale=0.6)
+    assert LT.LatentNorm.from_dict(norm.to_dict()) == norm
 
 
 def test_temporal_scale_touches_frames_after_the_first_only():
     g = torch.Generator().manual_seed(1)
-    norm = V.LatentNorm(mean=(0.1, -0.2, 0.3), std=(0.5, 2.0, 1.5), temporal_scale=0.6)
+    norm = LT.LatentNorm(mean=(0.1, -0.2, 0.3), std=(0.5, 2.0, 1.5), temporal_scale=0.6)
     raw = torch.randn(2, 4, 3, 2, 2, generator=g)
     m = torch.tensor([0.1, -0.2, 0.3]).view(1, 1, 3, 1, 1)
     inv = 1.0 / torch.tensor([0.5, 2.0, 1.5]).view(1, 1, 3, 1, 1)
@@ -159,7 +161,7 @@ def test_temporal_scale_touches_frames_after_the_first_only():
 
 
 def test_latent_draw_uses_raw_logvar_clamped():
-    norm = V.LatentNorm(mean=(0.0, 1.0), std=(2.0, 4.0), temporal_scale=0.6)
+    norm = LT.LatentNorm(mean=(0.0, 1.0), std=(2.0, 4.0), temporal_scale=0.6)
     mean = torch.ones(1, 2, 2, 1, 1)
     logvar = torch.tensor([-1.0, 50.0]).view(1, 1, 2, 1, 1).expand(1, 2, 2, 1, 1)
     z = norm.latents_from_moments(mean, logvar, sample=True, generator=torch.Generator().manual_seed(3))
@@ -169,12 +171,12 @@ def test_latent_draw_uses_raw_logvar_clamped():
     expected = expected + std * eps
     expected[:, 1:] *= 0.6
     torch.testing.assert_close(z, expected, rtol=1e-6, atol=0)
-    noisy = V.add_noise(z, 0.5, torch.Generator().manual_seed(4))
+    noisy = LT.add_noise(z, 0.5, torch.Generator().manual_seed(4))
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(4))
     assert torch.equal(noisy, z + 0.5 * eps)
     # i2v context: sample eps first, then the noise, from one generator
     g = torch.Generator().manual_seed(9)
-    ctx = V.context_latents(mean, logvar, norm, 0.5, g)
+    ctx = LT.context_latents(mean, logvar, norm, 0.5, g)
     g = torch.Generator().manual_seed(9)
     z = norm.latents_from_moments(mean, logvar, sample=True, generator=g)
     assert torch.equal(ctx, z + 0.5 * torch.randn(z.shape, generator=g))
@@ -182,7 +184,7 @@ def test_latent_draw_uses_raw_logvar_clamped():
 
 def test_whole_clip_oracle_is_diffusers_decode_without_clamp(vae):
     z = torch.randn(1, 3, vae.config.z_dim, 2, 3, generator=torch.Generator().manual_seed(0)) * 3
-    ours = V.decode_whole(vae, z)
+    ours = oracles.decode_whole(vae, z)
     assert ours.shape == (1, 1 + 4 * 2, 3, 32, 48)
     assert ours.abs().max() > 1  # unclamped: the test would not see a clamp otherwise
     with torch.no_grad():
@@ -193,47 +195,47 @@ def test_whole_clip_oracle_is_diffusers_decode_without_clamp(vae):
 @pytest.mark.parametrize("chunks", [None, [2, 1], [1, 2], [3]])
 def test_first_plus_steps_equal_whole_clip_any_chunk_plan(vae, chunks):
     z = torch.randn(2, 4, vae.config.z_dim, 2, 3, generator=torch.Generator().manual_seed(1)) * 2
-    plan = V.probe_cache_plan(vae, "decoder")
+    plan = VG.probe_cache_plan(vae, "decoder")
     seen = []
     with torch.no_grad():
-        out = V.decode_streaming(V.VaeDecodeFirst(vae, plan), V.VaeDecodeStep(vae, plan), z, chunks,
+        out = VS.decode_streaming(VG.VaeDecodeFirst(vae, plan), VG.VaeDecodeStep(vae, plan), z, chunks,
                                  on_frames=lambda f: seen.append(f.shape[1]))
-    ref = V.decode_whole(vae, z)
+    ref = oracles.decode_whole(vae, z)
     assert out.shape == ref.shape == (2, 13, 3, 32, 48)
     assert seen == [1] + [4 * c for c in (chunks or [1, 1, 1])]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
 def test_cache_plan_shapes_are_steady(vae):
-    plan = V.probe_cache_plan(vae, "decoder")
+    plan = VG.probe_cache_plan(vae, "decoder")
     z = torch.randn(1, 3, vae.config.z_dim, 2, 3)
     with torch.no_grad():
-        _, *caches = V.VaeDecodeFirst(vae, plan)(z[:, :1])
+        _, *caches = VG.VaeDecodeFirst(vae, plan)(z[:, :1])
         assert [tuple(c.shape) for c in caches] == plan.shapes(1, 2, 3)
-        _, *caches = V.VaeDecodeStep(vae, plan)(z[:, 1:], *caches)  # 2 frames at once
+        _, *caches = VG.VaeDecodeStep(vae, plan)(z[:, 1:], *caches)  # 2 frames at once
         assert [tuple(c.shape) for c in caches] == plan.shapes(1, 2, 3)
     assert {e.frames for e in plan.entries} == {2}
     assert sorted({e.scale for e in plan.entries}) == [1, 2, 4, 8]
-    assert V.CachePlan.from_dict(plan.to_dict()) == plan
+    assert VG.CachePlan.from_dict(plan.to_dict()) == plan
     with pytest.raises(InputError, match="chunks"):
-        V.decode_streaming(V.VaeDecodeFirst(vae, plan), V.VaeDecodeStep(vae, plan), z, [1])
+        VS.decode_streaming(VG.VaeDecodeFirst(vae, plan), VG.VaeDecodeStep(vae, plan), z, [1])
 
 
 def test_encoder_first_step_and_image_encode_match_diffusers(vae):
     x = torch.rand(2, 9, 3, 32, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    mean, logvar = V.encode_whole(vae, x)
+    mean, logvar = oracles.encode_whole(vae, x)
     assert mean.shape == (2, 3, vae.config.z_dim, 2, 3)
-    plan = V.probe_cache_plan(vae, "encoder")
+    plan = VG.probe_cache_plan(vae, "encoder")
     with torch.no_grad():
-        m0, lv0, *caches = V.VaeEncodeFirst(vae, plan)(x[:, :1])
-        m1, lv1, *caches = V.VaeEncodeStep(vae, plan)(x[:, 1:5], *caches)
-        m2, lv2, *_ = V.VaeEncodeStep(vae, plan)(x[:, 5:9], *caches)
-        whole = V.VaeEncode(vae)(x)
-        image = V.VaeEncode(vae)(x[:, :1])
+        m0, lv0, *caches = VG.VaeEncodeFirst(vae, plan)(x[:, :1])
+        m1, lv1, *caches = VG.VaeEncodeStep(vae, plan)(x[:, 1:5], *caches)
+        m2, lv2, *_ = VG.VaeEncodeStep(vae, plan)(x[:, 5:9], *caches)
+        whole = VG.VaeEncode(vae)(x)
+        image = VG.VaeEncode(vae)(x[:, :1])
     tol = dict(rtol=0, atol=1e-5 * mean.abs().max().item())
     torch.testing.assert_close(torch.cat([m0, m1, m2], 1), mean, **tol)
     torch.testing.assert_close(torch.cat([lv0, lv1, lv2], 1).clamp(-30, 20), logvar, **tol)
     torch.testing.assert_close(whole[0], mean, **tol)
     torch.testing.assert_close(image[0], mean[:, :1], **tol)  # the first frame is encoded on its own
     with pytest.raises(InputError, match="1 \\+ 4n frames"):
-        V.VaeEncode(vae)(x[:, :3])
+        VG.VaeEncode(vae)(x[:, :3])

@@ -12,10 +12,12 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("onnxruntime")
 
-from starflow_trt.media import vae as V  # noqa: E402
-from starflow_trt.media.export import ort_callable, ort_session, rel_error  # noqa: E402
+from starflow_trt.media import vae_graphs as VG, vae_stream as VS  # noqa: E402
 from starflow_trt.media.graphs import vae_graphs  # noqa: E402
 from starflow_trt.media.tiny import make_vae  # noqa: E402
+
+from . import media_oracles as oracles  # noqa: E402
+from .onnx_helpers import export_graph, ort_run, rel_error  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +30,11 @@ def setup(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae_graphs")
     graphs = vae_graphs(vae, h=2, w=3, batch=2)
     dynamic = {"vae_decode_first", "vae_decode_step"}
-    paths = {name: g.export(out, dynamic=name in dynamic)[0] for name, g in graphs.items()}
-    sessions = {name: ort_callable(ort_session(path)) for name, path in paths.items()}
+    paths = {name: export_graph(g, out, dynamic=name in dynamic) for name, g in graphs.items()}
+    sessions = {name: ort_run(path) for name, path in paths.items()}
     step2 = vae_graphs(vae, h=2, w=3, batch=2, frames_per_step=2)["vae_decode_step"]
     step2.name = "vae_decode_step2"
-    sessions["vae_decode_step2"] = ort_callable(ort_session(step2.export(out, dynamic=False)[0]))
+    sessions["vae_decode_step2"] = ort_run(export_graph(step2, out, dynamic=False))
     yield vae, graphs, sessions, paths
     torch.set_num_threads(before)
 
@@ -42,7 +44,7 @@ def test_graph_contract_names_and_symbolic_dims(setup):
 
     vae, graphs, _, paths = setup
     step = graphs["vae_decode_step"]
-    plan = V.CachePlan.from_dict(step.extra["cache_plan"])
+    plan = VG.CachePlan.from_dict(step.extra["cache_plan"])
     assert [t.name for t in step.inputs] == ["latents", *plan.input_names()]
     assert [t.name for t in step.outputs] == ["frames", *plan.output_names()]
     assert step.inputs[0].shape == ("batch", 1, vae.config.z_dim, "h", "w")
@@ -58,8 +60,8 @@ def test_chained_ort_decode_equals_pytorch_whole_clip(setup):
     vae, _, s, _ = setup
     # another batch and latent grid than the export examples: batch, h, w are dynamic
     z = torch.randn(1, 4, vae.config.z_dim, 3, 2, generator=torch.Generator().manual_seed(5)) * 2
-    ref = V.decode_whole(vae, z)
-    got = V.decode_streaming(s["vae_decode_first"], s["vae_decode_step"], z)
+    ref = oracles.decode_whole(vae, z)
+    got = VS.decode_streaming(s["vae_decode_first"], s["vae_decode_step"], z)
     assert got.shape == ref.shape == (1, 13, 3, 48, 32)
     err = rel_error(got, ref)
     print(f"\nchained ORT first+step vs PyTorch whole clip: {err:.2e} relative")
@@ -73,15 +75,15 @@ def test_chunk_plans_with_a_two_frame_step_graph(setup):
         return (s["vae_decode_step"] if latents.shape[1] == 1 else s["vae_decode_step2"])(latents, *caches)
 
     z = torch.randn(2, 4, vae.config.z_dim, 2, 3, generator=torch.Generator().manual_seed(6))
-    ref = V.decode_whole(vae, z)
+    ref = oracles.decode_whole(vae, z)
     for chunks in ([2, 1], [1, 2], [1, 1, 1]):
-        assert rel_error(V.decode_streaming(s["vae_decode_first"], step, z, chunks), ref) <= 1e-5, chunks
+        assert rel_error(VS.decode_streaming(s["vae_decode_first"], step, z, chunks), ref) <= 1e-5, chunks
 
 
 def test_encoder_graphs_match_diffusers(setup):
     vae, _, s, _ = setup
     x = torch.rand(2, 9, 3, 32, 48, generator=torch.Generator().manual_seed(7)) * 2 - 1  # static: example size
-    mean, logvar = V.encode_whole(vae, x)
+    mean, logvar = oracles.encode_whole(vae, x)
     image_mean, image_logvar = s["vae_encode"](x[:, :1])
     assert rel_error(image_mean, mean[:, :1]) <= 1e-5
     assert rel_error(image_logvar.clamp(-30, 20), logvar[:, :1]) <= 1e-5

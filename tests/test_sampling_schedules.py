@@ -199,3 +199,22 @@ def test_floor_stops_at_max_of_threshold_and_floor_and_never_in_exact_mode():
                                            schedule))[1]
         assert floored.steps < plain.steps, schedule
         assert all(c.delta < 1e-3 for c in floored.chunks if c.length > 1 and c.iterations < 32), floored.chunks
+
+
+def test_every_schedule_name_has_a_schedule_with_fresh_state():
+    from starflow_trt.sampling.jacobi import SCHEDULE_TYPES, new_schedule
+    from starflow_trt.sampling.options import SCHEDULES
+    from starflow_trt.sampling.schedule import Schedule
+
+    assert tuple(SCHEDULE_TYPES) == SCHEDULES
+    for name in SCHEDULES:
+        a, b = new_schedule(name), new_schedule(name)
+        assert isinstance(a, Schedule) and a is not b and vars(a) == vars(b)
+    sliding = new_schedule("sliding")
+    seq, text = problem()
+    block = FakeBlock(B, L + N, text)
+    inv = BlockInversion(block, seq, BlockTrace(0))
+    inv.prefill()
+    sliding.solve(inv, JacobiConfig(block_size=3), 0, N, FS)
+    assert (sliding.memory.known_from, sliding.memory.known) == (0, N)   # the state stays on the schedule
+    assert new_schedule("sliding").memory is None

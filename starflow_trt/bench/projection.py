@@ -175,10 +175,10 @@ def vae_decode_flops(h: int, w: int, frames: int, config: Optional[dict] = None)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..media.vae import WAN22_VAE_CONFIG, _diffusers
+    from ..media.vae_load import WAN22_VAE_CONFIG, diffusers_wan
 
     with torch.device("meta"):
-        vae = _diffusers().AutoencoderKLWan(**(config or WAN22_VAE_CONFIG))
+        vae = diffusers_wan().AutoencoderKLWan(**(config or WAN22_VAE_CONFIG))
     z_dim = (config or WAN22_VAE_CONFIG).get("z_dim", 48)
     counts = []
     for t in (1, 2):

@@ -136,7 +136,7 @@ class StepKind(GraphKind):
     def build_trt(self, geo, block, weights) -> nn.Module:
         return StepGraph(weights.block(block), concat_attention=True)
 
-    def manifest_extra(self, module: nn.Module) -> dict:
+    def manifest_extra(self, ctx, block, module: nn.Module) -> dict:
         return {n.SOS: module.block.sos_embed.detach().flatten().tolist()}  # the runtime feeds SOS first
 
     def cost(self, cfg, block, sizes):

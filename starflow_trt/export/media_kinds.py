@@ -6,8 +6,10 @@ Their weights come from outside the flow checkpoint (``export --text-encoder DIR
 absent plans no graph. Torch wrappers and graph contracts are in :mod:`starflow_trt.media.graphs`;
 the latent normalisation and temporal scale stay outside the graphs (manifest ``vae.norm``).
 
-Each graph's manifest entry also records its ``source`` (path + sha256 of the weight files: the torch
-backend rebuilds the module from it, :meth:`_MediaKind.build_media`) and a ``cost_model`` (T5: Linear
+The kinds implement :class:`~.registry.GraphKind` like the flow kinds; ``build`` gets the loaded
+media graph instead of the flow checkpoint (:meth:`_MediaKind.export_weights`). Each graph's
+manifest entry also records its ``source`` (path + sha256 of the weight files: the torch
+backend rebuilds the module from it, :meth:`_MediaKind.runtime_weights`) and a ``cost_model`` (T5: Linear
 weights, layers, heads; VAE: FLOPs / IO bytes per latent pixel counted at export) that ``cost`` and
 ``bench_cases`` use. Precision per kind: :mod:`starflow_trt.calibration.policy`.
 """
@@ -26,8 +28,8 @@ from ..config import VAE_SPATIAL_FACTOR
 from ..costs import Cost, text_encoder_flops
 from ..errors import ConfigError, ManifestError, StarflowError
 from . import names as n
-from .manifest import DimRange, TensorInfo
-from .registry import ExportContext, GraphKind, GraphPlan, register_graph
+from .manifest import DimRange, GraphSpec
+from .registry import ExportContext, GraphKind, register_graph
 
 
 class MediaSources:
@@ -76,11 +78,20 @@ class MediaSources:
             self._cache["toy"] = enc
         return self._cache["toy"]
 
+    def toy_graph(self, cfg):
+        """The toy encoder's ``text_encoder`` :class:`~starflow_trt.media.graphs.MediaGraph`."""
+        if "toy_graph" not in self._cache:
+            from ..media.graphs import toy_text_graph
+
+            self._cache["toy_graph"] = toy_text_graph(self.toy_text(cfg), cfg.noise_std)
+        return self._cache["toy_graph"]
+
     def vae_graphs(self, cfg):
         """The VAE's :class:`~starflow_trt.media.graphs.MediaGraph` s by name, and its latent norm."""
         if "vae" not in self._cache:
             from ..media.graphs import vae_graphs
-            from ..media.vae import LatentNorm, load_vae
+            from ..media.latents import LatentNorm
+            from ..media.vae_load import load_vae
 
             vae = load_vae(self.vae)
             if vae.config.z_dim != cfg.channel_size:
@@ -155,51 +166,64 @@ def _media(ctx: ExportContext) -> MediaSources:
     return ctx.media if ctx.media is not None else MediaSources()
 
 
+def _dim_names(inputs) -> list[str]:
+    return sorted({d for t in inputs for d in t.shape if isinstance(d, str)})
+
+
 class _MediaKind(GraphKind):
-    """A kind whose module comes from :class:`MediaSources` (not the flow checkpoint)."""
+    """A kind whose weights come from its own source (:class:`MediaSources`), not the flow checkpoint.
+
+    ``build`` gets the loaded :class:`~starflow_trt.media.graphs.MediaGraph`: at export the source's
+    (:meth:`graph`), in the torch backend one rebuilt from the source its manifest entry records
+    (:meth:`load_graph`). Its manifest entry: the graph's own fields, the kind's :meth:`extra`,
+    the ``cost_model`` (when the kind has one) and the ``source`` record.
+    """
 
     int8 = False          # no INT8 for these graphs until a quality gate holds
     fp16_modules = ()     # calibration's flow-transformer default does not apply
     precision_policy = TEXT_POLICY
 
-    def graph(self, ctx: ExportContext, name: str):
+    # ------------------------------------------------------------ the kind's source
+    def graph(self, ctx: ExportContext):
+        """The export's :class:`~starflow_trt.media.graphs.MediaGraph` of this kind (loaded once)."""
         raise NotImplementedError
 
-    def inputs(self, ctx, block):
-        raise StarflowError(f"{self.kind} graphs are planned only through an export with media sources")
-
-    outputs = inputs
-
-    def plan(self, ctx: ExportContext, name: str, block, weights) -> GraphPlan:
-        g = self.graph(ctx, name)
-
-        def make() -> nn.Module:
-            g.module.manifest_info = dict(g.extra, **self.extra(ctx), cost_model=self.cost_model(g),
-                                          source=self.source(ctx))
-            return g.module
-
-        return GraphPlan(name=name, kind=self.kind, block=None, make=make, inputs=list(g.inputs),
-                         outputs=list(g.outputs), dims=self.ranges(ctx, g.inputs), example=self.sizes(g.inputs))
-
-    def extra(self, ctx: ExportContext) -> dict:
-        return {}
+    def load_graph(self, spec: GraphSpec):
+        """The :class:`~starflow_trt.media.graphs.MediaGraph` of exported ``spec``, from its recorded source."""
+        raise NotImplementedError
 
     def source(self, ctx: ExportContext) -> dict:
         raise NotImplementedError
 
-    def cost_model(self, g) -> dict:
+    def extra(self, ctx: ExportContext) -> dict:
+        return {}
+
+    def cost_model(self, g) -> Optional[dict]:
+        """What :meth:`cost` reads from the manifest (None: the kind has no cost model)."""
         raise NotImplementedError
 
-    def manifest_extra(self, module: nn.Module) -> dict:
-        return dict(getattr(module, "manifest_info", {}))
+    # ------------------------------------------------------------ the protocol
+    def inputs(self, ctx, block):
+        return list(self.graph(ctx).inputs)
+
+    def outputs(self, ctx, block):
+        return list(self.graph(ctx).outputs)
+
+    def export_weights(self, ctx, weights):
+        return self.graph(ctx)
+
+    def runtime_weights(self, spec, weights):
+        return self.load_graph(spec)
 
     def build(self, geo, block, weights) -> nn.Module:
-        raise StarflowError(f"{self.kind} graphs are rebuilt from their recorded source (build_media), not from "
-                            "the flow checkpoint")
+        """``weights``: the :class:`~starflow_trt.media.graphs.MediaGraph` (:meth:`export_weights`)."""
+        return weights.module
 
-    def build_media(self, spec) -> nn.Module:
-        """The torch module of graph ``spec``, rebuilt from the source weights its manifest entry records."""
-        raise NotImplementedError
+    def manifest_extra(self, ctx, block, module) -> dict:
+        g = self.graph(ctx)
+        model = self.cost_model(g)
+        return dict(g.extra, **self.extra(ctx), **({} if model is None else {"cost_model": model}),
+                    source=self.source(ctx))
 
     def bench_cases(self, spec, geo):
         """The opt sizes, plus the manifest's cost model (``cost_*`` entries) for :meth:`cost`."""
@@ -207,16 +231,6 @@ class _MediaKind(GraphKind):
         if not model:
             return []   # exported before cost models were recorded
         return [{**{k: r.opt for k, r in spec.dims.items()}, **{f"cost_{k}": v for k, v in model.items()}}]
-
-    def ranges(self, ctx: ExportContext, inputs) -> dict[str, DimRange]:
-        raise NotImplementedError
-
-    def sizes(self, inputs) -> dict[str, int]:
-        raise NotImplementedError
-
-
-def _dim_names(inputs) -> list[str]:
-    return sorted({d for t in inputs for d in t.shape if isinstance(d, str)})
 
 
 @register_graph
@@ -229,8 +243,23 @@ class TextEncoderKind(_MediaKind):
     def instances(self, ctx):
         return [(n.TEXT_ENCODER, None)] if _media(ctx).t5 else []
 
+    def graph(self, ctx):
+        return _media(ctx).text_graph(ctx.cfg)
+
+    def load_graph(self, spec):
+        from ..media.graphs import text_encoder_graph
+        from ..media.text import T5TextEncoder, TextTemplate
+
+        return text_encoder_graph(T5TextEncoder.from_pretrained(check_source(spec),
+                                                                TextTemplate.from_dict(spec.extra["template"])))
+
     def source(self, ctx):
         return source_record(_media(ctx).text_encoder)
+
+    def extra(self, ctx):
+        from ..media.text import tokenizer_files
+
+        return {"tokenizer_dir": n.TOKENIZER_DIR, "tokenizer_files": tokenizer_files(_media(ctx).text_encoder)}
 
     def cost_model(self, g):
         return t5_cost_model(g.module.encoder)
@@ -242,25 +271,14 @@ class TextEncoderKind(_MediaKind):
         flops = text_encoder_flops(b, t, m["linear_params"], m["layers"], m["heads"], m["d_kv"])
         return Cost(float(flops), float(m["weight_bytes"]), 0.0, float(b * t * (16 + 4 * m["d_model"])))
 
-    def build_media(self, spec):
-        from ..media.text import T5TextEncoder, TextTemplate
+    def _length(self, ctx: ExportContext) -> int:
+        return ctx.cfg.txt_size
 
-        enc = T5TextEncoder.from_pretrained(check_source(spec), TextTemplate.from_dict(spec.extra["template"]))
-        return enc.graph()
-
-    def graph(self, ctx, name):
-        return _media(ctx).text_graph(ctx.cfg)
-
-    def extra(self, ctx):
-        from ..media.text import tokenizer_files
-
-        return {"tokenizer_dir": n.TOKENIZER_DIR, "tokenizer_files": tokenizer_files(_media(ctx).text_encoder)}
-
-    def ranges(self, ctx, inputs):
-        L = ctx.cfg.txt_size
+    def dims(self, ctx, block):
+        L = self._length(ctx)
         return {"batch": DimRange(1, 2, 2 * ctx.geo.max_batch), "tokens": DimRange(1, L, L)}
 
-    def sizes(self, inputs):
+    def example_sizes(self, ctx, block):
         return {"batch": 2, "tokens": 3}
 
     def example_inputs(self, infos, sizes, geo, seed=0):
@@ -272,17 +290,6 @@ class TextEncoderKind(_MediaKind):
         return ids, mask
 
 
-class ToyTextGraph(nn.Module):
-    """The toy's word table as a ``text_encoder`` graph: ``table[input_ids] * attention_mask`` [B, L, D]."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.table = nn.Parameter(table.float().clone(), requires_grad=False)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.table[input_ids] * attention_mask.unsqueeze(-1).to(self.table.dtype)
-
-
 @register_graph
 class ToyTextEncoderKind(TextEncoderKind):
     """The bundled toy's ``text_encoder`` graph (same contract; word tokenizer, no template, uncond = zeros)."""
@@ -292,32 +299,26 @@ class ToyTextEncoderKind(TextEncoderKind):
     def instances(self, ctx):
         return [(n.TEXT_ENCODER, None)] if _media(ctx).toy else []
 
+    def graph(self, ctx):
+        return _media(ctx).toy_graph(ctx.cfg)
+
+    def load_graph(self, spec):
+        from ..media.graphs import toy_text_graph
+        from ..toy.text import ToyTextEncoder
+
+        return toy_text_graph(ToyTextEncoder.load(check_source(spec)), spec.extra["template"]["noise_std"])
+
+    def extra(self, ctx):
+        return {}   # no tokenizer files: the vocabulary is in the manifest
+
+    def cost_model(self, g):
+        return None
+
     def bench_cases(self, spec, geo):
         return []   # a table lookup: nothing to time
 
-    def build_media(self, spec):
-        from ..toy.text import ToyTextEncoder
-
-        return ToyTextGraph(ToyTextEncoder.load(check_source(spec)).table)
-
-    def plan(self, ctx, name, block, weights) -> GraphPlan:
-        enc = _media(ctx).toy_text(ctx.cfg)
-        shape = ("batch", "tokens")
-        inputs = [TensorInfo(n.INPUT_IDS, "int64", shape), TensorInfo(n.ATTENTION_MASK, "int64", shape)]
-        extra = {"d_model": enc.dim, "tokenizer": "words", "vocab": list(enc.vocab),
-                 "template": {"fps_cond": False, "cond_noise_level": False, "noise_std": float(ctx.cfg.noise_std),
-                              "mix_aspect": False, "txt_size": enc.length}}
-
-        def make() -> nn.Module:
-            module = ToyTextGraph(enc.table)
-            module.manifest_info = dict(extra, source=source_record(_media(ctx).text_encoder))
-            return module
-
-        L = enc.length
-        return GraphPlan(name=name, kind=self.kind, block=None, make=make, inputs=inputs,
-                         outputs=[TensorInfo(n.TEXT, "float32", (*shape, enc.dim))],
-                         dims={"batch": DimRange(1, 2, 2 * ctx.geo.max_batch), "tokens": DimRange(1, L, L)},
-                         example=self.sizes(inputs))
+    def _length(self, ctx):
+        return _media(ctx).toy_text(ctx.cfg).length
 
 
 class _VaeKind(_MediaKind):
@@ -330,8 +331,25 @@ class _VaeKind(_MediaKind):
     def instances(self, ctx):
         return [(self.kind, None)] if _media(ctx).vae else []
 
+    def graph(self, ctx):
+        return _media(ctx).vae_graphs(ctx.cfg)[0][self.kind]
+
+    def load_graph(self, spec):
+        from ..media.graphs import vae_graphs
+        from ..media.vae_load import load_vae
+
+        k = int(spec.extra.get("frames_per_step", 1))
+        g = vae_graphs(load_vae(check_source(spec)), frames_per_step=k)[spec.name]
+        if g.extra.get("cache_plan") != spec.extra.get("cache_plan"):
+            raise ManifestError(f"the VAE at {spec.extra['source']['path']} gives another cache plan than {spec.name} "
+                                "was exported with; re-export")
+        return g
+
     def source(self, ctx):
         return source_record(_media(ctx).vae)
+
+    def extra(self, ctx):
+        return {"norm": _media(ctx).vae_graphs(ctx.cfg)[1].to_dict()}
 
     def cost_model(self, g):
         return vae_cost_model(g)
@@ -342,35 +360,18 @@ class _VaeKind(_MediaKind):
         units = sizes["batch"] * sizes["h"] * sizes["w"]
         return Cost(m["flops_per_unit"] * units, float(m["weight_bytes"]), 0.0, m["io_bytes_per_unit"] * units)
 
-    def build_media(self, spec):
-        from ..media.graphs import vae_graphs
-        from ..media.vae import load_vae
-
-        k = int(spec.extra.get("frames_per_step", 1))
-        g = vae_graphs(load_vae(check_source(spec)), frames_per_step=k)[spec.name]
-        if g.extra.get("cache_plan") != spec.extra.get("cache_plan"):
-            raise ManifestError(f"the VAE at {spec.extra['source']['path']} gives another cache plan than {spec.name} "
-                                "was exported with; re-export")
-        return g.module
-
-    def graph(self, ctx, name):
-        return _media(ctx).vae_graphs(ctx.cfg)[0][name]
-
-    def extra(self, ctx):
-        return {"norm": _media(ctx).vae_graphs(ctx.cfg)[1].to_dict()}
-
     def _factor(self, dim: str, s: int) -> int:
         if dim in ("H", "W"):
             return s
         return int(dim.split("_x")[1]) if "_x" in dim else 1
 
-    def ranges(self, ctx, inputs):
+    def dims(self, ctx, block):
         p = ctx.cfg.patch_size
         grid = {"h": ctx.geo.h * p, "w": ctx.geo.w * p}
         largest = {"h": max(h for h, _ in ctx.geo.grids) * p, "w": max(w for _, w in ctx.geo.grids) * p}  # --aspects
         s = VAE_SPATIAL_FACTOR
         out = {}
-        for d in _dim_names(inputs):
+        for d in _dim_names(self.inputs(ctx, block)):
             if d == "batch":
                 out[d] = DimRange(1, 1, ctx.geo.max_batch)
             else:
@@ -378,9 +379,9 @@ class _VaeKind(_MediaKind):
                 out[d] = DimRange(r, base * r, largest[d[0].lower()] * r)
         return out
 
-    def sizes(self, inputs):
+    def example_sizes(self, ctx, block):
         out = {}
-        for d in _dim_names(inputs):
+        for d in _dim_names(self.inputs(ctx, block)):
             out[d] = 2 if d == "batch" else (2 if d[0].lower() == "h" else 3) * self._factor(d, VAE_SPATIAL_FACTOR)
         return out
 

@@ -44,11 +44,11 @@ from ..geometry import Geometry
 from ..reference import build_model, infer_text_width
 from .limits import ExportLimits, geometry_for
 from ..staging import staged_directory
-from .manifest import GraphSpec, Manifest, sha256_path
+from .manifest import GraphSpec, Manifest, TensorInfo, sha256_path
 from .registry import GraphPlan, graph_kind, plan_graphs
 from .weights import BlockLoader
 
-__all__ = ["ExportLimits", "geometry_for", "plan_graphs", "BlockLoader", "export_one", "export_graphs"]
+__all__ = ["ExportLimits", "geometry_for", "plan_graphs", "BlockLoader", "trace_onnx", "export_one", "export_graphs"]
 
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(17, 21)
@@ -59,15 +59,35 @@ HALF_KINDS = ("prefill", "step", "forward", "denoiser")
 KV_LAYOUT = "per layer past_k_l / past_v_l [P, batch, heads, head_dim] (new_k_l / new_v_l [S, …]), K after RoPE"
 
 
-def _dynamic_shapes(plan: GraphPlan, module: nn.Module) -> tuple:
+def dynamic_axes(inputs: Sequence[TensorInfo]) -> list[list[int]]:
+    """Per input: the indices of its symbolic dims (the axes exported dynamic)."""
+    return [[i for i, d in enumerate(t.shape) if isinstance(d, str)] for t in inputs]
+
+
+def _dynamic_shapes(module: nn.Module, axes: Sequence[Sequence[int]]) -> tuple:
     """Positional, like the example args; a ``*past`` vararg gets its specs as one nested tuple."""
     auto = torch.export.Dim.AUTO
-    specs = [{i: auto for i, d in enumerate(t.shape) if isinstance(d, str)} for t in plan.inputs]
+    specs = [{i: auto for i in a} for a in axes]
     params = inspect.signature(module.forward).parameters.values()
     if any(p.kind is p.VAR_POSITIONAL for p in params):
         named = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
         return (*specs[:named], tuple(specs[named:]))
     return tuple(specs)
+
+
+def trace_onnx(module: nn.Module, args: Sequence[torch.Tensor], path: Path, input_names: Sequence[str],
+               output_names: Sequence[str], axes: Sequence[Sequence[int]], opset: int = DEFAULT_OPSET,
+               external: bool = False) -> None:
+    """``module(*args)`` → ``path`` with the project's exporter choices (module docstring); ``axes[i]``: the
+    dynamic axes of input ``i``. Every dynamic axis needs an example size >= 2 (a size-1 axis is specialised)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, tuple(args), dynamo=True, opset_version=opset, dynamic_shapes=_dynamic_shapes(module, axes),
+            input_names=list(input_names), output_names=list(output_names), optimize=True, verbose=False)
+        program.save(path, external_data=external)
+    del program
+    gc.collect()
 
 
 def export_one(plan: GraphPlan, geo: Geometry, directory: Path, opset: int, external_data: str,
@@ -80,7 +100,7 @@ def export_one(plan: GraphPlan, geo: Geometry, directory: Path, opset: int, exte
     start = time.perf_counter()
     kind = graph_kind(plan.kind)
     module = plan.make()
-    extra = kind.manifest_extra(module)
+    extra = plan.manifest_extra(module)
     params = sum(p.numel() for p in module.parameters())
     path = directory / f"{plan.name}.onnx"
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -102,14 +122,9 @@ def _write_graph(module: nn.Module, plan: GraphPlan, geo: Geometry, path: Path, 
                  simplify: bool) -> None:
     """Trace ``module`` on the plan's example inputs and save it (IO names and dynamic dims from the plan)."""
     args = graph_kind(plan.kind).example_inputs(plan.inputs, plan.example, geo)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, dynamic_shapes=_dynamic_shapes(plan, module),
-            input_names=[t.name for t in plan.inputs], output_names=[t.name for t in plan.outputs],
-            optimize=True, verbose=False)
-        program.save(path, external_data=use_external)
-    del program, args
+    trace_onnx(module, args, path, [t.name for t in plan.inputs], [t.name for t in plan.outputs],
+               dynamic_axes(plan.inputs), opset, use_external)
+    del args
     gc.collect()
     if simplify:
         _simplify(path, use_external)
@@ -279,7 +294,7 @@ def graphless_manifest(config: Union[str, os.PathLike, ModelConfig], checkpoint:
         precision = limits.dtype if kind.kind in HALF_KINDS else "fp32"
         specs[plan.name] = GraphSpec(name=plan.name, file="", sha256="", kind=plan.kind, block=plan.block,
                                      precision=precision, inputs=plan.inputs, outputs=plan.outputs, dims=plan.dims,
-                                     extra=kind.manifest_extra(plan.make()))
+                                     extra=plan.manifest_extra(plan.make()))
     return _manifest(Path(checkpoint).parent, cfg, geo, checkpoint, limits, DEFAULT_OPSET, specs, False)
 
 

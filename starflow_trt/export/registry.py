@@ -3,12 +3,16 @@
 A kind declares (the per-model classes of TensorRT's demo_diffusion, optimum's OnnxConfig):
 
 * ``kind`` and the graphs it yields (:meth:`GraphKind.instances`: name and block),
-* the torch wrapper with its weights (:meth:`GraphKind.build`),
+* the torch wrapper with its weights (:meth:`GraphKind.build`; the weights are the flow
+  checkpoint's unless the kind loads its own: :meth:`export_weights`, :meth:`runtime_weights`),
 * IO: :class:`TensorInfo` names, dtypes and symbolic dims (:meth:`inputs`, :meth:`outputs`;
   names from :mod:`.names`), and the dims' min/opt/max from the export limits (:meth:`dims`),
 * example sizes and tensors for tracing (:meth:`example_sizes`, :meth:`example_inputs`),
 * manifest extras (:meth:`manifest_extra`), FLOP/byte cost of a call (:meth:`cost`),
   benchmark shapes (:meth:`bench_cases`) and calibration policy (class attributes).
+
+Every kind — flow and media alike — implements this one protocol; :meth:`GraphKind.plan` is
+written once, here.
 
 Export plans its graphs with :func:`plan_graphs`; the torch backend, calibration and the
 benchmarks look a graph's kind up by ``GraphSpec.kind`` (:func:`graph_kind`). Nothing else
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +42,9 @@ from ..geometry import Geometry
 from .limits import ExportLimits
 from .manifest import DimRange, GraphSpec, TensorInfo
 from .names import ROPE_COS, ROPE_INPUTS, kv_names
+
+if TYPE_CHECKING:
+    from ..calibration.policy import PrecisionPolicy
 
 #: modules whose import registers the built-in kinds, in manifest order
 BUILTIN_MODULES: tuple[str, ...] = ("starflow_trt.export.kinds", "starflow_trt.export.media_kinds")
@@ -59,7 +66,8 @@ class ExportContext:
 
 @dataclass
 class GraphPlan:
-    """One graph to export: its contract (IO, dims), example sizes and a factory of its torch module."""
+    """One graph to export: its contract (IO, dims), example sizes, a factory of its torch module
+    and the extra fields of its manifest entry (computed from that module, once exported)."""
 
     name: str
     kind: str
@@ -69,6 +77,7 @@ class GraphPlan:
     outputs: list[TensorInfo]
     dims: dict[str, DimRange]
     example: dict[str, int]
+    manifest_extra: Callable[[nn.Module], dict]
     #: factory of the same graph in TensorRT's fused-attention form (None: the kind has none)
     make_trt: Optional[Callable[[], nn.Module]] = None
 
@@ -103,6 +112,8 @@ class GraphKind:
     fp16_modules: ClassVar[Optional[tuple[str, ...]]] = None
     #: attention form of this kind's TensorRT variant (:meth:`build_trt`; None: no variant)
     trt_form: ClassVar[Optional[str]] = None
+    #: precision per requested directory precision (None: calibration's default, the precision asked for)
+    precision_policy: ClassVar[Optional["PrecisionPolicy"]] = None
 
     # ----------------------------------------------------------- export contract
     def instances(self, ctx: ExportContext) -> list[tuple[str, Optional[int]]]:
@@ -123,8 +134,9 @@ class GraphKind:
         """Sizes for tracing: inside the ranges and distinct (>= 2) so no dim is specialised."""
         raise NotImplementedError
 
-    def build(self, geo: Geometry, block: Optional[int], weights) -> nn.Module:
-        """The torch wrapper with its weights (``weights``: an :class:`~.weights.BlockLoader`)."""
+    def build(self, geo: Geometry, block: Optional[int], weights: Any) -> nn.Module:
+        """The torch wrapper with its weights: what :meth:`export_weights` / :meth:`runtime_weights` give
+        (an :class:`~.weights.BlockLoader` of the flow checkpoint unless the kind loads its own)."""
         raise NotImplementedError
 
     def build_trt(self, geo: Geometry, block: Optional[int], weights) -> nn.Module:
@@ -136,7 +148,15 @@ class GraphKind:
         :func:`~.trt_variant.form_problems` checks the TensorRT variant against."""
         return range(layers), True
 
-    def manifest_extra(self, module: nn.Module) -> dict:
+    def export_weights(self, ctx: ExportContext, weights: Any) -> Any:
+        """What :meth:`build` gets at export; ``weights``: the flow checkpoint's :class:`~.weights.BlockLoader`."""
+        return weights
+
+    def runtime_weights(self, spec: GraphSpec, weights: Any) -> Any:
+        """What :meth:`build` gets when a backend rebuilds exported graph ``spec`` in torch (``weights``: as above)."""
+        return weights
+
+    def manifest_extra(self, ctx: ExportContext, block: Optional[int], module: nn.Module) -> dict:
         """Extra fields of the graph's manifest entry (e.g. the SOS vector of step graphs)."""
         return {}
 
@@ -166,12 +186,14 @@ class GraphKind:
         return [{k: r.opt for k, r in spec.dims.items()}]
 
     # ------------------------------------------------------------------ plan
-    def plan(self, ctx: ExportContext, name: str, block: Optional[int], weights) -> GraphPlan:
+    def plan(self, ctx: ExportContext, name: str, block: Optional[int], weights: Any) -> GraphPlan:
+        """Graph ``name`` of ``block`` as export needs it (the one plan of every kind; not overridden)."""
         return GraphPlan(name=name, kind=self.kind, block=block,
-                         make=lambda: self.build(ctx.geo, block, weights),
+                         make=lambda: self.build(ctx.geo, block, self.export_weights(ctx, weights)),
                          inputs=self.inputs(ctx, block), outputs=self.outputs(ctx, block),
                          dims=self.dims(ctx, block), example=self.example_sizes(ctx, block),
-                         make_trt=(lambda: self.build_trt(ctx.geo, block, weights)) if self.trt_form else None)
+                         make_trt=(lambda: self.build_trt(ctx.geo, block, weights)) if self.trt_form else None,
+                         manifest_extra=lambda module: self.manifest_extra(ctx, block, module))
 
 
 def _torch_dtype(name: str) -> torch.dtype:

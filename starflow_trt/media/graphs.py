@@ -2,7 +2,8 @@
 
 One :class:`MediaGraph` per ONNX graph, ready for the graph registry / manifest:
 
-* ``text_encoder``: input_ids, attention_mask [batch, tokens] int64 → text [batch, tokens, D].
+* ``text_encoder``: input_ids, attention_mask [batch, tokens] int64 → text [batch, tokens, D]
+  (the T5 encoder, or the bundled toy's word table: :func:`toy_text_graph`).
 * ``vae_decode_first``: latents [batch, 1, z, h, w] → frames [batch, 1, 3, H, W], new_cache_i.
 * ``vae_decode_step``: latents [batch, k, z, h, w], cache_i → frames [batch, 4k, 3, H, W], new_cache_i.
 * ``vae_encode``: frames [batch, 1, 3, H, W] → latent_mean, latent_logvar [batch, 1, z, h, w] (images;
@@ -11,30 +12,28 @@ One :class:`MediaGraph` per ONNX graph, ready for the graph registry / manifest:
   frames per step) with explicit caches.
 
 ``H = s·h`` with ``s`` the VAE's spatial factor (16). Cache ``i`` is
-``[batch, C_i, T_i, h·r_i, w·r_i]`` (:class:`~starflow_trt.media.vae.CachePlan`; dims named
+``[batch, C_i, T_i, h·r_i, w·r_i]`` (:class:`~starflow_trt.media.vae_graphs.CachePlan`; dims named
 ``h``, ``h_x2``, … so each is one optimisation-profile axis). ``k`` (latent frames per step)
 is **static** in a step graph: diffusers' cache update branches on whether a chunk has one
 frame or more, and an exporter given a symbolic ``k`` silently keeps one branch. Export one
 step graph per chunk size (1 for streaming). Latents here are raw VAE latents: the
 per-channel normalisation and the temporal scale stay outside the graphs, in float32
-(:class:`~starflow_trt.media.vae.LatentNorm`).
+(:class:`~starflow_trt.media.latents.LatentNorm`).
+The graph kinds (:mod:`starflow_trt.export.media_kinds`) plan and export these.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..export.manifest import TensorInfo
-from .export import export_module
 from .text import T5TextEncoder
-from .vae import (CachePlan, VaeDecodeFirst, VaeDecodeStep, VaeEncode, VaeEncodeFirst, VaeEncodeStep,
-                  probe_cache_plan)
+from .vae_graphs import (CachePlan, VaeDecodeFirst, VaeDecodeStep, VaeEncode, VaeEncodeFirst, VaeEncodeStep,
+                         probe_cache_plan)
 
 
 @dataclass
@@ -48,22 +47,6 @@ class MediaGraph:
     outputs: list[TensorInfo]
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def axes(self) -> list[dict[int, str]]:
-        """Per input: its symbolic axes (index → dim name)."""
-        return [{i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs]
-
-    def export(self, directory: Union[str, os.PathLike], opset: int = 18, dynamic: bool = True) -> tuple[Path, float]:
-        """Write ``{directory}/{name}.onnx``; returns its path and the export seconds.
-
-        ``dynamic=False`` fixes every axis to the example's (3-4x faster to export; tests).
-        """
-        path = Path(directory) / f"{self.name}.onnx"
-        axes = self.axes if dynamic else [{} for _ in self.inputs]
-        seconds = export_module(self.module, self.example, path, [t.name for t in self.inputs],
-                                [t.name for t in self.outputs], axes, opset=opset)
-        return path, seconds
-
 
 def text_encoder_graph(encoder: T5TextEncoder, batch: int = 2) -> MediaGraph:
     """``text_encoder`` with example inputs of ``batch`` ≥ 2 rows (1 would bake the batch dim)."""
@@ -76,6 +59,31 @@ def text_encoder_graph(encoder: T5TextEncoder, batch: int = 2) -> MediaGraph:
         [TensorInfo("input_ids", "int64", shape), TensorInfo("attention_mask", "int64", shape)],
         [TensorInfo("text", "float32", (*shape, encoder.dim))],
         {"d_model": encoder.dim, "template": encoder.template.to_dict()})
+
+
+class ToyTextGraph(nn.Module):
+    """The toy's word table as a ``text_encoder`` graph: ``table[input_ids] * attention_mask`` [B, L, D]."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table.float().clone(), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.table[input_ids] * attention_mask.unsqueeze(-1).to(self.table.dtype)
+
+
+def toy_text_graph(encoder, noise_std: float) -> MediaGraph:
+    """The bundled toy's ``text_encoder`` (a :class:`~starflow_trt.toy.text.ToyTextEncoder`): the T5 graph's
+    contract, a word tokenizer, no caption template; ``noise_std``: the flow config's (recorded in the template)."""
+    shape = ("batch", "tokens")
+    ids = torch.zeros(2, encoder.length, dtype=torch.int64)
+    return MediaGraph(
+        "text_encoder", ToyTextGraph(encoder.table), (ids, torch.ones_like(ids)),
+        [TensorInfo("input_ids", "int64", shape), TensorInfo("attention_mask", "int64", shape)],
+        [TensorInfo("text", "float32", (*shape, encoder.dim))],
+        {"d_model": encoder.dim, "tokenizer": "words", "vocab": list(encoder.vocab),
+         "template": {"fps_cond": False, "cond_noise_level": False, "noise_std": float(noise_std),
+                      "mix_aspect": False, "txt_size": encoder.length}})
 
 
 def _caches(plan: CachePlan, names: list[str]) -> list[TensorInfo]:

@@ -7,7 +7,8 @@ Both the PyTorch reference (:meth:`StarflowV.sample`, torch modules) and the run
 * :mod:`.windows`    long-video window and context-length defaults, denoising chunk size
 * :mod:`.block`      :class:`BlockModel` (the step function), text / context prefill, AR,
   the Jacobi driver with long-video windows and re-encoding (:class:`BlockInversion`)
-* :mod:`.jacobi`     the upstream and sliding Jacobi schedules
+* :mod:`.schedule`   what a Jacobi schedule sees of an inversion (:class:`Inversion`, :class:`Schedule`)
+* :mod:`.jacobi`     the upstream, sliding and predictive schedules and their state (:func:`new_schedule`)
 * :mod:`.context`    context prefill through the lower blocks
 * :mod:`.denoise`    the denoising chunk plan and its lookahead driver
 * :mod:`.likelihood` NLL and bits/dim

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import GenerationCancelled
-from .jacobi import PHASES
+from .jacobi import new_schedule
 from .kv import KVCache
 from .options import BlockTrace, JacobiConfig
 
@@ -98,10 +98,6 @@ class BlockInversion:
         self.work = torch.empty(seq.shape[0], seq.shape[1] + 1, seq.shape[2], dtype=seq.dtype, device=seq.device)
         self.work[:, 0] = block.sos
         self.work[:, 1:] = seq
-        # sliding schedule: latest (a, b) per position [B', N, c]; positions [known_from, known) have them
-        self.scale: Optional[torch.Tensor] = None
-        self.shift: Optional[torch.Tensor] = None
-        self.known_from = self.known = 0
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -143,10 +139,10 @@ class BlockInversion:
             return self.tokens
         fs = n // frames
         target = n if solver.window is None else min(n, solver.window * fs)
-        phase = PHASES[solver.schedule]
+        schedule = new_schedule(solver.schedule)   # its state spans the windows of this inversion
         s = start
         while True:
-            s = phase(self, solver.jacobi, s, target, fs)
+            s = schedule.solve(self, solver.jacobi, s, target, fs)
             if target >= n:
                 break
             wtok, ctx = solver.window * fs, solver.context_length * fs

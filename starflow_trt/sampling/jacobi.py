@@ -1,20 +1,21 @@
-"""Jacobi schedules (spec §10): one phase solves tokens ``[s, target)`` of a :class:`~.block.BlockInversion`.
+"""Jacobi schedules (spec §10): each solves tokens ``[s, target)`` of a block inversion
+(:class:`~.schedule.Inversion`) and returns the new ``s``.
 
 ``upstream`` is upstream's block-wise schedule, exactly; ``sliding`` commits converged prefixes
-and slides on (fewer network calls for the same fixed point). Both read and write ``inv.work``
-(row 0 = SOS, row n+1 = token n) and return the new ``s``.
+and slides on (fewer network calls for the same fixed point); ``predictive`` is ``sliding``
+whose residual test also covers first evaluations. All read and write ``inv.work``
+(row 0 = SOS, row n+1 = token n). :func:`new_schedule` makes one per block inversion.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .options import ChunkLog, JacobiConfig
-
-if TYPE_CHECKING:
-    from .block import BlockInversion
+from .schedule import Inversion, Schedule
 
 
 #: a prefix ending in a once-evaluated position must pass this fraction of the threshold (``predictive``).
@@ -23,30 +24,92 @@ if TYPE_CHECKING:
 FIRST_PASS_MARGIN = 0.75
 
 
-def upstream_phase(inv: "BlockInversion", jac: JacobiConfig, s: int, target: int, fs: int) -> int:
+def _chunk(jac: JacobiConfig, s: int, fs: int) -> int:
+    """Upstream's chunk size at ``s``: ``block_size`` while the chunk starts in frame 0 (``s <= fs``), 4x after."""
+    return jac.block_size if s <= fs else 4 * jac.block_size
+
+
+class Upstream(Schedule):
     """Upstream's block-wise Jacobi (spec §10.2): a chunk is re-swept until ``delta < threshold``
-    or ``max_iter``; its first sweep starts from the co-located tokens one frame earlier."""
-    x, seq = inv.work, inv.seq
-    while s < target:
-        k = jac.block_size if s <= fs else 4 * jac.block_size
-        if s + k >= target:
-            k = target - s
-        for i in range(jac.max_iter):
-            inp = x[:, s - fs : s - fs + k] if (i == 0 and s > fs) else x[:, s : s + k]
-            a, b = inv.evaluate(inp)
-            new = b + a * seq[:, s : s + k]
-            delta = ((new - x[:, s + 1 : s + 1 + k]) ** 2).mean() / (new ** 2).mean()
-            x[:, s + 1 : s + 1 + k] = new
-            if delta < jac.stop or i == jac.max_iter - 1:
-                inv.trace.chunks.append(ChunkLog(s, k, i + 1, float(delta)))
-                inv.commit(k, s + k)  # keep the K/V of this last sweep (no rewind)
-                break
-        s += k
-    return s
+    or ``max_iter``; its first sweep starts from the co-located tokens one frame earlier. Stateless."""
+
+    def solve(self, inv: Inversion, jac: JacobiConfig, s: int, target: int, fs: int) -> int:
+        x, seq = inv.work, inv.seq
+        while s < target:
+            k = _chunk(jac, s, fs)
+            if s + k >= target:
+                k = target - s
+            for i in range(jac.max_iter):
+                inp = x[:, s - fs : s - fs + k] if (i == 0 and s > fs) else x[:, s : s + k]
+                a, b = inv.evaluate(inp)
+                new = b + a * seq[:, s : s + k]
+                delta = ((new - x[:, s + 1 : s + 1 + k]) ** 2).mean() / (new ** 2).mean()
+                x[:, s + 1 : s + 1 + k] = new
+                if delta < jac.stop or i == jac.max_iter - 1:
+                    inv.trace.chunks.append(ChunkLog(s, k, i + 1, float(delta)))
+                    inv.commit(k, s + k)  # keep the K/V of this last sweep (no rewind)
+                    break
+            s += k
+        return s
 
 
-def sliding_phase(inv: "BlockInversion", jac: JacobiConfig, s: int, target: int, fs: int,
-                  first_pass: bool = False) -> int:
+@dataclass
+class AffineMemory:
+    """The latest (a, b) the network gave each position, kept across the phases of one inversion.
+
+    ``scale`` / ``shift`` [B', N, c] (like ``seq``). Invariants: positions ``[known_from, known)``
+    hold (a, b) of their latest evaluation, nothing else does; ``known_from`` is the first
+    phase's start (the positions before it — a given context — were never evaluated) and never
+    moves; ``known`` only grows. A committed position's (a, b) are final.
+    """
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    known_from: int
+    known: int
+
+    @classmethod
+    def empty(cls, seq: torch.Tensor, start: int) -> "AffineMemory":
+        return cls(torch.empty_like(seq), torch.empty_like(seq), start, start)
+
+    def record(self, s: int, e: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """(a, b) [B', e−s, c] of positions ``[s, e)``, just evaluated."""
+        self.scale[:, s:e], self.shift[:, s:e] = a, b
+        self.known = max(self.known, e)
+
+    def predict(self, work: torch.Tensor, seq: torch.Tensor, lo: int, e: int, fs: int) -> None:
+        """Start positions ``[lo, e)`` at ``b + a·ζ_n`` with (a, b) of the co-located token one frame
+        earlier, where that one is known (positions whose previous frame was never evaluated keep their start)."""
+        lo = max(lo, self.known_from + fs)
+        if e > lo and lo - fs < self.known:
+            hi = min(e, self.known + fs)
+            prev = slice(lo - fs, hi - fs)
+            work[:, lo + 1 : hi + 1] = self.shift[:, prev] + self.scale[:, prev] * seq[:, lo:hi]
+
+
+@dataclass
+class SweepCursors:
+    """Where one sliding phase stands. Invariant at the top of each sweep: ``s <= frontier``;
+    the phase ends when ``s >= target``. A sweep evaluates the window ``[s, e)`` and commits
+    at least its first token, the one exact token (its input, token ``s − 1``, was final before
+    the sweep), so every sweep advances ``s``.
+    """
+
+    #: tokens < s are committed (final, their K/V in the cache)
+    s: int
+    #: tokens < frontier have an initial guess in ``work`` (later ones still hold their noise)
+    frontier: int
+    #: [target] int32: network evaluations of each position during this phase
+    evals: torch.Tensor
+    #: the last sweep committed every position it evaluated for the second time
+    verified: bool = False
+
+    @classmethod
+    def start(cls, s: int, target: int, device: torch.device) -> "SweepCursors":
+        return cls(s, s, torch.zeros(target, dtype=torch.int32, device=device))
+
+
+class Sliding(Schedule):
     """Sliding-window Jacobi: after every sweep commit the longest converged prefix, refill the window.
 
     Windows start at upstream's sizes k (``block_size`` in frame 0, ``4·block_size`` after).
@@ -60,72 +123,83 @@ def sliding_phase(inv: "BlockInversion", jac: JacobiConfig, s: int, target: int,
     on; after a sweep that committed everything it evaluated twice, the next window also takes
     k new positions (at most 2k in all), so one call verifies a chunk and starts the next.
     A new position n starts from ``b + a·ζ_n`` with (a, b) of the co-located token one frame
-    earlier (final by then): the same fixed point, a closer start than upstream's noise (kept
-    where that token is a given context token, whose (a, b) this phase never computed).
-    ``threshold = 0`` commits exact tokens only: the autoregressive result. A window whose
-    first position has been evaluated ``max_iter`` times is committed as it is (upstream's cap).
+    earlier (final by then; :class:`AffineMemory`): the same fixed point, a closer start than
+    upstream's noise (kept where that token is a given context token, whose (a, b) this
+    schedule never computed). ``threshold = 0`` commits exact tokens only: the autoregressive
+    result. A window whose first position has been evaluated ``max_iter`` times is committed
+    as it is (upstream's cap).
 
-    ``first_pass`` (the ``predictive`` schedule): the test also covers positions evaluated once.
+    State: :attr:`memory` lives across the phases (long-video windows) of one inversion; the
+    :class:`SweepCursors` live for one phase.
+    """
+
+    def __init__(self) -> None:
+        self.memory: Optional[AffineMemory] = None
+
+    def solve(self, inv: Inversion, jac: JacobiConfig, s: int, target: int, fs: int) -> int:
+        work, seq = inv.work, inv.seq
+        if self.memory is None:
+            self.memory = AffineMemory.empty(seq, s)
+        mem = self.memory
+        c = SweepCursors.start(s, target, seq.device)
+        while c.s < target:
+            s = c.s
+            k = _chunk(jac, s, fs)
+            e = min(s + k, target)   # the sweep evaluates positions [s, e)
+            if c.verified and c.frontier > s:
+                e = min(target, max(e, c.frontier + k), s + 2 * k)
+            if e > c.frontier:
+                mem.predict(work, seq, max(c.frontier, s + 1), e, fs)   # position s's input is final already
+                c.frontier = e
+            a, b = inv.evaluate(work[:, s:e])
+            mem.record(s, e, a, b)
+            c.evals[s:e] += 1
+            new = b + a * seq[:, s:e]
+            sq = ((new - work[:, s + 1 : e + 1]) ** 2).mean(dim=(0, 2))   # per token
+            mag = (new ** 2).mean(dim=(0, 2))
+            prefix_delta = torch.cumsum(sq, 0) / torch.cumsum(mag, 0).clamp_min(1e-30)
+            work[:, s + 1 : e + 1] = new
+            twice = int(torch.cumprod(c.evals[s:e] >= 2, 0).sum())   # leading positions evaluated twice
+            m = max(1, self._committable(jac, c, s, e, sq, mag, prefix_delta, twice))   # 1: the exact token
+            if int(c.evals[s]) >= jac.max_iter:
+                m = e - s
+            c.verified = 0 < twice <= m
+            inv.trace.chunks.append(ChunkLog(s, m, int(c.evals[s]), float(prefix_delta[m - 1])))
+            c.s = s + m
+            inv.commit(m, c.s)
+        return c.s
+
+    def _committable(self, jac: JacobiConfig, c: SweepCursors, s: int, e: int, sq: torch.Tensor,
+                     mag: torch.Tensor, prefix_delta: torch.Tensor, twice: int) -> int:
+        """Tokens of the window ``[s, e)`` that converged: the longest prefix of the positions evaluated twice
+        whose every prefix passes upstream's test (``sq`` / ``mag`` [e−s]: squared update / value per token)."""
+        bad = (prefix_delta[:twice] >= jac.stop).nonzero()
+        return int(bad[0]) if len(bad) else twice
+
+
+class Predictive(Sliding):
+    """``sliding`` whose residual test also covers positions evaluated once.
+
     It is the same test upstream applies to every chunk it commits — the relative update between
     the inputs whose K/V are kept and the outputs computed from them — applied to the first
     evaluation, whose inputs here are the previous-frame prediction instead of upstream's noise.
     A prefix that passes is committed after one evaluation; one that fails (noise starts in
     frame 0, poor predictions) is re-evaluated as in ``sliding``. ``threshold = 0`` still commits
-    exact tokens only.
+    exact tokens only. Once-evaluated positions must pass ``FIRST_PASS_MARGIN`` of the threshold.
     """
-    work, seq = inv.work, inv.seq
-    exact = s           # tokens < exact are exact
-    frontier = s        # tokens < frontier have an initial guess
-    evals = torch.zeros(target, dtype=torch.int32, device=seq.device)   # network evaluations of each position
-    if inv.scale is None:
-        inv.scale, inv.shift = torch.empty_like(seq), torch.empty_like(seq)
-        inv.known_from = inv.known = s   # positions before the first phase (a context) have no (a, b)
-    verified = False    # the last sweep committed every position it evaluated for the second time
-    while s < target:
-        k = jac.block_size if s <= fs else 4 * jac.block_size
-        e = min(s + k, target)
-        if verified and frontier > s:
-            e = min(target, max(e, frontier + k), s + 2 * k)
-        exact = max(exact, s)
-        if e > frontier:
-            lo = max(frontier, inv.known_from + fs, s + 1)   # position s's input is final already
-            if e > lo and lo - fs < inv.known:
-                hi = min(e, inv.known + fs)
-                prev = slice(lo - fs, hi - fs)
-                work[:, lo + 1 : hi + 1] = inv.shift[:, prev] + inv.scale[:, prev] * seq[:, lo:hi]
-            frontier = e
-        a, b = inv.evaluate(work[:, s:e])
-        inv.scale[:, s:e], inv.shift[:, s:e] = a, b
-        inv.known = max(inv.known, e)
-        evals[s:e] += 1
-        new = b + a * seq[:, s:e]
-        sq = ((new - work[:, s + 1 : e + 1]) ** 2).mean(dim=(0, 2))   # per token
-        mag = (new ** 2).mean(dim=(0, 2))
-        prefix_delta = torch.cumsum(sq, 0) / torch.cumsum(mag, 0).clamp_min(1e-30)
-        work[:, s + 1 : e + 1] = new
-        exact = min(e, exact + 1)
-        twice = int(torch.cumprod(evals[s:e] >= 2, 0).sum())   # leading positions evaluated twice
-        if first_pass:   # the longest prefix that passes upstream's chunk test (stricter on first evaluations)
-            once = evals[s:e] < 2
-            bound = torch.where(once, FIRST_PASS_MARGIN * jac.stop, jac.stop)
-            good = (torch.cumsum(sq, 0) < bound * torch.cumsum(mag, 0).clamp_min(1e-30)).nonzero()
-            m = max(exact - s, int(good[-1]) + 1 if len(good) else 0)
-        else:            # every prefix of the committed one passes
-            bad = (prefix_delta[:twice] >= jac.stop).nonzero()
-            m = max(exact - s, int(bad[0]) if len(bad) else twice)
-        if int(evals[s]) >= jac.max_iter:
-            m = e - s
-        verified = 0 < twice <= m
-        inv.trace.chunks.append(ChunkLog(s, m, int(evals[s]), float(prefix_delta[m - 1])))
-        s += m
-        inv.commit(m, s)
-    return s
+
+    def _committable(self, jac, c, s, e, sq, mag, prefix_delta, twice):
+        """The longest prefix that passes upstream's chunk test (stricter on first evaluations)."""
+        once = c.evals[s:e] < 2
+        bound = torch.where(once, FIRST_PASS_MARGIN * jac.stop, jac.stop)
+        good = (torch.cumsum(sq, 0) < bound * torch.cumsum(mag, 0).clamp_min(1e-30)).nonzero()
+        return int(good[-1]) + 1 if len(good) else 0
 
 
-def predictive_phase(inv: "BlockInversion", jac: JacobiConfig, s: int, target: int, fs: int) -> int:
-    """``sliding`` whose residual test also covers first evaluations (see :func:`sliding_phase`)."""
-    return sliding_phase(inv, jac, s, target, fs, first_pass=True)
+#: schedule name → its class (the names of :data:`~.options.SCHEDULES`)
+SCHEDULE_TYPES: dict[str, type[Schedule]] = {"upstream": Upstream, "sliding": Sliding, "predictive": Predictive}
 
 
-PHASES: dict[str, Callable[["BlockInversion", JacobiConfig, int, int, int], int]] = {
-    "upstream": upstream_phase, "sliding": sliding_phase, "predictive": predictive_phase}
+def new_schedule(name: str) -> Schedule:
+    """A fresh schedule named ``name`` for one block inversion (its state starts empty)."""
+    return SCHEDULE_TYPES[name]()

@@ -209,14 +209,14 @@ class TorchBackend(Backend):
         from ...export.weights import BlockLoader
 
         kind = graph_kind(spec.kind)
-        media = getattr(kind, "build_media", None)
-        if media is not None:   # text encoder / VAE: rebuilt from the recorded source weights, as exported
-            return TorchRunner(spec, media(spec).to(self.device))
         # graphs of an `export --dtype fp16|bf16` take half K/V: build their modules in that dtype
         kv = self.kv_dtype(TORCH_DTYPES[next((t.dtype for t in spec.outputs if t.name.startswith(f"{NEW}_k_")),
                                              "float32")])
         loader = self.loader if kv == torch.float32 else BlockLoader(self.loader.cfg, self.loader.state, kv)
-        module = kind.build(self.geo, spec.block, loader).to(self.device)
+        weights = kind.runtime_weights(spec, loader)
+        module = kind.build(self.geo, spec.block, weights).to(self.device)
+        if weights is not loader:   # a kind with its own weights (text encoder, VAE), rebuilt from its recorded source
+            return TorchRunner(spec, module)
         override = kv if self.dtype is not None else None
         if spec.kind == "step":
             return TorchStepRunner(spec, module, CachedStepGraph(module.block), override, self.cuda_graphs)

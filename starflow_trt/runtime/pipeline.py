@@ -357,7 +357,7 @@ class Pipeline:
         text_s = time.perf_counter() - start
         start = time.perf_counter()
         if image is not None or video is not None:
-            context = self._context(image, video, seed, y.shape[0], geo or self.geo)
+            context = self._context(image, video, seed, y.shape[0], geo or self._call_geometry(aspect, None))
         return {"y": y, "y_uncond": y_uncond if guidance > 0 else None, "context": context,
                 "text_seconds": round(text_s, 6), "encode_seconds": round(time.perf_counter() - start, 6)}
 

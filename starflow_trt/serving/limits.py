@@ -23,7 +23,7 @@ import json
 import secrets
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -76,6 +76,10 @@ class VideoRequest:
         return self.generation.aspect
 
     @property
+    def denoise(self) -> bool:
+        return self.generation.denoise
+
+    @property
     def fps(self) -> int:
         return self.generation.fps
 
@@ -114,7 +118,9 @@ def parse_request(body: bytes, model: ModelSummary, limits: RequestLimits) -> Vi
     seed = d("seed")
     gen = build_request(
         model, limits, prompt=d("prompt"), negative_prompt=d("negative_prompt"),
-        text_embeddings=_npy(data, "text_embeddings", 2), negative_embeddings=_npy(data, "negative_embeddings", 2),
+        # with a prompt the embeddings are refused undecoded (build_request: exactly one of the two)
+        text_embeddings=_npy(data, "text_embeddings", 2) if d("prompt") is None else d("text_embeddings"),
+        negative_embeddings=_npy(data, "negative_embeddings", 2),
         image=_png(data, "image", model, limits), context_latents=_npy(data, "context_latents", 4),
         seed=None if seed is None else [seed], frames=d("frames"), aspect=d("aspect"), fps=d("fps"),
         guidance=d("guidance"), sampler=d("sampler"), jacobi=d("jacobi"), denoise=d("denoise", True))

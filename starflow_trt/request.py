@@ -179,8 +179,8 @@ def _texts(name: str, value: Any, limits: RequestLimits) -> Optional[tuple[str, 
     return tuple(items)
 
 
-def _array(name: str, value: Any, layout: str, size: tuple[Optional[int], ...]) -> Optional[np.ndarray]:
-    """A finite float32 array of ``len(size)`` dims; None entries of ``size`` are free."""
+def _array(name: str, value: Any, layout: str, size: tuple[Optional[int], ...], what: str = "") -> Optional[np.ndarray]:
+    """A finite float32 array of ``len(size)`` dims; None entries of ``size`` are free; ``what`` explains them."""
     if value is None:
         return None
     arr = np.asarray(value)
@@ -188,7 +188,7 @@ def _array(name: str, value: Any, layout: str, size: tuple[Optional[int], ...]) 
         raise RequestError(name, f"must be a float array, got dtype {arr.dtype}")
     if arr.ndim != len(size) or 0 in arr.shape or any(w is not None and w != s for w, s in zip(size, arr.shape)):
         want = ", ".join(d if w is None else str(w) for d, w in zip(layout.split(", "), size))
-        raise RequestError(name, f"must be [{layout}] = [{want}], got shape {list(arr.shape)}")
+        raise RequestError(name, f"must be [{layout}] = [{want}]{what}, got shape {list(arr.shape)}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise RequestError(name, "contains NaN or Inf")
@@ -224,10 +224,11 @@ def build_request(model: ModelSummary, limits: RequestLimits = RequestLimits(), 
                                                   "give one per prompt or none")
     if prompts is not None and negative_embeddings is not None:
         raise RequestError("negative_embeddings", "goes with text_embeddings; with prompt send negative_prompt")
-    text = "B, L, D"
-    y = _array("text_embeddings", text_embeddings, text, (None, m.text_length, m.text_width))
+    text, L, D = "B, L, D", m.text_length, m.text_width
+    what = f" (text embeddings of length {L}, width {D})"
+    y = _array("text_embeddings", text_embeddings, text, (None, L, D), what)
     batch = len(prompts) if prompts is not None else y.shape[0]
-    y_uncond = _array("negative_embeddings", negative_embeddings, text, (batch, m.text_length, m.text_width))
+    y_uncond = _array("negative_embeddings", negative_embeddings, text, (batch, L, D), what)
     seed = _seed(seed, batch)
     if guidance is None:
         guidance = m.default_guidance if prompts is not None else 0.0

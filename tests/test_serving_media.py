@@ -1,0 +1,134 @@
+"""The service on an export with a T5 text_encoder graph, Wan VAE graphs and three aspects (tiny, ORT, CPU).
+
+Prompts run through the export's text-encoder graph, frames come back as VAE-decoded PNGs of the
+requested aspect's size, equal to ``Pipeline.generate`` with the same seed, and the mp4 is the same
+frames in H.264. A long batch wait makes concurrent requests share one call without a blocker.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'starflow-trt[serve]'")
+pytest.importorskip("psutil", reason="psutil is not installed: pip install 'starflow-trt[serve]'")
+av = pytest.importorskip("av")
+
+pytestmark = pytest.mark.slow   # the media export, a cluster start
+
+from .test_serving import Service, _free_port, _Processes  # noqa: E402
+
+PROMPTS = ["a cat", "a red square moving right", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def service(media_export):
+    import ray
+    from ray import serve
+
+    from starflow_trt.serving.app import ServeConfig, start
+
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already running in this process")
+    old = os.environ.get("RAY_USAGE_STATS_ENABLED")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    procs = _Processes()
+    port, metrics_port = _free_port(), _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             _metrics_export_port=metrics_port)
+    try:
+        procs.snapshot()
+        start(media_export, ServeConfig(max_ongoing=8, max_queued=8, timeout_s=120, batch_wait_s=1.0, warmup=False),
+              host="127.0.0.1", port=port)
+        procs.snapshot()
+        yield Service(f"http://127.0.0.1:{port}", port, metrics_port, procs)
+    finally:
+        procs.snapshot()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if old is None:
+                os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
+            else:
+                os.environ["RAY_USAGE_STATS_ENABLED"] = old
+        end = time.monotonic() + 60
+        while procs.alive() and time.monotonic() < end:
+            time.sleep(0.5)
+        assert not procs.alive(), f"processes of the test cluster still running after shutdown: {procs.alive()}"
+
+
+@pytest.fixture(scope="module")
+def pipe(media_export):
+    from starflow_trt.runtime import Pipeline
+
+    with Pipeline.from_dir(media_export, backend="ort") as p:
+        yield p
+
+
+def _video(pipe, prompt: str, seed: int, aspect: str) -> np.ndarray:
+    """[F, H, W, 3] uint8 of the same request through ``Pipeline.generate`` in this process."""
+    res = pipe.generate(prompt=[prompt], seed=seed, aspect=aspect, num_frames=2, jacobi=None)
+    return res.video[0].movedim(-3, -1).numpy()
+
+
+def _mp4_frames(data: bytes, tmp_path) -> np.ndarray:
+    path = tmp_path / "served.mp4"
+    path.write_bytes(data)
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+def test_models_name_every_exported_aspect(service):
+    model = service.client.models()["data"][0]
+    assert model["prompt_encoder"] == "text_encoder" and model["vae"] and model["prompt"]
+    assert model["aspect"] == "16:9" and model["aspect_names"] == ["16:9", "9:16", "1:1"]
+
+
+def test_prompt_at_9_16_streams_decoded_pngs_equal_to_generate_and_the_mp4(service, pipe, tmp_path):
+    body = {"prompt": PROMPTS[0], "seed": 5, "aspect": "9:16", "frames": 2, "sampler": "autoregressive", "mp4": True}
+    video = service.client.generate(body)
+    frames = np.stack(video.frames)
+    assert frames.shape == (5, 80, 48, 3) and frames.dtype == np.uint8      # 1 + 4 (T - 1) frames, 9:16 pixels
+    want = _video(pipe, PROMPTS[0], 5, "9:16")
+    assert np.array_equal(frames, want), int(np.abs(frames.astype(int) - want.astype(int)).max())
+    mp4 = _mp4_frames(video.mp4, tmp_path)
+    assert mp4.shape == want.shape and np.abs(mp4.astype(int) - want.astype(int)).mean() < 4   # H.264, crf 10
+    # the default aspect and another one: their own sizes
+    assert np.stack(service.client.generate({**body, "aspect": "1:1", "mp4": False}).frames).shape == (5, 64, 64, 3)
+    latents = service.client.generate({**body, "aspect": "16:9", "output": "latents", "mp4": False}).frames
+    assert [f.shape for f in latents] == [(4, 3, 5)] * 2
+
+
+def test_batched_requests_equal_their_solo_results(service, pipe):
+    bodies = [{"prompt": p, "seed": 20 + i, "aspect": "9:16", "frames": 2, "sampler": "autoregressive"}
+              for i, p in enumerate(PROMPTS)]
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = service.client.generate(bodies[i])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, body in enumerate(bodies):
+        video = results[i]
+        assert not isinstance(video, Exception), video
+        assert video.stats["batch_exact"]
+        assert np.array_equal(np.stack(video.frames), _video(pipe, body["prompt"], body["seed"], "9:16"))
+    assert max(results[i].stats["batch_size"] for i in range(len(bodies))) > 1
+
+
+def test_an_aspect_the_export_lacks_is_refused_with_its_names(service):
+    status, body = service.post({"prompt": "a cat", "aspect": "4:3"})
+    assert status == 400 and body["field"] == "aspect"
+    assert "16:9 (80x48), 9:16 (48x80), 1:1 (64x64)" in body["error"]

@@ -7,10 +7,6 @@ frames in H.264. A long batch wait makes concurrent requests share one call with
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-
 import numpy as np
 import pytest
 
@@ -20,46 +16,17 @@ av = pytest.importorskip("av")
 
 pytestmark = pytest.mark.slow   # the media export, a cluster start
 
-from .test_serving import Service, _free_port, _Processes  # noqa: E402
+from .test_serving import generate_concurrently, serve_export  # noqa: E402
 
 PROMPTS = ["a cat", "a red square moving right", "a dog"]
 
 
 @pytest.fixture(scope="module")
 def service(media_export):
-    import ray
-    from ray import serve
+    from starflow_trt.serving.app import ServeConfig
 
-    from starflow_trt.serving.app import ServeConfig, start
-
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already running in this process")
-    old = os.environ.get("RAY_USAGE_STATS_ENABLED")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    procs = _Processes()
-    port, metrics_port = _free_port(), _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             _metrics_export_port=metrics_port)
-    try:
-        procs.snapshot()
-        start(media_export, ServeConfig(max_ongoing=8, max_queued=8, timeout_s=120, batch_wait_s=1.0, warmup=False),
-              host="127.0.0.1", port=port)
-        procs.snapshot()
-        yield Service(f"http://127.0.0.1:{port}", port, metrics_port, procs)
-    finally:
-        procs.snapshot()
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if old is None:
-                os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
-            else:
-                os.environ["RAY_USAGE_STATS_ENABLED"] = old
-        end = time.monotonic() + 60
-        while procs.alive() and time.monotonic() < end:
-            time.sleep(0.5)
-        assert not procs.alive(), f"processes of the test cluster still running after shutdown: {procs.alive()}"
+    cfg = ServeConfig(max_ongoing=8, max_queued=8, timeout_s=120, batch_wait_s=1.0, warmup=False)
+    yield from serve_export(media_export, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -107,25 +74,11 @@ def test_prompt_at_9_16_streams_decoded_pngs_equal_to_generate_and_the_mp4(servi
 def test_batched_requests_equal_their_solo_results(service, pipe):
     bodies = [{"prompt": p, "seed": 20 + i, "aspect": "9:16", "frames": 2, "sampler": "autoregressive"}
               for i, p in enumerate(PROMPTS)]
-    results: dict[int, object] = {}
-
-    def run(i: int) -> None:
-        try:
-            results[i] = service.client.generate(bodies[i])
-        except Exception as exc:  # noqa: BLE001 - reported below
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for i, body in enumerate(bodies):
-        video = results[i]
-        assert not isinstance(video, Exception), video
+    results = generate_concurrently(service, bodies)
+    for body, video in zip(bodies, results):
         assert video.stats["batch_exact"]
         assert np.array_equal(np.stack(video.frames), _video(pipe, body["prompt"], body["seed"], "9:16"))
-    assert max(results[i].stats["batch_size"] for i in range(len(bodies))) > 1
+    assert max(v.stats["batch_size"] for v in results) > 1
 
 
 def test_an_aspect_the_export_lacks_is_refused_with_its_names(service):

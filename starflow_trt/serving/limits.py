@@ -50,46 +50,20 @@ class VideoRequest:
     timeout_s: float
     request_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
-    # the generation fields the replica and the batcher read
     @property
     def seed(self) -> int:
         return self.generation.seed[0]
 
-    @property
-    def frames(self) -> int:
-        return self.generation.frames
-
-    @property
-    def guidance(self) -> float:
-        return self.generation.guidance
-
-    @property
-    def sampler(self) -> str:
-        return self.generation.sampler
-
-    @property
-    def jacobi(self) -> JacobiOptions:
-        return self.generation.jacobi
-
-    @property
-    def aspect(self) -> str:
-        return self.generation.aspect
-
-    @property
-    def denoise(self) -> bool:
-        return self.generation.denoise
-
-    @property
-    def fps(self) -> int:
-        return self.generation.fps
-
-    @property
-    def context_frames(self) -> int:
-        return self.generation.context_frames
-
-    @property
-    def exact_batching(self) -> bool:
-        return self.generation.exact_batching
+    # the generation fields the replica and the batcher read
+    frames = property(lambda self: self.generation.frames)
+    guidance = property(lambda self: self.generation.guidance)
+    sampler = property(lambda self: self.generation.sampler)
+    jacobi = property(lambda self: self.generation.jacobi)
+    aspect = property(lambda self: self.generation.aspect)
+    denoise = property(lambda self: self.generation.denoise)
+    fps = property(lambda self: self.generation.fps)
+    context_frames = property(lambda self: self.generation.context_frames)
+    exact_batching = property(lambda self: self.generation.exact_batching)
 
 
 ALLOWED = ("prompt", "negative_prompt", "text_embeddings", "negative_embeddings", "seed", "guidance", "frames",

@@ -30,7 +30,6 @@ from ..errors import GenerationCancelled, StarflowError
 from .batching import Ticket, plan_groups
 from .frames import error_event, frame_event, mp4_bytes, png_event
 from .limits import RequestError, VideoRequest
-from .summary import ModelSummary
 
 log = logging.getLogger("ray.serve")
 
@@ -51,7 +50,7 @@ class VideoGenerator:
         t0 = time.perf_counter()
         self.pipe = Pipeline.from_dir(directory, backend=cfg.backend, precision=cfg.precision,
                                       providers=cfg.providers, threads=cfg.threads, thread_pool=cfg.thread_pool)
-        self.summary = ModelSummary.from_dir(directory)
+        self.summary = self.pipe.summary
         self.max_batch = min(cfg.max_batch or self.summary.max_batch, self.summary.max_batch)
         type(self)._batched.set_max_batch_size(self.max_batch)
         type(self)._batched.set_batch_wait_timeout_s(cfg.batch_wait_s)

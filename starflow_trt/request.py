@@ -211,19 +211,14 @@ def build_request(model: ModelSummary, limits: RequestLimits = RequestLimits(), 
     m, lim = model, limits
     prompts = _texts("prompt", prompt, lim)
     negatives = _texts("negative_prompt", negative_prompt, lim)
-    if (prompts is None) == (text_embeddings is None):
-        raise RequestError("prompt", "give exactly one of prompt or text_embeddings")
+    check_sources(prompt=prompts, text_embeddings=text_embeddings, negative_prompt=negatives,
+                  negative_embeddings=negative_embeddings, image=image, video=video, context=context_latents)
     if prompts is not None and m.prompt_encoder is None:
         raise RequestError("prompt", "this export has no text_encoder graph; send text_embeddings "
                                      f"[{m.text_length}, {m.text_width}] or re-export with --text-encoder")
-    if negatives is not None:
-        if prompts is None:
-            raise RequestError("negative_prompt", "goes with prompt; with text_embeddings send negative_embeddings")
-        if len(negatives) != len(prompts):
-            raise RequestError("negative_prompt", f"{len(negatives)} negative prompts for {len(prompts)} prompts; "
-                                                  "give one per prompt or none")
-    if prompts is not None and negative_embeddings is not None:
-        raise RequestError("negative_embeddings", "goes with text_embeddings; with prompt send negative_prompt")
+    if negatives is not None and len(negatives) != len(prompts):
+        raise RequestError("negative_prompt", f"{len(negatives)} negative prompts for {len(prompts)} prompts; "
+                                              "give one per prompt or none")
     text, L, D = "B, L, D", m.text_length, m.text_width
     what = f" (text embeddings of length {L}, width {D})"
     y = _array("text_embeddings", text_embeddings, text, (None, L, D), what)
@@ -295,12 +290,23 @@ def _aspect(m: ModelSummary, aspect: Any, latents: Optional[np.ndarray]) -> str:
     return aspect
 
 
-def _media(m: ModelSummary, prompts, image, video, ctx) -> None:
+def check_sources(*, prompt: Any, text_embeddings: Any, negative_prompt: Any = None, negative_embeddings: Any = None,
+                  image: Any = None, video: Any = None, context: Any = None) -> None:
+    """Which inputs one request may combine (the CLI, the server and ``Pipeline.generate`` alike)."""
+    if (prompt is None) == (text_embeddings is None):
+        raise RequestError("prompt", "give either text embeddings or a prompt, exactly one")
+    if negative_prompt is not None and prompt is None:
+        raise RequestError("negative_prompt", "goes with prompt; with text_embeddings send negative_embeddings")
+    if prompt is not None and negative_embeddings is not None:
+        raise RequestError("negative_embeddings", "goes with text_embeddings; with prompt send negative_prompt")
     if image is not None and video is not None:
         raise RequestError("image", "give image or video, not both")
-    if (image is not None or video is not None) and ctx is not None:
+    if (image is not None or video is not None) and context is not None:
         raise RequestError("image" if image is not None else "video", "give image / video or context_latents, "
                                                                       "not both")
+
+
+def _media(m: ModelSummary, prompts, image, video, ctx) -> None:
     if image is not None and not (m.vae_encoder or m.pixel_space):
         raise RequestError("image", "image conditioning needs VAE encoder graphs, which this export lacks; "
                                     "send context_latents [N, C, H, W] instead")

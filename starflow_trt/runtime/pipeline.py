@@ -216,8 +216,6 @@ class Pipeline:
                                     geo=geo)
         if media is not None:
             y, y_uncond, context = media["y"], media["y_uncond"], media["context"]
-        if y is None:
-            raise InputError("generate needs text embeddings y or prompt=[...]")
         given = noise is not None
         tensors = dict(y=as_float32(y, "y"), noise=as_float32(noise, "noise") if given else None,
                        y_uncond=None if y_uncond is None else as_float32(y_uncond, "y_uncond"),
@@ -335,25 +333,21 @@ class Pipeline:
                        seed: Union[int, Sequence[int]] = 0, geo: Optional[Geometry] = None) -> Optional[dict]:
         """Prompt → (y, y_uncond) [B, L, D]; image / video → context latents [B, N, C, H, W]. None when neither.
 
+        Which inputs combine: :func:`starflow_trt.request.check_sources` (the CLI's and the server's rule).
+
         The context noise comes from ``seed + 1`` (not the flow noise's stream): one draw for the call,
         or per row from ``seed[b] + 1``. Pixel-space models (no VAE, RGB latents) take the fitted image
         itself as the context frame plus ``noise_std`` noise.
         """
+        from ..request import check_sources
+
+        check_sources(prompt=prompt, text_embeddings=y, negative_prompt=negative_prompt, negative_embeddings=y_uncond,
+                      image=image, video=video, context=context)
         if prompt is None and image is None and video is None:
-            if negative_prompt is not None:
-                raise InputError("negative_prompt needs prompt=[...]")
             return None
-        if prompt is not None and (y is not None or y_uncond is not None):
-            raise InputError("give either text embeddings (y, y_uncond) or prompt=[...], not both")
-        if image is not None and video is not None:
-            raise InputError("give image or video, not both")
-        if (image is not None or video is not None) and context is not None:
-            raise InputError("give context latents or image / video, not both")
         start = time.perf_counter()
         if prompt is not None:
             y, y_uncond = self.encode_text(prompt, fps=fps, aspect=aspect, negative_prompt=negative_prompt)
-        elif y is None:
-            raise InputError("image / video conditioning needs text: prompt=[...] or embeddings y")
         text_s = time.perf_counter() - start
         start = time.perf_counter()
         if image is not None or video is not None:

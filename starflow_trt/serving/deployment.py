@@ -5,9 +5,12 @@
 or ``{"type": "_started", ...}`` when its batch starts, then frame events, then ``done`` or
 ``error``. Events whose type starts with ``_`` are for the ingress only.
 
-Requests go through ``@serve.batch``; :func:`~.batching.plan_groups` splits a batch into
-``generate`` calls of matching options. ``generate`` runs on the replica's one worker thread and
-its ``on_frame`` events are forwarded to the callers as they come. A caller that goes away (client
+A request's text and conditioning go through the Pipeline's stages first (``prepare_inputs``: the
+export's text-encoder graph, the VAE encoder for an image; the toy's bundled encoder for a toy
+export without a graph). Requests then go through ``@serve.batch``; :func:`~.batching.plan_groups`
+splits a batch into ``generate`` calls of matching options, one seed per row. ``generate`` runs on
+the replica's one worker thread and its ``on_frame`` (latent frames) and ``on_video`` (VAE-decoded
+frames, PNG / mp4) events are forwarded to the callers as they come. A caller that goes away (client
 disconnect, timeout) gets no more events; when every caller of a call is gone the runtime's
 ``should_stop`` hook stops the call at its next Jacobi sweep / autoregressive step / frame.
 """

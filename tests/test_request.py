@@ -99,9 +99,9 @@ def test_generate_from_embeddings_on_a_vae_export_writes_video_mp4(media_export,
     with Pipeline.from_dir(media_export, backend="ort") as pipe:
         want = pipe.generate(torch.from_numpy(y), seed=3, num_frames=2, aspect="9:16")
     assert np.array_equal(np.load(tmp_path / "o" / "latents.npy"), want.latents.numpy())
-    # the mp4 is the H.264 of the generated frames (x264 is deterministic for the same frames and options)
+    # the mp4 is the H.264 of the generated frames (streamed chunk by chunk: x264 differs slightly from one write)
     again = write_video(want.video[0].movedim(-3, -1).numpy(), tmp_path / "want.mp4", 16)
-    assert np.array_equal(frames, _decoded(again))
+    assert np.abs(frames.astype(int) - _decoded(again).astype(int)).mean() < 2   # frames vs the frames: 40
 
 
 def _decoded(path) -> np.ndarray:

@@ -321,7 +321,7 @@ def test_disconnect_after_frame_1_stops_production(service):
 def test_bad_input_gets_400_naming_the_field(service):
     cases = [
         (b"{not json", "body"),
-        ({"prompt": PROMPTS[0], "frames": 7}, "frames"),
+        ({"prompt": PROMPTS[0], "frames": 7, "sampler": "autoregressive"}, "sampler"),   # more frames: Jacobi window
         ({"prompt": PROMPTS[0], "colour": "red"}, "colour"),
         ({"prompt": PROMPTS[0], "guidance": -1}, "guidance"),
         ({"prompt": "a purple square"}, "prompt"),                         # the toy encoder's vocabulary

@@ -160,10 +160,11 @@ class VideoGenerator:
         try:
             for group in plan_groups(tickets, self.max_batch, self.config.batch_approximate):
                 async for updates in self._run_group(group):
-                    row: list = [None] * len(tickets)
-                    for t, event in updates:
-                        row[slot[id(t)]] = event
-                    yield row
+                    for wave in _waves(updates):   # a row holds one event per ticket
+                        row: list = [None] * len(tickets)
+                        for t, event in wave:
+                            row[slot[id(t)]] = event
+                        yield row
             yield [StopIteration] * len(tickets)
         finally:
             self._busy -= 1
@@ -348,3 +349,15 @@ class VideoGenerator:
         if worker is not None:
             worker.shutdown(wait=False, cancel_futures=True)
 
+
+def _waves(updates: list[tuple[Ticket, dict]]) -> list[list[tuple[Ticket, dict]]]:
+    """Split updates so each wave has at most one event per ticket, in order (a decoded chunk is 4 frames)."""
+    waves: list[list[tuple[Ticket, dict]]] = []
+    count: dict[int, int] = {}
+    for t, event in updates:
+        k = count.get(id(t), 0)
+        count[id(t)] = k + 1
+        if k == len(waves):
+            waves.append([])
+        waves[k].append((t, event))
+    return waves

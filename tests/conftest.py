@@ -96,3 +96,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: the media export's aspects and their token grids (goldens img_size 4, patch 1: 16 tokens a frame)
+MEDIA_ASPECTS = ("16:9", "9:16", "1:1")
+
+
+@pytest.fixture(scope="session")
+def media_export(goldens_dir, tmp_path_factory) -> Path:
+    """The goldens checkpoint with a tiny T5 text_encoder graph, tiny Wan VAE graphs and three aspects (FP32)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("diffusers")
+    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
+    from starflow_trt.media.tiny import make_t5_dir, make_vae
+
+    root = tmp_path_factory.mktemp("media")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t5 = make_t5_dir(root / "t5", d_model=16, d_kv=8, num_heads=2, d_ff=32)
+        make_vae(seed=2, z_dim=4).save_pretrained(root / "vae")
+        export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", root / "graphs", text_encoder=t5,
+                      vae=root / "vae", limits=ExportLimits(max_frames=3, max_batch=4, aspects=MEDIA_ASPECTS))
+    finally:
+        torch.set_num_threads(before)
+    return root / "graphs"

@@ -24,7 +24,7 @@ TOY = ModelSummary(directory="/x", precision="fp32", channels=3, height=16, widt
                    default_guidance=3.0, noise_std=0.15, prompt_encoder="toy", config_hash="h",
                    checkpoint_sha256="s", graphs=("deep_step",), fps=8)
 WAN = replace(TOY, channels=48, height=44, width=80, max_frames=21, pixel_space=False, vae=True, fps=16,
-              aspect_sizes=(("16:9", 1280, 704), ("9:16", 704, 1280)))
+              aspects=(("16:9", 44, 80), ("9:16", 80, 44)), pixel_scale=16)
 
 
 def _png(rgb: np.ndarray) -> bytes:

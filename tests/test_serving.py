@@ -190,6 +190,27 @@ def _start_blocker(service: Service, body: dict = BLOCKER):
     return conn, resp
 
 
+def generate_concurrently(service: Service, bodies: list[dict], meanwhile=lambda: None) -> list:
+    """Send ``bodies`` at once (one thread each), run ``meanwhile()``, and return their results in order."""
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = service.client.generate(bodies[i])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    meanwhile()
+    for t in threads:
+        t.join(120)
+    for i in range(len(bodies)):
+        assert not isinstance(results.get(i), (Exception, type(None))), results.get(i)
+    return [results[i] for i in range(len(bodies))]
+
+
 def _finish(resp) -> list[dict]:
     return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
 
@@ -209,8 +230,8 @@ def test_health_models_and_loopback(service):
 
 
 def test_contract_request_streams_frames_in_order_equal_to_direct_generate(service, direct):
+    from starflow_trt.media.io import frames_to_uint8
     from starflow_trt.runtime import JacobiConfig
-    from starflow_trt.runtime.video_io import to_uint8
 
     body = {"prompt": PROMPTS[0], "seed": 0, "guidance": 3.0}
     conn, resp = service.open(body)
@@ -224,7 +245,7 @@ def test_contract_request_streams_frames_in_order_equal_to_direct_generate(servi
     assert 0 < stats["time_to_first_frame"] <= stats["seconds"]["total"]
     want = _direct_frames(direct, PROMPTS[0], 0, 3.0, 6, JacobiConfig(16, 32, 1e-3))
     pngs = np.stack([decode_frame(e) for e in events[:-1]])                   # [T, H, W, 3] uint8
-    png_err = int(np.abs(pngs.astype(int) - to_uint8(want).astype(int)).max())
+    png_err = int(np.abs(pngs.astype(int) - frames_to_uint8(want).astype(int)).max())   # truncated, as generate
     assert png_err <= 1, png_err
     # the same request asking for latents: equal to the direct run to float rounding
     video = service.client.generate({**body, "output": "latents"})
@@ -247,29 +268,18 @@ def test_concurrent_requests_are_batched_and_equal_their_solo_results(service, d
     conn, blocker = _start_blocker(service)
     bodies = [{"prompt": PROMPTS[i], "seed": 10 + i, "guidance": 3.0, "sampler": "autoregressive", "frames": 2,
                "output": "latents"} for i in range(4)]
-    results: dict[int, object] = {}
 
-    def run(i: int) -> None:
-        try:
-            results[i] = service.client.generate(bodies[i])
-        except Exception as exc:  # noqa: BLE001 - reported below
-            results[i] = exc
+    def finish_blocker() -> None:
+        assert [e["type"] for e in _finish(blocker)][-1] == "done"
+        conn.close()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    assert [e["type"] for e in _finish(blocker)][-1] == "done"
-    conn.close()
-    for t in threads:
-        t.join(120)
-    for i, body in enumerate(bodies):
-        video = results[i]
-        assert not isinstance(video, Exception), video
+    results = generate_concurrently(service, bodies, finish_blocker)
+    for body, video in zip(bodies, results):
         assert video.stats["batch_size"] > 1 and video.stats["batch_exact"]
         want = _direct_frames(direct, body["prompt"], body["seed"], 3.0, 2, None)
         err = float((torch.from_numpy(np.stack(video.frames)) - want).abs().max())
-    assert err < 1e-4, err
-    assert max(results[i].stats["batch_size"] for i in range(4)) == 4
+        assert err < 1e-4, err
+    assert max(v.stats["batch_size"] for v in results) == 4
 
 
 def test_image_conditioning_sse_and_mp4(service, direct):
@@ -287,13 +297,14 @@ def test_image_conditioning_sse_and_mp4(service, direct):
     conn.close()
     video = service.client.generate(body)
     assert len(video.frames) == 4 and video.mp4[4:8] == b"ftyp"
-    # the same inputs by hand: noise then the image's conditioning noise from the request's generator
+    # the same inputs by hand: the image fitted as generate --image does (media.io), its conditioning noise
+    # from seed + 1 (the Pipeline's rule), the flow noise from the seed
+    from starflow_trt.media.io import prepare_image
+
     pipe, toy = direct
-    gen = torch.Generator().manual_seed(21)
-    noise = torch.randn(1, 4, 3, 16, 16, generator=gen)
-    small = cv2.resize(img, (16, 16), interpolation=cv2.INTER_AREA)
-    image = torch.from_numpy(small.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
-    context = image[None, None] + 0.15 * torch.randn(1, 1, 3, 16, 16, generator=gen)
+    noise = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(21))
+    image = prepare_image(img, 16, 16)                                          # [1, 1, 3, 16, 16]
+    context = image + 0.15 * torch.randn(image.shape, generator=torch.Generator().manual_seed(22))
     want = pipe.generate(toy.encode([PROMPTS[0]]), toy.encode([""]), noise=noise, guidance=3.0, context=context,
                          jacobi=None, on_frame=lambda i, f: None).latents[0]
     err = float((torch.from_numpy(np.stack(video.frames)) - want).abs().max())
@@ -318,7 +329,7 @@ def test_disconnect_after_frame_1_stops_production(service):
 def test_bad_input_gets_400_naming_the_field(service):
     cases = [
         (b"{not json", "body"),
-        ({"prompt": PROMPTS[0], "frames": 7}, "frames"),
+        ({"prompt": PROMPTS[0], "frames": 7, "sampler": "autoregressive"}, "sampler"),   # more frames: Jacobi window
         ({"prompt": PROMPTS[0], "colour": "red"}, "colour"),
         ({"prompt": PROMPTS[0], "guidance": -1}, "guidance"),
         ({"prompt": "a purple square"}, "prompt"),                         # the toy encoder's vocabulary

@@ -1,4 +1,5 @@
-"""Serving pieces that need no Ray: request validation and limits, batch planning, noise per seed, events."""
+"""Serving pieces that need no Ray: request validation and limits (one validator with the CLI), batch planning,
+noise per seed, events."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from starflow_trt.serving.batching import Ticket, batch_key, plan_groups, request_inputs
+from starflow_trt.serving.batching import Ticket, batch_key, plan_groups
 from starflow_trt.serving.frames import format_event, frame_event, png_bytes
 from starflow_trt.serving.limits import RequestError, RequestLimits, decode_npy, encode_npy, parse_request
 from starflow_trt.serving.summary import ModelSummary
@@ -20,6 +21,10 @@ MODEL = ModelSummary(directory="/x", precision="fp32", channels=3, height=16, wi
                      default_guidance=3.0, noise_std=0.15, prompt_encoder="toy", config_hash="h",
                      checkpoint_sha256="s", graphs=("deep_step",))
 LATENT = ModelSummary(**{**MODEL.__dict__, "channels": 16, "pixel_space": False, "prompt_encoder": None})
+#: a latent export with T5 and VAE graphs and three aspects (latent sizes; frames 16x larger)
+MEDIA = ModelSummary(**{**LATENT.__dict__, "height": 3, "width": 5, "prompt_encoder": "text_encoder", "vae": True,
+                        "vae_encoder": True, "pixel_scale": 16,
+                        "aspects": (("16:9", 3, 5), ("9:16", 5, 3), ("1:1", 4, 4))})
 LIMITS = RequestLimits(max_timeout_s=60)
 
 
@@ -41,7 +46,7 @@ def test_contract_request_defaults():
     assert (req.seed, req.guidance, req.frames, req.sampler, req.output, req.stream) == (0, 3.0, 6, "jacobi", "png",
                                                                                          "ndjson")
     assert req.jacobi.threshold == 1e-3 and not req.exact_batching
-    assert req.timeout_s == 60 and req.y is None
+    assert req.timeout_s == 60 and req.generation.y is None and req.generation.fps == 16
     assert parse({"prompt": "a"}).guidance == 3.0                   # the checkpoint's cfg with a prompt
     assert parse({"prompt": "a", "sampler": "autoregressive"}).exact_batching
     assert parse({"prompt": "a", "jacobi": {"threshold": 0}}).exact_batching
@@ -52,10 +57,11 @@ def test_contract_request_defaults():
 def test_embeddings_round_trip_without_pickle():
     y = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
     req = parse({"text_embeddings": encode_npy(y), "guidance": 0})
-    np.testing.assert_array_equal(req.y, y)
+    np.testing.assert_array_equal(req.generation.y, y[None])
     req = parse({"text_embeddings": encode_npy(y[None].astype(np.float16)),
                  "negative_embeddings": encode_npy(np.zeros((6, 16))), "guidance": 2.0})
-    assert req.y.shape == (6, 16) and req.y.dtype == np.float32 and req.y_uncond.shape == (6, 16)
+    g = req.generation
+    assert g.y.shape == (1, 6, 16) and g.y.dtype == np.float32 and g.y_uncond.shape == (1, 6, 16)
     np.testing.assert_array_equal(decode_npy(encode_npy(y)), y)
     # an object array is a pickle inside .npy: refused, never unpickled
     buf = io.BytesIO()
@@ -65,7 +71,8 @@ def test_embeddings_round_trip_without_pickle():
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"prompt": "a", "frames": 7}, "frames"),
+    ({"prompt": "a", "frames": 7, "sampler": "autoregressive"}, "sampler"),   # beyond max_frames: Jacobi window
+    ({"prompt": "a", "frames": 1 << 17}, "frames"),
     ({"prompt": "a", "frames": 0}, "frames"),
     ({"prompt": "a", "frames": 2.5}, "frames"),
     ({"prompt": "a", "seed": -1}, "seed"),
@@ -77,7 +84,10 @@ def test_embeddings_round_trip_without_pickle():
     ({"prompt": "a", "sampler": "ddim"}, "sampler"),
     ({"prompt": "a", "jacobi": {"block_size": 0}}, "jacobi.block_size"),
     ({"prompt": "a", "jacobi": {"threshold": 2}}, "jacobi.threshold"),
-    ({"prompt": "a", "jacobi": {"window": 3}}, "jacobi.window"),
+    ({"prompt": "a", "jacobi": {"colour": 3}}, "jacobi.colour"),
+    ({"prompt": "a", "jacobi": {"window": 3, "context_length": 3}}, "jacobi.context_length"),
+    ({"prompt": "a", "negative_prompt": 2}, "negative_prompt"),
+    ({"prompt": "a", "aspect": 3}, "aspect"),
     ({"prompt": "a", "sampler": "autoregressive", "jacobi": {}}, "jacobi"),
     ({"prompt": "a", "output": "gif"}, "output"),
     ({"prompt": "a", "timeout_s": 0}, "timeout_s"),
@@ -97,7 +107,7 @@ def test_bad_fields_are_named(body, field):
 
 
 def test_shapes_sizes_and_model_capabilities():
-    assert "[6, 16]" in bad({"text_embeddings": encode_npy(np.zeros((5, 16)))}, "text_embeddings")
+    assert "[B, 6, 16]" in bad({"text_embeddings": encode_npy(np.zeros((5, 16)))}, "text_embeddings")
     assert "NaN" in bad({"text_embeddings": encode_npy(np.full((6, 16), np.nan)), "guidance": 0}, "text_embeddings")
     bad({"text_embeddings": encode_npy(np.zeros((6, 16))), "guidance": 1.0}, "negative_embeddings")
     bad(b"[1, 2]", "body")
@@ -114,19 +124,40 @@ def test_shapes_sizes_and_model_capabilities():
     assert parse({"prompt": "a", "context_latents": encode_npy(np.zeros((2, 3, 16, 16)))}).context_frames == 2
 
 
-def test_image_is_fitted_and_bounded():
-    import cv2
+def test_image_is_decoded_and_bounded():
+    from starflow_trt.media.io import encode_png
 
     img = np.zeros((20, 40, 3), np.uint8)
     img[:, :, 0] = 255                                     # pure red (RGB)
-    ok, png = cv2.imencode(".png", img[..., ::-1])
-    req = parse({"prompt": "a", "image": base64.b64encode(png.tobytes()).decode()})
-    assert req.image.shape == (3, 16, 16) and req.context_frames == 1
-    np.testing.assert_allclose(req.image[0], 1.0)
-    np.testing.assert_allclose(req.image[1:], -1.0)
-    big = bytearray(png.tobytes())
+    png = encode_png(img)
+    req = parse({"prompt": "a", "image": base64.b64encode(png).decode()})
+    np.testing.assert_array_equal(req.generation.image, img)  # fitted by media.io when the Pipeline runs it
+    assert req.context_frames == 1
+    big = bytearray(png)
     big[16:24] = (100000).to_bytes(4, "big") * 2           # header claims 100000 x 100000 pixels
     assert "pixels" in bad({"prompt": "a", "image": base64.b64encode(bytes(big)).decode()}, "image")
+    assert "VAE encoder" in bad({"text_embeddings": encode_npy(np.zeros((6, 16))), "image": base64.b64encode(png).decode()},
+                                "image", model=LATENT)
+
+
+def test_exported_aspects_by_name_and_pixel_frames():
+    req = parse({"prompt": "a", "aspect": "9:16", "seed": 3}, model=MEDIA)
+    assert (req.aspect, req.seed, req.generation.seed, req.output) == ("9:16", 3, (3,), "png")
+    assert MEDIA.aspect == "16:9" and MEDIA.frame_size("9:16") == (80, 48) and MEDIA.latent_size("1:1") == (4, 4)
+    assert parse({"prompt": "a"}, model=MEDIA).aspect == "16:9"
+    msg = bad({"prompt": "a", "aspect": "4:3"}, "aspect", model=MEDIA)
+    assert "16:9 (80x48), 9:16 (48x80), 1:1 (64x64)" in msg and "--aspects 4:3" in msg
+    assert parse({"prompt": "a", "mp4": True}, model=MEDIA).mp4   # VAE graphs: mp4 and PNG frames
+    # context latents pick their aspect by size; a size no aspect has is refused
+    ctx = parse({"text_embeddings": encode_npy(np.zeros((6, 16))), "context_latents": encode_npy(np.zeros((1, 16, 5, 3)))},
+                model=MEDIA)
+    assert ctx.aspect == "9:16" and ctx.output == "png"
+    bad({"text_embeddings": encode_npy(np.zeros((6, 16))), "aspect": "1:1",
+         "context_latents": encode_npy(np.zeros((1, 16, 5, 3)))}, "context_latents", model=MEDIA)
+    # the toy's single grid is named by its ratio
+    assert MODEL.aspect_names == ("1:1",) and parse({"prompt": "a", "aspect": "1:1"}).aspect == "1:1"
+    back = ModelSummary.from_dict(json.loads(json.dumps(MEDIA.to_dict())))
+    assert back == MEDIA and MEDIA.to_dict()["aspect"] == "16:9"
 
 
 def _ticket(body: dict) -> Ticket:
@@ -149,14 +180,14 @@ def test_groups_match_options_and_respect_max_batch():
     assert batch_key(g15.request) != batch_key(ar[0].request)
 
 
-def test_request_noise_is_what_generate_draws_for_its_seed():
-    req = parse({"prompt": "a", "seed": 1234, "frames": 4})
-    noise, ctx = request_inputs(req, 3, 16, 16, 0.15)
-    want = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(1234))
-    assert ctx is None and torch.equal(noise, want)
-    req = parse({"prompt": "a", "seed": 7, "frames": 3, "context_latents": encode_npy(np.ones((1, 3, 16, 16)))})
-    noise, ctx = request_inputs(req, 3, 16, 16, 0.15)
-    assert ctx.shape == (1, 1, 3, 16, 16) and torch.equal(ctx, torch.ones(1, 1, 3, 16, 16))
+def test_per_row_seeds_draw_what_a_one_row_call_draws():
+    from starflow_trt.runtime.pipeline import draw
+
+    shape = (4, 3, 16, 16)
+    rows = draw((1234, 7), 2, shape)
+    for row, seed in zip(rows, (1234, 7)):
+        assert torch.equal(row[None], draw(seed, 1, shape))
+    assert torch.equal(draw(5, 2, shape), torch.randn(2, *shape, generator=torch.Generator().manual_seed(5)))
 
 
 def test_events_and_lines():
@@ -164,10 +195,10 @@ def test_events_and_lines():
     ev = frame_event(2, frame, "latents")
     assert ev["type"] == "frame" and ev["index"] == 2
     np.testing.assert_array_equal(decode_npy(ev["latents"]), frame.numpy())
-    import cv2
+    from starflow_trt.media.io import decode_image
 
-    png = cv2.imdecode(np.frombuffer(png_bytes(frame), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
-    want = ((frame.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    png = decode_image(png_bytes(frame))
+    want = ((frame.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 0).numpy()   # truncated, as generate
     np.testing.assert_array_equal(png, want)
     line = format_event({"type": "done", "stats": {"a": 1}})
     assert line.endswith(b"\n") and line.count(b"\n") == 1 and json.loads(line) == {"type": "done", "stats": {"a": 1}}

@@ -29,32 +29,48 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
             "inputs": {k: _sha256(v) for k, v in files.items() if v is not None}, **extra}
 
 
+#: the request field each ``generate`` option sets (errors name the option)
+OPTION_OF = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "text_embeddings": "--text-embeddings",
+             "negative_embeddings": "--uncond", "image": "--image", "video": "--video", "context_latents": "--context",
+             "noise": "--noise", "seed": "--seed", "frames": "--frames", "aspect": "--aspect", "fps": "--fps",
+             "guidance": "--guidance", "sampler": "--autoregressive", "jacobi": "--autoregressive",
+             "jacobi.block_size": "--jacobi-block", "jacobi.max_iter": "--jacobi-iters",
+             "jacobi.threshold": "--jacobi-threshold", "jacobi.schedule": "--schedule", "jacobi.window": "--window",
+             "jacobi.context_length": "--context-length", "denoise": "--no-denoise"}
+
+
+def option_error(exc) -> click.BadParameter:
+    """A :class:`~starflow_trt.request.RequestError` as the option's usage error (exit 2, the validator's reason)."""
+    return click.BadParameter(exc.reason, param_hint=f"'{OPTION_OF.get(exc.field, exc.field)}'")
+
+
 @click.command("generate")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False), callback=options.export_dir)
 @click.option("--prompt", "prompts", multiple=True, help="prompt (repeat for a batch; needs a text_encoder graph)")
 @click.option("--negative-prompt", "negative", multiple=True, help="negative prompt, one per --prompt")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="image-to-video: the first frame")
 @click.option("--video", "video_in", type=click.Path(exists=True, dir_okay=False), help="video-to-video: the frames to continue")
-@click.option("--fps", default=16, show_default=True, type=options.POSITIVE_INT, help="output fps (and the fps template)")
-@click.option("--aspect", default=None, callback=options.aspect,
-              help="frame aspect, e.g. 9:16: picks the token grid of an --aspects export and the prompt template "
-                   "(default: the export's default grid, 16:9 for VAE configs)")
+@click.option("--fps", default=16, show_default=True, type=int, help="output fps (and the fps template)")
+@click.option("--aspect", default=None,
+              help="frame aspect, e.g. 9:16: one of the export's aspects (the token grid and the prompt template; "
+                   "default: the export's default, 16:9 for VAE configs)")
 @click.option("--text-embeddings", "text", default=None, type=click.Path(exists=True, dir_okay=False),
               help="y.npy [B, L, D] (instead of --prompt)")
 @click.option("--uncond", type=click.Path(exists=True, dir_okay=False), help="empty-prompt embeddings [B, L, D]")
 @click.option("--noise", type=click.Path(exists=True, dir_okay=False), help="noise.npy [B, T, C, H, W]")
-@click.option("--seed", default=0, show_default=True, type=options.NON_NEGATIVE_INT, help="noise seed (without --noise)")
-@click.option("--frames", default=None, type=options.POSITIVE_INT,
+@click.option("--seed", default=0, show_default=True, type=int, help="noise seed (without --noise)")
+@click.option("--frames", default=None, type=int,
               help="latent frames (default: the export's max; more: a long video through the attention window)")
-@click.option("--window", default=None, type=options.POSITIVE_INT,
+@click.option("--window", default=None, type=int,
               help="long videos: attention window in latent frames (default: the model's local_attn_window, "
                    "else the export's frames, the training length)")
-@click.option("--context-length", default=None, type=options.POSITIVE_INT,
+@click.option("--context-length", default=None, type=int,
               help="long videos: frames re-encoded as context when the window slides (default: window - 1)")
-@click.option("--guidance", default=0.0, show_default=True, type=options.NON_NEGATIVE_FLOAT)
-@click.option("--jacobi-block", default=16, show_default=True, type=options.POSITIVE_INT)
-@click.option("--jacobi-iters", default=32, show_default=True, type=options.POSITIVE_INT)
-@click.option("--jacobi-threshold", default=1e-3, show_default=True, type=options.NON_NEGATIVE_FLOAT)
+@click.option("--guidance", default=None, type=float,
+              help="classifier-free guidance (default: the export's cfg with --prompt, 0 with --text-embeddings)")
+@click.option("--jacobi-block", default=16, show_default=True, type=int)
+@click.option("--jacobi-iters", default=32, show_default=True, type=int)
+@click.option("--jacobi-threshold", default=1e-3, show_default=True, type=float)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Jacobi schedule (default: the runtime's fastest, predictive)")
 @click.option("--autoregressive", is_flag=True, help="token-by-token sampling instead of Jacobi")
@@ -73,36 +89,38 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
                      noise, seed, frames, window, context_length, guidance, jacobi_block, jacobi_iters,
                      jacobi_threshold, schedule, autoregressive, context, no_denoise, backend, cuda_graphs, checkpoint,
                      device, torch_dtype, thread_pool, out_dir, force) -> None:
-    """Generate from --prompt (video.mp4 with VAE graphs) or text embeddings through the graphs in DIRECTORY.
+    """Generate from --prompt or text embeddings through the graphs in DIRECTORY (video.mp4 with VAE graphs).
 
     Any number of prompts (chunks of the export's max_batch; seeded noise of chunk k from seed + k).
     --frames beyond the export's frames samples a long video as upstream does: a sliding attention
     window (--window) that re-encodes the last --context-length frames.
     """
     from .. import logs
-    from ..runtime import JacobiConfig, Pipeline
+    from ..request import RequestError, build_request
+    from ..runtime import Pipeline
     from ..runtime.outputs import write_outputs
     from ..staging import check_output_dir, staged_directory
+    from ..summary import ModelSummary
 
     options.long_video(window, context_length, autoregressive)
     files = {"text_embeddings": text, "uncond": uncond, "noise": noise, "context": context, "checkpoint": checkpoint,
              "image": image, "video": video_in}
     inputs = [directory, *files.values()]
-    options.prompt_or_embeddings(list(prompts), list(negative), text, uncond, image, video_in, context)
+    arrays = dict(text_embeddings=options.load_array(text, "--text-embeddings"),
+                  negative_embeddings=options.load_array(uncond, "--uncond"),
+                  noise=options.load_array(noise, "--noise"), context_latents=options.load_array(context, "--context"))
+    jacobi = None if autoregressive else dict(block_size=jacobi_block, max_iter=jacobi_iters, threshold=jacobi_threshold,
+                                              schedule=schedule, window=window, context_length=context_length)
+    try:
+        req = build_request(ModelSummary.from_dir(directory), prompt=list(prompts) or None, negative_prompt=list(negative) or None,
+                            image=image, video=video_in, seed=seed, frames=frames, aspect=aspect, fps=fps,
+                            guidance=guidance, sampler="autoregressive" if autoregressive else "jacobi",
+                            jacobi=jacobi, denoise=not no_denoise, **arrays)
+    except RequestError as exc:
+        raise option_error(exc) from None
     check_output_dir(out_dir, force, inputs)  # refuse before any work
-    y = options.load_array(text, "--text-embeddings")
-    y_uncond = options.load_array(uncond, "--uncond")
-    z = options.load_array(noise, "--noise")
-    ctx_latents = options.load_array(context, "--context")
     pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, thread_pool=thread_pool,
                              cuda_graphs=cuda_graphs, device=device, dtype=torch_dtype)
-    g = pipe.geo
-    # upstream's long-video default: the attention window is the training length (a video that fits
-    # the window is sampled without one)
-    window = window or g.local_attn_window or g.max_frames
-    jacobi = None if autoregressive else JacobiConfig(block_size=jacobi_block, max_iter=jacobi_iters,
-                                                      threshold=jacobi_threshold, schedule=schedule,
-                                                      window=window, context_length=context_length)
     bars: dict = {}  # one bar per stage, created at its first report so input errors print on a clean line
 
     def on_progress(stage: str, done: int, total: int) -> None:
@@ -129,8 +147,8 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
             for i, clip in enumerate(chunk):
                 row = rows["offset"] + i
                 if row not in writers:
-                    name = "video.mp4" if len(prompts) == 1 else f"video_{row}.mp4"
-                    writers[row] = Mp4Writer(tmp / name, fps)
+                    name = "video.mp4" if req.batch == 1 else f"video_{row}.mp4"
+                    writers[row] = Mp4Writer(tmp / name, req.fps)
                 writers[row].write(clip)
 
         def on_progress_rows(stage: str, done: int, total: int) -> None:
@@ -138,12 +156,8 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
                 rows["offset"] += rows["current"]
             on_progress(stage, done, total)
 
-        media = dict(prompt=list(prompts), negative_prompt=list(negative) or None, image=image, video=video_in,
-                     fps=fps, on_video=on_video) if prompts else {}
         try:
-            result = pipe.generate(y, y_uncond=y_uncond, noise=z, seed=seed, num_frames=frames, guidance=guidance,
-                                   jacobi=jacobi, context=ctx_latents, denoise=not no_denoise, on_progress=on_progress_rows,
-                                   aspect=aspect, **media)
+            result = pipe.run(req, on_progress=on_progress_rows, on_video=on_video)
         finally:
             for bar in bars.values():
                 bar.close()

@@ -139,26 +139,6 @@ def vae_path(ctx: click.Context, param: click.Parameter, value: Optional[str]) -
     return value
 
 
-def prompt_or_embeddings(prompts: list, negative: list, text: Optional[str], uncond: Optional[str],
-                         image: Optional[str], video: Optional[str], context: Optional[str]) -> None:
-    """``generate``: exactly one of --prompt / --text-embeddings, and the options each one allows."""
-    def bad(message: str) -> None:
-        raise click.UsageError(message)
-
-    if bool(prompts) == bool(text):
-        bad("give --prompt TEXT (an export with a text encoder) or --text-embeddings y.npy, exactly one")
-    if prompts and uncond:
-        bad("--uncond goes with --text-embeddings; with --prompt use --negative-prompt")
-    if negative and len(negative) != len(prompts):
-        bad(f"{len(negative)} --negative-prompt for {len(prompts)} --prompt; give one per prompt or none")
-    if (image or video) and not prompts:
-        bad("--image / --video need --prompt")
-    if image and video:
-        bad("give --image or --video, not both")
-    if (image or video) and context:
-        bad("give --context or --image / --video, not both")
-
-
 def graph_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[str]]:
     """``--graphs a,b`` → ["a", "b"] (no empty names)."""
     if value is None:

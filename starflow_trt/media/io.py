@@ -55,6 +55,27 @@ def load_image(path: PathLike) -> np.ndarray:
         raise InputError(f"cannot read image {p} ({exc}); pass a PNG or JPEG file") from exc
 
 
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes (PNG / JPEG) → [H, W, 3] uint8 RGB."""
+    import io
+
+    Image = _pil()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as exc:
+        raise InputError(f"cannot decode the image ({exc}); send a PNG or JPEG") from exc
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """[H, W, 3] uint8 RGB → PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    _pil().fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def cover_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """[h, w, 3] uint8 → [height, width, 3] uint8: bilinear resize to cover, then centre crop."""
     Image = _pil()

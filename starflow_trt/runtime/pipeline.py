@@ -22,7 +22,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -40,6 +40,10 @@ from .kv import Workspace
 from .run import FrameCallback, GenerateRun, ProgressCallback
 from .stages import DeepStage, DenoiserStage, ShallowStage, TextStage, VaeStage
 from .tensors import as_float32
+
+if TYPE_CHECKING:
+    from ..request import GenerationRequest
+    from ..summary import ModelSummary
 
 #: The runtime's default Jacobi schedule (``"upstream"`` reproduces upstream exactly).
 DEFAULT_SCHEDULE = "predictive"
@@ -85,6 +89,7 @@ class Pipeline:
         self.workspace = Workspace(backend.device)
         self._text: Optional[TextStage] = None
         self._vae: Optional[VaeStage] = None
+        self._summary = None
 
     @classmethod
     def from_dir(cls, directory: Union[str, os.PathLike], backend: str = "ort", precision: Optional[str] = None,
@@ -161,8 +166,9 @@ class Pipeline:
 
     # ------------------------------------------------------------ generate
     @torch.no_grad()
-    def generate(self, y=None, y_uncond=None, noise=None, seed: int = 0, num_frames: Optional[int] = None,
-                 guidance: float = 0.0, jacobi: Optional[JacobiConfig] = None, context=None,
+    def generate(self, y=None, y_uncond=None, noise=None, seed: Union[int, Sequence[int]] = 0,
+                 num_frames: Optional[int] = None, guidance: Optional[float] = None,
+                 jacobi: Optional[JacobiConfig] = None, context=None,
                  denoise: bool = True, on_frame: Optional[FrameCallback] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
                  on_progress: Optional[ProgressCallback] = None, *, prompt: Optional[Sequence[str]] = None,
@@ -179,7 +185,10 @@ class Pipeline:
         (``on_video(chunk [B, f, 3, 16H, 16W] in [-1, 1])``) into ``result.video`` uint8.
 
         noise [B, T, C, H, W] or drawn from ``seed`` (``num_frames`` frames, default the export's
-        max); guidance (finite, >= 0) > 0 needs y_uncond [B, L, D]; jacobi None → autoregressive,
+        max); ``seed`` a sequence: one seed per row, row b drawn as a one-row call with ``seed[b]``
+        (its noise and its image / video context noise), so a row's result does not depend on the
+        rows beside it (autoregressive or threshold-0 Jacobi). guidance (finite, >= 0) > 0 needs
+        y_uncond [B, L, D] (None: the export's cfg guidance with ``prompt``, else 0); jacobi None → autoregressive,
         else ``jacobi.schedule`` (None → the runtime default); context [B, N, C, H, W]: N given
         (noisy) latent frames to continue from; on_frame(i, frame [B, C, H, W]) fires in order as
         soon as frame i is final.
@@ -205,12 +214,13 @@ class Pipeline:
         geo = self._call_geometry(aspect, noise if noise is not None else context)
         spec = self._spec_on(geo)
         aspect = aspect or geo.aspect or "16:9"   # the template's ratio
-        media = self._media_inputs(y, y_uncond, context, prompt, negative_prompt, image, video, fps, aspect,
-                                   guidance, seed, geo)
+        if guidance is None:
+            guidance = self.summary.default_guidance if prompt is not None else 0.0
+        media = self.prepare_inputs(y, y_uncond, context, prompt=prompt, negative_prompt=negative_prompt,
+                                    image=image, video=video, fps=fps, aspect=aspect, guidance=guidance, seed=seed,
+                                    geo=geo)
         if media is not None:
             y, y_uncond, context = media["y"], media["y_uncond"], media["context"]
-        if y is None:
-            raise InputError("generate needs text embeddings y or prompt=[...]")
         given = noise is not None
         tensors = dict(y=as_float32(y, "y"), noise=as_float32(noise, "noise") if given else None,
                        y_uncond=None if y_uncond is None else as_float32(y_uncond, "y_uncond"),
@@ -220,13 +230,15 @@ class Pipeline:
         # the whole request first: errors name the caller's shapes, and nothing runs on bad input
         whole = check_request(dataclasses.replace(spec, max_batch=None), tensors["y"], tensors["noise"],
                               y_uncond=tensors["y_uncond"], context=tensors["context"], **options)
+        seed = _seeds(seed, whole.batch)
         bounds = chunk_bounds(whole.batch, self.geo.max_batch)
         results = []
         for k, (start, end) in enumerate(bounds):
             part = {name: rows(t, start, end) for name, t in tensors.items()}
             req = check_request(spec, part["y"], part["noise"], y_uncond=part["y_uncond"],
                                 context=part["context"], **options)
-            results.append(self._generate(req, None if given else int(seed) + k, on_frame, should_stop, on_progress,
+            chunk_seed = seed[start:end] if isinstance(seed, tuple) else int(seed) + k
+            results.append(self._generate(req, None if given else chunk_seed, on_frame, should_stop, on_progress,
                                           on_video, geo))
             if len(bounds) > 1 and on_progress is not None:
                 on_progress("batch", k + 1, len(bounds))
@@ -244,7 +256,42 @@ class Pipeline:
                                           "video": video is not None}
         return result
 
-    def _generate(self, req: Request, seed: Optional[int], on_frame: Optional[FrameCallback],
+    @torch.no_grad()
+    def run(self, request: "GenerationRequest", on_frame: Optional[FrameCallback] = None,
+            should_stop: Optional[Callable[[], bool]] = None, on_progress: Optional[ProgressCallback] = None,
+            on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
+        """Execute a validated :class:`~starflow_trt.request.GenerationRequest` (what the CLI and the server
+        build with :func:`~starflow_trt.request.build_request`); hooks as :meth:`generate`'s."""
+        r = request
+        tensor = (lambda a: None if a is None else torch.from_numpy(a))
+        return self.generate(tensor(r.y), tensor(r.y_uncond), noise=tensor(r.noise), seed=r.seed,
+                             num_frames=r.frames, guidance=r.guidance, jacobi=self.jacobi_config(r),
+                             context=tensor(r.context), denoise=r.denoise, on_frame=on_frame,
+                             should_stop=should_stop, on_progress=on_progress,
+                             prompt=None if r.prompts is None else list(r.prompts),
+                             negative_prompt=None if r.negative_prompts is None else list(r.negative_prompts),
+                             image=r.image, video=r.video, fps=r.fps, aspect=r.aspect, on_video=on_video)
+
+    def jacobi_config(self, request: "GenerationRequest") -> Optional[JacobiConfig]:
+        """The request's Jacobi options (None: autoregressive); a long video's window defaults to the model's
+        ``local_attn_window``, else the export's frames (upstream's: the training length)."""
+        if request.sampler == "autoregressive":
+            return None
+        j = request.jacobi
+        return JacobiConfig(block_size=j.block_size, max_iter=j.max_iter, threshold=j.threshold, schedule=j.schedule,
+                            window=j.window or self.geo.local_attn_window or self.geo.max_frames,
+                            context_length=j.context_length)
+
+    @property
+    def summary(self) -> "ModelSummary":
+        """What this export serves (sizes, aspects, media graphs): what requests are validated against."""
+        if self._summary is None:
+            from ..summary import ModelSummary
+
+            self._summary = ModelSummary.from_manifest(self.manifest)
+        return self._summary
+
+    def _generate(self, req: Request, seed: Union[None, int, tuple[int, ...]], on_frame: Optional[FrameCallback],
                   should_stop: Optional[Callable[[], bool]], on_progress: Optional[ProgressCallback],
                   on_video: Optional[Callable[[torch.Tensor], None]] = None,
                   geo: Optional[Geometry] = None) -> GenerateResult:
@@ -255,10 +302,11 @@ class Pipeline:
         if decoder is not None:
             on_frame = _chain(on_frame, decoder.push)
         g = geo or self.geo
-        noise = req.noise if seed is None else torch.randn(req.batch, req.frames, g.channel_size, g.height, g.width,
-                                                           generator=torch.Generator().manual_seed(seed))
+        shape = (req.frames, g.channel_size, g.height, g.width)
+        noise = req.noise if seed is None else draw(seed, req.batch, shape)
         run = GenerateRun(self.graphs.on_grid(g), self.workspace, req, noise, on_frame, on_progress, should_stop,
-                          info={"seed": seed, "noise": "given" if seed is None else "seed"})
+                          info={"seed": list(seed) if isinstance(seed, tuple) else seed,
+                                "noise": "given" if seed is None else "seed"})
         with self.backend.host_thread_limit():
             latents, raw = self._execute(run)
         stats = run.stats()
@@ -284,39 +332,58 @@ class Pipeline:
             return g.grid_for_size(int(shape[-2]), int(shape[-1])) or g
         return g
 
-    def _media_inputs(self, y, y_uncond, context, prompt, negative_prompt, image, video, fps, aspect,
-                      guidance, seed, geo: Optional[Geometry] = None) -> Optional[dict]:
-        """Prompt → (y, y_uncond); image / video → context latents. None when none is given."""
+    def prepare_inputs(self, y=None, y_uncond=None, context=None, *, prompt: Optional[Sequence[str]] = None,
+                       negative_prompt: Optional[Sequence[str]] = None, image=None, video=None,
+                       fps: int = 16, aspect: Optional[str] = None, guidance: float = 0.0,
+                       seed: Union[int, Sequence[int]] = 0, geo: Optional[Geometry] = None) -> Optional[dict]:
+        """Prompt → (y, y_uncond) [B, L, D]; image / video → context latents [B, N, C, H, W]. None when neither.
+
+        Which inputs combine: :func:`starflow_trt.request.check_sources` (the CLI's and the server's rule).
+
+        The context noise comes from ``seed + 1`` (not the flow noise's stream): one draw for the call,
+        or per row from ``seed[b] + 1``. Pixel-space models (no VAE, RGB latents) take the fitted image
+        itself as the context frame plus ``noise_std`` noise.
+        """
+        from ..request import check_sources
+
+        check_sources(prompt=prompt, text_embeddings=y, negative_prompt=negative_prompt, negative_embeddings=y_uncond,
+                      image=image, video=video, context=context)
         if prompt is None and image is None and video is None:
-            if negative_prompt is not None:
-                raise InputError("negative_prompt needs prompt=[...]")
             return None
-        if prompt is None:
-            raise InputError("image / video conditioning needs prompt=[...]")
-        if y is not None or y_uncond is not None:
-            raise InputError("give either text embeddings (y, y_uncond) or prompt=[...], not both")
-        if image is not None and video is not None:
-            raise InputError("give image or video, not both")
-        if (image is not None or video is not None) and context is not None:
-            raise InputError("give context latents or image / video, not both")
         start = time.perf_counter()
-        y, y_uncond = self.encode_text(prompt, fps=fps, aspect=aspect, negative_prompt=negative_prompt)
+        if prompt is not None:
+            y, y_uncond = self.encode_text(prompt, fps=fps, aspect=aspect, negative_prompt=negative_prompt)
         text_s = time.perf_counter() - start
         start = time.perf_counter()
         if image is not None or video is not None:
-            from ..media.io import prepare_image, prepare_video
+            context = self._context(image, video, seed, y.shape[0], geo or self._call_geometry(aspect, None))
+        return {"y": y, "y_uncond": y_uncond if guidance > 0 else None, "context": context,
+                "text_seconds": round(text_s, 6), "encode_seconds": round(time.perf_counter() - start, 6)}
+
+    def _context(self, image, video, seed: Union[int, Sequence[int]], batch: int, g: Geometry) -> torch.Tensor:
+        """Image / video → noisy context latents [batch, N, C, H, W] on grid ``g`` (see :meth:`prepare_inputs`)."""
+        from ..media.io import prepare_image, prepare_video
+
+        seeds = _seeds(seed, batch)
+        if not self.graphs.has(n.VAE_DECODE_FIRST):
+            if self.cfg.vae or g.channel_size != 3 or video is not None:
+                raise InputError("image / video conditioning needs VAE graphs; re-export with --vae or pass context "
+                                 "latents")
+            clip = prepare_image(image, g.height, g.width)             # [1, 1, 3, H, W]: the latents are pixels
+            noisy = lambda gen: clip + g.noise_std * torch.randn(clip.shape, generator=gen)   # noqa: E731
+        else:
             from ..media.vae import context_latents
 
-            g, vae = geo or self.geo, self.vae_stage
+            vae = self.vae_stage
             H, W = g.height * vae.spatial, g.width * vae.spatial
             clip = prepare_image(image, H, W) if image is not None else prepare_video(
                 video, H, W, max_frames=1 + vae.temporal * (g.max_frames - 1))
             with self.backend.host_thread_limit():
                 mean, logvar = vae.moments(clip)
-            gen = torch.Generator().manual_seed(int(seed) + 1)   # not the flow noise's stream
-            context = context_latents(mean, logvar, vae.norm, g.noise_std, gen).expand(y.shape[0], -1, -1, -1, -1)
-        return {"y": y, "y_uncond": y_uncond if guidance > 0 else None, "context": context,
-                "text_seconds": round(text_s, 6), "encode_seconds": round(time.perf_counter() - start, 6)}
+            noisy = lambda gen: context_latents(mean, logvar, vae.norm, g.noise_std, gen)   # noqa: E731
+        if not isinstance(seeds, tuple):
+            return noisy(torch.Generator().manual_seed(int(seeds) + 1)).expand(batch, -1, -1, -1, -1)
+        return torch.cat([noisy(torch.Generator().manual_seed(s + 1)) for s in seeds])
 
     def _decoder(self, on_video) -> "_VideoSink":
         return _VideoSink(self.vae_stage, on_video)
@@ -374,6 +441,25 @@ class Pipeline:
                 h, logdet = calls.forward(k, h, y if k == g.top_index else None)
                 logdets.append(logdet)
         return likelihood.nll(h, logdets, torch.float64).cpu()
+
+
+def draw(seed: Union[int, tuple[int, ...]], batch: int, shape: Sequence[int]) -> torch.Tensor:
+    """Noise [batch, *shape] from ``seed``: one generator for the call, or one per row (a tuple of seeds)."""
+    if isinstance(seed, tuple):
+        return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seed])
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def _seeds(seed: Union[int, Sequence[int]], batch: int) -> Union[int, tuple[int, ...]]:
+    """An int seed as is; a sequence as a tuple of one int per row (InputError otherwise)."""
+    try:
+        if not isinstance(seed, (list, tuple)):
+            return int(seed)
+        if len(seed) == batch:
+            return tuple(int(s) for s in seed)
+    except (TypeError, ValueError):
+        pass
+    raise InputError(f"seed must be an integer or one integer per row ({batch}), got {seed!r}")
 
 
 def _chain(first: Optional[FrameCallback], then: FrameCallback) -> FrameCallback:

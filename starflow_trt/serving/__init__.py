@@ -6,8 +6,9 @@
     from starflow_trt.serving import VideoClient
     video = VideoClient("http://127.0.0.1:8000").generate({"prompt": "a red square moving right", "seed": 0})
 
-Modules: ``limits`` (request schema, limits and validation, no Ray), ``summary`` (what an export
-directory serves), ``batching`` (which requests may share a ``generate`` call), ``frames`` (frame and
+Modules: ``limits`` (the HTTP request schema, no Ray; the generation rules are
+:func:`starflow_trt.request.build_request`'s, shared with the CLI), ``summary`` (what an export
+directory serves: :mod:`starflow_trt.summary`), ``batching`` (which requests may share a ``generate`` call), ``frames`` (frame and
 event encoding), ``deployment`` (the generation replica), ``ingress`` (FastAPI routes), ``metrics``,
 ``app`` (config, application graph, cluster start), ``client`` (stdlib HTTP client). Only
 ``deployment``, ``ingress``, ``metrics`` and ``app`` import Ray (the ``[serve]`` extra).

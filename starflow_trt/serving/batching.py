@@ -2,9 +2,9 @@
 
 ``@serve.batch`` hands the replica whatever arrived together; :func:`plan_groups` splits that
 into groups whose per-call options match (frames, guidance, sampler and Jacobi options,
-denoising, context length), at most ``max_batch`` each, in arrival order. Every request's
-noise comes from its own seed (:func:`request_noise`), so a request gives the same frames in
-any group, as long as its sampler commits tokens independently of the other rows
+aspect, denoising, context length), at most ``max_batch`` each, in arrival order. Every request's
+noise comes from its own seed (``Pipeline.generate`` with one seed per row), so a request gives the
+same frames in any group, as long as its sampler commits tokens independently of the other rows
 (:attr:`VideoRequest.exact_batching`); thresholded-Jacobi requests run alone unless the server
 allows approximate batching.
 """
@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Hashable, Optional
 
-import numpy as np
 import torch
 
 from .limits import VideoRequest
@@ -28,6 +27,8 @@ class Ticket:
     request: VideoRequest
     y: Optional[torch.Tensor] = None          # [1, L, D]
     y_uncond: Optional[torch.Tensor] = None   # [1, L, D] (guidance > 0)
+    context: Optional[torch.Tensor] = None    # [1, N, C, H, W] (image or context latents)
+    pixel_frames_sent: int = 0                # decoded frames (VAE exports) streamed so far
     arrived: float = field(default_factory=time.perf_counter)
     started: Optional[float] = None
     gone: bool = False        # the caller disconnected or timed out
@@ -40,10 +41,10 @@ class Ticket:
 
 def batch_key(req: VideoRequest, approximate: bool = False) -> Hashable:
     """Requests with equal keys may run in one ``generate`` call."""
-    options = (req.frames, req.guidance, req.sampler, req.denoise, req.context_frames)
+    options = (req.frames, req.aspect, req.guidance, req.sampler, req.denoise, req.context_frames)
     if req.sampler == "jacobi":
         j = req.jacobi
-        options += (j.block_size, j.max_iter, j.threshold, j.schedule)
+        options += (j.block_size, j.max_iter, j.threshold, j.schedule, j.window, j.context_length)
     if not (req.exact_batching or approximate):
         options += (req.request_id,)   # alone: a shared stopping test would change its frames
     return options
@@ -62,21 +63,3 @@ def plan_groups(tickets: list[Ticket], max_batch: int, approximate: bool = False
             order.append(chunks[-1])
         chunks[-1].append(t)
     return order
-
-
-def request_inputs(req: VideoRequest, channels: int, height: int, width: int,
-                   noise_std: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(noise [1, T, C, H, W], context [1, N, C, H, W] or None) of one request.
-
-    The noise is exactly what ``Pipeline.generate(seed=req.seed)`` draws for batch 1. An image
-    becomes one context frame plus ``noise_std`` Gaussian noise drawn next from the same generator
-    (spec §11, pixel-space models); context latents are used as given.
-    """
-    gen = torch.Generator().manual_seed(int(req.seed))
-    noise = torch.randn(1, req.frames, channels, height, width, generator=gen)
-    if req.image is not None:
-        eps = torch.randn(1, 1, channels, height, width, generator=gen)
-        return noise, torch.from_numpy(np.ascontiguousarray(req.image))[None, None] + noise_std * eps
-    if req.context is not None:
-        return noise, torch.from_numpy(np.ascontiguousarray(req.context))[None]
-    return noise, None

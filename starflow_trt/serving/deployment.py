@@ -5,9 +5,12 @@
 or ``{"type": "_started", ...}`` when its batch starts, then frame events, then ``done`` or
 ``error``. Events whose type starts with ``_`` are for the ingress only.
 
-Requests go through ``@serve.batch``; :func:`~.batching.plan_groups` splits a batch into
-``generate`` calls of matching options. ``generate`` runs on the replica's one worker thread and
-its ``on_frame`` events are forwarded to the callers as they come. A caller that goes away (client
+A request's text and conditioning go through the Pipeline's stages first (``prepare_inputs``: the
+export's text-encoder graph, the VAE encoder for an image; the toy's bundled encoder for a toy
+export without a graph). Requests then go through ``@serve.batch``; :func:`~.batching.plan_groups`
+splits a batch into ``generate`` calls of matching options, one seed per row. ``generate`` runs on
+the replica's one worker thread and its ``on_frame`` (latent frames) and ``on_video`` (VAE-decoded
+frames, PNG / mp4) events are forwarded to the callers as they come. A caller that goes away (client
 disconnect, timeout) gets no more events; when every caller of a call is gone the runtime's
 ``should_stop`` hook stops the call at its next Jacobi sweep / autoregressive step / frame.
 """
@@ -27,10 +30,9 @@ import torch
 from ray import serve
 
 from ..errors import GenerationCancelled, StarflowError
-from .batching import Ticket, plan_groups, request_inputs
-from .frames import error_event, frame_event, mp4_bytes
+from .batching import Ticket, plan_groups
+from .frames import error_event, frame_event, mp4_bytes, png_event
 from .limits import RequestError, VideoRequest
-from .summary import ModelSummary
 
 log = logging.getLogger("ray.serve")
 
@@ -52,7 +54,7 @@ class VideoGenerator:
         self.pipe = Pipeline.from_dir(directory, backend=cfg.backend, precision=cfg.precision,
                                       providers=cfg.providers, threads=cfg.threads, thread_pool=cfg.thread_pool,
                                       cuda_graphs=cfg.cuda_graphs)
-        self.summary = ModelSummary.from_dir(directory)
+        self.summary = self.pipe.summary
         self.max_batch = min(cfg.max_batch or self.summary.max_batch, self.summary.max_batch)
         type(self)._batched.set_max_batch_size(self.max_batch)
         type(self)._batched.set_batch_wait_timeout_s(cfg.batch_wait_s)
@@ -74,37 +76,42 @@ class VideoGenerator:
             self._warmup()
         self.load_seconds = round(time.perf_counter() - t0, 3)
 
-    # ------------------------------------------------------------ prompt path
+    # ------------------------------------------------------------ inputs
     def _load_prompt_encoder(self):
+        """The bundled toy's word encoder for toy exports without a text_encoder graph (else the Pipeline's)."""
         if self.summary.prompt_encoder == "toy":
             from ..toy import load_bundled
 
             return load_bundled()
         return None
 
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts → text embeddings y [B, L, D]; the one place a text-encoder graph plugs in.
+    def request_inputs(self, req: VideoRequest) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(y [1, L, D], y_uncond [1, L, D] or None, context [1, N, C, H, W] or None) of one request, through the
+        Pipeline's text and conditioning stages (the toy's bundled encoder for a toy export without a graph).
 
         Raises :class:`RequestError` (HTTP 400) for a prompt the encoder cannot take.
         """
-        if self._encoder is None:
-            raise RequestError("prompt", "this replica has no text encoder; send text_embeddings")
+        gen = req.generation
+        tensor = (lambda a: None if a is None else torch.from_numpy(a))
+        y, y_uncond, context = tensor(gen.y), tensor(gen.y_uncond), tensor(gen.context)
+        prompt = None if gen.prompts is None else list(gen.prompts)
+        negative = None if gen.negative_prompts is None else list(gen.negative_prompts)
+        field_name = "prompt"
         try:
-            return self._encoder.encode(prompts)
-        except ValueError as exc:
-            raise RequestError("prompt", str(exc)) from None
-
-    def _text_inputs(self, req: VideoRequest) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(y [1, L, D], y_uncond [1, L, D] or None) of one request."""
-        y = self.encode_prompt([req.prompt]) if req.prompt is not None else torch.from_numpy(req.y)[None]
-        if req.guidance <= 0:
-            return y, None
-        if req.y_uncond is not None:
-            return y, torch.from_numpy(req.y_uncond)[None]
-        try:
-            return y, self.encode_prompt([req.negative_prompt or ""])
-        except RequestError as exc:
-            raise RequestError("negative_prompt", str(exc).split(": ", 1)[1]) from None
+            if prompt is not None and self._encoder is not None:
+                y = self._encoder.encode(prompt)
+                field_name = "negative_prompt"
+                y_uncond = self._encoder.encode(negative or [""]) if gen.guidance > 0 else None
+                prompt = negative = None
+            field_name = "prompt" if prompt is not None else "image"
+            media = self.pipe.prepare_inputs(y, y_uncond, context, prompt=prompt, negative_prompt=negative,
+                                             image=gen.image, fps=gen.fps, aspect=gen.aspect, guidance=gen.guidance,
+                                             seed=gen.seed)
+        except (ValueError, StarflowError) as exc:
+            raise RequestError(field_name, str(exc)) from None
+        if media is not None:
+            y, y_uncond, context = media["y"], media["y_uncond"], media["context"]
+        return y, y_uncond if gen.guidance > 0 else None, context
 
     def _warmup(self) -> None:
         """One short generate so the first request does not pay for session creation."""
@@ -120,7 +127,7 @@ class VideoGenerator:
         ticket = Ticket(req)
         loop = asyncio.get_running_loop()
         try:
-            ticket.y, ticket.y_uncond = await loop.run_in_executor(self._text, self._text_inputs, req)
+            ticket.y, ticket.y_uncond, ticket.context = await loop.run_in_executor(self._text, self.request_inputs, req)
         except RequestError as exc:
             yield {"type": "_rejected", "field": exc.field, "message": str(exc)}
             return
@@ -154,10 +161,11 @@ class VideoGenerator:
         try:
             for group in plan_groups(tickets, self.max_batch, self.config.batch_approximate):
                 async for updates in self._run_group(group):
-                    row: list = [None] * len(tickets)
-                    for t, event in updates:
-                        row[slot[id(t)]] = event
-                    yield row
+                    for wave in _waves(updates):   # a row holds one event per ticket
+                        row: list = [None] * len(tickets)
+                        for t, event in wave:
+                            row[slot[id(t)]] = event
+                        yield row
             yield [StopIteration] * len(tickets)
         finally:
             self._busy -= 1
@@ -183,6 +191,7 @@ class VideoGenerator:
         req = group[0].request
         generated = [0]
         status, job, abort = "error", None, [False]
+        decoded = self.summary.vae and any(t.request.output == "png" or t.request.mp4 for t in group)
 
         def should_stop() -> bool:
             return self._closing or abort[0] or all(t.gone for t in group)
@@ -193,12 +202,19 @@ class VideoGenerator:
             generated[0] = index + 1
             loop.call_soon_threadsafe(events.put_nowait, ("frame", index, frame))
 
-        def work(y, y_uncond, noise, context) -> None:
+        def on_video(chunk: torch.Tensor) -> None:   # decoded frames [B, f, 3, H, W] in [-1, 1]
+            loop.call_soon_threadsafe(events.put_nowait, ("video", chunk))
+
+        def work(y, y_uncond, context) -> None:
             hooks = {"should_stop": should_stop} if self._has_should_stop else {}
+            if decoded:
+                hooks["on_video"] = on_video
             try:
-                result = self.pipe.generate(y, y_uncond=y_uncond, noise=noise, guidance=req.guidance,
-                                            jacobi=_jacobi_config(req), context=context, denoise=req.denoise,
-                                            on_frame=on_frame, **hooks)
+                result = self.pipe.generate(y, y_uncond=y_uncond, seed=[t.request.seed for t in group],
+                                            num_frames=req.frames, guidance=req.guidance,
+                                            jacobi=self.pipe.jacobi_config(req.generation), context=context,
+                                            denoise=req.denoise, aspect=req.aspect, on_frame=on_frame,
+                                            **hooks)
                 loop.call_soon_threadsafe(events.put_nowait, ("done", result))
             except GenerationCancelled:
                 loop.call_soon_threadsafe(events.put_nowait, ("cancelled", None))
@@ -207,19 +223,16 @@ class VideoGenerator:
                     log.exception("generate failed")
                 loop.call_soon_threadsafe(events.put_nowait, ("error", exc))
 
-        clips: dict[int, list[torch.Tensor]] = {id(t): [] for t in group if t.request.mp4}
+        clips: dict[int, list] = {id(t): [] for t in group if t.request.mp4}
         try:
-            s = self.summary
-            inputs = [request_inputs(t.request, s.channels, s.height, s.width, s.noise_std) for t in group]
-            context = torch.cat([c for _, c in inputs]) if inputs[0][1] is not None else None
+            context = torch.cat([t.context for t in group]) if group[0].context is not None else None
             y_uncond = torch.cat([t.y_uncond for t in group]) if req.guidance > 0 else None
-            job = loop.run_in_executor(self._worker, work, torch.cat([t.y for t in group]), y_uncond,
-                                       torch.cat([n for n, _ in inputs]), context)
+            job = loop.run_in_executor(self._worker, work, torch.cat([t.y for t in group]), y_uncond, context)
             while True:
                 kind, *payload = await events.get()
-                if kind == "frame":
-                    index, frame = payload
-                    out = await asyncio.to_thread(self._frame_events, group, index, frame, clips)
+                if kind in ("frame", "video"):
+                    handler = self._frame_events if kind == "frame" else self._video_events
+                    out = await asyncio.to_thread(handler, group, *payload, clips)
                     if out:
                         yield out
                     continue
@@ -251,14 +264,37 @@ class VideoGenerator:
 
     def _frame_events(self, group: list[Ticket], index: int, frame: torch.Tensor,
                       clips: dict[int, list]) -> list[tuple[Ticket, dict]]:
+        """A finished latent frame [B, C, H, W]: latents events, or PNG / mp4 frames of a pixel-space model."""
+        from ..media.io import frames_to_uint8
+
+        out = []
+        for j, t in enumerate(group):
+            if t.gone:
+                continue
+            pixels = self.summary.pixel_space
+            if id(t) in clips and pixels:
+                clips[id(t)].append(frames_to_uint8(frame[j]))
+            if t.request.output == "latents" or pixels:
+                out.append((t, frame_event(index, frame[j], t.request.output)))
+                t.frames_sent += 1
+        return out
+
+    def _video_events(self, group: list[Ticket], chunk: torch.Tensor, clips: dict[int, list]) -> list:
+        """Decoded frames [B, f, 3, H, W] (VAE exports): PNG events numbered by pixel frame, and the mp4's frames."""
+        from ..media.io import encode_png, frames_to_uint8
+
+        rgb = frames_to_uint8(chunk)   # [B, f, H, W, 3], as the Pipeline's result.video
         out = []
         for j, t in enumerate(group):
             if t.gone:
                 continue
             if id(t) in clips:
-                clips[id(t)].append(frame[j])
-            out.append((t, frame_event(index, frame[j], t.request.output)))
-            t.frames_sent += 1
+                clips[id(t)].extend(rgb[j])
+            if t.request.output == "png":
+                for frame in rgb[j]:
+                    out.append((t, png_event(t.pixel_frames_sent, encode_png(frame))))
+                    t.pixel_frames_sent += 1
+                    t.frames_sent += 1
         return out
 
     def _done_events(self, group: list[Ticket], result, gen_s: float, clips: dict[int, list]) -> list:
@@ -302,7 +338,7 @@ class VideoGenerator:
         return {"model": self.summary.to_dict(), "backend": self.pipe.backend.describe(), "replica": self.replica,
                 "pid": os.getpid(), "load_seconds": self.load_seconds, "max_batch": self.max_batch,
                 "batch_wait_s": self.config.batch_wait_s, "batch_approximate": self.config.batch_approximate,
-                "prompt": self._encoder is not None, "cancellation": "sweep" if self._has_should_stop else "frame"}
+                "prompt": self.summary.prompt_encoder is not None, "cancellation": "sweep" if self._has_should_stop else "frame"}
 
     def recent(self) -> list[dict]:
         """The last requests this replica finished: status (ok, error, cancelled), frames generated and sent."""
@@ -315,10 +351,14 @@ class VideoGenerator:
             worker.shutdown(wait=False, cancel_futures=True)
 
 
-def _jacobi_config(req: VideoRequest):
-    from ..runtime import JacobiConfig
-
-    if req.sampler == "autoregressive":
-        return None
-    j = req.jacobi
-    return JacobiConfig(block_size=j.block_size, max_iter=j.max_iter, threshold=j.threshold, schedule=j.schedule)
+def _waves(updates: list[tuple[Ticket, dict]]) -> list[list[tuple[Ticket, dict]]]:
+    """Split updates so each wave has at most one event per ticket, in order (a decoded chunk is 4 frames)."""
+    waves: list[list[tuple[Ticket, dict]]] = []
+    count: dict[int, int] = {}
+    for t, event in updates:
+        k = count.get(id(t), 0)
+        count[id(t)] = k + 1
+        if k == len(waves):
+            waves.append([])
+        waves[k].append((t, event))
+    return waves

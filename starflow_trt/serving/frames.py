@@ -2,6 +2,7 @@
 
 Events are JSON objects: ``{"type": "frame", "index": i, "png" | "latents": base64}``,
 ``{"type": "done", "stats": {...}, ["mp4": base64]}``, ``{"type": "error", "message": "..."}``.
+Pixels convert as everywhere else (:mod:`starflow_trt.media.io`: clamp, truncate, H.264).
 """
 
 from __future__ import annotations
@@ -22,40 +23,30 @@ if TYPE_CHECKING:   # torch stays out of the ingress process (its replicas only 
 MEDIA_TYPES = {"ndjson": "application/x-ndjson", "sse": "text/event-stream"}
 
 
-def frame_event(index: int, frame: torch.Tensor, output: str) -> dict:
+def frame_event(index: int, frame: "torch.Tensor", output: str) -> dict:
     """frame [C, H, W] (RGB in [-1, 1] for ``png``) → a frame event."""
     if output == "png":
-        return {"type": "frame", "index": index, "png": base64.b64encode(png_bytes(frame)).decode("ascii")}
+        return png_event(index, png_bytes(frame))
     return {"type": "frame", "index": index, "latents": encode_npy(frame.detach().cpu().float().numpy())}
 
 
-def png_bytes(frame: torch.Tensor) -> bytes:
-    """[3, H, W] in [-1, 1] → PNG bytes."""
-    from ..runtime.video_io import to_uint8
-
-    return rgb_png_bytes(to_uint8(frame[None])[0])
+def png_event(index: int, png: bytes) -> dict:
+    return {"type": "frame", "index": index, "png": base64.b64encode(png).decode("ascii")}
 
 
-def rgb_png_bytes(rgb: np.ndarray) -> bytes:
-    """[H, W, 3] uint8 RGB → PNG bytes."""
-    import cv2
+def png_bytes(frame: "torch.Tensor") -> bytes:
+    """[3, H, W] in [-1, 1] → PNG bytes (the uint8 of :func:`~starflow_trt.media.io.frames_to_uint8`)."""
+    from ..media.io import encode_png, frames_to_uint8
 
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
-    if not ok:
-        raise RuntimeError("OpenCV could not encode a PNG frame")
-    return buf.tobytes()
+    return encode_png(frames_to_uint8(frame))
 
 
-def mp4_bytes(frames: Sequence[torch.Tensor], fps: int) -> bytes:
-    """Frames [3, H, W] in [-1, 1] → H.264 mp4 bytes (what browsers play; ``media.io``'s writer)."""
-    import torch
-
+def mp4_bytes(frames: Sequence[np.ndarray], fps: int) -> bytes:
+    """Frames [H, W, 3] uint8 → H.264 mp4 bytes (:func:`~starflow_trt.media.io.write_video`, as ``generate``)."""
     from ..media.io import write_video
-    from ..runtime.video_io import to_uint8
 
-    video = to_uint8(torch.stack(list(frames)))
     with tempfile.TemporaryDirectory(prefix="starflow-serve-") as tmp:
-        return write_video(video, Path(tmp) / "video.mp4", fps=fps).read_bytes()
+        return write_video(np.stack(list(frames)), Path(tmp) / "video.mp4", fps).read_bytes()
 
 
 def error_event(message: str) -> dict:

@@ -14,7 +14,6 @@ from typing import AsyncIterator
 import numpy as np
 
 from .client import decode_frame
-from .frames import rgb_png_bytes
 from .jobs import Job, JobStore
 
 
@@ -33,9 +32,11 @@ def spritesheet(frames: list[np.ndarray]) -> np.ndarray:
 
 def job_assets(frame_events: list[dict], mp4: bytes) -> dict[str, bytes]:
     """The files of a finished job: the mp4, the first frame (thumbnail), the frames tiled (spritesheet)."""
+    from ..media.io import encode_png
+
     rgb = [decode_frame(e) for e in frame_events]
     return {"video": mp4, "thumbnail": base64.b64decode(frame_events[0]["png"]),
-            "spritesheet": rgb_png_bytes(spritesheet(rgb))}
+            "spritesheet": encode_png(spritesheet(rgb))}
 
 
 async def run_job(store: JobStore, job: Job, events: AsyncIterator[dict]) -> None:

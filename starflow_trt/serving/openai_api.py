@@ -69,12 +69,9 @@ def export_fps(model: ModelSummary) -> int:
     return model.fps or DEFAULT_FPS
 
 
-def export_sizes(model: ModelSummary) -> dict[str, Optional[str]]:
-    """Exported frame sizes "WxH" (pixels) → the aspect name to request (None: the export's one size)."""
-    if model.aspect_sizes:
-        return {f"{w}x{h}": aspect for aspect, w, h in model.aspect_sizes}
-    scale = 16 if model.vae else 1
-    return {f"{model.width * scale}x{model.height * scale}": None}
+def export_sizes(model: ModelSummary) -> dict[str, str]:
+    """Exported frame sizes "WxH" (pixels) → the aspect name to request."""
+    return {f"{w}x{h}": aspect for aspect, w, h in model.aspect_sizes}
 
 
 def pixel_frames(latent_frames: int, vae: bool) -> int:
@@ -176,8 +173,7 @@ def to_stream_request(data: Mapping[str, Any], image: Optional[bytes], model: Mo
         if size not in sizes:
             raise RequestError("size", f"{size!r} is not an exported size; sizes: {', '.join(sizes)} "
                                        "(re-export with --aspects for more)")
-        if sizes[size] is not None:
-            req["aspect"] = sizes[size]
+        req["aspect"] = sizes[size]
     if image is not None:
         req["image"] = base64.b64encode(image).decode("ascii")
     req.update(output="png", mp4=True, fps=fps)
@@ -193,8 +189,8 @@ def openai_param(field: str) -> str:
 def size_of(req_dict: Mapping[str, Any], model: ModelSummary) -> str:
     """The "WxH" a request renders at."""
     sizes = export_sizes(model)
-    aspect = req_dict.get("aspect")
-    return next((s for s, a in sizes.items() if a == aspect), next(iter(sizes)))
+    aspect = req_dict.get("aspect") or model.aspect
+    return next(s for s, a in sizes.items() if a == aspect)
 
 
 # ---------------------------------------------------------------------------------------------- shapes

@@ -1,0 +1,112 @@
+"""One request validator (``starflow_trt.request``): the CLI and the server refuse the same bad field with the same
+text; aspects by the export's names; outputs follow the export (video.mp4 from --text-embeddings with VAE graphs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from starflow_trt.cli import main
+from starflow_trt.request import RequestError, RequestLimits, build_request
+from starflow_trt.serving.limits import parse_request
+from starflow_trt.summary import ModelSummary
+
+#: a latent export with T5 and VAE graphs and three aspects (latent sizes; frames 16x larger)
+MEDIA = ModelSummary(directory="/x", precision="fp32", channels=4, height=3, width=5, max_frames=3, max_batch=4,
+                     text_length=4, text_width=16, pixel_space=False, has_denoiser=True, window=None,
+                     default_guidance=2.5, noise_std=0.5, prompt_encoder="text_encoder", config_hash="h",
+                     checkpoint_sha256=None, graphs=("deep_step",), vae=True, vae_encoder=True, pixel_scale=16,
+                     aspects=(("16:9", 3, 5), ("9:16", 5, 3), ("1:1", 4, 4)))
+
+#: (CLI options, JSON fields): the same bad value through both front ends
+SAME_BAD = [
+    (["--guidance", "-1.5"], {"guidance": -1.5}, "guidance"),
+    (["--guidance", "nan"], {"guidance": float("nan")}, "guidance"),
+    (["--aspect", "4:3"], {"aspect": "4:3"}, "aspect"),
+    (["--aspect", "53:30"], {"aspect": "53:30"}, "aspect"),
+    (["--seed", "-1"], {"seed": -1}, "seed"),
+    (["--frames", "0"], {"frames": 0}, "frames"),
+    (["--fps", "0"], {"fps": 0}, "fps"),
+    (["--jacobi-block", "0"], {"jacobi": {"block_size": 0}}, "jacobi.block_size"),
+    (["--jacobi-threshold", "2"], {"jacobi": {"threshold": 2}}, "jacobi.threshold"),
+    (["--frames", "5", "--autoregressive"], {"frames": 5, "sampler": "autoregressive"}, "sampler"),
+]
+
+
+@pytest.mark.parametrize("cli, body, field", SAME_BAD)
+def test_cli_and_server_refuse_a_bad_field_with_the_same_text(cli, body, field, tmp_path, monkeypatch):
+    monkeypatch.setattr(ModelSummary, "from_dir", classmethod(lambda cls, d: MEDIA))
+    with pytest.raises(RequestError) as info:
+        parse_request(json.dumps({"prompt": "a cat", **body}).encode(), MEDIA, RequestLimits())
+    assert info.value.field == field and str(info.value) == f"{field}: {info.value.reason}"
+    out = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "a cat", *cli, "-o", str(tmp_path / "o")])
+    assert out.exit_code == 2 and out.output.startswith("error:") and out.output.count("\n") == 1, out.output
+    assert info.value.reason in out.output, (info.value.reason, out.output)
+    assert not (tmp_path / "o").exists()
+
+
+def test_defaults_and_sources():
+    req = build_request(MEDIA, prompt=["a cat", "a dog"], seed=4)
+    assert (req.batch, req.seed, req.seeds, req.aspect, req.frames, req.fps) == (2, 4, None, "16:9", 3, 16)
+    assert req.guidance == 2.5 and req.sampler == "jacobi" and req.jacobi.block_size == 16   # the export's cfg
+    y = np.zeros((2, 4, 16), np.float32)
+    emb = build_request(MEDIA, text_embeddings=y, seed=[1, 2], aspect="9:16")
+    assert emb.guidance == 0 and emb.seeds == (1, 2) and emb.aspect == "9:16" and emb.batch == 2
+    for kwargs, field in [({}, "prompt"), ({"prompt": "a", "text_embeddings": y}, "prompt"),
+                          ({"text_embeddings": y, "guidance": 1.0}, "negative_embeddings"),
+                          ({"text_embeddings": y, "negative_prompt": "x"}, "negative_prompt"),
+                          ({"prompt": ["a", "b"], "negative_prompt": ["x"]}, "negative_prompt"),
+                          ({"text_embeddings": y, "seed": [1]}, "seed"),
+                          ({"prompt": "a", "image": "a.png", "video": "v.mp4"}, "image"),
+                          ({"text_embeddings": y[:, :, :8]}, "text_embeddings")]:
+        with pytest.raises(RequestError) as info:
+            build_request(MEDIA, **kwargs)
+        assert info.value.field == field, info.value
+    with pytest.raises(RequestError, match="text_embeddings: .*length 4, width 16"):
+        build_request(MEDIA, text_embeddings=y[:, :, :8])
+    no_text = ModelSummary(**{**MEDIA.__dict__, "prompt_encoder": None})
+    with pytest.raises(RequestError, match="no text_encoder graph"):
+        build_request(no_text, prompt="a")
+
+
+def test_an_unnamed_grid_is_named_after_its_ratio():
+    one = ModelSummary(**{**MEDIA.__dict__, "aspects": (), "height": 30, "width": 53})
+    assert one.aspect == "53:30" and one.aspect_names == ("53:30",)
+    named = ModelSummary(**{**MEDIA.__dict__, "aspects": (("16:9", 30, 53),), "height": 30, "width": 53})
+    assert named.aspect == "16:9" and build_request(named, prompt="a", aspect="16:9").aspect == "16:9"
+
+
+@pytest.mark.slow   # the media export (~1 min), a generate
+def test_generate_from_embeddings_on_a_vae_export_writes_video_mp4(media_export, tmp_path):
+    pytest.importorskip("av")
+    import torch
+
+    from starflow_trt.runtime import Pipeline
+
+    y = np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32)
+    np.save(tmp_path / "y.npy", y)
+    out = CliRunner().invoke(main, ["generate", str(media_export), "--text-embeddings", str(tmp_path / "y.npy"),
+                                    "--aspect", "9:16", "--frames", "2", "--autoregressive", "--seed", "3",
+                                    "--thread-pool", "session", "-o", str(tmp_path / "o")])
+    assert out.exit_code == 0, out.output
+    from starflow_trt.media.io import write_video
+
+    frames = _decoded(tmp_path / "o" / "video.mp4")
+    assert frames.shape == (5, 80, 48, 3)                  # 1 + 4 (T - 1) frames of the 9:16 size
+    with Pipeline.from_dir(media_export, backend="ort") as pipe:
+        want = pipe.generate(torch.from_numpy(y), seed=3, num_frames=2, aspect="9:16")
+    assert np.array_equal(np.load(tmp_path / "o" / "latents.npy"), want.latents.numpy())
+    # the mp4 is the H.264 of the generated frames (streamed chunk by chunk: x264 differs slightly from one write)
+    again = write_video(want.video[0].movedim(-3, -1).numpy(), tmp_path / "want.mp4", 16)
+    assert np.abs(frames.astype(int) - _decoded(again).astype(int)).mean() < 2   # frames vs the frames: 40
+
+
+def _decoded(path) -> np.ndarray:
+    """[F, H, W, 3] uint8 of an mp4."""
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])

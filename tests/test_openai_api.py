@@ -46,6 +46,9 @@ def _bad(data, field, model=TOY, image=None) -> str:
     ("application/x-ndjson", {"prompt": "p"}, True),          # VideoClient, the page
     ("text/event-stream", {"prompt": "p"}, True),
     ("application/json", {"prompt": "p", "stream": "ndjson"}, True),
+    ("*/*", {"prompt": "p", "aspect": "9:16"}, True),          # the streaming API's vocabulary (curl)
+    ("", {"prompt": "p", "output": "latents"}, True),
+    ("application/json", {"prompt": "p", "aspect": "9:16"}, False),   # the openai client: a 400 pointer
 ])
 def test_a_post_streams_only_when_the_client_asks(accept, body, stream):
     assert oai.wants_stream(accept, body) is stream
@@ -68,10 +71,10 @@ def test_openai_form_becomes_the_streaming_request_and_passes_its_validator():
     d = oai.to_stream_request(form, _png(img), TOY, "starflow")
     assert d["frames"] == 4 and d["seed"] == 7 and d["guidance"] == 2.5 and d["denoise"] is False
     assert d["jacobi"] == {"block_size": 4, "threshold": 0} and d["output"] == "png" and d["mp4"] and d["fps"] == 8
-    assert "aspect" not in d                                  # one exported size: nothing to choose
+    assert d["aspect"] == "1:1"                               # the one exported size, by its name
     req = parse_request(json.dumps(d).encode(), TOY, RequestLimits())
     assert (req.frames, req.seed, req.guidance, req.jacobi.block_size, req.mp4) == (4, 7, 2.5, 4, True)
-    assert req.image.shape == (3, 16, 16) and req.image[0, 8, 0] == 1.0  # the PNG, fitted (cover + crop)
+    assert np.array_equal(req.generation.image, img)          # the PNG as sent (the Pipeline fits it)
     assert oai.seconds_of(req.frames, TOY) == "0.5" and oai.size_of(d, TOY) == "16x16"
 
 
@@ -96,7 +99,7 @@ def test_seconds_to_frames_at_the_exports_fps():
 
 
 def test_size_maps_to_an_exported_aspect_or_lists_the_sizes():
-    assert oai.export_sizes(TOY) == {"16x16": None}
+    assert oai.export_sizes(TOY) == {"16x16": "1:1"}
     assert oai.export_sizes(WAN) == {"1280x704": "16:9", "704x1280": "9:16"}
     assert oai.to_stream_request({"prompt": "p", "size": "704x1280"}, None, WAN, "starflow")["aspect"] == "9:16"
     msg = _bad({"prompt": "p", "size": "720x1280"}, "size")

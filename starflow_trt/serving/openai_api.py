@@ -45,12 +45,16 @@ _PARAMS = {"image": "input_reference"}
 
 
 def wants_stream(accept: str, body: Optional[Mapping[str, Any]] = None) -> bool:
-    """Whether ``POST /v1/videos`` streams: the client accepts NDJSON / SSE, or the JSON body has ``stream``.
+    """Whether ``POST /v1/videos`` streams: the client accepts NDJSON / SSE, the JSON body has ``stream``, or
+    a client that did not ask for JSON sends a body in the streaming API's vocabulary (a streaming-only field:
+    the API as it was before the jobs, e.g. ``curl -d '{"prompt": ..., "aspect": "9:16"}'``).
 
-    The openai client sends ``Accept: application/json``: it gets a job.
+    The openai client sends ``Accept: application/json``: it gets a job (or a 400 for a streaming-only field).
     """
     accept = accept.lower()
-    return any(m in accept for m in STREAM_MEDIA) or (body is not None and "stream" in body)
+    if any(m in accept for m in STREAM_MEDIA) or (body is not None and "stream" in body):
+        return True
+    return "application/json" not in accept and body is not None and any(k in STREAM_ONLY for k in body)
 
 
 def check_job_fields(data: Mapping[str, Any]) -> None:

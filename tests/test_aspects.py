@@ -170,7 +170,7 @@ def test_cli_export_and_generate_by_aspect(goldens_dir, tmp_path):
     assert np.load(tmp_path / "o" / "latents.npy").shape == (1, 2, 4, 5, 3)
     res = runner.invoke(main, ["generate", str(out), "--text-embeddings", str(y), "--aspect", "21:9",
                                "--thread-pool", "session", "-o", str(tmp_path / "o2")])
-    assert res.exit_code == 2 and "exported aspects: 1:1, 9:16" in res.output
+    assert res.exit_code == 2 and "this export serves 1:1 (4x4), 9:16 (3x5)" in res.output   # frame W x H
     res = runner.invoke(main, ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"), "-o",
                                str(tmp_path / "bad"), "--aspects", "16:9,x"])
     assert res.exit_code == 2 and "16:9" in res.output

@@ -264,7 +264,7 @@ class VideoIngress:
             req = parse_request(json.dumps(fields).encode("utf-8"), self.model, self.limits)
         except RequestError as exc:
             return _oai_error(400, exc)
-        job = self.jobs.new(model=self.config.app_name, prompt=req.prompt or "",
+        job = self.jobs.new(model=self.config.app_name, prompt=str(fields.get("prompt") or ""),
                             seconds=oai.seconds_of(req.frames, self.model), size=oai.size_of(fields, self.model),
                             frames=req.frames)
         self._jobs[job.id] = asyncio.create_task(self._run_job(job, req))

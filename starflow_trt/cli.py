@@ -8,8 +8,10 @@ Verbs live in :mod:`starflow_trt.commands`, one module each, imported lazily so 
 * anything else is a bug: ``error: internal error …; rerun with --debug``, exit 1.
 
 ``--debug`` (or ``STARFLOW_TRT_DEBUG=1``) re-raises instead, with the traceback. ``--verbose`` shows
-third-party log output (exporter, ORT quantization) that is hidden by default. SIGTERM is turned
-into a clean exit so staged outputs are removed like on Ctrl-C.
+third-party log output (exporter, ORT quantization) that is hidden by default. SIGTERM exits 143:
+while a staged output is being written it is removed and the process ends at once (no exception
+unwinding through the exporter's native frames, which could abort); otherwise (``serve``) it
+unwinds, so ``finally`` blocks stop what the command started.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ COMMANDS = {
 
 #: exit status of a run stopped by SIGTERM (128 + signal number, like a shell)
 SIGTERM_EXIT = 128 + signal.SIGTERM
+SIGTERM_MESSAGE = "error: interrupted by SIGTERM; partial output removed"
 
 
 class _Options:
@@ -81,7 +84,13 @@ def _sigterm_as_exit() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(SIGTERM_EXIT)
+        from . import logs
+        from .staging import discard_active
+
+        if discard_active():  # a staged output is being written: remove it and end here, no unwinding
+            logs.echo(SIGTERM_MESSAGE, err=True)   # the real stderr, also inside logs.captured()
+            os._exit(SIGTERM_EXIT)
+        raise Interrupted(SIGTERM_EXIT)  # e.g. serve: its finally blocks stop what it started
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -127,7 +136,7 @@ class LazyGroup(click.Group):
         except click.exceptions.Exit as exc:
             return self._finish(exc.exit_code, standalone_mode)
         except Interrupted:
-            click.echo("error: interrupted by SIGTERM; partial output removed", err=True)
+            click.echo(SIGTERM_MESSAGE, err=True)
             return self._finish(SIGTERM_EXIT, standalone_mode)
         except (click.exceptions.Abort, KeyboardInterrupt):
             if _Options.debug:

@@ -47,6 +47,25 @@ class OutputError(StarflowError):
     """An output directory cannot be written or must not be replaced."""
 
 
+#: this process's staging directories still being written, each with the parents its run created
+_ACTIVE: dict[Path, list[Path]] = {}
+
+
+def discard_active() -> bool:
+    """Remove every staging directory a running :func:`staged_directory` is writing; True if there was one.
+
+    For a signal handler that ends the process without unwinding (``os._exit``): unwinding an
+    exception raised at an arbitrary bytecode can pass through native frames of the exporter or a
+    runtime, which may abort the process instead of cleaning up.
+    """
+    held = list(_ACTIVE.items())
+    for tmp, created in held:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+    _ACTIVE.clear()
+    return bool(held)
+
+
 # ------------------------------------------------------------------ permissions
 def _umask() -> int:
     mask = os.umask(0o022)
@@ -268,9 +287,11 @@ def staged_directory(out: PathLike, force: bool = False, inputs: Iterable[Option
         raise OutputError(f"cannot create output directory {out} ({exc.strerror or exc}); "
                           "pass -o a writable location") from exc
     try:
+        _ACTIVE[tmp] = created
         fix_mode(tmp, directory=True)
         _mark_staging(tmp)
         yield tmp
+        _ACTIVE.pop(tmp, None)  # from here on an interruption unwinds (the commit must not stop halfway)
         (tmp / STAGING_NAME).unlink()
         normalise_modes(tmp)
         if kind is not None:
@@ -278,6 +299,7 @@ def staged_directory(out: PathLike, force: bool = False, inputs: Iterable[Option
                                            encoding="utf-8")
         _commit(tmp, out, force, inputs)
     except BaseException:
+        _ACTIVE.pop(tmp, None)
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)  # a failed run leaves no trace, not even the parents it made
         raise

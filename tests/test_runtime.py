@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from starflow_trt.errors import GenerationCancelled, InputError, ManifestError
 from starflow_trt.export.manifest import load_manifest
 from starflow_trt.reference import JacobiConfig, load_reference
 from starflow_trt.runtime.pipeline import DEFAULT_SCHEDULE, Pipeline
+from starflow_trt.runtime.run import StageClock
 
 from .conftest import assert_golden
 
@@ -85,6 +87,31 @@ def test_streaming_order_and_latency(pipe, cases):
     for i, _, frame in events:
         torch.testing.assert_close(frame, result.latents[:, i], rtol=0, atol=0)
     assert result.stats["time_to_first_frame"] <= result.stats["seconds"]["total"]
+
+
+def test_stage_clock_charges_each_interval_to_the_innermost_stage():
+    now = iter([0.0, 1.0, 3.0, 4.0, 10.0, 10.0, 10.5, 11.0]).__next__   # one reading per enter / exit
+    clock = StageClock(("deep", "shallow"), timer=now)
+    with clock.stage("deep"):            # t=0
+        with clock.stage("shallow"):     # t=1: deep ran 1 s
+            with clock.stage("output"):  # t=3: shallow ran 2 s
+                pass                     # t=4: output ran 1 s
+        # t=10: shallow ran 6 s more
+        with clock.stage("output"):      # t=10
+            pass                         # t=10.5
+    # t=11: deep ran 0.5 s more
+    assert clock.seconds == {"deep": 1.5, "shallow": 8.0, "output": 1.5}
+
+
+def test_streaming_stage_seconds_exclude_the_callers_callback(pipe, cases):
+    # was: the deep stage subtracted the time of later stages it ran; each stage now has its own clock time
+    pause = 0.2
+    result = pipe.generate(cases["y"], noise=cases["noise"], on_frame=lambda i, f: time.sleep(pause))
+    sec = result.stats["seconds"]
+    stages = {k: v for k, v in sec.items() if k != "total"}
+    assert sec["output"] >= 3 * pause
+    assert sum(stages.values()) <= sec["total"]
+    assert sec["deep"] < sec["total"] - 3 * pause and sec["shallow"] > 0 and sec["denoiser"] > 0
 
 
 def test_streaming_with_denoiser_matches_batch(pipe, cases):

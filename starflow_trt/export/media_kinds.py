@@ -179,6 +179,7 @@ class _MediaKind(GraphKind):
     the ``cost_model`` (when the kind has one) and the ``source`` record.
     """
 
+    flow_weights = False
     int8 = False          # no INT8 for these graphs until a quality gate holds
     fp16_modules = ()     # calibration's flow-transformer default does not apply
     precision_policy = TEXT_POLICY

@@ -114,6 +114,8 @@ class GraphKind:
     trt_form: ClassVar[Optional[str]] = None
     #: precision per requested directory precision (None: calibration's default, the precision asked for)
     precision_policy: ClassVar[Optional["PrecisionPolicy"]] = None
+    #: :meth:`build` takes the flow checkpoint's weights (False: the kind loads its own, e.g. T5 or the VAE)
+    flow_weights: ClassVar[bool] = True
 
     # ----------------------------------------------------------- export contract
     def instances(self, ctx: ExportContext) -> list[tuple[str, Optional[int]]]:

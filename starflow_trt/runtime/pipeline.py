@@ -10,9 +10,11 @@
     nll, bpd = pipe.score(x, y)     # any B: chunks of max_batch
 
 ``generate`` validates the request with the sampling core (:mod:`starflow_trt.sampling`), then
-wires three stages (:mod:`.stages`) over one per-call :class:`~.run.GenerateRun`: the deep block
-(text prefill, AR or Jacobi, guidance on the doubled batch), the frame-local shallow blocks on
-every finished frame (frames batched), then the denoiser with its receptive-field lookahead.
+wires the stages (:mod:`.stages`) of one per-call :class:`~.run.GenerateRun`, each handing its
+result to the next: the context's block inputs (image / video conditioning), the deep block (text
+prefill, AR or Jacobi, guidance on the doubled batch), the frame-local shallow blocks on every
+finished frame (frames batched), then the denoiser with its receptive-field lookahead. Each
+stage's seconds are its own (:class:`~.run.StageClock`).
 The sampling loops and model maths live in ``sampling`` and ``reference``, never here.
 """
 
@@ -37,8 +39,8 @@ from .batching import chunk_bounds, merge_stats, rows
 from .backends import THREAD_POOLS, Backend, GraphRunner, make_backend
 from .graphs import DENOISER, GraphCalls, Graphs
 from .kv import Workspace
-from .run import FrameCallback, GenerateRun, ProgressCallback
-from .stages import DeepStage, DenoiserStage, ShallowStage, TextStage, VaeStage
+from .run import FrameCallback, GenerateRun, ProgressCallback, StageClock
+from .stages import DeepStage, DenoiserStage, ShallowStage, TextStage, VaeStage, context_inputs_of
 from .tensors import as_float32
 
 if TYPE_CHECKING:
@@ -298,7 +300,8 @@ class Pipeline:
         """One call of at most ``max_batch`` rows on token grid ``geo`` (default: the export's); seed None:
         the request's noise. With VAE graphs the final latent frames stream through the decoder
         (``result.video``)."""
-        decoder = self._decoder(on_video) if self.graphs.has(n.VAE_DECODE_FIRST) else None
+        clock = StageClock()
+        decoder = self._decoder(on_video, clock) if self.graphs.has(n.VAE_DECODE_FIRST) else None
         if decoder is not None:
             on_frame = _chain(on_frame, decoder.push)
         g = geo or self.geo
@@ -306,14 +309,13 @@ class Pipeline:
         noise = req.noise if seed is None else draw(seed, req.batch, shape)
         run = GenerateRun(self.graphs.on_grid(g), self.workspace, req, noise, on_frame, on_progress, should_stop,
                           info={"seed": list(seed) if isinstance(seed, tuple) else seed,
-                                "noise": "given" if seed is None else "seed"})
+                                "noise": "given" if seed is None else "seed"}, clock=clock)
         with self.backend.host_thread_limit():
             latents, raw = self._execute(run)
         stats = run.stats()
         result = GenerateResult(latents=latents, raw=raw, stats=stats)
         if decoder is not None:
             result.video = decoder.video()
-            stats["seconds"]["decode"] = round(decoder.seconds, 6)
             stats["time_to_first_decoded_frame"] = round(decoder.first_s - run.start, 6)
         return result
 
@@ -385,23 +387,28 @@ class Pipeline:
             return noisy(torch.Generator().manual_seed(int(seeds) + 1)).expand(batch, -1, -1, -1, -1)
         return torch.cat([noisy(torch.Generator().manual_seed(s + 1)) for s in seeds])
 
-    def _decoder(self, on_video) -> "_VideoSink":
-        return _VideoSink(self.vae_stage, on_video)
+    def _decoder(self, on_video, clock: StageClock) -> "_VideoSink":
+        return _VideoSink(self.vae_stage, on_video, clock)
 
     @staticmethod
     def _execute(run: GenerateRun) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wire the stages: deep → shallow → denoiser, streaming frames through as they finish."""
-        shallow, denoiser = ShallowStage(run), DenoiserStage(run)
+        """Wire the stages: context → deep → shallow → denoiser, streaming frames through as they finish.
 
-        def deep_frames(done: int) -> None:
+        Each stage hands its result to the next: the context's block inputs to the deep (its prefix)
+        and shallow (its frames) stages, the deep output to the shallow stage, its raw latents to the
+        denoiser. Returns (latents, raw) [B, T, C, H, W] on the CPU.
+        """
+        ctx = context_inputs_of(run)
+        shallow = ShallowStage(run, None if ctx is None else ctx[0])
+        denoiser = DenoiserStage(run, shallow.out)
+
+        def deep_frames(done: int, deep_out: torch.Tensor) -> None:
             if run.geo.frame_local and (run.stream or done == run.frames):
-                shallow.upto(done)
-                denoiser.upto(run.frames_shallow)
+                denoiser.upto(shallow.upto(done, deep_out))
 
-        DeepStage(run, deep_frames)()
-        shallow.upto(run.frames)
-        denoiser.upto(run.frames)
-        return run.outputs()
+        deep_out = DeepStage(run, None if ctx is None else ctx[-1], deep_frames)()
+        denoiser.upto(shallow.upto(run.frames, deep_out))
+        return run.latents(denoiser.out), run.latents(shallow.out)
 
     # --------------------------------------------------------------- score
     @torch.no_grad()
@@ -472,12 +479,12 @@ def _chain(first: Optional[FrameCallback], then: FrameCallback) -> FrameCallback
 
 
 class _VideoSink:
-    """Decodes final latent frames as they come (one VAE step each), keeps the uint8 video, times the stage."""
+    """Decodes final latent frames as they come (one VAE step each) and keeps the uint8 video; the
+    decode is timed as its own stage, ``decode``, on the call's clock."""
 
-    def __init__(self, stage: VaeStage, on_video: Optional[Callable[[torch.Tensor], None]]):
+    def __init__(self, stage: VaeStage, on_video: Optional[Callable[[torch.Tensor], None]], clock: StageClock):
         self.chunks: list[torch.Tensor] = []
-        self.on_video = on_video
-        self.seconds = 0.0
+        self.on_video, self.clock = on_video, clock
         self.first_s: Optional[float] = None
         self.decoder = stage.decoder(self._chunk)
 
@@ -488,12 +495,12 @@ class _VideoSink:
             self.first_s = time.perf_counter()
         self.chunks.append(torch.from_numpy(frames_to_uint8(frames)).movedim(-1, -3))
         if self.on_video is not None:
-            self.on_video(frames)
+            with self.clock.stage("output"):
+                self.on_video(frames)
 
     def push(self, index: int, frame: torch.Tensor) -> None:
-        start = time.perf_counter()
-        self.decoder.push(index, frame)
-        self.seconds += time.perf_counter() - start
+        with self.clock.stage("decode"):
+            self.decoder.push(index, frame)
 
     def video(self) -> torch.Tensor:
         return torch.cat(self.chunks, 1)

@@ -1,7 +1,9 @@
-"""Everything one ``generate`` call owns: request, buffers, frame counters, stats and hooks.
+"""Everything one ``generate`` call owns: request, noise, stage clock, traces, hooks and the frame output.
 
 The long-lived :class:`~starflow_trt.runtime.Pipeline` keeps only what calls share (loaded
-graphs, RoPE tables, the workspace); the stages read and write this object.
+graphs, RoPE tables, the workspace). The stages read this object and hand their results to the
+next stage themselves (:meth:`~starflow_trt.runtime.Pipeline._execute` wires them); what the
+call returns leaves through :class:`FrameOutput`.
 """
 
 from __future__ import annotations
@@ -20,45 +22,94 @@ from .kv import Workspace
 FrameCallback = Callable[[int, torch.Tensor], None]
 ProgressCallback = Callable[[str, int, int], None]
 
+#: the flow stages every call reports, in the order frames pass them
+FLOW_STAGES = ("prefill", "deep", "shallow", "denoiser")
+
+
+class StageClock:
+    """Wall seconds per stage; every interval is charged to exactly one stage, the innermost running.
+
+    Streaming runs later stages from inside the deep loop (a finished frame goes through the
+    shallow blocks, the denoiser and the caller's callback at once): entering a stage pauses the
+    one it was entered from, so each stage's figure is its own time, measured, never a difference.
+    """
+
+    def __init__(self, stages: tuple[str, ...] = FLOW_STAGES, timer: Callable[[], float] = time.perf_counter):
+        self.seconds: dict[str, float] = dict.fromkeys(stages, 0.0)
+        self._timer = timer
+        self._running: list[str] = []
+        self._mark = 0.0
+
+    def _charge(self, now: float) -> None:
+        if self._running:
+            top = self._running[-1]
+            self.seconds[top] = self.seconds.get(top, 0.0) + now - self._mark
+        self._mark = now
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._charge(self._timer())
+        self._running.append(name)
+        try:
+            yield
+        finally:
+            self._charge(self._timer())
+            self._running.pop()
+
+
+class FrameOutput:
+    """The call's output port: final frames [B, C, H, W] go to ``on_frame`` in order, once each."""
+
+    def __init__(self, on_frame: Optional[FrameCallback], hooks: Hooks, patch_size: int, clock: StageClock,
+                 start: float):
+        self.on_frame, self.hooks, self.patch_size, self.clock, self.start = on_frame, hooks, patch_size, clock, start
+        self.emitted = 0
+        self.first_frame_s: Optional[float] = None
+
+    def emit(self, upto: int, source: torch.Tensor) -> None:
+        """Frames ``[emitted, upto)`` of ``source`` [B, T, h, w, c] are final."""
+        if upto <= self.emitted:
+            return
+        if self.first_frame_s is None:
+            self.first_frame_s = time.perf_counter() - self.start
+        with self.clock.stage("output"):   # the caller's callbacks (a VAE decode inside is its own "decode")
+            for t in range(self.emitted, upto):
+                self.hooks.check()
+                if self.on_frame is not None:
+                    self.on_frame(t, unpatchify(source[:, t], self.patch_size).cpu().clone())
+        self.emitted = upto
+
 
 class GenerateRun:
     """State of one generate call; buffers are views of the pipeline's workspace (reserved here).
 
-    Frames move deep → shallow → denoiser: ``frames_deep`` / ``frames_shallow`` / ``frames_emitted``
-    count the frames final after each. Channels-last buffers [B, T, h, w, c]: ``x`` (noise),
-    ``deep_out``, ``shallow_out`` (raw latents), ``final`` (denoised).
+    ``x`` [B, T, h, w, c]: the noise, channels-last. The deep block runs ``rows`` sequences
+    (2·batch with guidance: ``[cond ; uncond]``).
     """
 
     def __init__(self, graphs: Graphs, workspace: Workspace, req: Request, noise: torch.Tensor,
                  on_frame: Optional[FrameCallback] = None, on_progress: Optional[ProgressCallback] = None,
-                 should_stop: Optional[Callable[[], bool]] = None, info: Optional[dict] = None):
+                 should_stop: Optional[Callable[[], bool]] = None, info: Optional[dict] = None,
+                 clock: Optional[StageClock] = None):
         self.start = time.perf_counter()
         self.graphs, self.geo, self.req, self.ws = graphs, graphs.geo, req, workspace
         self.calls = GraphCalls(graphs)
-        self.on_frame, self.on_progress = on_frame, on_progress
+        self.on_progress = on_progress
         self.hooks = Hooks(should_stop=should_stop)
         self.info = dict(info or {})
-        self.seconds: dict[str, float] = {"prefill": 0.0, "deep": 0.0, "shallow": 0.0, "denoiser": 0.0}
-        self.first_frame_s: Optional[float] = None
+        self.clock = clock or StageClock()
         self.traces: list[BlockTrace] = []
         g = self.geo
-        self.batch, self.frames, self.w = req.batch, req.frames, req.guidance
+        self.batch, self.frames, self.guidance = req.batch, req.frames, req.guidance
         self.device = dev = graphs.device
         self.y = req.y.to(dev)
-        self.text = req.text().to(dev)
-        self.bp = self.text.shape[0]
-        self.F, self.c, self.L = g.tokens_per_frame, g.token_channels, g.text_length
+        self.text = req.text().to(dev)        # [rows, L, D]
+        self.rows = self.text.shape[0]
         self.context, self.n_ctx = req.context, req.n_ctx
         self.x = patchify(noise, g.patch_size).contiguous().to(dev)  # [B, T, h, w, c]
-        self.n_tokens = self.frames * self.F
+        self.n_tokens = self.frames * g.tokens_per_frame
         self.allocations = self._reserve()
-        self.deep_out = torch.empty_like(self.x)
-        self.shallow_out = torch.empty_like(self.x)
-        self.final = torch.empty_like(self.x)
-        self.frames_deep = 0      # frames final after the deep block
-        self.frames_shallow = 0   # frames final after the shallow blocks
-        self.frames_emitted = 0
-        self.ctx_inputs: list[torch.Tensor] = []   # the context's input to every block (spec §11)
+        self.output = FrameOutput(on_frame, self.hooks, g.patch_size, self.clock, self.start)
         # Frames go through the shallow blocks as soon as they are final only when the caller
         # streams (on_frame): one batch of all frames needs far fewer graph calls. Upstream's
         # stopping test averages over every sequence of a shallow batch (all frames), so the
@@ -70,7 +121,8 @@ class GenerateRun:
     @property
     def deep_capacity(self) -> int:
         """Deep KV slots: text + the window (long video) or the whole video."""
-        return self.L + (self.req.window * self.F if self.req.window else self.n_tokens)
+        g = self.geo
+        return g.text_length + (self.req.window * g.tokens_per_frame if self.req.window else self.n_tokens)
 
     def _reserve(self) -> int:
         """Reserve every workspace buffer this call needs; returns how many were (re)allocated."""
@@ -78,64 +130,45 @@ class GenerateRun:
         before = ws.allocations
         top = g.top
         # the caches take the graphs' K/V dtype (FP16/BF16 exports: half the memory)
-        ws.reserve("deep_kv", self.deep_capacity * top.layers * 2 * self.bp * top.heads * hd,
+        ws.reserve("deep_kv", self.deep_capacity * top.layers * 2 * self.rows * top.heads * hd,
                    self.graphs.kv_dtype(DEEP_STEP))
         shallow = [g.blocks[k] for k in g.shallow_blocks]
         seqs = self.batch * (self.frames if g.frame_local else 1)
-        s_len = self.F if g.frame_local else self.n_tokens
+        s_len = g.tokens_per_frame if g.frame_local else self.n_tokens
         if shallow:
             per_slot = max(b.layers * b.heads for b in shallow) * 2 * hd
             ws.reserve("shallow_kv", s_len * per_slot * seqs, self.graphs.kv_dtype(step_graph(g.shallow_blocks[0], g)))
-        max_s = max(self.n_tokens, self.F * max(self.n_ctx, 1))
-        ws.reserve("scale", max_s * max(self.bp, seqs) * self.c, torch.float32)
-        ws.reserve("shift", max_s * max(self.bp, seqs) * self.c, torch.float32)
+        max_s = max(self.n_tokens, g.tokens_per_frame * max(self.n_ctx, 1))
+        ws.reserve("scale", max_s * max(self.rows, seqs) * g.token_channels, torch.float32)
+        ws.reserve("shift", max_s * max(self.rows, seqs) * g.token_channels, torch.float32)
         return ws.allocations - before
 
     # ------------------------------------------------------------ events
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] += time.perf_counter() - t0
+    def timed(self, stage: str):
+        """``with run.timed("shallow"):`` — the stage's own wall time (see :class:`StageClock`)."""
+        return self.clock.stage(stage)
 
     def progress(self, stage: str, done: int, total: int) -> None:
         if self.on_progress is not None:
             self.on_progress(stage, done, total)
 
-    def emit(self, upto: int, source: torch.Tensor) -> None:
-        """Frames ``[frames_emitted, upto)`` of ``source`` are final: hand them to ``on_frame``."""
-        if upto <= self.frames_emitted:
-            return
-        if self.first_frame_s is None:
-            self.first_frame_s = time.perf_counter() - self.start
-        p = self.geo.patch_size
-        for t in range(self.frames_emitted, upto):
-            self.hooks.check()
-            if self.on_frame is not None:
-                self.on_frame(t, unpatchify(source[:, t], p).cpu().clone())
-        self.frames_emitted = upto
-
     # ------------------------------------------------------------ results
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, raw) [B, T, C, H, W] on the CPU."""
-        p = self.geo.patch_size
-        raw = unpatchify(self.shallow_out, p)
-        final = unpatchify(self.final, p) if self.req.denoise_chunks is not None else raw
-        return final.cpu(), raw.cpu()
+    def latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Channels-last frames [B, T, h, w, c] → latents [B, T, C, H, W] on the CPU."""
+        return unpatchify(tokens, self.geo.patch_size).cpu()
 
     def stats(self) -> dict:
         st = self.calls.stats
+        first = self.output.first_frame_s
         return {
             "graph_calls": dict(st.calls), "graph_seconds": {k: round(v, 6) for k, v in st.seconds.items()},
             "total_graph_calls": sum(st.calls.values()),
-            "seconds": {**{k: round(v, 6) for k, v in self.seconds.items()},
+            "seconds": {**{k: round(v, 6) for k, v in self.clock.seconds.items()},
                         "total": round(time.perf_counter() - self.start, 6)},
-            "time_to_first_frame": None if self.first_frame_s is None else round(self.first_frame_s, 6),
+            "time_to_first_frame": None if first is None else round(first, 6),
             "jacobi": [t.to_stats() for t in self.traces],
             "schedule": self.req.schedule or "autoregressive", "backend": self.graphs.backend.describe(),
-            "frames": self.frames, "batch": self.batch, "guidance": self.w,
+            "frames": self.frames, "batch": self.batch, "guidance": self.guidance,
             "kv_allocations": self.allocations,
             "request": {**self.info, **self.req.describe()},
         }

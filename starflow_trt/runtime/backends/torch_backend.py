@@ -215,7 +215,7 @@ class TorchBackend(Backend):
         loader = self.loader if kv == torch.float32 else BlockLoader(self.loader.cfg, self.loader.state, kv)
         weights = kind.runtime_weights(spec, loader)
         module = kind.build(self.geo, spec.block, weights).to(self.device)
-        if weights is not loader:   # a kind with its own weights (text encoder, VAE), rebuilt from its recorded source
+        if not kind.flow_weights:   # text encoder, VAE: rebuilt from the source the manifest records, as exported
             return TorchRunner(spec, module)
         override = kv if self.dtype is not None else None
         if spec.kind == "step":

@@ -10,31 +10,35 @@ from ..run import GenerateRun
 
 
 class DenoiserStage:
-    """Denoises shallow-final frames as they arrive and emits final frames (raw ones without denoising)."""
+    """Denoises the raw latents ``raw`` [B, T, h, w, c] (the shallow stage's output) as frames arrive and
+    emits final frames through ``run.output`` (raw ones when the request does not denoise)."""
 
-    def __init__(self, run: GenerateRun):
-        self.run = run
+    def __init__(self, run: GenerateRun, raw: torch.Tensor):
+        self.run, self.raw = run, raw
         chunks = run.req.denoise_chunks
+        #: the call's final latents, channels-last
+        self.out = raw if chunks is None else torch.empty_like(raw)
         self.chunked = None if chunks is None else ChunkedDenoise(
-            chunks, denoise_lookahead(run.geo.temporal_causal, run.frames), run.shallow_out, run.final,
+            chunks, denoise_lookahead(run.geo.temporal_causal, run.frames), raw, self.out,
             self._denoiser, on_ready=self._ready)
 
     def upto(self, available: int) -> None:
-        """Shallow-final frames ``[0, available)`` are in."""
+        """Raw frames ``[0, available)`` are in."""
         if self.chunked is None:
-            self.run.emit(available, self.run.shallow_out)
-        else:
+            self.run.output.emit(available, self.out)
+            return
+        with self.run.timed("denoiser"):
             self.chunked.advance(available)
 
     def _ready(self, done: int) -> None:
         self.run.progress("denoiser", done, self.run.frames)
-        self.run.emit(done, self.run.final)
+        self.run.output.emit(done, self.out)
 
     def _denoiser(self, chunk: torch.Tensor) -> torch.Tensor:
+        """The denoiser graph on frames chunk [B, t, h, w, c] → its raw output d (same shape)."""
         run = self.run
-        with run.timed("denoiser"):
-            chunk = chunk.contiguous()
-            d = torch.empty_like(chunk)
-            run.calls(DENOISER, {X: chunk, TEXT: run.y, **rope_inputs(*run.graphs.rope(chunk.shape[1], run.L))},
-                      {D: d})
+        chunk = chunk.contiguous()
+        d = torch.empty_like(chunk)
+        rope = rope_inputs(*run.graphs.rope(chunk.shape[1], run.geo.text_length))
+        run.calls(DENOISER, {X: chunk, TEXT: run.y, **rope}, {D: d})
         return d

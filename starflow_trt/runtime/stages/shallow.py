@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ...reference.flow import permute_tokens, unpermute_tokens
@@ -12,30 +14,37 @@ from .blocks import GraphBlock
 
 
 class ShallowStage:
-    """Inverts every shallow block of ``run`` on frames ``[run.frames_shallow, frames_done)``."""
+    """Inverts every shallow block of ``run`` on deep-final frames into :attr:`out` [B, T, h, w, c].
 
-    def __init__(self, run: GenerateRun):
-        self.run = run
+    ``context`` [B, N, h, w, c]: the given clip's frames, which (frame-local) are their own
+    inverse (spec §11) and are copied, not inverted.
+    """
 
-    def upto(self, frames_done: int) -> None:
+    def __init__(self, run: GenerateRun, context: Optional[torch.Tensor] = None):
+        self.run, self.context = run, context
+        self.out = torch.empty_like(run.x)   # the raw latents, channels-last
+        self.done = 0                        # frames [0, done) of out are final
+
+    def upto(self, frames_done: int, deep_out: torch.Tensor) -> int:
+        """Frames ``[0, frames_done)`` of ``deep_out`` are final; returns how many of :attr:`out` are."""
         run, g = self.run, self.run.geo
-        lo, hi = run.frames_shallow, frames_done
+        lo, hi = self.done, frames_done
         if hi <= lo or (not g.frame_local and hi < run.frames):
-            return
+            return self.done
         with run.timed("shallow"):
-            # frame-local: the context frames' inverse is their own forward intermediate (spec §11)
             skip = max(0, run.n_ctx - lo) if g.frame_local else 0
-            todo = run.deep_out[:, lo:hi][:, skip:]
+            todo = deep_out[:, lo:hi][:, skip:]
             for k in reversed(range(g.num_blocks - 1)):
                 if k in g.identity_blocks or todo.shape[1] == 0:
                     continue
                 todo = self._invert(k, todo)
-            out = run.shallow_out[:, lo:hi]
+            out = self.out[:, lo:hi]
             out[:, skip:] = todo
             if skip:
-                out[:, :skip] = run.ctx_inputs[0][:, lo : lo + skip]
-            run.frames_shallow = hi
+                out[:, :skip] = self.context[:, lo : lo + skip]
+            self.done = hi
         run.progress("shallow", hi, run.frames)
+        return self.done
 
     def _invert(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Block k's inverse on frames h [B, t, h, w, c]."""

@@ -26,6 +26,8 @@ from .base import Backend, GraphRunner
 
 #: where the engines' buffers live: CUDA device 0, the GPU that ``cuda_device()`` describes
 DEVICE = torch.device("cuda", 0)
+#: ``setTensorAddress``: "The pointer must have at least 256-byte alignment."
+ALIGNMENT = 256
 
 
 def check_engine_io(spec: GraphSpec, engine, trt) -> None:
@@ -49,7 +51,32 @@ class TrtRunner(GraphRunner):
         self.device = device
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self._dummy = torch.zeros(16, device=device)  # a valid address for empty tensors (P = 0)
+        raw = torch.zeros(2 * ALIGNMENT, dtype=torch.uint8, device=device)
+        self._dummy = raw[_pad(raw.data_ptr()):]       # a valid, aligned address for empty tensors (P = 0)
+        self._scratch: dict[str, torch.Tensor] = {}   # per IO name: aligned bytes for a misaligned binding
+
+    def _staged(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]):
+        """The tensors to bind: each one itself when aligned, else this runner's aligned scratch of its
+        shape (KV-cache slot views and token slices start anywhere in their buffer). Returns
+        (inputs, outputs, [(scratch, output)] to copy back after the run); inputs are copied in here."""
+        bound_in = {name: self._aligned(name, t, copy_in=True) for name, t in inputs.items()}
+        bound_out = {name: self._aligned(name, t, copy_in=False) for name, t in outputs.items()}
+        back = [(bound_out[name], t) for name, t in outputs.items() if bound_out[name] is not t]
+        return bound_in, bound_out, back
+
+    def _aligned(self, name: str, t: torch.Tensor, copy_in: bool) -> torch.Tensor:
+        if t.numel() == 0 or t.data_ptr() % ALIGNMENT == 0:
+            return t
+        nbytes = t.numel() * t.element_size()
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < nbytes:
+            self._drop_graphs()   # a captured graph may hold the old scratch address
+            raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, device=t.device)
+            buf = self._scratch[name] = raw[_pad(raw.data_ptr()):][:nbytes]
+        view = buf[:nbytes].view(t.dtype).view(t.shape)
+        if copy_in:
+            view.copy_(t)
+        return view
 
     def _bind(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         ctx = self.context
@@ -66,13 +93,19 @@ class TrtRunner(GraphRunner):
     def _address(self, name: str, t: torch.Tensor) -> None:
         if not self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr()):
             raise StarflowError(f"TensorRT refused the address of {name!r} for {self.spec.name} (not a tensor of "
-                                "the engine, or not 256-byte aligned: see the TensorRT log); rebuild the engine")
+                                "the engine: see the TensorRT log); rebuild the engine")
 
     def _execute(self, stream_handle: int, what: str) -> None:
         if not self.context.execute_async_v3(stream_handle):
             raise StarflowError(f"TensorRT execution of {self.spec.name} failed{what} (see the TensorRT log above)")
 
     def infer_impl(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        inputs, outputs, back = self._staged(inputs, outputs)
+        self._run(inputs, outputs)
+        for scratch, out in back:
+            out.copy_(scratch)
+
+    def _run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         stream = torch.cuda.current_stream(self.device)
         key = None
         if self.cuda_graphs:
@@ -95,17 +128,26 @@ class TrtRunner(GraphRunner):
         stream.wait_stream(capture)
         self._graphs[key] = graph
 
-    def close(self) -> None:
-        """Free the captured CUDA graphs, then the execution context (its activation memory)."""
-        super().close()
+    def _drop_graphs(self) -> None:
         if self._graphs:
             torch.cuda.synchronize(self.device)   # no replay may still be in flight
             for graph in self._graphs.values():
                 graph.reset()
             self._graphs.clear()
+
+    def close(self) -> None:
+        """Free the captured CUDA graphs, then the execution context (its activation memory)."""
+        super().close()
+        self._drop_graphs()
         self.context = None
         self.engine = None
         self._dummy = None
+        self._scratch.clear()
+
+
+def _pad(address: int) -> int:
+    """Bytes from ``address`` to the next ``ALIGNMENT`` boundary."""
+    return -address % ALIGNMENT
 
 
 class TrtBackend(Backend):

@@ -163,10 +163,10 @@ def detect_prompt_encoder(checkpoint_sha256: Optional[str]) -> Optional[str]:
     """``"toy"`` when the export came from the bundled toy checkpoint (its text encoder ships with it)."""
     if not checkpoint_sha256:
         return None
-    from .export.manifest import sha256_path
+    from .staging import sha256_file
     from .toy import ASSETS
 
     toy = ASSETS / "model.pth"
-    if toy.exists() and sha256_path(toy) == checkpoint_sha256:
+    if toy.exists() and sha256_file(toy) == checkpoint_sha256:
         return "toy"
     return None

@@ -16,7 +16,7 @@ from . import options
 def _sha256(path: Optional[str]) -> Optional[dict]:
     if path is None:
         return None
-    from ..checkpoint import sha256_file
+    from ..staging import sha256_file
 
     return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 

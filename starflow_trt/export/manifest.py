@@ -34,7 +34,7 @@ from typing import Any, Mapping, Optional, Union
 from ..config import ModelConfig
 from ..errors import ManifestError
 from ..geometry import Geometry
-from ..staging import write_json_atomic
+from ..staging import sha256_file, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "starflow-trt/graphs"
@@ -42,15 +42,6 @@ FORMAT_VERSION = 3
 CONTENT_HASH = "content_sha256"
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "bool": 1}
-
-
-def sha256_path(path: Union[str, os.PathLike], chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_hash(data: Mapping[str, Any]) -> str:
@@ -141,7 +132,7 @@ class GraphSpec:
         path = self.path.parent / variant["file"]
         if not path.exists():
             raise ManifestError(f"{label} variant {path} of graph {self.name!r} is missing; {remedy} or restore it")
-        if sha256_path(path) != variant["sha256"]:
+        if sha256_file(path) != variant["sha256"]:
             raise ManifestError(f"{label} variant {path} of graph {self.name!r} was modified after it was written "
                                 "(sha256 mismatch); re-create it")
         return path
@@ -157,7 +148,7 @@ class GraphSpec:
         path = self.path
         if not path.exists():
             raise ManifestError(f"graph file {path} is missing; re-run `starflow-trt export`")
-        if sha256_path(path) != self.sha256:
+        if sha256_file(path) != self.sha256:
             raise ManifestError(f"graph file {path} was modified after export (sha256 mismatch); "
                                 "re-export it or restore the original")
         for extra in self.external_data:

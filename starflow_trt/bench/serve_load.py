@@ -28,6 +28,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..staging import MANIFEST_NAME
+
 REPO = Path(__file__).resolve().parents[2]
 LEVELS = (1, 2, 4, 8, 16)
 PROMPTS = ["a red square moving right", "a blue disc moving up", "a green square moving left",
@@ -204,7 +206,7 @@ def start_cluster(directory: Path, port: int, num_cpus: int, config=None) -> dic
 def toy_graphs(log=print) -> Path:
     """The toy export the serving benchmarks share (exported once into benchmarks/.cache)."""
     directory = REPO / "benchmarks" / ".cache" / "toy_graphs"
-    if not (directory / "manifest.json").exists():
+    if not (directory / MANIFEST_NAME).exists():
         from ..export.onnx_export import ExportLimits, export_graphs
         from ..toy import load_bundled
 

@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from ..errors import InputError
+from ..staging import MANIFEST_NAME
 
 
 class FiniteFloat(click.ParamType):
@@ -175,7 +176,7 @@ def export_dir(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from pathlib import Path
 
     root = Path(value)
-    if not (root / "manifest.json").exists() and (root / "graphs" / "manifest.json").exists():
+    if not (root / MANIFEST_NAME).exists() and (root / "graphs" / MANIFEST_NAME).exists():
         click.echo(f"{root} is a demo output: using its export {root / 'graphs'}", err=True)
         return str(root / "graphs")
     return value

@@ -34,10 +34,8 @@ from typing import Any, Mapping, Optional, Union
 from ..config import ModelConfig
 from ..errors import ManifestError
 from ..geometry import Geometry
-from ..staging import sha256_file, write_json_atomic
+from ..staging import MANIFEST_FORMAT, MANIFEST_NAME, sha256_file, write_json_atomic
 
-MANIFEST_NAME = "manifest.json"
-FORMAT = "starflow-trt/graphs"
 FORMAT_VERSION = 3
 CONTENT_HASH = "content_sha256"
 
@@ -292,7 +290,7 @@ class Manifest:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": self.precision,
+        data = {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "precision": self.precision,
                 "config": self.config.to_dict(), "config_hash": self.config_hash,
                 "checkpoint": self.checkpoint, "geometry": self.geometry.to_dict(), "opset": self.opset,
                 "exporter": self.exporter, "versions": self.versions,
@@ -319,8 +317,8 @@ def load_manifest(directory: Union[str, os.PathLike], verify: bool = False) -> M
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); re-export") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f"{path} is not a starflow-trt manifest (no format {FORMAT!r}); "
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{path} is not a starflow-trt manifest (no format {MANIFEST_FORMAT!r}); "
                             "pass a directory written by `starflow-trt export`")
     if data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path} has format_version {data.get('format_version')}, this starflow-trt reads "

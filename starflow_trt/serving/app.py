@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import InputError
+from ..staging import MANIFEST_NAME
 from .limits import RequestLimits
 from .summary import ModelSummary
 
@@ -166,7 +167,7 @@ def start(directory: Union[str, os.PathLike], config: Optional[ServeConfig] = No
     from ray import serve
 
     cfg = config or ServeConfig()
-    if not Path(directory, "manifest.json").exists():
+    if not Path(directory, MANIFEST_NAME).exists():
         raise InputError(f"{directory} is not an export/engine directory (no manifest.json); "
                          "run `starflow-trt export` first")
     init_ray(address)

@@ -171,7 +171,7 @@ def sample_calls(reference: Manifest, max_calls: int = 4, seed: int = 0) -> dict
     geo = reference.geometry
     reservoir = CallReservoir(max_calls, seed)
     prompts = [PROMPTS[(7 * i) % len(PROMPTS)] for i in range(geo.max_batch)]
-    options = dict(guidance=2.0, seed=seed, jacobi=JacobiConfig(block_size=16))
+    options = dict(guidance=2.0, seed=seed, jacobi=JacobiConfig())
     with make_backend("ort", reference) as backend:
         pipe = Pipeline(reference, CaptureBackend(backend, reservoir))
         if n.TEXT_ENCODER in reference.graphs:

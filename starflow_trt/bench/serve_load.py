@@ -150,7 +150,7 @@ class Baseline:
 
         y = self.toy.encode([body["prompt"]])
         yu = self.toy.encode([""])
-        jacobi = None if body.get("sampler") == "autoregressive" else JacobiConfig(16, 32, 1e-3)
+        jacobi = None if body.get("sampler") == "autoregressive" else JacobiConfig()
         try:
             with self.lock:
                 self.pipe.generate(y, yu, seed=body["seed"], guidance=body["guidance"], jacobi=jacobi,

@@ -88,7 +88,7 @@ def psnr(test: torch.Tensor, ref: torch.Tensor) -> float:
 def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: Optional[str] = None,
                         samples: Optional[int] = None, text: Optional[torch.Tensor] = None,
                         uncond: Optional[torch.Tensor] = None,
-                        guidance: float = 3.0, jacobi: Optional[JacobiConfig] = JacobiConfig(block_size=16),
+                        guidance: float = 3.0, jacobi: Optional[JacobiConfig] = JacobiConfig(),
                         exclude: Sequence[str] = DEFAULT_EXCLUDE, gate: Optional[QualityGate] = None,
                         eval_clips: Optional[tuple[torch.Tensor, torch.Tensor]] = None, max_calls: int = 48,
                         trt_version: str = "10.3.0", force: bool = False, overwrite: bool = False,

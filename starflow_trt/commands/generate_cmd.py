@@ -9,6 +9,7 @@ from typing import Any, Optional
 import click
 import numpy as np
 
+from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
 from ..runtime.backends import THREAD_POOLS
 from ..sampling import SCHEDULES
 from . import options
@@ -68,9 +69,9 @@ def option_error(exc) -> click.BadParameter:
               help="long videos: frames re-encoded as context when the window slides (default: window - 1)")
 @click.option("--guidance", default=None, type=float,
               help="classifier-free guidance (default: the export's cfg with --prompt, 0 with --text-embeddings)")
-@click.option("--jacobi-block", default=16, show_default=True, type=int)
-@click.option("--jacobi-iters", default=32, show_default=True, type=int)
-@click.option("--jacobi-threshold", default=1e-3, show_default=True, type=float)
+@click.option("--jacobi-block", default=DEFAULT_JACOBI_BLOCK, show_default=True, type=int)
+@click.option("--jacobi-iters", default=DEFAULT_JACOBI_ITERS, show_default=True, type=int)
+@click.option("--jacobi-threshold", default=DEFAULT_JACOBI_THRESHOLD, show_default=True, type=float)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Jacobi schedule (default: the runtime's fastest, predictive)")
 @click.option("--autoregressive", is_flag=True, help="token-by-token sampling instead of Jacobi")

@@ -1,0 +1,13 @@
+"""Option defaults the API, the CLI and the server share: one value per option, stated here once.
+
+No imports: the torch-free layers (:mod:`starflow_trt.request`, the server's ingress) and the
+sampling core read the same values.
+"""
+
+#: Jacobi chunk length in tokens (``4·block`` after frame 0): ``JacobiConfig``, ``JacobiOptions``,
+#: ``generate --jacobi-block``, the server's ``jacobi.block_size``
+DEFAULT_JACOBI_BLOCK = 16
+#: Jacobi sweeps per chunk at most
+DEFAULT_JACOBI_ITERS = 32
+#: Jacobi stopping bound on the relative update (0: run every sweep, exact)
+DEFAULT_JACOBI_THRESHOLD = 1e-3

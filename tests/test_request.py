@@ -91,6 +91,22 @@ def test_one_jacobi_default_across_api_cli_and_server():
     assert cli == (DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD) == (16, 32, 1e-3)
 
 
+def test_one_thread_pool_default_across_api_cli_and_server():
+    import inspect
+
+    from starflow_trt.commands.generate_cmd import generate_command
+    from starflow_trt.commands.serve_cmd import serve_command
+    from starflow_trt.defaults import DEFAULT_THREAD_POOL
+    from starflow_trt.runtime import Pipeline
+    from starflow_trt.runtime.backends import THREAD_POOLS, BackendOptions, make_backend
+    from starflow_trt.serving.app import ServeConfig
+
+    api = [inspect.signature(f).parameters["thread_pool"].default for f in (Pipeline.from_dir, make_backend)]
+    cli = [_cli_default(c, "thread_pool") for c in (generate_command, serve_command)]
+    assert {*api, *cli, BackendOptions().thread_pool, ServeConfig().thread_pool} == {DEFAULT_THREAD_POOL}
+    assert DEFAULT_THREAD_POOL in THREAD_POOLS
+
+
 def test_an_unnamed_grid_is_named_after_its_ratio():
     one = ModelSummary(**{**MEDIA.__dict__, "aspects": (), "height": 30, "width": 53})
     assert one.aspect == "53:30" and one.aspect_names == ("53:30",)

@@ -198,7 +198,7 @@ def start_cluster(directory: Path, port: int, num_cpus: int, config=None) -> dic
     t0 = time.perf_counter()
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     t_ray = time.perf_counter() - t0
-    start(directory, config or ServeConfig(), host="127.0.0.1", port=port)
+    start(directory, config or ServeConfig(thread_pool="shared"), host="127.0.0.1", port=port)
     return {"ray_init_s": round(t_ray, 2), "startup_s": round(time.perf_counter() - t0, 2)}
 
 

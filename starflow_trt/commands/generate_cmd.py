@@ -10,7 +10,6 @@ import click
 import numpy as np
 
 from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
-from ..runtime.backends import THREAD_POOLS
 from ..sampling import SCHEDULES
 from . import options
 
@@ -81,8 +80,7 @@ def option_error(exc) -> click.BadParameter:
 @options.cuda_graphs_option()
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
 @options.torch_device_options
-@click.option("--thread-pool", type=click.Choice(THREAD_POOLS), default="shared", show_default=True,
-              help="ORT CPU threads: one pool shared by all graphs, or a pool per graph")
+@options.thread_pool_option()
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @options.force_option()
 @click.pass_context

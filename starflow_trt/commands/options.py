@@ -192,6 +192,15 @@ def backend_option(default: str = "ort") -> Callable:
     return click.option("--backend", type=click.Choice(backend_names()), default=default, show_default=True)
 
 
+def thread_pool_option() -> Callable:
+    from ..defaults import DEFAULT_THREAD_POOL
+    from ..runtime.backends import THREAD_POOLS
+
+    return click.option("--thread-pool", type=click.Choice(THREAD_POOLS), default=DEFAULT_THREAD_POOL,
+                        show_default=True,
+                        help="ORT CPU threads: a pool per graph, or one pool shared by all graphs (faster)")
+
+
 def cuda_graphs_option() -> Callable:
     return click.option("--cuda-graphs", is_flag=True,
                         help="--backend trt (or torch on CUDA): capture each repeated call as a CUDA graph and replay it")

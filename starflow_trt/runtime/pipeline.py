@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
+from ..defaults import DEFAULT_THREAD_POOL
 from ..errors import InputError, ManifestError
 from ..export import names as n
 from ..calibration.floor import manifest_residual_floor
@@ -94,15 +95,15 @@ class Pipeline:
     @classmethod
     def from_dir(cls, directory: Union[str, os.PathLike], backend: str = "ort", precision: Optional[str] = None,
                  providers: Optional[Sequence] = None, checkpoint: Optional[Union[str, os.PathLike]] = None,
-                 threads: Optional[int] = None, verify: bool = True, thread_pool: str = "session",
+                 threads: Optional[int] = None, verify: bool = True, thread_pool: str = DEFAULT_THREAD_POOL,
                  device: Optional[str] = None, dtype: Optional[str] = None, cuda_graphs: bool = False) -> "Pipeline":
         """Load ``directory/manifest.json``; verify graph hashes; pick a backend.
 
         precision: expected precision of the directory (``None``: whatever it holds).
         providers: ORT execution providers (default CPU; ``"auto"``: best available).
-        thread_pool: ``"session"`` (default) or ``"shared"``: all ORT CPU sessions of the process
-        share one spinning pool (measured faster end to end; once on, every later ORT session of
-        the process must share it, so ORT's quantization tools no longer run in that process).
+        thread_pool: ``"session"`` (default: :data:`~starflow_trt.defaults.DEFAULT_THREAD_POOL`) or ``"shared"``:
+        all ORT CPU sessions of the process share one spinning pool (measured faster end to end; once on, every
+        later ORT session of the process must share it, so ORT's quantization tools no longer run in that process).
         cuda_graphs (``trt``; ``torch`` on CUDA): capture each repeated call once and replay it.
         device / dtype (``backend="torch"``): ``"cpu"`` | ``"cuda[:N]"``; ``"fp32"`` | ``"fp16"`` | ``"bf16"``
         (None: the export's).

@@ -43,12 +43,12 @@ class VaeStage:
         if len(inputs) != len(spec.inputs):
             raise InputError(f"graph {name!r} takes {len(spec.inputs)} inputs, got {len(inputs)}")
         x = inputs[0]
-        h, w = (x.shape[-2], x.shape[-1])
+        height, width = (x.shape[-2], x.shape[-1])
         if spec.inputs[0].name == n.FRAMES:
-            h, w = h // self.spatial, w // self.spatial
-        sizes = {"batch": x.shape[0], "h": h, "w": w, "H": h * self.spatial, "W": w * self.spatial}
+            height, width = height // self.spatial, width // self.spatial
+        sizes = {"batch": x.shape[0], "h": height, "w": width, "H": height * self.spatial, "W": width * self.spatial}
         for r in (2, 4, 8):
-            sizes[f"h_x{r}"], sizes[f"w_x{r}"] = h * r, w * r
+            sizes[f"h_x{r}"], sizes[f"w_x{r}"] = height * r, width * r
         dev = self.graphs.device
         feed = {t.name: v.to(dev).contiguous() for t, v in zip(spec.inputs, inputs)}
         out = {t.name: torch.empty(*t.concrete(sizes), device=dev) for t in spec.outputs}

@@ -373,7 +373,7 @@ class Pipeline:
             clip = prepare_image(image, g.height, g.width)             # [1, 1, 3, H, W]: the latents are pixels
             noisy = lambda gen: clip + g.noise_std * torch.randn(clip.shape, generator=gen)   # noqa: E731
         else:
-            from ..media.vae import context_latents
+            from ..media.latents import context_latents
 
             vae = self.vae_stage
             H, W = g.height * vae.spatial, g.width * vae.spatial

@@ -95,7 +95,8 @@ def main(argv=None) -> dict:
 
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="starflow-videos-") as videos:
-        cluster = start_cluster(toy_graphs(), port, num_cpus=2, config=ServeConfig(videos_dir=videos))
+        cluster = start_cluster(toy_graphs(), port, num_cpus=2,
+                                config=ServeConfig(videos_dir=videos, thread_pool="shared"))
         try:
             result = {"cluster": cluster, **measure(port, args.runs)}
         finally:

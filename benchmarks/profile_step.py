@@ -34,6 +34,7 @@ from starflow_trt.bench.workloads import graph_tensors  # noqa: E402
 from starflow_trt.export import names  # noqa: E402
 from starflow_trt.export.registry import graph_kind  # noqa: E402
 from starflow_trt.export.manifest import load_manifest  # noqa: E402
+from starflow_trt.staging import MANIFEST_NAME  # noqa: E402
 
 
 def session_options(threads: int, profile_prefix: str | None = None):
@@ -152,9 +153,9 @@ def export_bench(graphs: Path, int8: Path | None) -> None:
 
     config = bench_config("bench.yaml")
     ckpt = make_bench_checkpoint(config, graphs.parent / "bench_model.pth")
-    if not (graphs / "manifest.json").exists():
+    if not (graphs / MANIFEST_NAME).exists():
         export_graphs(config, ckpt, graphs, limits=ExportLimits(max_batch=1), force=True)
-    if int8 is not None and not (int8 / "manifest.json").exists():
+    if int8 is not None and not (int8 / MANIFEST_NAME).exists():
         from starflow_trt.calibration import calibrate_directory
 
         geo = load_manifest(graphs).geometry

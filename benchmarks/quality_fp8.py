@@ -25,6 +25,7 @@ from starflow_trt.calibration import calibrate_directory
 from starflow_trt.config import load_config
 from starflow_trt.export.manifest import load_manifest
 from starflow_trt.runtime import Pipeline
+from starflow_trt.staging import MANIFEST_NAME
 from starflow_trt.toy import PROMPTS, load_bundled
 from starflow_trt.toy.calibration import toy_calibration_set
 
@@ -44,7 +45,7 @@ def toy_export(cache: Path) -> Path:
     from starflow_trt.export.onnx_export import ExportLimits, export_graphs
 
     out = cache / "toy_graphs"
-    if not (out / "manifest.json").exists():
+    if not (out / MANIFEST_NAME).exists():
         toy = load_bundled()
         export_graphs(toy.config_path, toy.checkpoint_path, out, limits=ExportLimits(max_batch=8), force=True)
     return out
@@ -54,7 +55,7 @@ def calibrate_all(src: Path, cache: Path, stem: str, toy: bool, log) -> dict[str
     out = {}
     for label, precision, placement in VARIANTS:
         dst = cache / f"quality_{stem}_{label.replace(' ', '_')}"
-        if not (dst / "manifest.json").exists():
+        if not (dst / MANIFEST_NAME).exists():
             log(f"{stem}: calibrating {label}")
             if toy:
                 text, uncond, clips = toy_calibration_set(load_manifest(src), samples=16)

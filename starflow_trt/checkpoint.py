@@ -6,7 +6,6 @@ refused by torch's weights-only unpickler and reported as such.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -30,15 +29,6 @@ _SHOW = 20
 
 def is_deprecated_key(key: str) -> bool:
     return any(p.match(key) for p in DEPRECATED_KEYS_PATTERNS)
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _refusal(exc: Exception) -> Optional[str]:

@@ -35,6 +35,15 @@ TEXT_ENCODER_WIDTHS = {
     "google/flan-t5-xxl": 4096,
 }
 
+#: ``field`` metadata naming a field's upstream YAML key where it differs from the field's name
+KEY = "yaml_key"
+
+
+def yaml_key(f: dataclasses.Field) -> str:
+    """The upstream YAML key (and stored-config key) of a :class:`ModelConfig` field."""
+    return f.metadata.get(KEY, f.name)
+
+
 #: Wan2.2 VAE (the one STARFlow-V uses): spatial factor 16, temporal factor 4, 48 channels.
 VAE_SPATIAL_FACTOR = 16
 TEMPORAL_FACTOR = 4
@@ -139,7 +148,8 @@ class ModelConfig:
     vae: Optional[str] = None
     finetuned_vae: Optional[str] = None
     text: Optional[str] = None
-    cfg: tuple[float, ...] = ()
+    #: classifier-free guidance values the config was trained / sampled with (upstream key ``cfg``)
+    guidance_values: tuple[float, ...] = field(default=(), metadata={KEY: "cfg"})
     drop_label: float = 0.0
     drop_image: float = 0.0
     # --- keys we do not know (training-only ones included): kept verbatim, never fatal ---
@@ -380,13 +390,13 @@ class ModelConfig:
             if not f.compare:   # provenance (absent, txt_dim_source): not part of the model
                 continue
             v = getattr(self, f.name)
-            out[f.name] = [list(x) for x in v] if f.name == "unknown" else (list(v) if isinstance(v, tuple) else v)
+            out[yaml_key(f)] = [list(x) for x in v] if f.name == "unknown" else (list(v) if isinstance(v, tuple) else v)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
         kwargs = {}
-        names = {f.name for f in fields(cls)}
+        names = {yaml_key(f): f.name for f in fields(cls)}
         for key, value in data.items():
             if key not in names:
                 raise ConfigError(f"unknown config field {key!r} in stored config")
@@ -394,7 +404,7 @@ class ModelConfig:
                 value = tuple(tuple(x) for x in value)
             elif isinstance(value, list):
                 value = tuple(value)
-            kwargs[key] = value
+            kwargs[names[key]] = value
         return cls(**kwargs)
 
     def hash(self) -> str:
@@ -414,7 +424,7 @@ class ModelConfig:
                 continue
             if isinstance(v, tuple):
                 v = " ".join(str(x) for x in v)
-            items.append({f.name: v})
+            items.append({yaml_key(f): v})
         items.extend({k: v} for k, v in self.unknown)
         return yaml.safe_dump({"arguments": items}, sort_keys=False)
 
@@ -499,7 +509,7 @@ def applied_defaults(cfg: ModelConfig) -> list[str]:
         v = getattr(cfg, f.name)
         if v is None or v == ():
             continue
-        out.append(f"{f.name} {' '.join(map(str, v)) if isinstance(v, tuple) else v}")
+        out.append(f"{yaml_key(f)} {' '.join(map(str, v)) if isinstance(v, tuple) else v}")
     if "txt_dim" in cfg.absent and cfg.txt_size > 0:
         width = cfg.text_width
         out.append(f"txt_dim {width} (from {cfg.text_width_source})" if width is not None
@@ -509,7 +519,7 @@ def applied_defaults(cfg: ModelConfig) -> list[str]:
 
 _PARSERS = {
     "layers_per_block": _parse_int_list,
-    "cfg": _parse_float_list,
+    "guidance_values": _parse_float_list,
     "top_block_channels": _parse_opt_int,
     "pt_seq_len": _parse_opt_int,
     "num_heads": _parse_opt_int,
@@ -532,7 +542,8 @@ _PARSERS = {
 }
 
 
-def _convert(name: str, raw: str, kind: type) -> Any:
+def _convert(name: str, raw: str, kind: type, key: str) -> Any:
+    """The value of field ``name`` from its YAML text ``raw`` (``key``: the YAML key, for the error)."""
     parser = _PARSERS.get(name)
     try:
         if parser is not None:
@@ -541,7 +552,7 @@ def _convert(name: str, raw: str, kind: type) -> Any:
             return int(float(raw)) if raw.strip().lower() not in ("true", "false") else int(raw.strip().lower() == "true")
         return raw
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config field {name!r}: cannot parse value {raw!r} ({exc}); fix the YAML value") from exc
+        raise ConfigError(f"config field {key!r}: cannot parse value {raw!r} ({exc}); fix the YAML value") from exc
 
 
 _INT_FIELDS = {f.name for f in fields(ModelConfig) if f.type in ("int", int)}
@@ -559,7 +570,7 @@ def parse_config(data: Mapping[str, Any] | str) -> ModelConfig:
     items = data["arguments"]
     if not isinstance(items, list):
         raise ConfigError("'arguments' must be a list of one-key maps like '- channels: 512'")
-    known = {f.name: f for f in fields(ModelConfig) if f.name != "unknown" and f.compare}
+    known = {yaml_key(f): f.name for f in fields(ModelConfig) if f.name != "unknown" and f.compare}
     values: dict[str, Any] = {}
     unknown: list[tuple[str, str]] = []
     for item in items:
@@ -568,10 +579,11 @@ def parse_config(data: Mapping[str, Any] | str) -> ModelConfig:
         for key, value in item.items():
             raw = "" if value is None else str(value)
             if key in known:
-                values[key] = _convert(key, raw, int if key in _INT_FIELDS else str)
+                name = known[key]
+                values[name] = _convert(name, raw, int if name in _INT_FIELDS else str, key)
             else:
                 unknown.append((str(key), raw))
-    absent = tuple(name for name in known if name not in values)   # these keep upstream's defaults
+    absent = tuple(name for name in known.values() if name not in values)   # these keep upstream's defaults
     cfg = ModelConfig(**values, unknown=tuple(unknown), absent=absent)
     cfg.validate()
     return cfg

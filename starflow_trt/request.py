@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
 from .errors import InputError
 from .summary import ModelSummary
 
@@ -64,9 +65,9 @@ class JacobiOptions:
     """Jacobi sampling options; ``window`` / ``context_length`` (frames): the long-video attention window
     (None: the model's window, else the export's frames; context: window - 1)."""
 
-    block_size: int = 16
-    max_iter: int = 32
-    threshold: float = 1e-3
+    block_size: int = DEFAULT_JACOBI_BLOCK
+    max_iter: int = DEFAULT_JACOBI_ITERS
+    threshold: float = DEFAULT_JACOBI_THRESHOLD
     schedule: Optional[str] = None   # None: the runtime's default (predictive)
     window: Optional[int] = None
     context_length: Optional[int] = None

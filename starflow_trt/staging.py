@@ -19,6 +19,7 @@ Every verb that writes a directory (export, calibrate, build, generate, score, d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -105,6 +106,15 @@ def temp_file_beside(path: PathLike, suffix: str = "") -> str:
 
 
 # ------------------------------------------------------------------ strict JSON
+def sha256_file(path: PathLike, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def finite_json(data: Any) -> Any:
     """``data`` with every non-finite float (NaN, ±inf) replaced by ``None`` (JSON ``null``)."""
     if isinstance(data, float):

@@ -138,7 +138,8 @@ class ModelSummary:
                    height=g.height, width=g.width, max_frames=g.max_frames, max_batch=g.max_batch,
                    text_length=g.text_length, text_width=int(g.text_width or 0),
                    pixel_space=not cfg.vae and not vae and g.channel_size == 3, has_denoiser=g.has_denoiser,
-                   window=g.local_attn_window, default_guidance=float(cfg.cfg[0]) if cfg.cfg else 0.0,
+                   window=g.local_attn_window,
+                   default_guidance=float(cfg.guidance_values[0]) if cfg.guidance_values else 0.0,
                    noise_std=float(g.noise_std), prompt_encoder=encoder, config_hash=m.config_hash,
                    checkpoint_sha256=sha, graphs=tuple(sorted(m.graphs)), engines=m.extra.get("engines"),
                    aspects=aspects, vae=vae, pixel_scale=scale, fps=cfg.fps,
@@ -163,10 +164,10 @@ def detect_prompt_encoder(checkpoint_sha256: Optional[str]) -> Optional[str]:
     """``"toy"`` when the export came from the bundled toy checkpoint (its text encoder ships with it)."""
     if not checkpoint_sha256:
         return None
-    from .export.manifest import sha256_path
+    from .staging import sha256_file
     from .toy import ASSETS
 
     toy = ASSETS / "model.pth"
-    if toy.exists() and sha256_path(toy) == checkpoint_sha256:
+    if toy.exists() and sha256_file(toy) == checkpoint_sha256:
         return "toy"
     return None

@@ -34,6 +34,7 @@ import numpy as np
 
 from .errors import BackendUnavailable, InputError, ManifestError, StarflowError
 from .export.manifest import GraphSpec, Manifest, load_manifest
+from .staging import MANIFEST_NAME
 
 PathLike = Union[str, os.PathLike]
 
@@ -110,9 +111,9 @@ def recorded_reference(manifest: Manifest) -> Optional[Path]:
             return None
         seen.add(source)
         path = Path(source)
-        if not path.is_absolute() and not (path / "manifest.json").is_file():   # recorded relative to another cwd
+        if not path.is_absolute() and not (path / MANIFEST_NAME).is_file():   # recorded relative to another cwd
             path = root.root.parent / path.name
-        if not (path / "manifest.json").is_file():
+        if not (path / MANIFEST_NAME).is_file():
             return None
         root = load_manifest(path)
         if _is_fp32_onnx(root):
@@ -170,7 +171,7 @@ def sample_calls(reference: Manifest, max_calls: int = 4, seed: int = 0) -> dict
     geo = reference.geometry
     reservoir = CallReservoir(max_calls, seed)
     prompts = [PROMPTS[(7 * i) % len(PROMPTS)] for i in range(geo.max_batch)]
-    options = dict(guidance=2.0, seed=seed, jacobi=JacobiConfig(block_size=16))
+    options = dict(guidance=2.0, seed=seed, jacobi=JacobiConfig())
     with make_backend("ort", reference) as backend:
         pipe = Pipeline(reference, CaptureBackend(backend, reservoir))
         if n.TEXT_ENCODER in reference.graphs:

@@ -88,7 +88,8 @@ def test_generate_cli_shared_thread_pool(goldens_export, cases, tmp_path):
     np.save(noise, cases["noise"].numpy())
     out = subprocess.run([sys.executable, "-m", "starflow_trt.cli", "generate", str(goldens_export),
                           "--text-embeddings", str(y), "--noise", str(noise), "--no-denoise",
-                          "-o", str(tmp_path / "gen")], capture_output=True, text=True, timeout=300)
+                          "--thread-pool", "shared", "-o", str(tmp_path / "gen")],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     stats = json.loads((tmp_path / "gen" / "stats.json").read_text())
     assert stats["backend"]["thread_pool"] == "shared" and stats["schedule"] == "predictive"

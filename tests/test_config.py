@@ -58,6 +58,16 @@ def test_round_trip_and_hash():
     assert cfg.replace(channels=1024).hash() != cfg.hash()
 
 
+def test_guidance_values_keep_the_upstream_key():
+    """The attribute says what it holds; the YAML, the stored config and its hash keep upstream's ``cfg``."""
+    cfg = load_config(CONFIG_7B)
+    assert cfg.guidance_values == (3.5,)
+    assert cfg.to_dict()["cfg"] == [3.5] and "guidance_values" not in cfg.to_dict()
+    assert "- cfg: '3.5'" in cfg.to_yaml() and "guidance_values" not in cfg.to_yaml()
+    text = "arguments:\n- channels: 64\n- rope: 1\n- sos: 1\n- head_dim: 32\n- cfg: 2 4.5\n"
+    assert parse_config(text).guidance_values == (2.0, 4.5)
+
+
 @pytest.mark.parametrize("text,needle", [
     ("channels: 3", "arguments"),
     ("arguments: 5", "list"),
@@ -98,7 +108,7 @@ def test_published_7b_parses_like_the_bundled_one():
     published, bundled = load_config(PUBLISHED_7B), load_config(CONFIG_7B)
     assert published.head_dim == 64 and published.text_width == 2048 and published.txt_dim is None
     assert {"head_dim", "txt_dim", "use_bias", "norm_type"} <= set(published.absent)
-    assert "channels" not in published.absent and published.cfg == (2.5,)
+    assert "channels" not in published.absent and published.guidance_values == (2.5,)
     assert "fsdp" in published.training_keys and "lr" in published.training_keys
     assert published.unknown_keys == ()
     model_fields = ("layers", "channels", "top_channels", "head_dim", "txt_size", "text_width", "rope_seq_len",

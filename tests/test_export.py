@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from starflow_trt.errors import ManifestError, StarflowError
-from starflow_trt.export.graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph, kv_names
+from starflow_trt.export.graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph
 from starflow_trt.export.manifest import load_manifest
+from starflow_trt.export.names import kv_names
 from starflow_trt.reference.rope import rope_table
 
 ort = pytest.importorskip("onnxruntime")

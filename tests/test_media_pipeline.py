@@ -40,7 +40,7 @@ def png(full_export):
 
 
 def test_image_to_video_context_is_encode_video_of_the_image(full_export, png, monkeypatch):
-    from starflow_trt.media import vae as V
+    from starflow_trt.media import latents as V
     from starflow_trt.media.io import prepare_image
     from starflow_trt.runtime import Pipeline
 

@@ -99,7 +99,7 @@ def test_tokenize_pads_truncates_and_appends_eos(encoder):
 
 
 def test_tokenizer_files_hashed_and_copied(t5_dir, tmp_path):
-    from starflow_trt.checkpoint import sha256_file
+    from starflow_trt.staging import sha256_file
 
     hashes = T.tokenizer_files(t5_dir)
     assert "tokenizer.json" in hashes and hashes["tokenizer.json"] == sha256_file(t5_dir / "tokenizer.json")

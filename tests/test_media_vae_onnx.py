@@ -28,11 +28,11 @@ def setup(tmp_path_factory):
     torch.set_num_threads(1)
     vae = make_vae(seed=1)
     out = tmp_path_factory.mktemp("vae_graphs")
-    graphs = vae_graphs(vae, h=2, w=3, batch=2)
+    graphs = vae_graphs(vae, height=2, width=3, batch=2)
     dynamic = {"vae_decode_first", "vae_decode_step"}
     paths = {name: export_graph(g, out, dynamic=name in dynamic) for name, g in graphs.items()}
     sessions = {name: ort_run(path) for name, path in paths.items()}
-    step2 = vae_graphs(vae, h=2, w=3, batch=2, frames_per_step=2)["vae_decode_step"]
+    step2 = vae_graphs(vae, height=2, width=3, batch=2, frames_per_step=2)["vae_decode_step"]
     step2.name = "vae_decode_step2"
     sessions["vae_decode_step2"] = ort_run(export_graph(step2, out, dynamic=False))
     yield vae, graphs, sessions, paths

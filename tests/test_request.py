@@ -72,6 +72,41 @@ def test_defaults_and_sources():
         build_request(no_text, prompt="a")
 
 
+def _cli_default(command, name: str):
+    return next(p.default for p in command.params if p.name == name)
+
+
+def test_one_jacobi_default_across_api_cli_and_server():
+    """``JacobiConfig`` (API), ``JacobiOptions`` (requests), ``generate``'s options and the server's JSON
+    without a ``jacobi`` field all take the one value of :mod:`starflow_trt.defaults`."""
+    from starflow_trt.commands.generate_cmd import generate_command
+    from starflow_trt.defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
+    from starflow_trt.request import JacobiOptions
+    from starflow_trt.sampling import JacobiConfig
+
+    served = parse_request(json.dumps({"prompt": "a cat"}).encode(), MEDIA, RequestLimits()).generation.jacobi
+    cli = tuple(_cli_default(generate_command, n) for n in ("jacobi_block", "jacobi_iters", "jacobi_threshold"))
+    for made in (JacobiConfig(), JacobiOptions(), served):
+        assert (made.block_size, made.max_iter, made.threshold) == cli
+    assert cli == (DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD) == (16, 32, 1e-3)
+
+
+def test_one_thread_pool_default_across_api_cli_and_server():
+    import inspect
+
+    from starflow_trt.commands.generate_cmd import generate_command
+    from starflow_trt.commands.serve_cmd import serve_command
+    from starflow_trt.defaults import DEFAULT_THREAD_POOL
+    from starflow_trt.runtime import Pipeline
+    from starflow_trt.runtime.backends import THREAD_POOLS, BackendOptions, make_backend
+    from starflow_trt.serving.app import ServeConfig
+
+    api = [inspect.signature(f).parameters["thread_pool"].default for f in (Pipeline.from_dir, make_backend)]
+    cli = [_cli_default(c, "thread_pool") for c in (generate_command, serve_command)]
+    assert {*api, *cli, BackendOptions().thread_pool, ServeConfig().thread_pool} == {DEFAULT_THREAD_POOL}
+    assert DEFAULT_THREAD_POOL in THREAD_POOLS
+
+
 def test_an_unnamed_grid_is_named_after_its_ratio():
     one = ModelSummary(**{**MEDIA.__dict__, "aspects": (), "height": 30, "width": 53})
     assert one.aspect == "53:30" and one.aspect_names == ("53:30",)

@@ -330,7 +330,7 @@ def test_stats_are_strict_json_with_seed_and_options(goldens_export, npys, tmp_p
     assert cli["verb"] == "generate" and cli["noise_source"] == "file" and cli["options"]["seed"] == 7
     assert cli["options"]["guidance"] == 2.0 and cli["options"]["backend"] == "ort"
     assert cli["options"]["thread_pool"] == "session" and cli["options"]["autoregressive"] is True
-    from starflow_trt.checkpoint import sha256_file
+    from starflow_trt.staging import sha256_file
 
     assert cli["inputs"]["noise"]["sha256"] == sha256_file(npys.noise)
     assert cli["inputs"]["text_embeddings"]["sha256"] == sha256_file(npys.y)

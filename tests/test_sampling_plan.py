@@ -147,7 +147,7 @@ def test_request_resolution():
     y, noise = _inputs()
     req = check_request(SPEC, y)                      # no noise: default frames, drawn by the caller
     assert req.frames == 5 and req.noise is None and req.schedule is None and req.denoise_chunks is None
-    req = check_request(SPEC, y, noise, y_uncond=y * 0, guidance=2, jacobi=JacobiConfig(), denoise=True,
+    req = check_request(SPEC, y, noise, y_uncond=y * 0, guidance=2, jacobi=JacobiConfig(block_size=64), denoise=True,
                         context=noise[:, :1])
     assert req.guidance == 2.0 and req.schedule == "sliding" and req.n_ctx == 1 and req.text().shape[0] == 4
     assert req.denoise_chunks == [(0, 3, 0)] and req.solver.window is None

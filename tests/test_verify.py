@@ -16,7 +16,8 @@ pytest.importorskip("polygraphy")
 from click.testing import CliRunner  # noqa: E402
 
 from starflow_trt.cli import main  # noqa: E402
-from starflow_trt.export.manifest import load_manifest, sha256_path  # noqa: E402
+from starflow_trt.export.manifest import load_manifest  # noqa: E402
+from starflow_trt.staging import sha256_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_calibrate_keeps_the_text_encoder_fp32_and_prompts_encode_identically(to
     m32, m16 = load_manifest(fp32), load_manifest(fp16)
     te = m16.graphs["text_encoder"]
     assert te.precision == "fp32" and "FP32" in te.extra["precision_policy"]
-    assert te.sha256 == m32.graphs["text_encoder"].sha256 == sha256_path(te.path)   # copied unchanged
+    assert te.sha256 == m32.graphs["text_encoder"].sha256 == sha256_file(te.path)   # copied unchanged
     assert m16.graphs["denoiser"].precision == "fp16"                                # flow graphs converted
     assert "text_encoder" not in m16.extra["quality"]["graphs"]                      # fp32: nothing to gate
     prompts = ["a red square moving right", "a blue disc moving up"]
@@ -147,7 +148,7 @@ def test_verify_fails_a_corrupted_graph(toy_dirs, tmp_path):
     arr = numpy_helper.to_array(init)
     init.CopyFrom(numpy_helper.from_array((arr * 1.5).astype(arr.dtype), init.name))   # a consistent but wrong graph
     onnx.save(model, str(spec.path))
-    m.graphs["denoiser"] = spec.derive(sha256=sha256_path(spec.path))
+    m.graphs["denoiser"] = spec.derive(sha256=sha256_file(spec.path))
     m.save(bad)
     report = tmp_path / "r.json"
     code, out = _run([bad, "--inputs", capture, "--report", report])

@@ -19,6 +19,7 @@ import torch
 from ..config import load_config
 from ..errors import StarflowError
 from ..sampling import JacobiConfig
+from ..staging import MANIFEST_NAME
 from .machine import machine_info, memory_bandwidth, peak_gemm_flops
 from .paths import BenchPaths, bench_config, model_config_7b
 from .projection import ScheduleWork, projection_table, stage_projection_table
@@ -113,7 +114,7 @@ def _prepare(plan: BenchPlan, paths: BenchPaths, log) -> dict[str, Path]:
     stem = Path(plan.config).stem
     dirs = {"config": config, "ckpt": make_bench_checkpoint(config, paths.cache / f"{stem}_model.pth"),
             "graphs": paths.cache / f"{stem}_graphs", "int8": paths.cache / f"{stem}_int8"}
-    if not (dirs["graphs"] / "manifest.json").exists():
+    if not (dirs["graphs"] / MANIFEST_NAME).exists():
         log(f"exporting the {plan.label}")
         export_graphs(config, dirs["ckpt"], dirs["graphs"], limits=ExportLimits(max_batch=1), force=True)
     if plan.toy:
@@ -121,7 +122,7 @@ def _prepare(plan: BenchPlan, paths: BenchPaths, log) -> dict[str, Path]:
 
         toy = load_bundled()
         dirs.update(toy_graphs=paths.cache / "toy_graphs", toy_int8=paths.cache / "toy_int8")
-        if not (dirs["toy_graphs"] / "manifest.json").exists():
+        if not (dirs["toy_graphs"] / MANIFEST_NAME).exists():
             log("exporting the toy model")
             export_graphs(toy.config_path, toy.checkpoint_path, dirs["toy_graphs"],
                           limits=ExportLimits(max_batch=8), force=True)
@@ -130,13 +131,13 @@ def _prepare(plan: BenchPlan, paths: BenchPaths, log) -> dict[str, Path]:
         from ..toy.calibration import toy_calibration_set
 
         geo = load_manifest(dirs["graphs"]).geometry
-        if not (dirs["int8"] / "manifest.json").exists():
+        if not (dirs["int8"] / MANIFEST_NAME).exists():
             log(f"calibrating the {plan.label} to INT8 (random prompts; random weights are no quality target)")
             gc = torch.Generator().manual_seed(7)
             calib_y = torch.randn(4, geo.text_length, geo.text_width, generator=gc)
             calibrate_directory(dirs["graphs"], dirs["int8"], "int8", text=calib_y, uncond=torch.zeros_like(calib_y),
                                 guidance=2.0, force=True, overwrite=True, log=lambda m: None)
-        if plan.toy and not (dirs["toy_int8"] / "manifest.json").exists():
+        if plan.toy and not (dirs["toy_int8"] / MANIFEST_NAME).exists():
             log("calibrating the toy model to INT8")
             text, uncond, clips = toy_calibration_set(load_manifest(dirs["toy_graphs"]), samples=16)
             calibrate_directory(dirs["toy_graphs"], dirs["toy_int8"], "int8", text=text, uncond=uncond,

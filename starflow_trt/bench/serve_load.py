@@ -28,6 +28,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..staging import MANIFEST_NAME
+
 REPO = Path(__file__).resolve().parents[2]
 LEVELS = (1, 2, 4, 8, 16)
 PROMPTS = ["a red square moving right", "a blue disc moving up", "a green square moving left",
@@ -148,7 +150,7 @@ class Baseline:
 
         y = self.toy.encode([body["prompt"]])
         yu = self.toy.encode([""])
-        jacobi = None if body.get("sampler") == "autoregressive" else JacobiConfig(16, 32, 1e-3)
+        jacobi = None if body.get("sampler") == "autoregressive" else JacobiConfig()
         try:
             with self.lock:
                 self.pipe.generate(y, yu, seed=body["seed"], guidance=body["guidance"], jacobi=jacobi,
@@ -196,7 +198,7 @@ def start_cluster(directory: Path, port: int, num_cpus: int, config=None) -> dic
     t0 = time.perf_counter()
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     t_ray = time.perf_counter() - t0
-    start(directory, config or ServeConfig(), host="127.0.0.1", port=port)
+    start(directory, config or ServeConfig(thread_pool="shared"), host="127.0.0.1", port=port)
     return {"ray_init_s": round(t_ray, 2), "startup_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -204,7 +206,7 @@ def start_cluster(directory: Path, port: int, num_cpus: int, config=None) -> dic
 def toy_graphs(log=print) -> Path:
     """The toy export the serving benchmarks share (exported once into benchmarks/.cache)."""
     directory = REPO / "benchmarks" / ".cache" / "toy_graphs"
-    if not (directory / "manifest.json").exists():
+    if not (directory / MANIFEST_NAME).exists():
         from ..export.onnx_export import ExportLimits, export_graphs
         from ..toy import load_bundled
 

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..config import load_config
+from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_THRESHOLD
 from ..export import names
 from ..export.registry import find_graph_kind, graph_kind
 from ..reference.sampler import JacobiConfig
@@ -88,7 +89,7 @@ def _schedules(block: int, threshold: float) -> list[tuple[str, Optional[JacobiC
     return rows
 
 
-def end_to_end(ref, pipe, y, u, noise, runs: int, guidance: float = 2.0, block: int = 16, threshold: float = 1e-3,
+def end_to_end(ref, pipe, y, u, noise, runs: int, guidance: float = 2.0, block: int = DEFAULT_JACOBI_BLOCK, threshold: float = DEFAULT_JACOBI_THRESHOLD,
                label: str = "", extra_pipes: Optional[dict] = None, peers: Optional[dict] = None) -> list[dict]:
     """AR and every Jacobi schedule per pipeline, the reference, and peers: seconds, calls, tokens, distance to AR.
 
@@ -162,7 +163,7 @@ def end_to_end(ref, pipe, y, u, noise, runs: int, guidance: float = 2.0, block: 
 
 
 def schedule_quality(pipe, texts: torch.Tensor, uncond: torch.Tensor, noise_shape: tuple, guidance: float,
-                     label: str, block: int = 16, threshold: float = 1e-3, seed: int = 100) -> dict:
+                     label: str, block: int = DEFAULT_JACOBI_BLOCK, threshold: float = DEFAULT_JACOBI_THRESHOLD, seed: int = 100) -> dict:
     """Every Jacobi schedule over several samples: distance to AR (median/mean/max) and work.
 
     One sample is not enough on these models: an early token 1e-3 off can move a later

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from ..errors import StarflowError
-from ..export.manifest import Manifest, load_manifest, sha256_path
-from ..staging import staged_directory
+from ..export.manifest import Manifest, load_manifest
+from ..staging import sha256_file, staged_directory
 from ..reference.sampler import JacobiConfig
 from .capture import CaptureSet, capture_activations, iter_feeds
 from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, quantize_graph_trt, weight_quantized_matmuls
@@ -88,7 +88,7 @@ def psnr(test: torch.Tensor, ref: torch.Tensor) -> float:
 def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: Optional[str] = None,
                         samples: Optional[int] = None, text: Optional[torch.Tensor] = None,
                         uncond: Optional[torch.Tensor] = None,
-                        guidance: float = 3.0, jacobi: Optional[JacobiConfig] = JacobiConfig(block_size=16),
+                        guidance: float = 3.0, jacobi: Optional[JacobiConfig] = JacobiConfig(),
                         exclude: Sequence[str] = DEFAULT_EXCLUDE, gate: Optional[QualityGate] = None,
                         eval_clips: Optional[tuple[torch.Tensor, torch.Tensor]] = None, max_calls: int = 48,
                         trt_version: str = "10.3.0", force: bool = False, overwrite: bool = False,
@@ -229,7 +229,7 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
             log(f"  {name}: kept fp32 ({decision.reason})")
             shutil.copy2(spec.path, dst)
             graph_precision = "fp32"
-        new.graphs[name] = spec.derive(root=tmp, precision=graph_precision, sha256=sha256_path(dst),
+        new.graphs[name] = spec.derive(root=tmp, precision=graph_precision, sha256=sha256_file(dst),
                                        extra={**spec.extra, "conversion": info, "precision_policy": decision.reason})
     return new
 

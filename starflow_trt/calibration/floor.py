@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..defaults import DEFAULT_JACOBI_BLOCK
 from ..export import names
 from ..sampling import JacobiConfig
 
@@ -26,7 +27,7 @@ QUANTILE = 0.5
 
 
 def measure_residual_floor(pipe, text: torch.Tensor, uncond: Optional[torch.Tensor], guidance: float,
-                           block_size: int = 16, prompts: int = 4, seed: int = 31) -> dict:
+                           block_size: int = DEFAULT_JACOBI_BLOCK, prompts: int = 4, seed: int = 31) -> dict:
     """Run the upstream schedule with threshold 0 for :data:`SWEEPS` sweeps per chunk on ``prompts``
     prompts (text [n, L, D]) and return ``{"value": floor, ...}``: the :data:`QUANTILE` of the last
     relative update of the deep block's full-length chunks (the ones that stall: the update of

@@ -15,6 +15,7 @@ import click
 import torch
 
 from .. import logs
+from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_THRESHOLD
 from ..toy import DEMO_PROMPTS
 from . import options
 
@@ -24,7 +25,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> dict:
             "rel_l2": float((a - b).norm() / b.norm())}
 
 
-def run_demo(out: Path, guidance: float = 3.0, seed: int = 0, block: int = 16, threshold: float = 1e-3,
+def run_demo(out: Path, guidance: float = 3.0, seed: int = 0, block: int = DEFAULT_JACOBI_BLOCK, threshold: float = DEFAULT_JACOBI_THRESHOLD,
              held_out: int = 64, log: Callable[[str], None] = logs.echo) -> dict:
     """The whole demo into ``out`` (staged: replaced only if starflow-trt wrote it); returns the report
     dict (also written as report.json / report.md)."""

@@ -9,14 +9,14 @@ from typing import Any, Optional
 import click
 import numpy as np
 
-from ..runtime.backends import THREAD_POOLS
+from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
 from ..sampling import SCHEDULES
 from . import options
 
 def _sha256(path: Optional[str]) -> Optional[dict]:
     if path is None:
         return None
-    from ..checkpoint import sha256_file
+    from ..staging import sha256_file
 
     return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 
@@ -68,9 +68,9 @@ def option_error(exc) -> click.BadParameter:
               help="long videos: frames re-encoded as context when the window slides (default: window - 1)")
 @click.option("--guidance", default=None, type=float,
               help="classifier-free guidance (default: the export's cfg with --prompt, 0 with --text-embeddings)")
-@click.option("--jacobi-block", default=16, show_default=True, type=int)
-@click.option("--jacobi-iters", default=32, show_default=True, type=int)
-@click.option("--jacobi-threshold", default=1e-3, show_default=True, type=float)
+@click.option("--jacobi-block", default=DEFAULT_JACOBI_BLOCK, show_default=True, type=int)
+@click.option("--jacobi-iters", default=DEFAULT_JACOBI_ITERS, show_default=True, type=int)
+@click.option("--jacobi-threshold", default=DEFAULT_JACOBI_THRESHOLD, show_default=True, type=float)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Jacobi schedule (default: the runtime's fastest, predictive)")
 @click.option("--autoregressive", is_flag=True, help="token-by-token sampling instead of Jacobi")
@@ -80,8 +80,7 @@ def option_error(exc) -> click.BadParameter:
 @options.cuda_graphs_option()
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
 @options.torch_device_options
-@click.option("--thread-pool", type=click.Choice(THREAD_POOLS), default="shared", show_default=True,
-              help="ORT CPU threads: one pool shared by all graphs, or a pool per graph")
+@options.thread_pool_option()
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @options.force_option()
 @click.pass_context

@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from ..errors import InputError
+from ..staging import MANIFEST_NAME
 
 
 class FiniteFloat(click.ParamType):
@@ -175,7 +176,7 @@ def export_dir(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from pathlib import Path
 
     root = Path(value)
-    if not (root / "manifest.json").exists() and (root / "graphs" / "manifest.json").exists():
+    if not (root / MANIFEST_NAME).exists() and (root / "graphs" / MANIFEST_NAME).exists():
         click.echo(f"{root} is a demo output: using its export {root / 'graphs'}", err=True)
         return str(root / "graphs")
     return value
@@ -189,6 +190,15 @@ def backend_option(default: str = "ort") -> Callable:
     from ..runtime.backends import backend_names
 
     return click.option("--backend", type=click.Choice(backend_names()), default=default, show_default=True)
+
+
+def thread_pool_option() -> Callable:
+    from ..defaults import DEFAULT_THREAD_POOL
+    from ..runtime.backends import THREAD_POOLS
+
+    return click.option("--thread-pool", type=click.Choice(THREAD_POOLS), default=DEFAULT_THREAD_POOL,
+                        show_default=True,
+                        help="ORT CPU threads: a pool per graph, or one pool shared by all graphs (faster)")
 
 
 def cuda_graphs_option() -> Callable:

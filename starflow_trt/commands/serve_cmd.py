@@ -42,6 +42,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--providers", type=click.Choice(["cpu", "auto"]), default="cpu", show_default=True,
               help="ORT execution providers: CPU, or the best available (CUDA / TensorRT EPs)")
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads per replica")
+@options.thread_pool_option()
 @click.option("--max-batch", type=int, default=None, help="requests per generate call (default: the export's)")
 @click.option("--batch-wait-ms", type=float, default=20.0, show_default=True,
               help="how long a batch waits for more requests")
@@ -59,8 +60,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--videos-max-age", default=24.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="hours a finished video job is kept")
 def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_replica, accelerator_type, host, port,
-                  address, max_queued, timeout_s, backend, cuda_graphs, providers, threads, max_batch, batch_wait_ms,
-                  batch_approximate, no_warmup, api_key, videos_dir, videos_max_count, videos_max_mb,
+                  address, max_queued, timeout_s, backend, cuda_graphs, providers, threads, thread_pool, max_batch,
+                  batch_wait_ms, batch_approximate, no_warmup, api_key, videos_dir, videos_max_count, videos_max_mb,
                   videos_max_age) -> None:
     """Serve DIRECTORY over HTTP: the streaming API (POST /v1/videos/stream, NDJSON), OpenAI's videos API
     (POST /v1/videos, GET /v1/videos[/ID[/content]], DELETE /v1/videos/ID), GET /v1/models, GET /healthz
@@ -76,7 +77,7 @@ def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_
         raise StarflowError(f"serving needs Ray Serve ({exc}); pip install 'starflow-trt[serve]'") from exc
     gpu = backend == "trt" or providers == "auto"
     cfg = ServeConfig(backend=backend, cuda_graphs=cuda_graphs, providers="auto" if providers == "auto" else None,
-                      threads=threads, replicas=replicas, max_replicas=max_replicas,
+                      threads=threads, thread_pool=thread_pool, replicas=replicas, max_replicas=max_replicas,
                       gpus_per_replica=(1.0 if gpu else 0.0) if gpus_per_replica is None else gpus_per_replica,
                       cpus_per_replica=cpus_per_replica, accelerator_type=accelerator_type, max_batch=max_batch,
                       batch_wait_s=batch_wait_ms / 1000, batch_approximate=batch_approximate, max_queued=max_queued,

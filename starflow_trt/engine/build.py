@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..errors import BackendUnavailable, StarflowError
-from ..export.manifest import Manifest, load_manifest, sha256_path
-from ..staging import staged_directory
+from ..export.manifest import Manifest, load_manifest
+from ..staging import sha256_file, staged_directory
 from .metadata import DeviceInfo, EngineMetadata
 from .ops import check_graph_ops
 from .profiles import graph_profile
@@ -180,7 +180,7 @@ def build_engines(graph_dir: Path, out_dir: Path, options: BuildOptions, log=pri
                                   tensorrt_version=trt.__version__, gpu_name=device.name,
                                   compute_capability=device.compute_capability, profiles=item["profile"],
                                   build_options={k: v for k, v in plan.items() if k != "graphs"},
-                                  engine_sha256=sha256_path(engine_path))
+                                  engine_sha256=sha256_file(engine_path))
             meta.save(tmp / f"{name}.engine.json")
             manifest.graphs[name] = spec.derive(root=tmp, file=engine_path.name, sha256=meta.engine_sha256,
                                                 extra={**spec.extra, "engine": meta.to_dict()})

@@ -32,7 +32,6 @@ from torch import nn
 from ..reference.denoiser import Denoiser
 from ..reference.flow import FlowBlock
 from ..reference.layers import IN_CACHE, KV, TwoPartMask, causal_mask
-from .names import kv_names  # noqa: F401  (re-exported: the KV naming lives in names.py)
 
 
 def additive_causal_mask(queries: int, keys: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -34,23 +34,12 @@ from typing import Any, Mapping, Optional, Union
 from ..config import ModelConfig
 from ..errors import ManifestError
 from ..geometry import Geometry
-from ..staging import write_json_atomic
+from ..staging import MANIFEST_FORMAT, MANIFEST_NAME, sha256_file, write_json_atomic
 
-MANIFEST_NAME = "manifest.json"
-FORMAT = "starflow-trt/graphs"
 FORMAT_VERSION = 3
 CONTENT_HASH = "content_sha256"
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "bool": 1}
-
-
-def sha256_path(path: Union[str, os.PathLike], chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_hash(data: Mapping[str, Any]) -> str:
@@ -141,7 +130,7 @@ class GraphSpec:
         path = self.path.parent / variant["file"]
         if not path.exists():
             raise ManifestError(f"{label} variant {path} of graph {self.name!r} is missing; {remedy} or restore it")
-        if sha256_path(path) != variant["sha256"]:
+        if sha256_file(path) != variant["sha256"]:
             raise ManifestError(f"{label} variant {path} of graph {self.name!r} was modified after it was written "
                                 "(sha256 mismatch); re-create it")
         return path
@@ -157,7 +146,7 @@ class GraphSpec:
         path = self.path
         if not path.exists():
             raise ManifestError(f"graph file {path} is missing; re-run `starflow-trt export`")
-        if sha256_path(path) != self.sha256:
+        if sha256_file(path) != self.sha256:
             raise ManifestError(f"graph file {path} was modified after export (sha256 mismatch); "
                                 "re-export it or restore the original")
         for extra in self.external_data:
@@ -301,7 +290,7 @@ class Manifest:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": self.precision,
+        data = {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "precision": self.precision,
                 "config": self.config.to_dict(), "config_hash": self.config_hash,
                 "checkpoint": self.checkpoint, "geometry": self.geometry.to_dict(), "opset": self.opset,
                 "exporter": self.exporter, "versions": self.versions,
@@ -328,8 +317,8 @@ def load_manifest(directory: Union[str, os.PathLike], verify: bool = False) -> M
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); re-export") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f"{path} is not a starflow-trt manifest (no format {FORMAT!r}); "
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{path} is not a starflow-trt manifest (no format {MANIFEST_FORMAT!r}); "
                             "pass a directory written by `starflow-trt export`")
     if data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path} has format_version {data.get('format_version')}, this starflow-trt reads "

@@ -104,14 +104,14 @@ class MediaSources:
 def source_record(path: Path) -> dict:
     """``{"path", "sha256": {file: sha256}}`` of a media source (a file, or a directory's config/weight files),
     recorded in the manifest so the torch backend can rebuild the graph from the same weights."""
-    from .manifest import sha256_path
+    from ..staging import sha256_file
 
     path = Path(path).resolve()
     if path.is_file():
-        return {"path": str(path), "sha256": {path.name: sha256_path(path)}}
+        return {"path": str(path), "sha256": {path.name: sha256_file(path)}}
     files = sorted(f for f in path.rglob("*") if f.is_file() and (
         f.suffix in (".safetensors", ".bin", ".pth", ".pt") or f.name == "config.json"))
-    return {"path": str(path), "sha256": {str(f.relative_to(path)): sha256_path(f) for f in files}}
+    return {"path": str(path), "sha256": {str(f.relative_to(path)): sha256_file(f) for f in files}}
 
 
 def check_source(spec) -> Path:

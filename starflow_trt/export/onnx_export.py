@@ -37,14 +37,14 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import load_state_dict, sha256_file, strip_wrapper_prefixes, validate_state_dict
+from ..checkpoint import load_state_dict, strip_wrapper_prefixes, validate_state_dict
 from ..config import ModelConfig, load_config
 from ..errors import StarflowError
 from ..geometry import Geometry
 from ..reference import build_model, infer_text_width
 from .limits import ExportLimits, geometry_for
-from ..staging import staged_directory
-from .manifest import GraphSpec, Manifest, TensorInfo, sha256_path
+from ..staging import sha256_file, staged_directory
+from .manifest import GraphSpec, Manifest, TensorInfo
 from .registry import GraphPlan, graph_kind, plan_graphs
 from .weights import BlockLoader
 
@@ -109,7 +109,7 @@ def export_one(plan: GraphPlan, geo: Geometry, directory: Path, opset: int, exte
     del module
     _check_graph(path)
     externals = sorted({e.location for e in _external_refs(path)}) if use_external else []
-    spec = GraphSpec(name=plan.name, file=path.name, sha256=sha256_path(path), kind=plan.kind, block=plan.block,
+    spec = GraphSpec(name=plan.name, file=path.name, sha256=sha256_file(path), kind=plan.kind, block=plan.block,
                      precision=precision, inputs=plan.inputs, outputs=plan.outputs, dims=plan.dims,
                      external_data=externals,
                      extra={"params": params, "bytes": _dir_bytes(directory, [path.name, *externals]), **extra})

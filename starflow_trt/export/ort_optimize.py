@@ -283,7 +283,8 @@ def write_ort_variants(directory: Union[str, os.PathLike], graphs: Optional[Sequ
     """
     import onnxruntime
 
-    from .manifest import load_manifest, sha256_path
+    from ..staging import sha256_file
+    from .manifest import load_manifest
 
     manifest = load_manifest(directory)
     names = list(graphs) if graphs else [n for n, s in manifest.graphs.items() if s.kind in VARIANT_KINDS]
@@ -299,7 +300,7 @@ def write_ort_variants(directory: Union[str, os.PathLike], graphs: Optional[Sequ
             dst.unlink()
             rows.append({"graph": name, "fusions": counts, "file": None})
             continue
-        spec.ort_variant = {"file": dst.name, "sha256": sha256_path(dst), "fusions": counts,
+        spec.ort_variant = {"file": dst.name, "sha256": sha256_file(dst), "fusions": counts,
                             # the portable graph's own files (shared, not copied)
                             "external_data": list(spec.external_data),
                             "onnxruntime": onnxruntime.__version__}

@@ -228,6 +228,6 @@ def share_external_data(variant: Path, portable: Path) -> int:
 
 def trt_variant_entry(path: Path, external_data: Sequence[str]) -> dict:
     """The manifest's ``trt_variant`` record of a written variant file."""
-    from .manifest import sha256_path
+    from ..staging import sha256_file
 
-    return {"file": path.name, "sha256": sha256_path(path), "form": FORM, "external_data": list(external_data)}
+    return {"file": path.name, "sha256": sha256_file(path), "form": FORM, "external_data": list(external_data)}

@@ -6,7 +6,7 @@
   dims, loading upstream's ``Wan2.2_VAE.pth`` or a diffusers directory), :mod:`.latents`
   (latent normalisation, draws and noise, spec §14), :mod:`.vae_graphs` (the cache-explicit
   ``vae_decode_first`` / ``vae_decode_step`` / ``vae_encode*`` wrappers), :mod:`.vae_stream`
-  (streaming decode); :mod:`.vae` re-exports them.
+  (streaming decode, frame counts).
 * :mod:`.io` — image/video loading (resize to cover, centre crop, [-1, 1]) and
   the mp4 writer (clamp, truncate to uint8, H.264, frames appended as they are decoded).
 * :mod:`.graphs` — the graph contracts (names, symbolic shapes, example inputs) of

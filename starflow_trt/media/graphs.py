@@ -90,23 +90,25 @@ def _caches(plan: CachePlan, names: list[str]) -> list[TensorInfo]:
     return [TensorInfo(n, "float32", e.symbolic()) for n, e in zip(names, plan.entries)]
 
 
-def vae_graphs(vae, h: int = 2, w: int = 3, batch: int = 2, frames_per_step: int = 1) -> dict[str, MediaGraph]:
-    """The five VAE graphs for an ``AutoencoderKLWan``; example latent grid ``h × w`` (≥ 2 each).
+def vae_graphs(vae, height: int = 2, width: int = 3, batch: int = 2,
+               frames_per_step: int = 1) -> dict[str, MediaGraph]:
+    """The five VAE graphs for an ``AutoencoderKLWan``; example latent frame ``height × width`` (≥ 2 each;
+    the graphs' dims ``h`` / ``w``).
 
     ``frames_per_step`` is the static latent-frame count ``k`` of the step graphs.
     """
-    if min(h, w, batch) < 2:
-        raise ValueError("example batch, h and w must be >= 2 (a size-1 axis is specialised)")
+    if min(height, width, batch) < 2:
+        raise ValueError("example batch, height and width must be >= 2 (a size-1 axis is specialised)")
     z, s = vae.config.z_dim, vae.config.scale_factor_spatial
     k = int(frames_per_step)
     dec_plan, enc_plan = probe_cache_plan(vae, "decoder"), probe_cache_plan(vae, "encoder")
     lat = ("batch", 1, z, "h", "w")
     pix = ("batch", 1, 3, "H", "W")
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(batch, 1 + k, z, h, w, generator=g)
-    frames = torch.rand(batch, 1 + 4 * k, 3, h * s, w * s, generator=g) * 2 - 1
-    dec_caches = dec_plan.zeros(batch, h, w)
-    enc_caches = enc_plan.zeros(batch, h, w)
+    latents = torch.randn(batch, 1 + k, z, height, width, generator=g)
+    frames = torch.rand(batch, 1 + 4 * k, 3, height * s, width * s, generator=g) * 2 - 1
+    dec_caches = dec_plan.zeros(batch, height, width)
+    enc_caches = enc_plan.zeros(batch, height, width)
     extra = {"spatial_factor": s, "temporal_factor": vae.config.scale_factor_temporal, "z_dim": z,
              "frames_per_step": k}
     return {

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..checkpoint import sha256_file
+from ..staging import sha256_file
 from ..errors import CheckpointError, InputError, StarflowError
 
 PathLike = Union[str, os.PathLike]

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .vae import WAN22_VAE_CONFIG
+from .vae_load import WAN22_VAE_CONFIG
 
 PathLike = Union[str, os.PathLike]
 

@@ -25,15 +25,16 @@ from .vae_stream import check_frame_count
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One cached causal conv: ``[B, channels, frames, h·scale, w·scale]`` for latent grid ``h × w``."""
+    """One cached causal conv: ``[B, channels, frames, height·scale, width·scale]`` for a latent frame
+    ``height × width`` (latent pixels; ONNX dims ``h`` / ``w``, ``h_xS`` / ``w_xS``)."""
 
     module: str
     channels: int
     frames: int
     scale: int
 
-    def shape(self, batch: int, h: int, w: int) -> tuple[int, int, int, int, int]:
-        return (batch, self.channels, self.frames, h * self.scale, w * self.scale)
+    def shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+        return (batch, self.channels, self.frames, height * self.scale, width * self.scale)
 
     def symbolic(self) -> tuple[Union[int, str], ...]:
         suffix = "" if self.scale == 1 else f"_x{self.scale}"
@@ -56,15 +57,15 @@ class CachePlan:
     def output_names(self) -> list[str]:
         return [f"new_cache_{i}" for i in range(len(self.entries))]
 
-    def shapes(self, batch: int, h: int, w: int) -> list[tuple[int, ...]]:
-        return [e.shape(batch, h, w) for e in self.entries]
+    def shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
+        return [e.shape(batch, height, width) for e in self.entries]
 
-    def zeros(self, batch: int, h: int, w: int, like: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    def zeros(self, batch: int, height: int, width: int, like: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
-        return [torch.zeros(s, **kw) for s in self.shapes(batch, h, w)]
+        return [torch.zeros(s, **kw) for s in self.shapes(batch, height, width)]
 
-    def bytes(self, batch: int, h: int, w: int, itemsize: int = 4) -> int:
-        return sum(math.prod(s) for s in self.shapes(batch, h, w)) * itemsize
+    def bytes(self, batch: int, height: int, width: int, itemsize: int = 4) -> int:
+        return sum(math.prod(s) for s in self.shapes(batch, height, width)) * itemsize
 
     def to_dict(self) -> dict[str, Any]:
         return {"part": self.part, "names": self.input_names(),
@@ -130,7 +131,7 @@ def probe_cache_plan(vae, part: str) -> CachePlan:
     return CachePlan(part, tuple(entries))
 
 
-def _settle(feat: Sequence, plan: CachePlan, ref: torch.Tensor, h, w) -> list[torch.Tensor]:
+def _settle(feat: Sequence, plan: CachePlan, ref: torch.Tensor, height: int, width: int) -> list[torch.Tensor]:
     """First-chunk cache list → steady shapes.
 
     A conv that has seen one frame holds one; zero-padding it in front to two frames is
@@ -140,7 +141,7 @@ def _settle(feat: Sequence, plan: CachePlan, ref: torch.Tensor, h, w) -> list[to
     out = []
     for entry, t in zip(plan.entries, feat):
         if t is None or isinstance(t, str):
-            t = ref.new_zeros((ref.shape[0], entry.channels, entry.frames, h * entry.scale, w * entry.scale))
+            t = ref.new_zeros((ref.shape[0], entry.channels, entry.frames, height * entry.scale, width * entry.scale))
         elif t.shape[2] < entry.frames:
             t = F.pad(t, (0, 0, 0, 0, entry.frames - t.shape[2], 0))
         elif t.shape[2] > entry.frames:

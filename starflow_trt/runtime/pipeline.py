@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
+from ..defaults import DEFAULT_THREAD_POOL
 from ..errors import InputError, ManifestError
 from ..export import names as n
 from ..calibration.floor import manifest_residual_floor
@@ -96,15 +97,15 @@ class Pipeline:
     @classmethod
     def from_dir(cls, directory: Union[str, os.PathLike], backend: str = "ort", precision: Optional[str] = None,
                  providers: Optional[Sequence] = None, checkpoint: Optional[Union[str, os.PathLike]] = None,
-                 threads: Optional[int] = None, verify: bool = True, thread_pool: str = "session",
+                 threads: Optional[int] = None, verify: bool = True, thread_pool: str = DEFAULT_THREAD_POOL,
                  device: Optional[str] = None, dtype: Optional[str] = None, cuda_graphs: bool = False) -> "Pipeline":
         """Load ``directory/manifest.json``; verify graph hashes; pick a backend.
 
         precision: expected precision of the directory (``None``: whatever it holds).
         providers: ORT execution providers (default CPU; ``"auto"``: best available).
-        thread_pool: ``"session"`` (default) or ``"shared"``: all ORT CPU sessions of the process
-        share one spinning pool (measured faster end to end; once on, every later ORT session of
-        the process must share it, so ORT's quantization tools no longer run in that process).
+        thread_pool: ``"session"`` (default: :data:`~starflow_trt.defaults.DEFAULT_THREAD_POOL`) or ``"shared"``:
+        all ORT CPU sessions of the process share one spinning pool (measured faster end to end; once on, every
+        later ORT session of the process must share it, so ORT's quantization tools no longer run in that process).
         cuda_graphs (``trt``; ``torch`` on CUDA): capture each repeated call once and replay it.
         device / dtype (``backend="torch"``): ``"cpu"`` | ``"cuda[:N]"``; ``"fp32"`` | ``"fp16"`` | ``"bf16"``
         (None: the export's).
@@ -374,7 +375,7 @@ class Pipeline:
             clip = prepare_image(image, g.height, g.width)             # [1, 1, 3, H, W]: the latents are pixels
             noisy = lambda gen: clip + g.noise_std * torch.randn(clip.shape, generator=gen)   # noqa: E731
         else:
-            from ..media.vae import context_latents
+            from ..media.latents import context_latents
 
             vae = self.vae_stage
             H, W = g.height * vae.spatial, g.width * vae.spatial

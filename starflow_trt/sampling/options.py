@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
+
 #: Jacobi schedules the sampling core implements (spec §10.2 "upstream"; "sliding", "predictive": see :mod:`.jacobi`).
 SCHEDULES = ("upstream", "sliding", "predictive")
 
@@ -26,9 +28,9 @@ class JacobiConfig:
     ``delta < max(threshold, floor)`` (:attr:`stop`); ``threshold = 0`` stays exact-only.
     """
 
-    block_size: int = 64
-    max_iter: int = 32
-    threshold: float = 1e-3
+    block_size: int = DEFAULT_JACOBI_BLOCK
+    max_iter: int = DEFAULT_JACOBI_ITERS
+    threshold: float = DEFAULT_JACOBI_THRESHOLD
     schedule: Optional[str] = None
     window: Optional[int] = None
     context_length: Optional[int] = None

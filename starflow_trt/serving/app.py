@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..defaults import DEFAULT_THREAD_POOL
 from ..errors import InputError
+from ..staging import MANIFEST_NAME
 from .limits import RequestLimits
 from .summary import ModelSummary
 
@@ -34,7 +36,7 @@ class ServeConfig:
     precision: Optional[str] = None
     providers: Optional[str] = None          # ORT: None (CPU) or "auto" (best available EP)
     threads: Optional[int] = None
-    thread_pool: str = "shared"
+    thread_pool: str = DEFAULT_THREAD_POOL  # ORT: "session" | "shared" (one pool for all sessions of a replica)
     cuda_graphs: bool = False                # trt / torch on CUDA: CUDA-graph replay of repeated calls
     replicas: int = 1
     max_replicas: Optional[int] = None       # > replicas: autoscale on ongoing requests
@@ -166,7 +168,7 @@ def start(directory: Union[str, os.PathLike], config: Optional[ServeConfig] = No
     from ray import serve
 
     cfg = config or ServeConfig()
-    if not Path(directory, "manifest.json").exists():
+    if not Path(directory, MANIFEST_NAME).exists():
         raise InputError(f"{directory} is not an export/engine directory (no manifest.json); "
                          "run `starflow-trt export` first")
     init_ray(address)

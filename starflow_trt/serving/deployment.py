@@ -119,7 +119,7 @@ class VideoGenerator:
 
         g = self.pipe.geo
         y = torch.zeros(1, g.text_length, g.text_width)
-        self.pipe.generate(y, y_uncond=y, guidance=1.0, num_frames=min(2, g.max_frames), jacobi=JacobiConfig(16))
+        self.pipe.generate(y, y_uncond=y, guidance=1.0, num_frames=min(2, g.max_frames), jacobi=JacobiConfig())
 
     # ------------------------------------------------------------ requests
     async def stream(self, req: VideoRequest) -> AsyncIterator[dict]:

@@ -19,7 +19,7 @@ def toy_calibration_set(manifest: Manifest, samples: int
                         ) -> Optional[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
     """(text [N, L, D], uncond [N, L, D], eval clips (x [64, T, C, H, W], y)) when ``manifest`` was exported
     from the bundled toy checkpoint; None otherwise."""
-    from ..checkpoint import sha256_file
+    from ..staging import sha256_file
     from . import PROMPTS, load_bundled
     from .train import held_out_set
 

@@ -16,6 +16,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from ...defaults import DEFAULT_THREAD_POOL
 from ...errors import BackendUnavailable, InputError
 from ...export.manifest import Manifest
 from .base import Backend
@@ -31,7 +32,7 @@ class BackendOptions:
     providers: Optional[Sequence] = None   # ort: execution providers (None: CPU, "auto": best available)
     checkpoint: Optional[str] = None       # torch: the checkpoint the graphs came from
     threads: Optional[int] = None          # ort, torch: intra-op threads
-    thread_pool: str = "session"           # ort: "session" | "shared"
+    thread_pool: str = DEFAULT_THREAD_POOL  # ort: "session" | "shared"
     device: Optional[str] = None           # torch: "cpu" (default) | "cuda" | "cuda:N"
     dtype: Optional[str] = None            # torch: "fp32" | "fp16" | "bf16" (None: the manifest's)
     cuda_graphs: bool = False              # trt, torch on CUDA: capture each repeated call once, replay it after
@@ -73,7 +74,7 @@ def backend_status() -> dict[str, tuple[bool, Optional[str]]]:
 
 
 def make_backend(kind: str, manifest: Manifest, providers=None, checkpoint=None, threads=None,
-                 thread_pool: str = "session", device: Optional[str] = None, dtype: Optional[str] = None,
+                 thread_pool: str = DEFAULT_THREAD_POOL, device: Optional[str] = None, dtype: Optional[str] = None,
                  cuda_graphs: bool = False) -> Backend:
     """Backend by registered name (``ort`` | ``torch`` | ``trt`` | …). ``thread_pool`` (ort): ``session`` | ``shared``;
     ``device`` / ``dtype`` / ``cuda_graphs``: the torch backend's (see :mod:`.torch_backend`)."""

@@ -178,7 +178,8 @@ class TorchBackend(Backend):
     def __init__(self, manifest: Manifest, checkpoint: Optional[Union[str, os.PathLike]] = None,
                  device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
                  cuda_graphs: bool = False, threads: Optional[int] = None):
-        from ...checkpoint import load_state_dict, sha256_file, strip_wrapper_prefixes
+        from ...checkpoint import load_state_dict, strip_wrapper_prefixes
+        from ...staging import sha256_file
         from ...export.weights import BlockLoader
 
         super().__init__()

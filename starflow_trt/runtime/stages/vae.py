@@ -25,7 +25,7 @@ class VaeStage:
     """The export's VAE graphs and latent statistics (graphs loaded on first use)."""
 
     def __init__(self, graphs: Graphs):
-        from ...media.vae import LatentNorm
+        from ...media.latents import LatentNorm
 
         if not graphs.has(n.VAE_DECODE_FIRST):
             raise ManifestError(f"{graphs.manifest.root} has no VAE graphs; re-export with "
@@ -43,12 +43,12 @@ class VaeStage:
         if len(inputs) != len(spec.inputs):
             raise InputError(f"graph {name!r} takes {len(spec.inputs)} inputs, got {len(inputs)}")
         x = inputs[0]
-        h, w = (x.shape[-2], x.shape[-1])
+        height, width = (x.shape[-2], x.shape[-1])
         if spec.inputs[0].name == n.FRAMES:
-            h, w = h // self.spatial, w // self.spatial
-        sizes = {"batch": x.shape[0], "h": h, "w": w, "H": h * self.spatial, "W": w * self.spatial}
+            height, width = height // self.spatial, width // self.spatial
+        sizes = {"batch": x.shape[0], "h": height, "w": width, "H": height * self.spatial, "W": width * self.spatial}
         for r in (2, 4, 8):
-            sizes[f"h_x{r}"], sizes[f"w_x{r}"] = h * r, w * r
+            sizes[f"h_x{r}"], sizes[f"w_x{r}"] = height * r, width * r
         dev = self.graphs.device
         feed = {t.name: v.to(dev).contiguous() for t, v in zip(spec.inputs, inputs)}
         out = {t.name: torch.empty(*t.concrete(sizes), device=dev) for t in spec.outputs}
@@ -62,7 +62,7 @@ class VaeStage:
 
         One latent frame per step; ``on_frames(chunk [B, f, 3, H, W])`` fires as each chunk decodes.
         """
-        from ...media.vae import decode_streaming
+        from ...media.vae_stream import decode_streaming
 
         z = self._check_latents(latents)
         raw = self.norm.to_vae(z)
@@ -77,7 +77,7 @@ class VaeStage:
     # ------------------------------------------------------------- encode
     def moments(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames [B, 1+4n, 3, H, W] in [-1, 1] → raw (mean, logvar) [B, 1+n, z, h, w]."""
-        from ...media.vae import check_frame_count
+        from ...media.vae_stream import check_frame_count
 
         frames = as_float32(frames, "frames")
         if frames.dim() != 5 or frames.shape[2] != 3:

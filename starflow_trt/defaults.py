@@ -8,6 +8,14 @@ sampling core read the same values.
 #: faster end to end but, once on, binds every later ORT session of the process (ORT's quantization
 #: tools no longer run there), so a process turns it on by asking for it
 DEFAULT_THREAD_POOL = "session"
+#: fps of a request that names none (prompt template and video) when the config's ``vid_size`` names none;
+#: otherwise the config's fps is the default (:attr:`~starflow_trt.summary.ModelSummary.default_fps`)
+DEFAULT_FPS = 16
+#: Jacobi schedules the sampling core implements (spec §10.2 "upstream"; "sliding", "predictive": see
+#: :mod:`starflow_trt.sampling.jacobi`), named here so the torch-free request layer validates them too
+SCHEDULES = ("upstream", "sliding", "predictive")
+#: the schedule of a Jacobi request that names none (``"upstream"`` reproduces upstream exactly)
+DEFAULT_SCHEDULE = "predictive"
 #: Jacobi chunk length in tokens (``4·block`` after frame 0): ``JacobiConfig``, ``JacobiOptions``,
 #: ``generate --jacobi-block``, the server's ``jacobi.block_size``
 DEFAULT_JACOBI_BLOCK = 16

@@ -19,17 +19,13 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
+from .defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD, SCHEDULES
 from .errors import InputError
 from .summary import ModelSummary
 
 SAMPLERS = ("jacobi", "autoregressive")
-#: the Jacobi schedules of :mod:`starflow_trt.sampling` (named here so the ingress needs no torch)
-SCHEDULES = ("predictive", "sliding", "upstream")
 #: the longest video a request may ask for (latent frames; beyond ``max_frames``: the Jacobi window)
 MAX_VIDEO_FRAMES = 1 << 16
-#: the fps of the prompt template and the video when a request does not say (``Pipeline.generate``'s)
-DEFAULT_FPS = 16
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 
@@ -251,7 +247,7 @@ def build_request(model: ModelSummary, limits: RequestLimits = RequestLimits(), 
     if n > m.max_frames and sampler != "jacobi":
         raise RequestError("sampler", f"{n} frames exceed the export's {m.max_frames}: a longer video runs "
                                       "through the attention window, which needs sampler jacobi")
-    fps = check_int("fps", DEFAULT_FPS if fps is None else fps, 1, lim.max_fps)
+    fps = check_int("fps", model.default_fps if fps is None else fps, 1, lim.max_fps)
     _media(m, prompts, image, video, ctx)
     n_ctx = int(ctx.shape[1]) if ctx is not None else (1 if image is not None else 0)
     if n_ctx and not n_ctx < n:

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from .defaults import DEFAULT_FPS
+
 if TYPE_CHECKING:
     from .export.manifest import Manifest
 
@@ -56,6 +58,11 @@ class ModelSummary:
     fps: Optional[int] = None     # the config's video fps (``vid_size = "frames:fps"``), None: image config
 
     # ------------------------------------------------------------ derived
+    @property
+    def default_fps(self) -> int:
+        """The fps of a request that names none: the config's (its training clips'), else ``DEFAULT_FPS``."""
+        return self.fps or DEFAULT_FPS
+
     @property
     def grid_aspects(self) -> tuple[tuple[str, int, int], ...]:
         """Every (aspect name, latent H, latent W); one entry named by the reduced ratio when none is recorded."""

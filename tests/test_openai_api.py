@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from starflow_trt.defaults import DEFAULT_FPS
 from starflow_trt.serving import openai_api as oai
 from starflow_trt.serving.auth import BearerAuth, authorized, needs_key
 from starflow_trt.serving.job_runner import run_job, spritesheet
@@ -90,7 +91,7 @@ def test_seconds_to_frames_at_the_exports_fps():
     assert oai.frames_for_seconds(0.01, 8, vae=False) == 1
     t = oai.frames_for_seconds(5, 16, vae=True)                      # 80 pixel frames → (80 - 1) // 4 + 1
     assert t == 20 and oai.pixel_frames(t, vae=True) == 77
-    assert oai.seconds_of(21, WAN) == "5.0625" and oai.export_fps(replace(TOY, fps=None)) == oai.DEFAULT_FPS
+    assert oai.seconds_of(21, WAN) == "5.0625" and oai.export_fps(replace(TOY, fps=None)) == DEFAULT_FPS == 16
     msg = _bad({"prompt": "p", "seconds": "4"}, "seconds")            # 32 frames > the toy's 6
     assert "at most 6 frames (0.75 s)" in msg
     _bad({"prompt": "p", "seconds": "-1"}, "seconds")

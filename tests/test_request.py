@@ -107,6 +107,22 @@ def test_one_thread_pool_default_across_api_cli_and_server():
     assert DEFAULT_THREAD_POOL in THREAD_POOLS
 
 
+def test_one_fps_default_the_exports():
+    # was: 16 for the CLI, the API and the streaming API, the export's fps for the OpenAI API (8 for the toy)
+    from dataclasses import replace
+
+    from starflow_trt.commands.generate_cmd import generate_command
+    from starflow_trt.defaults import DEFAULT_FPS
+    from starflow_trt.serving import openai_api as oai
+
+    toy = replace(MEDIA, fps=8)                       # vid_size '21:8'
+    assert build_request(toy, prompt=["a cat"]).fps == 8 == toy.default_fps == oai.export_fps(toy)
+    assert parse_request(json.dumps({"prompt": "a cat"}).encode(), toy, RequestLimits()).generation.fps == 8
+    assert build_request(toy, prompt=["a cat"], fps=24).fps == 24
+    assert build_request(MEDIA, prompt=["a cat"]).fps == DEFAULT_FPS == oai.export_fps(MEDIA)   # names none
+    assert _cli_default(generate_command, "fps") is None        # the request's rule decides
+
+
 def test_an_unnamed_grid_is_named_after_its_ratio():
     one = ModelSummary(**{**MEDIA.__dict__, "aspects": (), "height": 30, "width": 53})
     assert one.aspect == "53:30" and one.aspect_names == ("53:30",)

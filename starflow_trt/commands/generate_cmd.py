@@ -50,7 +50,8 @@ def option_error(exc) -> click.BadParameter:
 @click.option("--negative-prompt", "negative", multiple=True, help="negative prompt, one per --prompt")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="image-to-video: the first frame")
 @click.option("--video", "video_in", type=click.Path(exists=True, dir_okay=False), help="video-to-video: the frames to continue")
-@click.option("--fps", default=16, show_default=True, type=int, help="output fps (and the fps template)")
+@click.option("--fps", default=None, type=int,
+              help="output fps and the prompt template's  [default: the export's, from its config's vid_size]")
 @click.option("--aspect", default=None,
               help="frame aspect, e.g. 9:16: one of the export's aspects (the token grid and the prompt template; "
                    "default: the export's default, 16:9 for VAE configs)")
@@ -164,7 +165,7 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
             writer.close()
         result.stats["cli"] = cli_record(ctx, files, directory=str(Path(directory).resolve()),
                                          noise_source="file" if noise else "seed")
-        written = write_outputs(result, pipe, tmp)
+        written = write_outputs(result, pipe, tmp, fps=req.fps)
     s = result.stats
     click.echo(f"{s['frames']} frames x batch {s['batch']} in {s['seconds']['total']:.2f} s "
                f"(first frame {s['time_to_first_frame']:.2f} s, {s['total_graph_calls']} graph calls, "

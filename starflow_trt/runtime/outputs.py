@@ -32,9 +32,11 @@ def latent_preview(latents: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
 
 
-def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None, fps: int = 4) -> list[Path]:
-    """latents.npy + stats.json; pixel-space models (no VAE, 3 channels) also get video.mp4 and
-    contact_sheet.png, latent models a preview contact sheet of their first channels.
+def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None,
+                  fps: int | None = None) -> list[Path]:
+    """latents.npy + stats.json; pixel-space models (no VAE, 3 channels) also get video.mp4 (at ``fps``,
+    None: the export's, ``pipe.summary.default_fps``) and contact_sheet.png, latent models a preview
+    contact sheet of their first channels.
 
     Writes into ``out_dir`` as is: callers stage it (:func:`starflow_trt.staging.staged_directory`).
     Non-finite latents are refused (nothing written); stats.json is strict JSON.
@@ -56,5 +58,6 @@ def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None, 
     contact_sheet(clips, labels, sheet)
     files.append(sheet)
     if pixel:
-        files.append(write_mp4(grid_video(clips, labels), out_dir / "video.mp4", fps=fps))
+        files.append(write_mp4(grid_video(clips, labels), out_dir / "video.mp4",
+                               fps=pipe.summary.default_fps if fps is None else fps))
     return files

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
-from ..defaults import DEFAULT_THREAD_POOL
+from ..defaults import DEFAULT_SCHEDULE, DEFAULT_THREAD_POOL
 from ..errors import InputError, ManifestError
 from ..export import names as n
 from ..calibration.floor import manifest_residual_floor
@@ -48,8 +48,6 @@ if TYPE_CHECKING:
     from ..request import GenerationRequest
     from ..summary import ModelSummary
 
-#: The runtime's default Jacobi schedule (``"upstream"`` reproduces upstream exactly).
-DEFAULT_SCHEDULE = "predictive"
 
 __all__ = ["Pipeline", "GenerateResult", "make_backend", "THREAD_POOLS", "DEFAULT_SCHEDULE", "SCHEDULES",
            "FrameCallback"]
@@ -175,13 +173,14 @@ class Pipeline:
                  denoise: bool = True, on_frame: Optional[FrameCallback] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
                  on_progress: Optional[ProgressCallback] = None, *, prompt: Optional[Sequence[str]] = None,
-                 negative_prompt: Optional[Sequence[str]] = None, image=None, video=None, fps: int = 16,
-                 aspect: Optional[str] = None,
+                 negative_prompt: Optional[Sequence[str]] = None, image=None, video=None,
+                 fps: Optional[int] = None, aspect: Optional[str] = None,
                  on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
         """Sample latents [B, T, C, H, W] for text embeddings y [B, L, D], or for ``prompt``.
 
         prompt (list of B strings; with a ``text_encoder`` graph): encoded with upstream's templates
-        (``fps``, ``aspect``; ``negative_prompt`` for the unconditional rows), instead of ``y`` /
+        (``fps``, None: the export's, ``summary.default_fps``; ``aspect``; ``negative_prompt`` for the
+        unconditional rows), instead of ``y`` /
         ``y_uncond``. image (path or [h, w, 3] uint8) / video (path or [F, h, w, 3] uint8; with VAE
         graphs): resized to cover, centre-cropped, encoded, drawn and noised (``noise_std``) from
         ``seed`` as the context. With VAE graphs the latents are decoded as the flow finishes them
@@ -219,6 +218,8 @@ class Pipeline:
         aspect = aspect or geo.aspect or "16:9"   # the template's ratio
         if guidance is None:
             guidance = self.summary.default_guidance if prompt is not None else 0.0
+        if fps is None and prompt is not None:
+            fps = self.summary.default_fps
         media = self.prepare_inputs(y, y_uncond, context, prompt=prompt, negative_prompt=negative_prompt,
                                     image=image, video=video, fps=fps, aspect=aspect, guidance=guidance, seed=seed,
                                     geo=geo)
@@ -337,7 +338,7 @@ class Pipeline:
 
     def prepare_inputs(self, y=None, y_uncond=None, context=None, *, prompt: Optional[Sequence[str]] = None,
                        negative_prompt: Optional[Sequence[str]] = None, image=None, video=None,
-                       fps: int = 16, aspect: Optional[str] = None, guidance: float = 0.0,
+                       fps: Optional[int] = None, aspect: Optional[str] = None, guidance: float = 0.0,
                        seed: Union[int, Sequence[int]] = 0, geo: Optional[Geometry] = None) -> Optional[dict]:
         """Prompt → (y, y_uncond) [B, L, D]; image / video → context latents [B, N, C, H, W]. None when neither.
 
@@ -355,6 +356,7 @@ class Pipeline:
             return None
         start = time.perf_counter()
         if prompt is not None:
+            fps = self.summary.default_fps if fps is None else fps
             y, y_uncond = self.encode_text(prompt, fps=fps, aspect=aspect, negative_prompt=negative_prompt)
         text_s = time.perf_counter() - start
         start = time.perf_counter()

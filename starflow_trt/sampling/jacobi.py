@@ -196,7 +196,7 @@ class Predictive(Sliding):
         return int(good[-1]) + 1 if len(good) else 0
 
 
-#: schedule name → its class (the names of :data:`~.options.SCHEDULES`)
+#: schedule name → its class (the names of :data:`starflow_trt.defaults.SCHEDULES`)
 SCHEDULE_TYPES: dict[str, type[Schedule]] = {"upstream": Upstream, "sliding": Sliding, "predictive": Predictive}
 
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
-
-#: Jacobi schedules the sampling core implements (spec §10.2 "upstream"; "sliding", "predictive": see :mod:`.jacobi`).
-SCHEDULES = ("upstream", "sliding", "predictive")
+from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD, SCHEDULES
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,6 @@ STREAM_MEDIA = ("application/x-ndjson", "text/event-stream")
 STREAM_PATH = "/v1/videos/stream"
 #: how often the openai client's ``poll`` asks (its ``openai-poll-after-ms`` header; its default is 1 s)
 POLL_AFTER_MS = 100
-#: fps when the config names none (image configs): the streaming API's default
-DEFAULT_FPS = 8
 _INTS, _FLOATS, _BOOLS = ("seed", "frames"), ("guidance",), ("denoise",)
 #: the streaming validator's field → the OpenAI parameter the client sent
 _PARAMS = {"image": "input_reference"}
@@ -70,7 +68,8 @@ def check_job_fields(data: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- sizes, fps
 def export_fps(model: ModelSummary) -> int:
-    return model.fps or DEFAULT_FPS
+    """The fps seconds are counted in: the export's default (as every API's, :attr:`ModelSummary.default_fps`)."""
+    return model.default_fps
 
 
 def export_sizes(model: ModelSummary) -> dict[str, str]:

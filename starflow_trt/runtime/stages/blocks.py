@@ -24,7 +24,7 @@ class GraphBlock(BlockModel):
                  sos: torch.Tensor, ws: Workspace, guidance: float = 0.0, prefill_graph: Optional[str] = None,
                  text: Optional[torch.Tensor] = None):
         self.calls, self.graph, self.cache, self.cos, self.sin, self.sos = calls, graph, cache, cos, sin, sos
-        self.ws, self.w, self.prefill_graph, self.text = ws, guidance, prefill_graph, text
+        self.ws, self.guidance, self.prefill_graph, self.text = ws, guidance, prefill_graph, text
         self.past_names, self.new_names = past_names(cache.layers), new_names(cache.layers)
 
     def prefill_text(self) -> None:
@@ -45,4 +45,4 @@ class GraphBlock(BlockModel):
         self.calls(self.graph, {TOKENS: tokens.contiguous(), **dict(zip(self.past_names, kv.past())),
                                 **rope_inputs(self.cos[rows], self.sin[rows])},
                    {SCALE: a, SHIFT: b, **dict(zip(self.new_names, kv.slots(s)))})
-        return guide(a, b, self.w) if self.w > 0 else (a, b)
+        return guide(a, b, self.guidance) if self.guidance > 0 else (a, b)

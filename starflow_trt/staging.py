@@ -105,7 +105,7 @@ def temp_file_beside(path: PathLike, suffix: str = "") -> str:
     return tmp
 
 
-# ------------------------------------------------------------------ strict JSON
+# ------------------------------------------------------------------ file hashes
 def sha256_file(path: PathLike, chunk: int = 1 << 24) -> str:
     """Hex sha256 of a file, streamed."""
     digest = hashlib.sha256()
@@ -115,6 +115,7 @@ def sha256_file(path: PathLike, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+# ------------------------------------------------------------------ strict JSON
 def finite_json(data: Any) -> Any:
     """``data`` with every non-finite float (NaN, ±inf) replaced by ``None`` (JSON ``null``)."""
     if isinstance(data, float):

@@ -2,9 +2,9 @@
 
 Cases (each in its own child process, so ``ru_maxrss`` is that export's peak):
 
-* ``t5``: a flan-t5-xl-sized encoder (d_model 2048, 24 layers, 32 heads, d_ff 5120, vocab 32128,
-  ~1.22 B parameters, fp32) → ``text_encoder.onnx`` (batch and tokens dynamic, external data),
-  then ORT vs PyTorch at batch 2 × ``--tokens`` tokens.
+* ``t5``: a flan-t5-xl-sized encoder (d_model 2048, 24 layers (``--t5-layers``), 32 heads, d_ff 5120,
+  vocab 32128, ~1.22 B parameters, fp32) → ``text_encoder.onnx`` (batch and tokens dynamic, external
+  data), then ORT vs PyTorch at batch 2 × ``--tokens`` tokens.
 * ``vae``: the full-width Wan2.2 VAE (base 160 / decoder 256, z 48) → ``vae_decode_first`` and
   ``vae_decode_step`` (k = 1) with example inputs on the 480p latent grid 30 × 53 (batch, h, w
   dynamic), then chained first + step on ORT vs the diffusers whole-clip decode on a small grid
@@ -37,11 +37,12 @@ CHILD_T5 = textwrap.dedent("""
     from starflow_trt.media.text import TextEncoderGraph
     from starflow_trt.media.tiny import FLAN_T5_XL
     from tests.onnx_helpers import export_module, ort_run, rel_error
-    out, tokens = Path(sys.argv[1]), int(sys.argv[2])
+    out, tokens, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.manual_seed(0)
     t = time.perf_counter()
-    model = T5EncoderModel(T5Config(**FLAN_T5_XL, attn_implementation="eager")).eval().requires_grad_(False)
+    dims = {**FLAN_T5_XL, "num_layers": layers}
+    model = T5EncoderModel(T5Config(**dims, attn_implementation="eager")).eval().requires_grad_(False)
     build_s, params = time.perf_counter() - t, sum(p.numel() for p in model.parameters())
     graph = TextEncoderGraph(model)
     ids = torch.randint(3, FLAN_T5_XL["vocab_size"], (2, tokens))
@@ -60,7 +61,7 @@ CHILD_T5 = textwrap.dedent("""
     run = ort_run(out / "text_encoder.onnx")
     (got,) = run(ids, mask)
     ort_s = time.perf_counter() - t
-    print(json.dumps({"case": "t5", "params": params, "build_s": build_s, "export_s": seconds,
+    print(json.dumps({"case": "t5", "layers": layers, "params": params, "build_s": build_s, "export_s": seconds,
                       "peak_rss_after_build": rss_model, "peak_rss_export": rss_export, "onnx_bytes": files,
                       "tokens": tokens, "rel_error_ort_vs_torch": rel_error(got, ref),
                       "padded_rows_zero": bool((got[mask == 0] == 0).all()), "torch_forward_s": torch_s,
@@ -68,7 +69,7 @@ CHILD_T5 = textwrap.dedent("""
 """)
 
 CHILD_VAE = textwrap.dedent("""
-    import json, resource, sys, time, torch
+    import json, os, resource, sys, time, torch
     from pathlib import Path
     from diffusers import AutoencoderKLWan
     from starflow_trt.media import vae_graphs as V
@@ -100,7 +101,7 @@ CHILD_VAE = textwrap.dedent("""
     rss_step = rss()
     del caches
     files = sum(f.stat().st_size for f in out.iterdir())
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("STARFLOW_TRT_THREADS") or 2))   # the caller's budget (a test suite)
     small = torch.randn(1, 3, 48, 2, 3) * 2
     t = time.perf_counter()
     ref = decode_whole(vae, small)
@@ -135,6 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["t5", "vae"], choices=["t5", "vae"])
     ap.add_argument("--tokens", type=int, default=256, help="T5 parity check length (export is dynamic)")
+    ap.add_argument("--t5-layers", type=int, default=24, help="T5 encoder layers (flan-t5-xl: 24)")
     ap.add_argument("--grid", type=int, nargs=2, default=[30, 53], help="VAE example latent grid h w")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "media_export.json")
     ap.add_argument("--timeout", type=int, default=3600)
@@ -143,7 +145,7 @@ def main() -> None:
     for case in opts.cases:
         with tempfile.TemporaryDirectory(prefix=f"media_{case}_") as tmp:
             if case == "t5":
-                report = run_child(CHILD_T5, [tmp, str(opts.tokens)], opts.timeout)
+                report = run_child(CHILD_T5, [tmp, str(opts.tokens), str(opts.t5_layers)], opts.timeout)
             else:
                 report = run_child(CHILD_VAE, [tmp, *map(str, opts.grid)], opts.timeout)
         results["cases"][case] = report

@@ -1,8 +1,13 @@
 """Option defaults the API, the CLI and the server share: one value per option, stated here once.
 
-No imports: the torch-free layers (:mod:`starflow_trt.request`, the server's ingress) and the
-sampling core read the same values.
+Nothing heavy is imported: the torch-free layers (:mod:`starflow_trt.request`, the server's ingress)
+and the sampling core read the same values.
 """
+
+import os
+from typing import Optional
+
+from .errors import StarflowError
 
 #: ORT CPU thread pools (``THREAD_POOLS``): one per session. ``"shared"``, ORT's process-wide pool, is
 #: faster end to end but, once on, binds every later ORT session of the process (ORT's quantization
@@ -23,3 +28,18 @@ DEFAULT_JACOBI_BLOCK = 16
 DEFAULT_JACOBI_ITERS = 32
 #: Jacobi stopping bound on the relative update (0: run every sweep, exact)
 DEFAULT_JACOBI_THRESHOLD = 1e-3
+
+#: environment variable naming the ORT intra-op threads of a session (or of the shared pool) when the
+#: caller names none: a host running several processes (replicas, a test suite's workers) sets it so
+#: their pools do not oversubscribe the cores. Unset: ORT's default, one thread per physical core
+THREADS_ENV = "STARFLOW_TRT_THREADS"
+
+
+def default_threads() -> Optional[int]:
+    """ORT intra-op threads when none is given: ``$STARFLOW_TRT_THREADS``, else None (ORT's default)."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise StarflowError(f"{THREADS_ENV}={raw!r} is not a thread count: set a whole number >= 1 or unset it")
+    return int(raw)

@@ -1,11 +1,44 @@
-"""Shared fixtures: the goldens (tests/data/goldens, copied from the upstream-produced tensors) and a loaded reference."""
+"""Shared fixtures and the suite's settings.
+
+- Threads, set here once for the whole suite: one intra-op thread for torch and for every ORT session
+  (``STARFLOW_TRT_THREADS``), children included (CLI subprocesses, Ray replicas), so the workers never
+  oversubscribe the cores. A test that measures threading opts out by name: ``@pytest.mark.threads(n)``.
+- Workers: pytest-xdist, one per core while memory allows (:func:`pytest_xdist_auto_num_workers`). A test
+  module is one scheduling unit (its module fixtures are built once); modules that share a machine-wide
+  resource share a unit (:data:`GROUPS`), and the modules whose exports dominate start first.
+- Exports: one memoised factory (:mod:`tests.exports`); the ``*_export`` fixtures name the shared ones.
+- The goldens (tests/data/goldens, copied from the upstream-produced tensors) and a loaded reference.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+#: the suite's intra-op threads (torch, ORT, OpenMP), before torch starts its pools
+SUITE_THREADS = 1
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(SUITE_THREADS)
+os.environ["STARFLOW_TRT_THREADS"] = str(SUITE_THREADS)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from .exports import CACHE_ENV, GOLDENS_FLOW, ExportFactory  # noqa: E402
+
+torch.set_num_threads(SUITE_THREADS)
+
+#: modules that must not run beside each other share a scheduling unit: each starts its own Ray cluster
+#: (or a Chromium against one), or holds several GB of RSS
+GROUPS = {
+    **dict.fromkeys(("test_serving", "test_serving_media", "test_openai_serving", "test_browser", "test_journey"),
+                    "ray_clusters"),
+    **dict.fromkeys(("test_export_7b_fp16", "test_export_large", "test_media_large"), "large_memory"),
+}
+#: units started first, in an order measured to end two workers together (their exports and children
+#: dominate the run); every other unit follows in file order
+FIRST = ("test_media_pipeline", "ray_clusters", "test_media_export", "large_memory", "test_aspects", "test_packaging",
+         "test_trt_variant", "test_export_dtype", "test_media_vae_onnx", "test_verify")
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS = Path(__file__).resolve().parent / "data" / "goldens" / "tiny_t2v"
@@ -66,36 +99,19 @@ def ref64(goldens_dir: Path):
     return load_reference(goldens_dir / "config.yaml", goldens_dir / "model.pth", dtype=torch.float64)
 
 
-@pytest.fixture(scope="session")
-def goldens_export(goldens_dir: Path, tmp_path_factory) -> Path:
-    """The goldens checkpoint exported once per session (grid 6×4 like the goldens, 3 frames)."""
-    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
-
-    out = tmp_path_factory.mktemp("export") / "tiny_t2v"
-    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out,
-                  limits=ExportLimits(height=6, width=4, max_frames=3, max_batch=4))
-    return out
+def _shared_tmp(tmp_path_factory) -> Path:
+    """This session's temporary root, the same for every xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
-def toy_export(tmp_path_factory) -> Path:
-    """The bundled toy model exported once per session (batch up to 8)."""
-    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
-    from starflow_trt.toy import load_bundled
-
-    toy = load_bundled()
-    out = tmp_path_factory.mktemp("toy") / "graphs"
-    export_graphs(toy.config_path, toy.checkpoint_path, out, limits=ExportLimits(max_batch=8))
-    return out
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models: one intra-op torch thread for a module (spinning pool threads cost 40x on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def exports(tmp_path_factory):
+    """The suite's export factory (:mod:`tests.exports`); fails the session if a test wrote into an export."""
+    factory = ExportFactory(Path(os.environ.get(CACHE_ENV) or _shared_tmp(tmp_path_factory) / "exports"))
+    yield factory
+    touched = factory.check_untouched()
+    assert not touched, f"tests wrote into shared exports (copy one before editing it): {touched}"
 
 
 #: the media export's aspects and their token grids (goldens img_size 4, patch 1: 16 tokens a frame)
@@ -103,22 +119,71 @@ MEDIA_ASPECTS = ("16:9", "9:16", "1:1")
 
 
 @pytest.fixture(scope="session")
-def media_export(goldens_dir, tmp_path_factory) -> Path:
-    """The goldens checkpoint with a tiny T5 text_encoder graph, tiny Wan VAE graphs and three aspects (FP32)."""
+def goldens_export(exports) -> Path:
+    """The goldens checkpoint's flow graphs (grid 6×4 like the goldens, 3 frames, batch up to 4)."""
+    return exports(**GOLDENS_FLOW)
+
+
+@pytest.fixture(scope="session")
+def toy_export(exports) -> Path:
+    """The bundled toy model's flow graphs (batch up to 8)."""
+    return exports(model="toy", max_batch=8)
+
+
+@pytest.fixture(scope="session")
+def toy_prompt_export(exports) -> Path:
+    """The bundled toy with its word encoder as a ``text_encoder`` graph (batch up to 2)."""
+    return exports(model="toy", text_encoder="toy", max_batch=2)
+
+
+@pytest.fixture(scope="session")
+def media_export(exports) -> Path:
+    """The goldens checkpoint with the tiny T5 text_encoder graph, tiny Wan VAE graphs and three aspects (FP32)."""
     pytest.importorskip("transformers")
     pytest.importorskip("sentencepiece")
     pytest.importorskip("diffusers")
-    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
-    from starflow_trt.media.tiny import make_t5_dir, make_vae
+    return exports(model="goldens", text_encoder="tiny_t5", vae="tiny_vae", max_frames=3, max_batch=4,
+                   aspects=MEDIA_ASPECTS)
 
-    root = tmp_path_factory.mktemp("media")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t5 = make_t5_dir(root / "t5", d_model=16, d_kv=8, num_heads=2, d_ff=32)
-        make_vae(seed=2, z_dim=4).save_pretrained(root / "vae")
-        export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", root / "graphs", text_encoder=t5,
-                      vae=root / "vae", limits=ExportLimits(max_frames=3, max_batch=4, aspects=MEDIA_ASPECTS))
-    finally:
-        torch.set_num_threads(before)
-    return root / "graphs"
+
+# ------------------------------------------------------------------------------------- the suite's settings
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "threads(n): this test measures threading: it runs with n intra-op "
+                                       "threads (torch and ORT) instead of the suite's one")
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """The suite's threads for every test; ``@pytest.mark.threads(n)`` gives a test n instead."""
+    mark = request.node.get_closest_marker("threads")
+    n = mark.args[0] if mark else SUITE_THREADS
+    env = os.environ["STARFLOW_TRT_THREADS"]
+    torch.set_num_threads(n)
+    os.environ["STARFLOW_TRT_THREADS"] = str(n)
+    yield
+    torch.set_num_threads(SUITE_THREADS)
+    os.environ["STARFLOW_TRT_THREADS"] = env
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core this process may use, at most one per 8 GiB of memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(cores, memory // (8 * 1024 ** 3)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Each module one xdist unit (or its :data:`GROUPS` unit); the :data:`FIRST` units first."""
+    def unit(item) -> str:
+        mark = item.get_closest_marker("xdist_group")
+        if mark:
+            return mark.args[0] if mark.args else mark.kwargs["name"]
+        module = Path(str(item.fspath)).stem
+        return GROUPS.get(module, module)
+
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(unit(item)))
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(unit(item), len(FIRST)))   # stable: file order otherwise

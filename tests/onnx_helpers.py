@@ -46,10 +46,14 @@ def export_graph(graph, directory: PathLike, dynamic: bool = True) -> Path:
 
 
 def ort_run(path: PathLike, threads: Optional[int] = None) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """A CPU ONNX Runtime session on ``path`` as ``f(*tensors) -> tuple[Tensor, ...]`` (inputs in graph order)."""
+    """A CPU ONNX Runtime session on ``path`` as ``f(*tensors) -> tuple[Tensor, ...]`` (inputs in graph order);
+    ``threads`` None: the runtime's default (``$STARFLOW_TRT_THREADS``, the suite's)."""
     import onnxruntime as ort
 
+    from starflow_trt.defaults import default_threads
+
     opts = ort.SessionOptions()
+    threads = threads or default_threads()
     if threads:
         opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

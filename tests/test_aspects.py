@@ -20,13 +20,8 @@ GRIDS = {"16:9": (3, 5), "9:16": (5, 3), "1:1": (4, 4)}   # img_size 4, patch 1:
 
 
 @pytest.fixture(scope="module")
-def aspect_export(goldens_dir, tmp_path_factory):
-    from starflow_trt.export.onnx_export import export_graphs
-
-    out = tmp_path_factory.mktemp("aspects") / "tiny_t2v"
-    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out,
-                  limits=ExportLimits(max_frames=3, max_batch=2, aspects=ASPECTS))
-    return out
+def aspect_export(exports):
+    return exports(model="goldens", max_frames=3, max_batch=2, aspects=ASPECTS)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +185,8 @@ def test_bench_config_export_generates_at_three_aspects(tmp_path):
     torch.manual_seed(0)
     save_state_dict(build_model(cfg).state_dict(), tmp_path / "model.pth")
     out = tmp_path / "graphs"
-    export_graphs(bench_config(), tmp_path / "model.pth", out,
+    sampling = ["deep_prefill", "deep_step", *(f"shallow_step_{k}" for k in range(5))]   # no scoring, no denoiser
+    export_graphs(bench_config(), tmp_path / "model.pth", out, graphs=sampling,
                   limits=ExportLimits(max_frames=2, max_batch=1, aspects=ASPECTS))
     ref = load_reference(bench_config(), tmp_path / "model.pth")
     g = torch.Generator().manual_seed(5)

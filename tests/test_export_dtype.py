@@ -8,29 +8,20 @@ import torch
 from starflow_trt.export.limits import ExportLimits
 from starflow_trt.export.manifest import load_manifest
 
+from .exports import GOLDENS_FLOW
+
 pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def toy_fp16(tmp_path_factory):
+def toy_fp16(exports):
     """The bundled toy exported in FP16 with the limits of the ``toy_export`` fixture."""
-    from starflow_trt.export.onnx_export import export_graphs
-    from starflow_trt.toy import load_bundled
-
-    toy = load_bundled()
-    out = tmp_path_factory.mktemp("toy16") / "graphs"
-    export_graphs(toy.config_path, toy.checkpoint_path, out, limits=ExportLimits(max_batch=8, dtype="fp16"))
-    return out
+    return exports(model="toy", max_batch=8, dtype="fp16")
 
 
 @pytest.fixture(scope="module")
-def goldens_bf16(goldens_dir, tmp_path_factory):
-    from starflow_trt.export.onnx_export import export_graphs
-
-    out = tmp_path_factory.mktemp("bf16") / "g"
-    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, graphs=["deep_step", "forward_5"],
-                  limits=ExportLimits(height=6, width=4, max_frames=3, dtype="bf16"))
-    return out
+def goldens_bf16(exports):
+    return exports(**GOLDENS_FLOW, graphs=("deep_step", "forward_5"), dtype="bf16")
 
 
 def _initializer_bytes(path) -> dict[int, int]:

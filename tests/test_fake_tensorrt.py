@@ -25,7 +25,6 @@ from . import fake_tensorrt
 from .conftest import assert_golden
 
 EXACT = JacobiConfig(block_size=8, max_iter=40, threshold=0.0, schedule="upstream")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

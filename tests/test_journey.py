@@ -187,7 +187,7 @@ class Journey:
 
 
 @pytest.fixture(scope="module")
-def journey(tmp_path_factory, one_thread):
+def journey(tmp_path_factory):
     root = tmp_path_factory.mktemp("journey")
     t0 = time.perf_counter()
     paths = make_journey_model(root / "model")

@@ -20,7 +20,7 @@ def _count(module, *args) -> int:
     return counter.get_total_flops()
 
 
-def test_t5_cost_matches_parameter_count_and_torch_flop_counter(tmp_path, one_thread):
+def test_t5_cost_matches_parameter_count_and_torch_flop_counter(tmp_path):
     from starflow_trt.export.media_kinds import t5_cost_model
     from starflow_trt.media.graphs import text_encoder_graph
     from starflow_trt.media.text import T5TextEncoder, TextTemplate
@@ -49,7 +49,7 @@ def test_t5_cost_matches_parameter_count_and_torch_flop_counter(tmp_path, one_th
         kind.cost(None, None, {"batch": b, "tokens": t})
 
 
-def test_vae_costs_scale_with_latent_pixels_like_torch_counts(one_thread):
+def test_vae_costs_scale_with_latent_pixels_like_torch_counts():
     pytest.importorskip("diffusers")
     from starflow_trt.export.media_kinds import vae_cost_model
     from starflow_trt.media.graphs import vae_graphs

@@ -1,4 +1,7 @@
-"""Media graphs through the graph registry: export with --text-encoder / --vae, manifest fields, ORT vs PyTorch."""
+"""Media graphs through the graph registry: export with --text-encoder / --vae, manifest fields, ORT vs PyTorch.
+
+The exports come from the suite's factory: ``prompt_export`` (the goldens flow + the tiny T5) serves the
+text-encoder tests too, ``media_export`` (three aspects, the tiny T5 and VAE) the VAE and end-to-end tests."""
 
 from __future__ import annotations
 
@@ -15,36 +18,27 @@ from starflow_trt.export.onnx_export import ExportLimits, export_graphs  # noqa:
 from starflow_trt.media import text as T  # noqa: E402
 from starflow_trt.media.tiny import make_t5_dir  # noqa: E402
 
+from .exports import GOLDENS_FLOW  # noqa: E402
 from .onnx_helpers import ort_run, rel_error  # noqa: E402
 
 LIMITS = ExportLimits(height=6, width=4, max_frames=3, max_batch=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def t5_dir(exports):
+    return exports.media("tiny_t5")
 
 
 @pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory):
-    return make_t5_dir(tmp_path_factory.mktemp("t5"), d_model=16, d_kv=8, num_heads=2, d_ff=32)
+def prompt_export(exports):
+    """The goldens flow graphs and the tiny T5's text_encoder graph."""
+    return exports(**GOLDENS_FLOW, text_encoder="tiny_t5")
 
 
-@pytest.fixture(scope="module")
-def text_export(goldens_dir, t5_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("media") / "graphs"
-    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, graphs=["text_encoder"],
-                  limits=LIMITS, text_encoder=t5_dir)
-    return out
-
-
-def test_text_encoder_graph_manifest_and_parity(text_export, t5_dir, goldens_dir):
+def test_text_encoder_graph_manifest_and_parity(prompt_export, t5_dir, goldens_dir):
     from starflow_trt.config import load_config
 
-    m = load_manifest(text_export)
+    m = load_manifest(prompt_export)
     spec = m.graphs["text_encoder"]
     assert spec.kind == "text_encoder" and [t.name for t in spec.inputs] == ["input_ids", "attention_mask"]
     assert spec.dims["tokens"].max == 4 and spec.dims["batch"].max == 8
@@ -52,7 +46,8 @@ def test_text_encoder_graph_manifest_and_parity(text_export, t5_dir, goldens_dir
     assert spec.extra["template"] == T.TextTemplate.from_config(cfg).to_dict()
     assert spec.extra["d_model"] == 16
     hashes = spec.extra["tokenizer_files"]
-    assert hashes and hashes == T.tokenizer_files(text_export / spec.extra["tokenizer_dir"]) == T.tokenizer_files(t5_dir)
+    copied = T.tokenizer_files(prompt_export / spec.extra["tokenizer_dir"])
+    assert hashes and hashes == copied == T.tokenizer_files(t5_dir)
     # ORT vs PyTorch on real tokens, at a batch the graph was not traced with
     enc = T.T5TextEncoder.from_pretrained(t5_dir, T.TextTemplate(txt_size=4))
     ids, mask = enc.tokenize(["a cat", "", "a red square moving right"])
@@ -113,10 +108,10 @@ def test_cli_exports_text_encoder(goldens_dir, t5_dir, tmp_path):
     assert T.tokenizer_files(tmp_path / "o" / "tokenizer") == T.tokenizer_files(t5_dir) != {}
 
 
-def test_pipeline_encode_text_matches_pytorch(text_export, t5_dir):
+def test_pipeline_encode_text_matches_pytorch(prompt_export, t5_dir):
     from starflow_trt.runtime import Pipeline
 
-    pipe = Pipeline.from_dir(text_export, backend="ort")
+    pipe = Pipeline.from_dir(prompt_export, backend="ort")
     y, y_uncond = pipe.encode_text(["a cat", "a dog"], fps=16, aspect="16:9")
     template = pipe.text_stage.template
     enc = T.T5TextEncoder.from_pretrained(t5_dir, template)
@@ -127,14 +122,14 @@ def test_pipeline_encode_text_matches_pytorch(text_export, t5_dir):
     assert rel_error(neg, enc.encode_texts([template.apply("blurry")])) <= 1e-5
 
 
-def test_pipeline_refuses_edited_tokenizer(text_export, tmp_path):
+def test_pipeline_refuses_edited_tokenizer(prompt_export, tmp_path):
     import shutil
 
     from starflow_trt.errors import ManifestError
     from starflow_trt.runtime import Pipeline
 
     copy = tmp_path / "copy"
-    shutil.copytree(text_export, copy)
+    shutil.copytree(prompt_export, copy)
     tok = next(p for p in sorted((copy / "tokenizer").iterdir()))
     tok.write_bytes(tok.read_bytes() + b" ")
     with pytest.raises(ManifestError, match="tokenizer files"):
@@ -142,17 +137,9 @@ def test_pipeline_refuses_edited_tokenizer(text_export, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def vae_export(goldens_dir, tmp_path_factory):
-    pytest.importorskip("diffusers")
-    from starflow_trt.media.tiny import make_vae
-
-    tmp = tmp_path_factory.mktemp("vae")
-    vae = make_vae(seed=1, z_dim=4)
-    vae.save_pretrained(tmp / "vae")
-    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", tmp / "graphs", limits=LIMITS,
-                  vae=tmp / "vae", graphs=["vae_decode_first", "vae_decode_step", "vae_encode", "vae_encode_first",
-                                           "vae_encode_step"])
-    return vae, tmp / "graphs"
+def vae_export(exports, media_export):
+    """(the tiny VAE, the export holding its graphs)."""
+    return exports.vae(), media_export
 
 
 @pytest.mark.slow
@@ -164,7 +151,7 @@ def test_vae_graphs_chained_ort_equals_whole_clip(vae_export):
     vae, out = vae_export
     m = load_manifest(out)
     first, step = (m.graphs[k] for k in ("vae_decode_first", "vae_decode_step"))
-    assert first.dims["h"].max == 6 and first.dims["w"].max == 4 and step.dims["h_x8"].max == 48
+    assert first.dims["h"].max == 5 and first.dims["w"].max == 5 and step.dims["h_x8"].max == 40   # 9:16, 16:9
     norm = LT.LatentNorm.from_dict(step.extra["norm"])
     assert norm == LT.LatentNorm.from_vae(vae, None)
     z = torch.randn(1, 3, 4, 3, 2, generator=torch.Generator().manual_seed(5)) * 2
@@ -201,13 +188,6 @@ def test_pipeline_decode_and_encode_video_match_pytorch(vae_export):
     assert rel_error(img, lat[:, :1]) <= 1e-4
 
 
-@pytest.fixture(scope="module")
-def prompt_export(goldens_dir, t5_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prompt") / "graphs"
-    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, limits=LIMITS, text_encoder=t5_dir)
-    return out
-
-
 def test_generate_from_prompt_equals_generate_from_its_embeddings(prompt_export):
     from starflow_trt.runtime import Pipeline
 
@@ -238,7 +218,7 @@ def test_cli_generate_prompt_errors(prompt_export, tmp_path):
     assert (tmp_path / "o" / "latents.npy").is_file()
 
 
-def test_toy_takes_prompts_through_its_text_encoder_graph(tmp_path):
+def test_toy_takes_prompts_through_its_text_encoder_graph(toy_prompt_export, tmp_path):
     from click.testing import CliRunner
 
     from starflow_trt.cli import main
@@ -246,9 +226,7 @@ def test_toy_takes_prompts_through_its_text_encoder_graph(tmp_path):
     from starflow_trt.toy import load_bundled
 
     toy = load_bundled()
-    out = tmp_path / "graphs"
-    export_graphs(toy.config_path, toy.checkpoint_path, out, limits=ExportLimits(max_batch=2),
-                  text_encoder=toy.text_encoder_path)
+    out = toy_prompt_export
     pipe = Pipeline.from_dir(out, backend="ort")
     prompts = ["a red square moving right", "a blue disc moving up"]
     y, u = pipe.encode_text(prompts, fps=16, aspect="16:9")
@@ -262,9 +240,8 @@ def test_toy_takes_prompts_through_its_text_encoder_graph(tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_prompt_and_image_to_mp4(goldens_dir, t5_dir, tmp_path):
+def test_end_to_end_prompt_and_image_to_mp4(media_export, tmp_path):
     """Tiny full model (T5 + flow + VAE): prompt → streamed decode → mp4 of 1 + 4(T-1) frames at the fps asked."""
-    pytest.importorskip("diffusers")
     import av
     import numpy as np
     from click.testing import CliRunner
@@ -272,17 +249,13 @@ def test_end_to_end_prompt_and_image_to_mp4(goldens_dir, t5_dir, tmp_path):
 
     from starflow_trt.cli import main
     from starflow_trt.media.io import frames_to_uint8
-    from starflow_trt.media.tiny import make_vae
     from starflow_trt.runtime import Pipeline
 
-    make_vae(seed=2, z_dim=4).save_pretrained(tmp_path / "vae")
-    out = tmp_path / "graphs"
-    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, limits=LIMITS, text_encoder=t5_dir,
-                  vae=tmp_path / "vae")
+    out = media_export   # its default aspect: 16:9, 3x5 latents, 48x80 frames
     pipe = Pipeline.from_dir(out, backend="ort")
     chunks = []
     res = pipe.generate(prompt=["a cat"], guidance=1.5, seed=1, num_frames=3, on_video=chunks.append)
-    assert res.video.shape == (1, 9, 3, 96, 64) and res.video.dtype == torch.uint8
+    assert res.video.shape == (1, 9, 3, 48, 80) and res.video.dtype == torch.uint8
     assert [c.shape[1] for c in chunks] == [1, 4, 4]
     assert np.array_equal(res.video.movedim(-3, -1).numpy(), frames_to_uint8(pipe.decode(res.latents)))
     s = res.stats
@@ -290,11 +263,11 @@ def test_end_to_end_prompt_and_image_to_mp4(goldens_dir, t5_dir, tmp_path):
     img = (np.random.default_rng(0).random((50, 80, 3)) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "in.png")
     res2 = pipe.generate(prompt=["a cat"], image=str(tmp_path / "in.png"), seed=1, num_frames=3)
-    assert res2.video.shape == (1, 9, 3, 96, 64) and res2.stats["seconds"]["encode"] > 0
+    assert res2.video.shape == (1, 9, 3, 48, 80) and res2.stats["seconds"]["encode"] > 0
     r = CliRunner().invoke(main, ["generate", str(out), "--prompt", "a cat", "--fps", "12", "--frames", "3",
                                   "--thread-pool", "session", "--image", str(tmp_path / "in.png"), "-o", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     with av.open(str(tmp_path / "o" / "video.mp4")) as c:
         stream = c.streams.video[0]
         frames = [f for f in c.decode(stream)]
-        assert len(frames) == 9 and float(stream.average_rate) == 12 and (stream.width, stream.height) == (64, 96)
+        assert len(frames) == 9 and float(stream.average_rate) == 12 and (stream.width, stream.height) == (80, 48)

@@ -1,5 +1,6 @@
-"""Tiny full model (T5 + flow + VAE): image-to-video context, torch-backend media graphs, media graphs through
-calibrate and verify, and the per-stage seconds of a prompt → video run (printed, not asserted)."""
+"""Tiny full model (T5 + flow + VAE, the suite's three-aspect ``media_export``): image-to-video context,
+torch-backend media graphs, media graphs through calibrate and verify, and the per-stage seconds of a
+prompt → video run (printed, not asserted)."""
 
 from __future__ import annotations
 
@@ -18,33 +19,21 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def full_export(goldens_dir, tmp_path_factory, one_thread):
-    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
-    from starflow_trt.media.tiny import make_t5_dir, make_vae
-
-    root = tmp_path_factory.mktemp("full")
-    t5 = make_t5_dir(root / "t5", d_model=16, d_kv=8, num_heads=2, d_ff=32)
-    make_vae(seed=2, z_dim=4).save_pretrained(root / "vae")
-    export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", root / "graphs",
-                  limits=ExportLimits(height=6, width=4, max_frames=3, max_batch=4), text_encoder=t5, vae=root / "vae")
-    return root
-
-
-@pytest.fixture(scope="module")
-def png(full_export):
+def png(tmp_path_factory):
     from PIL import Image
 
     img = (np.random.default_rng(0).random((50, 80, 3)) * 255).astype(np.uint8)
-    Image.fromarray(img).save(full_export / "in.png")
-    return full_export / "in.png"
+    path = tmp_path_factory.mktemp("png") / "in.png"
+    Image.fromarray(img).save(path)
+    return path
 
 
-def test_image_to_video_context_is_encode_video_of_the_image(full_export, png, monkeypatch):
+def test_image_to_video_context_is_encode_video_of_the_image(media_export, png, monkeypatch):
     from starflow_trt.media import latents as V
     from starflow_trt.media.io import prepare_image
     from starflow_trt.runtime import Pipeline
 
-    pipe = Pipeline.from_dir(full_export / "graphs", backend="ort")
+    pipe = Pipeline.from_dir(media_export, backend="ort")
     seen = {}
     original = V.context_latents
 
@@ -78,18 +67,18 @@ def test_image_to_video_context_is_encode_video_of_the_image(full_export, png, m
     assert res.video.shape == (1, 9, 3, 16 * g.height, 16 * g.width)
 
 
-def test_torch_backend_builds_vae_graphs_from_the_recorded_source(full_export):
+def test_torch_backend_builds_vae_graphs_from_the_recorded_source(media_export, exports):
     from starflow_trt.runtime import Pipeline
 
     from .onnx_helpers import rel_error
 
-    graphs = full_export / "graphs"
+    graphs = media_export
     source = load_manifest(graphs).graphs["vae_decode_step"].extra["source"]
-    assert source["path"] == str((full_export / "vae").resolve())
-    z = torch.randn(1, 3, 4, 6, 4, generator=torch.Generator().manual_seed(3))
+    assert source["path"] == str(exports.media("tiny_vae").resolve())
+    z = torch.randn(1, 3, 4, 3, 5, generator=torch.Generator().manual_seed(3))   # 16:9
     with Pipeline.from_dir(graphs, backend="torch") as pt, Pipeline.from_dir(graphs, backend="ort") as po:
         a, b = pt.decode(z), po.decode(z)
-        assert a.shape == (1, 9, 3, 96, 64) and rel_error(a, b) <= 1e-5
+        assert a.shape == (1, 9, 3, 48, 80) and rel_error(a, b) <= 1e-5
         clip = b.clamp(-1, 1)
         assert rel_error(pt.encode_video(clip), po.encode_video(clip)) <= 1e-5
         ya, ua = pt.encode_text(["a cat"])
@@ -97,17 +86,17 @@ def test_torch_backend_builds_vae_graphs_from_the_recorded_source(full_export):
         assert rel_error(ya, yb) <= 1e-5 and rel_error(ua, ub) <= 1e-5
 
 
-def test_media_graphs_through_calibrate_and_verify(full_export):
+def test_media_graphs_through_calibrate_and_verify(media_export, tmp_path):
     from click.testing import CliRunner
 
     from starflow_trt.calibration import calibrate_directory
     from starflow_trt.cli import main
     from starflow_trt.runtime import Pipeline
 
-    graphs = full_export / "graphs"
+    graphs = media_export
     with Pipeline.from_dir(graphs, backend="ort") as pipe:
         y, u = pipe.encode_text(["a cat", "a red square", "a dog", "rain"])
-    out = full_export / "fp16"
+    out = tmp_path / "fp16"
     m = calibrate_directory(graphs, out, "fp16", text=y, uncond=u, guidance=1.5, force=True, log=lambda _: None)
     prec = {k: s.precision for k, s in m.graphs.items()}
     assert prec["text_encoder"] == "fp32"
@@ -117,7 +106,7 @@ def test_media_graphs_through_calibrate_and_verify(full_export):
     for name in ("vae_decode_first", "vae_decode_step"):
         assert gated[name]["calls"] >= 1 and max(gated[name]["rel_l2"].values()) <= 0.01
     # an int8 directory keeps the VAE in fp16 (never int8) and the text encoder in fp32
-    m8 = calibrate_directory(graphs, full_export / "int8", "int8", text=y, uncond=u, guidance=1.5, force=True,
+    m8 = calibrate_directory(graphs, tmp_path / "int8", "int8", text=y, uncond=u, guidance=1.5, force=True,
                              log=lambda _: None)
     assert m8.graphs["vae_decode_step"].precision == "fp16" and m8.graphs["text_encoder"].precision == "fp32"
     assert m8.graphs["deep_step"].precision == "int8"
@@ -130,11 +119,11 @@ def test_media_graphs_through_calibrate_and_verify(full_export):
     assert rows["vae_encode_first"]["inputs"] == "sampled" and rows["text_encoder"]["rel_l2"] == 0
 
 
-def test_prompt_to_video_seconds_per_stage(full_export, capsys):
+def test_prompt_to_video_seconds_per_stage(media_export, capsys):
     """Measured for the closing note (printed, never asserted: timings belong to benchmarks/)."""
     from starflow_trt.runtime import Pipeline
 
-    with Pipeline.from_dir(full_export / "graphs", backend="ort") as pipe:
+    with Pipeline.from_dir(media_export, backend="ort") as pipe:
         pipe.generate(prompt=["warm up"], num_frames=3, guidance=1.5)
         res = pipe.generate(prompt=["a cat"], num_frames=3, guidance=1.5, seed=1)
     s = res.stats

@@ -20,7 +20,6 @@ from .conftest import REPO  # noqa: E402
 L = 96  # txt_size of the tiny tests (upstream: 256)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

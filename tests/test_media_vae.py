@@ -16,7 +16,6 @@ from starflow_trt.media.tiny import make_vae  # noqa: E402
 from . import media_oracles as oracles  # noqa: E402
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     vae = make_vae(seed=1)
     out = tmp_path_factory.mktemp("vae_graphs")
     graphs = vae_graphs(vae, height=2, width=3, batch=2)
@@ -35,8 +33,7 @@ def setup(tmp_path_factory):
     step2 = vae_graphs(vae, height=2, width=3, batch=2, frames_per_step=2)["vae_decode_step"]
     step2.name = "vae_decode_step2"
     sessions["vae_decode_step2"] = ort_run(export_graph(step2, out, dynamic=False))
-    yield vae, graphs, sessions, paths
-    torch.set_num_threads(before)
+    return vae, graphs, sessions, paths
 
 
 def test_graph_contract_names_and_symbolic_dims(setup):

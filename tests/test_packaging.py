@@ -1,5 +1,6 @@
 """Packaged resources: bench configs found through importlib.resources, bench output kept under -o,
-and (slow) a non-editable install in a fresh venv running ``demo`` and ``bench --quick`` elsewhere."""
+and (slow) a non-editable install in a fresh venv running ``demo`` (the README's main job, checked end to
+end here) and ``bench --quick`` elsewhere."""
 
 from __future__ import annotations
 
@@ -105,46 +106,99 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
+class Wheel:
+    """starflow-trt installed non-editable into a fresh venv (the base interpreter's packages visible)."""
+
+    def __init__(self, root: Path) -> None:
+        t0 = time.perf_counter()
+        src = root / "src"   # a copy: setuptools builds in-tree (build/, *.egg-info) and must not touch the repo
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(REPO / name, src / name)
+        shutil.copytree(REPO / "starflow_trt", src / "starflow_trt",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        venv = root / "venv"
+        # no pip of its own: ensurepip's old setuptools cannot build with the installed wheel; the base
+        # interpreter's pip, setuptools, torch and onnxruntime are visible and pip installs into the venv
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+        self.py, self.cli = venv / "bin" / "python", venv / "bin" / "starflow-trt"
+        self.env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        subprocess.run([str(self.py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                        "./src"], check=True, env=self.env, cwd=root)
+        self.install_s = time.perf_counter() - t0
+        self.work = root / "work"   # "elsewhere": not the repository, not the venv
+        self.work.mkdir()
+        where = subprocess.run([str(self.py), "-c", "import starflow_trt; print(starflow_trt.__file__)"], check=True,
+                               env=self.env, cwd=self.work, capture_output=True, text=True).stdout.strip()
+        self.package = Path(where).parent
+        assert self.package.is_relative_to(venv) and "site-packages" in self.package.parts, where
+        self.before = _tree(self.package)
+
+    def run(self, *args, cwd: Path, timeout: int = 900) -> tuple[subprocess.CompletedProcess, float]:
+        """The installed ``starflow-trt`` with ``args`` in ``cwd``: (the process, its seconds)."""
+        t = time.perf_counter()
+        proc = subprocess.run([str(self.cli), *map(str, args)], env=self.env, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+        return proc, time.perf_counter() - t
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Wheel:
+    pytest.importorskip("onnxruntime")
+    return Wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="module")
+def demo(wheel):
+    """``starflow-trt demo -o D1`` of the installed wheel, run in its work directory: (the process, seconds)."""
+    return wheel.run("demo", "-o", "D1", cwd=wheel.work)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_wheel_install_runs_demo_and_quick_bench_elsewhere(tmp_path):
+def test_wheel_install_runs_demo_and_quick_bench_elsewhere(wheel, demo):
     """pip install . (non-editable) into a fresh venv; demo and bench --quick from another directory."""
-    pytest.importorskip("onnxruntime")
-    t0 = time.perf_counter()
-    src = tmp_path / "src"   # a copy: setuptools builds in-tree (build/, *.egg-info) and must not touch the repo
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    shutil.copytree(REPO / "starflow_trt", src / "starflow_trt",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-    venv = tmp_path / "venv"
-    # no pip of its own: ensurepip's old setuptools cannot build with the installed wheel; the base
-    # interpreter's pip, setuptools, torch and onnxruntime are visible and pip installs into the venv
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    py, cli = venv / "bin" / "python", venv / "bin" / "starflow-trt"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "./src"],
-                   check=True, env=env, cwd=tmp_path)
-    t_install = time.perf_counter() - t0
-    work = tmp_path / "work"
-    work.mkdir()
-    where = subprocess.run([str(py), "-c", "import starflow_trt; print(starflow_trt.__file__)"], check=True,
-                           env=env, cwd=work, capture_output=True, text=True).stdout.strip()
-    installed = Path(where).parent
-    assert installed.is_relative_to(venv) and "site-packages" in installed.parts, where
-    assert (installed / "bench" / "configs" / "bench_quick.yaml").is_file()
-    before = _tree(installed)
-    timings = {}
-    for verb, args in (("demo", ["demo", "-o", "D1"]), ("bench --quick", ["bench", "--quick", "-o", "D2"])):
-        t = time.perf_counter()
-        proc = subprocess.run([str(cli), *args], env=env, cwd=work, capture_output=True, text=True, timeout=900)
-        timings[verb] = time.perf_counter() - t
-        assert proc.returncode == 0, f"{verb} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    work = wheel.work
+    (proc, demo_s), (bench, bench_s) = demo, wheel.run("bench", "--quick", "-o", "D2", cwd=work)
+    for verb, p in (("demo", proc), ("bench --quick", bench)):
+        assert p.returncode == 0, f"{verb} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    assert (wheel.package / "bench" / "configs" / "bench_quick.yaml").is_file()
     assert sorted(p.name for p in work.iterdir()) == ["D1", "D2"]
     assert {"demo.mp4", "report.json", "report.md"} <= {p.name for p in (work / "D1").iterdir()}
     d2 = {p.name for p in (work / "D2").iterdir()}
     assert {"latest.json", "latest.md", ".cache"} <= d2 and any(n.endswith(".png") for n in d2)
     assert json.loads((work / "D2" / "latest.json").read_text())["plan"]["quick"] is True
-    assert _tree(installed) == before, "demo/bench wrote into the installed package"
-    print(f"\ninstall {t_install:.0f} s, demo {timings['demo']:.0f} s, bench --quick {timings['bench --quick']:.0f} s, "
-          f"total {time.perf_counter() - t0:.0f} s")
+    assert _tree(wheel.package) == wheel.before, "demo/bench wrote into the installed package"
+    print(f"\ninstall {wheel.install_s:.0f} s, demo {demo_s:.0f} s, bench --quick {bench_s:.0f} s")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(wheel, demo, tmp_path):
+    """The README's main job (the installed wheel's demo, above): quiet, its report, and the prompt line on it."""
+    proc, _ = demo
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = wheel.work / "D1"
+    # quiet by default: at most ~30 lines without --verbose, C-level output (ORT) included
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) <= 30, "\n".join(lines[:60])
+    assert not any("Attribute type is ambiguous" in ln or "Collecting tensor data" in ln for ln in lines)
+    report = json.loads((out / "report.json").read_text())
+    for name in ("demo.mp4", "contact_sheet.png", "report.md", "report.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert report["parity"]["autoregressive"]["rel_max"] < 1e-3
+    assert report["held_out_bits_per_dim"]["mean"] < report["held_out_bits_per_dim"]["identity_flow"]
+    assert report["int8"]["bits_per_dim"]["increase"] <= 0.02
+    assert not [p for p in wheel.work.iterdir() if p.name.startswith(".")]  # no staging left behind
+    # the README's prompt line on the demo's output directory (it stands for its export, DEMO/graphs)
+    gen, _ = wheel.run("generate", out, "--prompt", "a red square moving right", "-o", tmp_path / "out", cwd=tmp_path,
+                       timeout=600)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert "using its export" in gen.stderr and (tmp_path / "out" / "video.mp4").stat().st_size > 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["cli"]["options"]["prompts"] == ["a red square moving right"]
+    assert stats["cli"]["options"]["directory"] == str(out / "graphs")
+    # a demo replaces an earlier demo's directory (it is ours), never a foreign one
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.txt").write_text("keep")
+    again, _ = wheel.run("demo", "-o", tmp_path / "foreign", cwd=tmp_path, timeout=300)
+    assert again.returncode == 2 and (tmp_path / "foreign" / "x.txt").read_text() == "keep"

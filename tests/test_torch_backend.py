@@ -13,7 +13,6 @@ from starflow_trt.runtime.pipeline import Pipeline
 from .conftest import assert_golden
 
 pytest.importorskip("onnxruntime")
-pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: spinning pool threads cost 40x here
 
 EXACT = {s: JacobiConfig(block_size=8, max_iter=40, threshold=0.0, schedule=s)
          for s in ("upstream", "sliding", "predictive")}

@@ -17,6 +17,8 @@ from starflow_trt.export.manifest import load_manifest
 from starflow_trt.export.trt_variant import FORM, attention_layers, form_problems
 from starflow_trt.reference.layers import _concat_attention, _two_part_attention
 
+from .exports import GOLDENS_FLOW
+
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
@@ -47,10 +49,10 @@ def small_dir(goldens_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_dir(goldens_dir, tmp_path_factory):
+def full_dir(exports):
     """Every step and prefill graph of the goldens export, with variants."""
-    names = ["deep_prefill", "deep_step", *(f"shallow_step_{k}" for k in range(5))]
-    return _export(goldens_dir, tmp_path_factory.mktemp("trtvar") / "full", names)
+    names = ("deep_prefill", "deep_step", *(f"shallow_step_{k}" for k in range(5)))
+    return exports(**GOLDENS_FLOW, graphs=names, trt_variants=True)
 
 
 def _session(path):

@@ -21,18 +21,13 @@ from starflow_trt.staging import sha256_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def toy_dirs(tmp_path_factory, one_thread):
+def toy_dirs(toy_prompt_export, tmp_path_factory):
     """The bundled toy exported WITH its text_encoder graph, and its fp16 calibration (+ captured inputs)."""
     from starflow_trt.calibration import calibrate_directory
-    from starflow_trt.export.onnx_export import ExportLimits, export_graphs
-    from starflow_trt.toy import load_bundled
     from starflow_trt.toy.calibration import toy_calibration_set
 
-    toy = load_bundled()
     root = tmp_path_factory.mktemp("verify")
-    fp32, fp16, capture = root / "fp32", root / "fp16", root / "capture"
-    export_graphs(toy.config_path, toy.checkpoint_path, fp32, limits=ExportLimits(max_batch=2),
-                  text_encoder=toy.text_encoder_path)
+    fp32, fp16, capture = toy_prompt_export, root / "fp16", root / "capture"
     text, uncond, clips = toy_calibration_set(load_manifest(fp32), 4)
     calibrate_directory(fp32, fp16, "fp16", samples=4, text=text, uncond=uncond, eval_clips=clips,
                         capture_dir=capture, log=lambda _: None)

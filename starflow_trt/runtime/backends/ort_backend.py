@@ -9,6 +9,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ...defaults import default_threads
 from ...errors import BackendUnavailable
 from ...export.manifest import GraphSpec
 from .base import Backend, GraphRunner
@@ -105,6 +106,7 @@ class OrtRunner(GraphRunner):
 class OrtBackend(Backend):
     """``ort``: one InferenceSession per graph.
 
+    ``threads``: intra-op threads (None: ``$STARFLOW_TRT_THREADS``, else ORT's default of one per core).
     ``shared_pool``: CPU sessions share ORT's process-wide thread pool (faster for a pipeline of
     many graphs, but process-wide: see :func:`_shared_pool`); default: a non-spinning pool per session.
     ``ort_variants``: load a graph's ORT-optimised variant (contrib-op fusions, manifest
@@ -123,7 +125,7 @@ class OrtBackend(Backend):
             raise BackendUnavailable("backend 'ort' needs onnxruntime: pip install 'starflow-trt[cpu]'") from exc
         super().__init__()
         self.providers = choose_providers(providers)
-        self.threads = threads
+        self.threads = threads if threads is not None else default_threads()
         self.cache_dir = cache_dir
         self.spin = spin              # per-session pools only
         self.shared_pool = shared_pool

@@ -153,7 +153,7 @@ def test_7b_deep_block_exports_in_fp16_within_its_budget(tmp_path):
     assert report["external"], "a graph over 2 GB must use ONNX external data"
     assert graph_bytes > 2 * 1024 ** 3
     assert report["peak_rss"] < BUDGET_7B * LAYERS / 24
-    assert abs(graph_bytes / (2 * made["params"]) - 1) < 0.05   # FP16: two bytes a parameter
+    assert 0.98 < graph_bytes / (2 * made["params"]) < 1.08   # FP16: two bytes a parameter (24 layers: 9.5-10.5 GB)
     # the session loads with the graph's contract; a CPU call is not made here: ONNX Runtime's x86 CPU EP
     # has no FP16 MatMul and runs one by casting the weights to FP32
     assert loaded["inputs"]["past_k_0"] == "tensor(float16)"

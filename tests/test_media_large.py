@@ -36,7 +36,7 @@ def test_flan_t5_xl_wide_encoder_exports_past_2gb_within_memory():
     print(f"\nflan-t5-xl-wide export ({T5_LAYERS} layers): {report['export_s']:.0f} s, "
           f"peak RSS {report['peak_rss_export'] / GB:.1f} GiB")
     assert 0.59e9 < report["params"] < 0.61e9   # 65.8 M embedding + 11 x 48.2 M (24 layers: 1.22 B)
-    assert report["onnx_bytes"] > 2 * GB       # fp32 weights in external data
+    assert report["onnx_bytes"] > max(2 * GB, 0.98 * 4 * report["params"])   # fp32 weights, external data
     assert report["peak_rss_export"] < T5_XL_BUDGET * T5_LAYERS / T5_XL_LAYERS
     assert report["rel_error_ort_vs_torch"] <= 1e-5 and report["padded_rows_zero"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,16 +51,36 @@ def test_reservoir_and_shards(tmp_path):
     assert len(cal.calls["g"]) + len(held.calls["g"]) == 5 and held.calls["g"]
 
 
+#: the files ONNX shape inference wrote while ``int8_dir`` was made (ORT's quantizer writes scratch graphs)
+SCRATCH: list[Path] = []
+
+
 @pytest.fixture(scope="module")
 def int8_dir(goldens_export, cases, tmp_path_factory):
     """The goldens export calibrated to INT8 (forced: random weights are not a quality target)."""
+    import onnx
+
     from starflow_trt.calibration import calibrate_directory
 
     out = tmp_path_factory.mktemp("int8") / "g"
     y, u = cases["y"], cases["y_uncond"]
-    return calibrate_directory(goldens_export, out, "int8", method="percentile", text=y, uncond=u, guidance=2.0,
-                               force=True, eval_clips=(cases["x"], y), capture_dir=out.parent / "capture",
-                               shard_bytes=1 << 20, log=lambda m: None)
+    infer = onnx.shape_inference.infer_shapes_path
+
+    def spy(model_path, output_path="", *args, **kwargs):
+        SCRATCH.append(Path(output_path or model_path).resolve())
+        return infer(model_path, output_path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx.shape_inference, "infer_shapes_path", spy)
+        return calibrate_directory(goldens_export, out, "int8", method="percentile", text=y, uncond=u, guidance=2.0,
+                                   force=True, eval_clips=(cases["x"], y), capture_dir=out.parent / "capture",
+                                   shard_bytes=1 << 20, log=lambda m: None)
+
+
+def test_calibration_writes_nothing_into_the_export_it_reads(int8_dir, goldens_export):
+    # ORT's quantizer writes `<graph>-inferred.onnx` beside the path it is given: a private view, not the export
+    source = goldens_export.resolve()
+    assert SCRATCH and not [p for p in SCRATCH if p.is_relative_to(source)], SCRATCH
 
 
 def test_int8_graphs_have_weight_qdq_and_run(int8_dir, cases):

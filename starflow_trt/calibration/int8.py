@@ -13,10 +13,12 @@ Norms, softplus/exp, softmax are never quantized (not MatMul/Gemm).
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -61,6 +63,25 @@ class _Reader:
         raise NotImplementedError
 
 
+@contextmanager
+def private_view(src: Path) -> Iterator[Path]:
+    """``src`` as seen from a private temporary directory: the graph and its external-data files linked there.
+
+    ORT's quantization tools write scratch files next to the model path they are given
+    (``load_model_with_shape_infer``: ``<name>-inferred.onnx``, onnxruntime/quantization/quant_utils.py);
+    given the export's own path they would write into an input directory, which another process may be
+    reading, or which may be read-only.
+    """
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    data = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    with tempfile.TemporaryDirectory(prefix="sftrt-view.") as tmp:
+        for name in (src.name, *data):
+            os.symlink((src.parent / name).resolve(), Path(tmp) / name)
+        yield Path(tmp) / src.name
+
+
 def calibrate_ranges(src: Path, calls: Sequence[Call], method: str, path: Path, percentile: float = 99.99) -> Path:
     """ORT's symmetric calibration ranges of every MatMul/Gemm input and output of ``src`` over ``calls``,
     written to ``path`` (JSON; :func:`load_ranges` reads amax from it). One call at a time: calls differ in
@@ -76,8 +97,8 @@ def calibrate_ranges(src: Path, calls: Sequence[Call], method: str, path: Path, 
 
     names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
     reader_type = type("Reader", (_Reader, CalibrationDataReader), {})
-    with tempfile.TemporaryDirectory(prefix="sftrt-calib.") as tmp:
-        calibrator = create_calibrator(str(src), ["MatMul", "Gemm"], augmented_model_path=str(Path(tmp) / "aug.onnx"),
+    with tempfile.TemporaryDirectory(prefix="sftrt-calib.") as tmp, private_view(src) as view:
+        calibrator = create_calibrator(str(view), ["MatMul", "Gemm"], augmented_model_path=str(Path(tmp) / "aug.onnx"),
                                        calibrate_method=getattr(CalibrationMethod, METHODS[method]),
                                        extra_options={"symmetric": True, "percentile": percentile})
         for call in calls:
@@ -101,9 +122,9 @@ def quantize_graph(src: Path, dst: Path, calls: Sequence[Call], method: str = "e
 
     model = onnx.load(str(src))
     keep, skip = select_nodes(model, exclude)
-    with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp, private_view(src) as view:
         cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
-        quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+        quantize_static(str(view), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_quantize=keep, calibrate_method=getattr(CalibrationMethod, METHODS[method]),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},

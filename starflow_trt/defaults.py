@@ -21,13 +21,16 @@ DEFAULT_FPS = 16
 SCHEDULES = ("upstream", "sliding", "predictive")
 #: the schedule of a Jacobi request that names none (``"upstream"`` reproduces upstream exactly)
 DEFAULT_SCHEDULE = "predictive"
-#: Jacobi chunk length in tokens (``4·block`` after frame 0): ``JacobiConfig``, ``JacobiOptions``,
+#: Jacobi chunk length in tokens (``4·block`` after frame 0): ``JacobiConfig``,
 #: ``generate --jacobi-block``, the server's ``jacobi.block_size``
 DEFAULT_JACOBI_BLOCK = 16
 #: Jacobi sweeps per chunk at most
 DEFAULT_JACOBI_ITERS = 32
 #: Jacobi stopping bound on the relative update (0: run every sweep, exact)
 DEFAULT_JACOBI_THRESHOLD = 1e-3
+#: long videos: latent frames re-encoded as context when the attention window slides (upstream's sampler
+#: ``--context_length`` 16; a window of 16 frames or fewer keeps window - 1)
+DEFAULT_CONTEXT_LENGTH = 16
 
 #: environment variable naming the ORT intra-op threads of a session (or of the shared pool) when the
 #: caller names none: a host running several processes (replicas, a test suite's workers) sets it so

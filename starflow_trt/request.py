@@ -3,10 +3,13 @@
     req = build_request(summary, prompt=["a cat"], seed=0, aspect="9:16", guidance=3.0)
     pipe.run(req)                                  # the Pipeline executes it
 
-Every rule about what a request may ask of an export lives in :func:`build_request`; a bad value
-raises :class:`RequestError` naming the field (the JSON name: ``guidance``, ``jacobi.block_size``)
-with a one-line reason, the same text in the CLI (exit 2) and the server (HTTP 400). No torch here:
-the server's ingress validates without it.
+A :class:`GenerationRequest` is the only input of the executor (:meth:`Pipeline.run
+<starflow_trt.runtime.Pipeline.run>`): the CLI, ``Pipeline.generate`` and the server build one here and
+nothing downstream validates, defaults or parses it again. Every rule about what a request may ask of
+an export lives in :func:`build_request`; a bad value raises :class:`RequestError` naming the field
+(the JSON name: ``guidance``, ``jacobi.block_size``) with a one-line reason, the same text in the CLI
+(exit 2), the API and the server (HTTP 400). No torch here: the server's ingress validates without it
+(torch tensors are accepted by duck typing and kept as float32 host arrays).
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD, SCHEDULES
+from .defaults import DEFAULT_CONTEXT_LENGTH, SCHEDULES
 from .errors import InputError
+from .geometry import UPSTREAM_ASPECTS
+from .jacobi_config import REQUEST_FIELDS, JacobiConfig
 from .summary import ModelSummary
 
 SAMPLERS = ("jacobi", "autoregressive")
+#: the aspect that draws one of the export's aspects per row from the row's seed (upstream draws from its nine)
+RANDOM_ASPECT = "random"
 #: the longest video a request may ask for (latent frames; beyond ``max_frames``: the Jacobi window)
 MAX_VIDEO_FRAMES = 1 << 16
 
@@ -56,25 +63,13 @@ class RequestLimits:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class JacobiOptions:
-    """Jacobi sampling options; ``window`` / ``context_length`` (frames): the long-video attention window
-    (None: the model's window, else the export's frames; context: window - 1)."""
-
-    block_size: int = DEFAULT_JACOBI_BLOCK
-    max_iter: int = DEFAULT_JACOBI_ITERS
-    threshold: float = DEFAULT_JACOBI_THRESHOLD
-    schedule: Optional[str] = None   # None: the runtime's default (predictive)
-    window: Optional[int] = None
-    context_length: Optional[int] = None
-
-
 @dataclass(frozen=True, eq=False)
 class GenerationRequest:
-    """A validated request of ``batch`` rows.
+    """A validated request of ``batch`` rows: what the executor runs, every default resolved.
 
     Text: ``prompts`` (B strings, ``negative_prompts`` B or None) or embeddings ``y`` [B, L, D] with
-    ``y_uncond`` [B, L, D] (guidance > 0). Conditioning: ``image`` ([h, w, 3] uint8 or a path), ``video``
+    ``y_uncond`` [B, L, D] (guidance > 0). ``jacobi``: the options of sampler ``jacobi`` (its ``window``
+    resolved: the model's attention window, else the export's frames); ignored by ``autoregressive``. Conditioning: ``image`` ([h, w, 3] uint8 or a path), ``video``
     ([F, h, w, 3] uint8 or a path) or ``context`` latents [B, N, C, H, W]; ``noise`` [B, T, C, H, W] or drawn
     from ``seed``: an int seeds the call (chunk k of a batch beyond max_batch: seed + k), a tuple one seed
     per row (row b equals a one-row request with ``seeds[b]``). ``aspect``: an exported aspect name.
@@ -85,7 +80,7 @@ class GenerationRequest:
     aspect: str
     guidance: float
     sampler: str
-    jacobi: JacobiOptions
+    jacobi: JacobiConfig
     denoise: bool
     fps: int
     prompts: Optional[tuple[str, ...]] = None
@@ -122,6 +117,16 @@ class GenerationRequest:
         """
         return self.sampler == "autoregressive" or self.jacobi.threshold == 0
 
+    @property
+    def encoded(self) -> bool:
+        """Whether the text and conditioning are tensors already (no prompt, image or video left to encode)."""
+        return self.prompts is None and self.image is None and self.video is None
+
+    @property
+    def jacobi_options(self) -> Optional[JacobiConfig]:
+        """The Jacobi options the sampler runs (None: autoregressive)."""
+        return self.jacobi if self.sampler == "jacobi" else None
+
     def with_seeds(self) -> "GenerationRequest":
         """The request with one seed per row (an int seed ``s`` of a one-row request becomes ``(s,)``)."""
         if isinstance(self.seed, tuple):
@@ -129,6 +134,25 @@ class GenerationRequest:
         if self.batch != 1:
             raise InputError("per-row seeds of a batched request need the seeds of every row")
         return replace(self, seed=(self.seed,))
+
+
+def stack_rows(requests: Sequence[GenerationRequest]) -> GenerationRequest:
+    """Encoded one-seed-per-row requests of equal options (the server's batch key) → one request of all their
+    rows; row b runs as ``requests[b]`` alone would (its own noise and context noise from its seed)."""
+    first = requests[0]
+    if not all(r.encoded and isinstance(r.seed, tuple) for r in requests):
+        raise InputError("stack_rows takes encoded requests (Pipeline.prepare) with one seed per row")
+
+    def cat(name: str) -> Optional[np.ndarray]:
+        parts = [getattr(r, name) for r in requests]
+        if all(p is None for p in parts):
+            return None
+        if any(p is None for p in parts):
+            raise InputError(f"stack_rows: {name} is given for some rows only")
+        return np.concatenate(parts)
+
+    return replace(first, seed=tuple(s for r in requests for s in r.seed), y=cat("y"), y_uncond=cat("y_uncond"),
+                   context=cat("context"), noise=cat("noise"))
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -180,6 +204,10 @@ def _array(name: str, value: Any, layout: str, size: tuple[Optional[int], ...], 
     """A finite float32 array of ``len(size)`` dims; None entries of ``size`` are free; ``what`` explains them."""
     if value is None:
         return None
+    if hasattr(value, "detach") and hasattr(value, "is_floating_point"):   # a torch tensor (the Python API)
+        if not value.is_floating_point() and str(value.dtype) == "torch.bool":
+            raise RequestError(name, f"must be a float array, got dtype {value.dtype}")
+        value = value.detach().float().cpu().numpy()
     arr = np.asarray(value)
     if arr.dtype.kind not in "fiu":
         raise RequestError(name, f"must be a float array, got dtype {arr.dtype}")
@@ -197,13 +225,15 @@ def build_request(model: ModelSummary, limits: RequestLimits = RequestLimits(), 
                   negative_prompt: Any = None, text_embeddings: Any = None, negative_embeddings: Any = None,
                   image: Any = None, video: Any = None, context_latents: Any = None, noise: Any = None,
                   seed: Any = None, frames: Any = None, aspect: Any = None, fps: Any = None, guidance: Any = None,
-                  sampler: Any = None, jacobi: Optional[dict] = None, denoise: Any = True) -> GenerationRequest:
+                  sampler: Any = None, jacobi: Union[None, dict, JacobiConfig] = None,
+                  denoise: Any = True) -> GenerationRequest:
     """Plain values (JSON fields, CLI options) → a :class:`GenerationRequest`, or :class:`RequestError`.
 
     prompt: a string or a list (one per row); text_embeddings [B, L, D]; seed: an int (the call's), a list
     (per row) or None (fresh); guidance None: the export's default with a prompt, 0 with embeddings;
     aspect None: the size of the given context / noise, else the export's default; jacobi: a mapping of
-    :class:`JacobiOptions` fields (sampler jacobi only).
+    :data:`~.jacobi_config.REQUEST_FIELDS` or a :class:`JacobiConfig` (sampler jacobi only). Arrays: numpy or
+    torch, held as float32 host arrays.
     """
     m, lim = model, limits
     prompts = _texts("prompt", prompt, lim)
@@ -229,11 +259,15 @@ def build_request(model: ModelSummary, limits: RequestLimits = RequestLimits(), 
         raise RequestError("negative_embeddings", "guidance > 0 needs negative_embeddings (the empty-prompt "
                                                   "embeddings) when the request sends text_embeddings")
     sampler = check_choice("sampler", "jacobi" if sampler is None else sampler, SAMPLERS)
-    options = _jacobi(jacobi, sampler, lim)
+    options = _jacobi(jacobi, sampler, m, lim)
     noise = _array("noise", noise, "B, T, C, H, W", (batch, None, m.channels, None, None))
     ctx = _array("context_latents", context_latents, "B, N, C, H, W", (None, None, m.channels, None, None))
     if ctx is not None and ctx.shape[0] != batch:
         raise RequestError("context_latents", f"has {ctx.shape[0]} rows for a batch of {batch}; give one per row")
+    if aspect == RANDOM_ASPECT:
+        if batch != 1:
+            raise RequestError("aspect", f"{RANDOM_ASPECT} draws one aspect per row: send one row per request")
+        aspect = draw_aspect(m, seed if isinstance(seed, int) else seed[0])
     aspect = _aspect(m, aspect, ctx if ctx is not None else noise)
     H, W = m.latent_size(aspect)
     for name, arr in (("noise", noise), ("context_latents", ctx)):
@@ -270,6 +304,14 @@ def _seed(seed: Any, batch: int) -> Union[int, tuple[int, ...]]:
     return check_int("seed", seed, 0, 2 ** 63 - 1)
 
 
+def draw_aspect(model: ModelSummary, seed: int) -> str:
+    """One of the export's aspects, drawn from ``seed`` (what ``aspect: random`` gives a row of that seed)."""
+    import random
+
+    names = model.aspect_names
+    return names[random.Random(seed).randrange(len(names))]
+
+
 def _aspect(m: ModelSummary, aspect: Any, latents: Optional[np.ndarray]) -> str:
     """The exported aspect name of a request (given, else that of its latents' size, else the default)."""
     names = m.aspect_names
@@ -281,9 +323,9 @@ def _aspect(m: ModelSummary, aspect: Any, latents: Optional[np.ndarray]) -> str:
         return m.aspect
     if aspect not in names:
         sizes = ", ".join(f"{a} ({w * m.pixel_scale}x{h * m.pixel_scale})" for a, h, w in m.grid_aspects)
-        raise RequestError("aspect", f"this export serves {sizes}, got {_show(aspect)}; "
-                                     f"re-export with --aspects {aspect if isinstance(aspect, str) else '16:9'} "
-                                     "to add it")
+        fix = (f"re-export with --aspects {aspect} to add it" if aspect in UPSTREAM_ASPECTS else
+               f"choose one of them or {RANDOM_ASPECT}")
+        raise RequestError("aspect", f"this export serves {sizes}, got {_show(aspect)}; {fix}")
     return aspect
 
 
@@ -312,28 +354,39 @@ def _media(m: ModelSummary, prompts, image, video, ctx) -> None:
                                     "send context_latents [N, C, H, W] instead")
 
 
-def _jacobi(value: Optional[dict], sampler: str, lim: RequestLimits) -> JacobiOptions:
+def _jacobi(value: Union[None, dict, JacobiConfig], sampler: str, m: ModelSummary, lim: RequestLimits) -> JacobiConfig:
+    """The request's Jacobi options: a mapping of :data:`~.jacobi_config.REQUEST_FIELDS` (JSON, CLI) or a
+    :class:`JacobiConfig` (the API); ``window`` None: the model's attention window, else the export's frames
+    (upstream's: the training length)."""
     if value is None:
-        return JacobiOptions()
-    if sampler != "jacobi":
+        value = {}
+    elif sampler != "jacobi":
         raise RequestError("jacobi", "options need sampler jacobi")
-    fields = ("block_size", "max_iter", "threshold", "schedule", "window", "context_length")
+    floor = 0.0
+    if isinstance(value, JacobiConfig):
+        value, floor = {f: getattr(value, f) for f in REQUEST_FIELDS}, value.floor
     if not isinstance(value, dict):
-        raise RequestError("jacobi", f"must be an object {{{', '.join(fields)}}}")
-    unknown = sorted(set(value) - set(fields))
+        raise RequestError("jacobi", f"must be an object {{{', '.join(REQUEST_FIELDS)}}}")
+    unknown = sorted(set(value) - set(REQUEST_FIELDS))
     if unknown:
-        raise RequestError(f"jacobi.{unknown[0]}", f"unknown field; allowed: {', '.join(fields)}")
-    d = JacobiOptions()
+        raise RequestError(f"jacobi.{unknown[0]}", f"unknown field; allowed: {', '.join(REQUEST_FIELDS)}")
+    d = JacobiConfig()
     get = value.get
-    opt = JacobiOptions(
+    window = get("window")
+    window = m.window or m.max_frames if window is None else check_int("jacobi.window", window, 1, m.max_frames,
+                                                                       " (the export's frames)")
+    context = get("context_length")
+    if context is None:
+        context = min(DEFAULT_CONTEXT_LENGTH, window - 1) if window > 1 else None
+    else:
+        context = check_int("jacobi.context_length", context, 1, MAX_VIDEO_FRAMES)
+        if context >= window:
+            raise RequestError("jacobi.context_length", f"{context} frames must be fewer than the window of "
+                                                        f"{window}; give {window - 1} or less")
+    schedule = get("schedule")
+    return JacobiConfig(
         block_size=check_int("jacobi.block_size", get("block_size", d.block_size), 1, lim.max_block_size),
         max_iter=check_int("jacobi.max_iter", get("max_iter", d.max_iter), 1, lim.max_iter),
         threshold=check_float("jacobi.threshold", get("threshold", d.threshold), 0.0, 1.0),
-        schedule=None if get("schedule") is None else check_choice("jacobi.schedule", get("schedule"), SCHEDULES),
-        window=None if get("window") is None else check_int("jacobi.window", get("window"), 1, MAX_VIDEO_FRAMES),
-        context_length=None if get("context_length") is None else check_int(
-            "jacobi.context_length", get("context_length"), 1, MAX_VIDEO_FRAMES))
-    if opt.window is not None and opt.context_length is not None and opt.context_length >= opt.window:
-        raise RequestError("jacobi.context_length", f"{opt.context_length} frames must be fewer than the window of "
-                                                    f"{opt.window}; give {opt.window - 1} or less")
-    return opt
+        schedule=None if schedule is None else check_choice("jacobi.schedule", schedule, SCHEDULES),
+        window=window, context_length=context, floor=floor)

@@ -55,6 +55,7 @@ class ModelSummary:
     vae: bool = False
     vae_encoder: bool = False
     pixel_scale: int = 1
+    frame_scale: int = 1          # pixel frames per latent frame after the first (the VAE's temporal factor)
     fps: Optional[int] = None     # the config's video fps (``vid_size = "frames:fps"``), None: image config
 
     # ------------------------------------------------------------ derived
@@ -62,6 +63,10 @@ class ModelSummary:
     def default_fps(self) -> int:
         """The fps of a request that names none: the config's (its training clips'), else ``DEFAULT_FPS``."""
         return self.fps or DEFAULT_FPS
+
+    def latent_frames(self, pixel_frames: int) -> int:
+        """Latent frames of a video of ``pixel_frames`` frames (upstream's ``target_length``): 1 + (F - 1) / s."""
+        return 1 + (pixel_frames - 1) // self.frame_scale
 
     @property
     def grid_aspects(self) -> tuple[tuple[str, int, int], ...]:
@@ -138,7 +143,9 @@ class ModelSummary:
         sha = (m.checkpoint or {}).get("sha256")
         p = g.patch_size
         vae = n.VAE_DECODE_FIRST in m.graphs
-        scale = int(m.graph(n.VAE_DECODE_FIRST).extra.get("spatial_factor", 16)) if vae else 1
+        extra = m.graph(n.VAE_DECODE_FIRST).extra if vae else {}
+        scale = int(extra.get("spatial_factor", 16)) if vae else 1
+        frame_scale = int(extra.get("temporal_factor", 4)) if vae else 1
         encoder = "text_encoder" if n.TEXT_ENCODER in m.graphs else detect_prompt_encoder(sha)
         aspects = tuple((a.aspect, a.h * p, a.w * p) for a in g.aspects) or _grid_name(cfg, g)
         return cls(directory=str(Path(m.root).resolve()), precision=m.precision, channels=g.channel_size,
@@ -149,7 +156,7 @@ class ModelSummary:
                    default_guidance=float(cfg.guidance_values[0]) if cfg.guidance_values else 0.0,
                    noise_std=float(g.noise_std), prompt_encoder=encoder, config_hash=m.config_hash,
                    checkpoint_sha256=sha, graphs=tuple(sorted(m.graphs)), engines=m.extra.get("engines"),
-                   aspects=aspects, vae=vae, pixel_scale=scale, fps=cfg.fps,
+                   aspects=aspects, vae=vae, pixel_scale=scale, frame_scale=frame_scale, fps=cfg.fps,
                    vae_encoder=n.VAE_ENCODE in m.graphs or n.VAE_ENCODE_FIRST in m.graphs)
 
 

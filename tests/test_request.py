@@ -77,16 +77,15 @@ def _cli_default(command, name: str):
 
 
 def test_one_jacobi_default_across_api_cli_and_server():
-    """``JacobiConfig`` (API), ``JacobiOptions`` (requests), ``generate``'s options and the server's JSON
+    """``JacobiConfig`` (the one options type: API and requests), ``generate``'s options and the server's JSON
     without a ``jacobi`` field all take the one value of :mod:`starflow_trt.defaults`."""
     from starflow_trt.commands.generate_cmd import generate_command
     from starflow_trt.defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
-    from starflow_trt.request import JacobiOptions
     from starflow_trt.sampling import JacobiConfig
 
     served = parse_request(json.dumps({"prompt": "a cat"}).encode(), MEDIA, RequestLimits()).generation.jacobi
     cli = tuple(_cli_default(generate_command, n) for n in ("jacobi_block", "jacobi_iters", "jacobi_threshold"))
-    for made in (JacobiConfig(), JacobiOptions(), served):
+    for made in (JacobiConfig(), served):
         assert (made.block_size, made.max_iter, made.threshold) == cli
     assert cli == (DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD) == (16, 32, 1e-3)
 
@@ -161,3 +160,47 @@ def _decoded(path) -> np.ndarray:
 
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+def test_random_aspect_is_drawn_per_row_from_its_seed():
+    """``aspect: random`` draws one of the export's aspects from the row's seed (reproducible; several seeds
+    reach several aspects); a request of several rows is refused (each row draws its own)."""
+    from starflow_trt.request import draw_aspect
+
+    drawn = {s: build_request(MEDIA, prompt="a cat", seed=s, aspect="random").aspect for s in range(12)}
+    assert drawn == {s: draw_aspect(MEDIA, s) for s in range(12)} and set(drawn.values()) == set(MEDIA.aspect_names)
+    assert parse_request(json.dumps({"prompt": "a", "seed": 4, "aspect": "random"}).encode(), MEDIA,
+                         RequestLimits()).generation.aspect == drawn[4]
+    with pytest.raises(RequestError, match="one row per request"):
+        build_request(MEDIA, prompt=["a", "b"], seed=1, aspect="random")
+    with pytest.raises(RequestError, match="choose one of them or random"):
+        build_request(MEDIA, prompt="a", aspect="banana")
+
+
+def test_long_video_defaults_are_upstreams_and_resolved_once():
+    """The window: the model's, else the export's frames; the context: upstream's 16 frames (window - 1 below)."""
+    from dataclasses import replace
+
+    from starflow_trt.sampling import JacobiConfig
+
+    long = replace(MEDIA, max_frames=21, window=21)
+    assert build_request(long, prompt="a", frames=61).jacobi.context_length == 16
+    assert build_request(long, prompt="a", jacobi={"window": 8}).jacobi.context_length == 7
+    assert build_request(MEDIA, prompt="a").jacobi.window == 3          # no model window: the export's frames
+    api = build_request(MEDIA, text_embeddings=torch_zeros(2, 4, 16), jacobi=JacobiConfig(block_size=4, floor=0.1))
+    assert (api.jacobi.block_size, api.jacobi.floor, api.y.dtype, api.seed) == (4, 0.1, np.float32, api.seed)
+    with pytest.raises(RequestError, match="jacobi.window"):
+        build_request(MEDIA, prompt="a", jacobi={"window": 4})
+
+
+def torch_zeros(*shape):
+    import torch
+
+    return torch.zeros(*shape)
+
+
+def test_pixel_frames_count_as_upstreams_target_length():
+    from dataclasses import replace
+
+    assert [replace(MEDIA, frame_scale=4).latent_frames(n) for n in (1, 5, 81, 241)] == [1, 2, 21, 61]
+    assert replace(MEDIA, frame_scale=1).latent_frames(6) == 6

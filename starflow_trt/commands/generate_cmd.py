@@ -9,9 +9,10 @@ from typing import Any, Optional
 import click
 import numpy as np
 
-from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
+from ..defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_ITERS, DEFAULT_JACOBI_THRESHOLD
 from ..sampling import SCHEDULES
 from . import options
+from .prompt_file import prompt_file_requests, run_prompt_file
 
 def _sha256(path: Optional[str]) -> Optional[dict]:
     if path is None:
@@ -29,54 +30,58 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
             "inputs": {k: _sha256(v) for k, v in files.items() if v is not None}, **extra}
 
 
-#: the request field each ``generate`` option sets (errors name the option)
-OPTION_OF = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "text_embeddings": "--text-embeddings",
-             "negative_embeddings": "--uncond", "image": "--image", "video": "--video", "context_latents": "--context",
-             "noise": "--noise", "seed": "--seed", "frames": "--frames", "aspect": "--aspect", "fps": "--fps",
-             "guidance": "--guidance", "sampler": "--autoregressive", "jacobi": "--autoregressive",
-             "jacobi.block_size": "--jacobi-block", "jacobi.max_iter": "--jacobi-iters",
-             "jacobi.threshold": "--jacobi-threshold", "jacobi.schedule": "--schedule", "jacobi.window": "--window",
-             "jacobi.context_length": "--context-length", "denoise": "--no-denoise"}
-
-
-def option_error(exc) -> click.BadParameter:
-    """A :class:`~starflow_trt.request.RequestError` as the option's usage error (exit 2, the validator's reason)."""
-    return click.BadParameter(exc.reason, param_hint=f"'{OPTION_OF.get(exc.field, exc.field)}'")
-
-
 @click.command("generate")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False), callback=options.export_dir)
-@click.option("--prompt", "prompts", multiple=True, help="prompt (repeat for a batch; needs a text_encoder graph)")
-@click.option("--negative-prompt", "negative", multiple=True, help="negative prompt, one per --prompt")
+@click.option("--prompt", "prompts", multiple=True, help="prompt (repeat for a batch; an export with a text encoder, "
+                                                        "or the bundled toy)")
+@click.option("--prompts", "prompt_file", type=click.Path(exists=True, dir_okay=False),
+              help="a text file, one video per line (upstream's --caption FILE): video_<line>.mp4 and "
+                   "latents_<line>.npy named by line number; line k (from 0) draws seed + k, so each video equals "
+                   "its --prompt run with that seed (rows share a call of the export's max_batch when that cannot "
+                   "change them: --autoregressive or --jacobi-threshold 0; else one prompt per call)")
+@click.option("--negative-prompt", "negative", multiple=True,
+              help="negative prompt, one per --prompt (with --prompts: one, for every line)")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="image-to-video: the first frame")
 @click.option("--video", "video_in", type=click.Path(exists=True, dir_okay=False), help="video-to-video: the frames to continue")
 @click.option("--fps", default=None, type=int,
-              help="output fps and the prompt template's  [default: the export's, from its config's vid_size]")
+              help="output fps and the prompt template's  [default: the export's, from its config's vid_size; "
+                   "upstream's sampler: 8, its published script: 16]")
 @click.option("--aspect", default=None,
-              help="frame aspect, e.g. 9:16: one of the export's aspects (the token grid and the prompt template; "
-                   "default: the export's default, 16:9 for VAE configs)")
+              help="frame aspect, e.g. 9:16: one of the export's aspects (the token grid and the prompt template), or "
+                   "random: one drawn per video from its seed, as upstream draws from its nine  [default: the "
+                   "export's default, 16:9 for VAE configs; upstream's sampler: 1:1]")
 @click.option("--text-embeddings", "text", default=None, type=click.Path(exists=True, dir_okay=False),
               help="y.npy [B, L, D] (instead of --prompt)")
 @click.option("--uncond", type=click.Path(exists=True, dir_okay=False), help="empty-prompt embeddings [B, L, D]")
 @click.option("--noise", type=click.Path(exists=True, dir_okay=False), help="noise.npy [B, T, C, H, W]")
 @click.option("--seed", default=0, show_default=True, type=int, help="noise seed (without --noise)")
 @click.option("--frames", default=None, type=int,
-              help="latent frames (default: the export's max; more: a long video through the attention window)")
+              help="LATENT frames (default: the export's max; more: a long video through the attention window); "
+                   "upstream counts pixel frames: --target-length")
+@click.option("--target-length", default=None, type=int,
+              help="PIXEL frames, as upstream's --target_length (VAE exports: 1 + 4k pixel frames are 1 + k latent "
+                   "frames; 81 → 21, 241 → 61); instead of --frames")
 @click.option("--window", default=None, type=int,
               help="long videos: attention window in latent frames (default: the model's local_attn_window, "
                    "else the export's frames, the training length)")
 @click.option("--context-length", default=None, type=int,
-              help="long videos: frames re-encoded as context when the window slides (default: window - 1)")
+              help=f"long videos: latent frames re-encoded as context when the window slides (default: "
+                   f"{DEFAULT_CONTEXT_LENGTH} as upstream's sampler, window - 1 for a smaller window)")
 @click.option("--guidance", default=None, type=float,
-              help="classifier-free guidance (default: the export's cfg with --prompt, 0 with --text-embeddings)")
-@click.option("--jacobi-block", default=DEFAULT_JACOBI_BLOCK, show_default=True, type=int)
+              help="classifier-free guidance (default: the export's config cfg with --prompt, the checkpoint's own "
+                   "setting; upstream's sampler ignores it for its --cfg 5.0, its published script passes 3.5; "
+                   "0 with --text-embeddings)")
+@click.option("--jacobi-block", default=DEFAULT_JACOBI_BLOCK, show_default=True, type=int,
+              help="Jacobi chunk in tokens (upstream's sampler: 64, its published script: 32)")
 @click.option("--jacobi-iters", default=DEFAULT_JACOBI_ITERS, show_default=True, type=int)
-@click.option("--jacobi-threshold", default=DEFAULT_JACOBI_THRESHOLD, show_default=True, type=float)
+@click.option("--jacobi-threshold", default=DEFAULT_JACOBI_THRESHOLD, show_default=True, type=float,
+              help="Jacobi stopping bound (upstream's sampler: 0.005, its published script: 0.001)")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
-              help="Jacobi schedule (default: the runtime's fastest, predictive)")
-@click.option("--autoregressive", is_flag=True, help="token-by-token sampling instead of Jacobi")
+              help="Jacobi schedule (default: the runtime's fastest, predictive; upstream: the upstream schedule)")
+@click.option("--autoregressive", is_flag=True, help="token-by-token sampling instead of Jacobi (upstream's sampler "
+                                                     "default; its published script uses Jacobi)")
 @click.option("--context", type=click.Path(exists=True, dir_okay=False), help="conditioning latents [B, N, C, H, W]")
-@click.option("--no-denoise", is_flag=True, help="skip the learnable denoiser")
+@click.option("--no-denoise", is_flag=True, help="skip the learnable denoiser (upstream's published script runs it)")
 @options.backend_option()
 @options.cuda_graphs_option()
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
@@ -85,11 +90,12 @@ def option_error(exc) -> click.BadParameter:
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @options.force_option()
 @click.pass_context
-def generate_command(ctx: click.Context, directory, prompts, negative, image, video_in, fps, aspect, text, uncond,
-                     noise, seed, frames, window, context_length, guidance, jacobi_block, jacobi_iters,
-                     jacobi_threshold, schedule, autoregressive, context, no_denoise, backend, cuda_graphs, checkpoint,
-                     device, torch_dtype, thread_pool, out_dir, force) -> None:
-    """Generate from --prompt or text embeddings through the graphs in DIRECTORY (video.mp4 with VAE graphs).
+def generate_command(ctx: click.Context, directory, prompts, prompt_file, negative, image, video_in, fps, aspect, text,
+                     uncond, noise, seed, frames, target_length, window, context_length, guidance, jacobi_block,
+                     jacobi_iters, jacobi_threshold, schedule, autoregressive, context, no_denoise, backend,
+                     cuda_graphs, checkpoint, device, torch_dtype, thread_pool, out_dir, force) -> None:
+    """Generate from --prompt, --prompts FILE or text embeddings through the graphs in DIRECTORY (video.mp4 with
+    VAE graphs).
 
     Any number of prompts (chunks of the export's max_batch; seeded noise of chunk k from seed + k).
     --frames beyond the export's frames samples a long video as upstream does: a sliding attention
@@ -103,6 +109,9 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
     from ..summary import ModelSummary
 
     options.long_video(window, context_length, autoregressive)
+    summary = ModelSummary.from_dir(directory)
+    frames = _latent_frames(summary, frames, target_length)
+    _check_prompt_sources(prompts, prompt_file, text)
     files = {"text_embeddings": text, "uncond": uncond, "noise": noise, "context": context, "checkpoint": checkpoint,
              "image": image, "video": video_in}
     inputs = [directory, *files.values()]
@@ -111,16 +120,27 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
                   noise=options.load_array(noise, "--noise"), context_latents=options.load_array(context, "--context"))
     jacobi = None if autoregressive else dict(block_size=jacobi_block, max_iter=jacobi_iters, threshold=jacobi_threshold,
                                               schedule=schedule, window=window, context_length=context_length)
-    try:
-        req = build_request(ModelSummary.from_dir(directory), prompt=list(prompts) or None, negative_prompt=list(negative) or None,
-                            image=image, video=video_in, seed=seed, frames=frames, aspect=aspect, fps=fps,
-                            guidance=guidance, sampler="autoregressive" if autoregressive else "jacobi",
-                            jacobi=jacobi, denoise=not no_denoise, **arrays)
-    except RequestError as exc:
-        raise option_error(exc) from None
+    fields = dict(image=image, video=video_in, frames=frames, fps=fps, guidance=guidance,
+                  sampler="autoregressive" if autoregressive else "jacobi", jacobi=jacobi, denoise=not no_denoise,
+                  **arrays)
+    if prompt_file is not None:
+        batch = prompt_file_requests(summary, prompt_file, seed, aspect, list(negative), fields)
+    else:
+        try:
+            req = build_request(summary, prompt=list(prompts) or None, negative_prompt=list(negative) or None,
+                                seed=seed, aspect=aspect, **fields)
+        except RequestError as exc:
+            raise options.option_error(exc) from None
     check_output_dir(out_dir, force, inputs)  # refuse before any work
     pipe = Pipeline.from_dir(directory, backend=backend, checkpoint=checkpoint, thread_pool=thread_pool,
                              cuda_graphs=cuda_graphs, device=device, dtype=torch_dtype)
+    if prompt_file is not None:
+        with staged_directory(out_dir, force=force, inputs=inputs, kind="generate") as tmp:
+            record = cli_record(ctx, {**files, "prompts": prompt_file}, directory=str(Path(directory).resolve()))
+            written = run_prompt_file(pipe, batch, tmp, record)
+        click.echo(f"{len(written)} videos from {prompt_file}; wrote {Path(out_dir) / 'stats.json'} and "
+                   f"{', '.join(str(Path(out_dir) / name) for name in written)}")
+        return
     bars: dict = {}  # one bar per stage, created at its first report so input errors print on a clean line
 
     def on_progress(stage: str, done: int, total: int) -> None:
@@ -171,6 +191,29 @@ def generate_command(ctx: click.Context, directory, prompts, negative, image, vi
                f"(first frame {s['time_to_first_frame']:.2f} s, {s['total_graph_calls']} graph calls, "
                f"schedule {s['schedule']}); wrote "
                f"{', '.join(str(Path(out_dir) / f.name) for f in [*(w.path for w in writers.values()), *written])}")
+
+
+def _latent_frames(summary, frames: Optional[int], target_length: Optional[int]) -> Optional[int]:
+    """``--frames`` (latent), or ``--target-length`` (pixel frames) as latent frames."""
+    if target_length is None:
+        return frames
+    if frames is not None:
+        raise click.UsageError("--frames counts latent frames, --target-length pixel frames: give one of them")
+    if target_length < 1:
+        raise click.BadParameter(f"must be >= 1 pixel frame, got {target_length}", param_hint="'--target-length'")
+    return summary.latent_frames(target_length)
+
+
+def _check_prompt_sources(prompts: tuple[str, ...], prompt_file: Optional[str], text: Optional[str]) -> None:
+    """--prompts FILE alone; a --prompt that names a file is taken for one (upstream's --caption takes files)."""
+    import os
+
+    if prompt_file is not None and (prompts or text):
+        raise click.UsageError("--prompts FILE gives the prompts, one per line: drop --prompt / --text-embeddings")
+    for p in prompts:
+        if os.path.isfile(p):
+            raise click.BadParameter(f"{p!r} is a file: pass it as --prompts {p} (one video per line)",
+                                     param_hint="'--prompt'")
 
 
 @click.command("score")

@@ -238,3 +238,18 @@ def load_array(path: Optional[str], name: str) -> Optional[np.ndarray]:
     if not np.isfinite(array).all():
         raise InputError(f"{name} {path!r} contains NaN or Inf (or values beyond float32); fix the file")
     return array
+
+
+#: the request field each ``generate`` option sets (errors name the option)
+OPTION_OF = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "text_embeddings": "--text-embeddings",
+             "negative_embeddings": "--uncond", "image": "--image", "video": "--video", "context_latents": "--context",
+             "noise": "--noise", "seed": "--seed", "frames": "--frames", "aspect": "--aspect", "fps": "--fps",
+             "guidance": "--guidance", "sampler": "--autoregressive", "jacobi": "--autoregressive",
+             "jacobi.block_size": "--jacobi-block", "jacobi.max_iter": "--jacobi-iters",
+             "jacobi.threshold": "--jacobi-threshold", "jacobi.schedule": "--schedule", "jacobi.window": "--window",
+             "jacobi.context_length": "--context-length", "denoise": "--no-denoise"}
+
+
+def option_error(exc) -> click.BadParameter:
+    """A :class:`~starflow_trt.request.RequestError` as the option's usage error (exit 2, the validator's reason)."""
+    return click.BadParameter(exc.reason, param_hint=f"'{OPTION_OF.get(exc.field, exc.field)}'")

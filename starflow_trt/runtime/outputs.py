@@ -61,3 +61,17 @@ def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None,
         files.append(write_mp4(grid_video(clips, labels), out_dir / "video.mp4",
                                fps=pipe.summary.default_fps if fps is None else fps))
     return files
+
+
+def write_row_video(result, row: int, pipe, path: Path, fps: int) -> Path | None:
+    """Row ``row`` of a result as an mp4 at ``path``: its decoded frames (VAE exports) or its RGB latents
+    (pixel-space models); None when the export makes no frames."""
+    from .video_io import to_uint8, write_mp4
+
+    if result.video is not None:
+        frames = result.video[row].movedim(-3, -1).numpy()          # [F, H, W, 3] uint8
+    elif not pipe.cfg.vae and result.latents.shape[2] == 3:
+        frames = to_uint8(result.latents[row])
+    else:
+        return None
+    return write_mp4(frames, path, fps=fps)

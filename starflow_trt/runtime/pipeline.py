@@ -1,7 +1,8 @@
 """Generation and scoring over exported graphs: the product.
 
     pipe = Pipeline.from_dir(export_or_engine_dir, backend="ort", precision="fp32")
-    result = pipe.generate(y, y_uncond=None, noise=None, seed=0, num_frames=None,
+    result = pipe.run(build_request(pipe.summary, prompt=["a cat"], seed=0))   # the executor
+    result = pipe.generate(y, y_uncond=None, noise=None, seed=0, num_frames=None,   # = run(build_request(...))
                            guidance=0.0, jacobi=JacobiConfig(...) or None,
                            context=None, denoise=True, on_frame=None,
                            should_stop=None, on_progress=None)
@@ -9,8 +10,10 @@
     result.stats        # graph calls, Jacobi chunks, seconds per stage, time to first frame, the request
     nll, bpd = pipe.score(x, y)     # any B: chunks of max_batch
 
-``generate`` validates the request with the sampling core (:mod:`starflow_trt.sampling`), then
-wires the stages (:mod:`.stages`) of one per-call :class:`~.run.GenerateRun`, each handing its
+``run`` executes a :class:`~starflow_trt.request.GenerationRequest` (validated once, by
+:func:`~starflow_trt.request.build_request`): prompts and image / video through the text and VAE
+stages, then per chunk of ``max_batch`` rows a sampling plan (:mod:`starflow_trt.sampling`) and the
+wired stages (:mod:`.stages`) of one per-call :class:`~.run.GenerateRun`, each handing its
 result to the next: the context's block inputs (image / video conditioning), the deep block (text
 prefill, AR or Jacobi, guidance on the doubled batch), the frame-local shallow blocks on every
 finished frame (frames batched), then the denoiser with its receptive-field lookahead. Each
@@ -35,13 +38,13 @@ from ..calibration.floor import manifest_residual_floor
 from ..export.manifest import Manifest, load_manifest
 from ..geometry import Geometry
 from ..reference.flow import patchify
-from ..sampling import SCHEDULES, JacobiConfig, Request, SamplerSpec, check_request, check_text, check_video, likelihood
+from ..sampling import SCHEDULES, JacobiConfig, SamplerSpec, SamplingPlan, check_text, check_video, likelihood, plan_sampling
 from .batching import chunk_bounds, merge_stats, rows
 from .backends import THREAD_POOLS, Backend, GraphRunner, make_backend
 from .graphs import DENOISER, GraphCalls, Graphs
 from .kv import Workspace
 from .run import FrameCallback, GenerateRun, ProgressCallback, StageClock
-from .stages import DeepStage, DenoiserStage, ShallowStage, TextStage, VaeStage, context_inputs_of
+from .stages import BundledToyText, DeepStage, DenoiserStage, ShallowStage, TextStage, VaeStage, context_inputs_of
 from .tensors import as_float32
 
 if TYPE_CHECKING:
@@ -131,10 +134,12 @@ class Pipeline:
 
     # ---------------------------------------------------------------- media
     @property
-    def text_stage(self) -> TextStage:
-        """The export's text encoder (ManifestError if it has none)."""
+    def text_stage(self) -> Union[TextStage, BundledToyText]:
+        """The export's text encoder: its text_encoder graph, else the bundled toy's word encoder for a toy
+        export (ManifestError if it has neither)."""
         if self._text is None:
-            self._text = TextStage(self.graphs)
+            toy = not self.graphs.has(n.TEXT_ENCODER) and self.summary.prompt_encoder == "toy"
+            self._text = BundledToyText() if toy else TextStage(self.graphs)
         return self._text
 
     @property
@@ -176,115 +181,112 @@ class Pipeline:
                  negative_prompt: Optional[Sequence[str]] = None, image=None, video=None,
                  fps: Optional[int] = None, aspect: Optional[str] = None,
                  on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
-        """Sample latents [B, T, C, H, W] for text embeddings y [B, L, D], or for ``prompt``.
+        """``self.run(build_request(self.summary, ...))``: the request in Python's names, then the one executor.
 
-        prompt (list of B strings; with a ``text_encoder`` graph): encoded with upstream's templates
-        (``fps``, None: the export's, ``summary.default_fps``; ``aspect``; ``negative_prompt`` for the
-        unconditional rows), instead of ``y`` /
-        ``y_uncond``. image (path or [h, w, 3] uint8) / video (path or [F, h, w, 3] uint8; with VAE
-        graphs): resized to cover, centre-cropped, encoded, drawn and noised (``noise_std``) from
-        ``seed`` as the context. With VAE graphs the latents are decoded as the flow finishes them
-        (``on_video(chunk [B, f, 3, 16H, 16W] in [-1, 1])``) into ``result.video`` uint8.
-
-        noise [B, T, C, H, W] or drawn from ``seed`` (``num_frames`` frames, default the export's
-        max); ``seed`` a sequence: one seed per row, row b drawn as a one-row call with ``seed[b]``
-        (its noise and its image / video context noise), so a row's result does not depend on the
-        rows beside it (autoregressive or threshold-0 Jacobi). guidance (finite, >= 0) > 0 needs
-        y_uncond [B, L, D] (None: the export's cfg guidance with ``prompt``, else 0); jacobi None → autoregressive,
-        else ``jacobi.schedule`` (None → the runtime default); context [B, N, C, H, W]: N given
-        (noisy) latent frames to continue from; on_frame(i, frame [B, C, H, W]) fires in order as
-        soon as frame i is final.
-        should_stop(): checked before every Jacobi sweep / AR step and every emitted frame; True
-        stops the call with :class:`~starflow_trt.errors.GenerationCancelled`.
-        on_progress(stage, done, total): ``("deep", tokens, tokens)`` as the deep block commits
-        tokens, ``("shallow", frames, frames)`` and ``("denoiser", frames, frames)`` as frames finish.
-
-        aspect ("16:9"; exports with ``--aspects``): the token grid of the call (InputError listing the
-        exported aspects when it is not one of them) and the prompt template's ratio. None: the grid
-        of the given noise / context (any exported grid), else the export's default grid; the template
-        then names that grid's aspect. Exports of one unnamed grid ignore it for the grid.
-
-        Any batch: B > the export's ``max_batch`` runs in chunks of ``max_batch`` rows (the last
-        shorter), one after the other, and the result is the concatenation of the chunk results,
-        exactly what calling ``generate`` on each chunk gives. Noise drawn from ``seed``: chunk k
-        draws its noise as a call on that chunk alone with ``seed + k`` does (so B <= max_batch
-        is unchanged). A chunked call reports ``("batch", chunks done, chunks)`` to on_progress
-        after every chunk, and on_frame fires per chunk with that chunk's rows (frame indices
-        restart at 0 for every chunk). The thresholded Jacobi stopping test averages over the
-        rows of a call, so a chunked call equals the chunk calls, not B calls of one row.
+        Text: ``prompt`` (B strings; an export with a text encoder, or the bundled toy) encoded with upstream's
+        templates (``fps``, ``aspect``; ``negative_prompt`` for the unconditional rows), or embeddings y
+        [B, L, D] with y_uncond [B, L, D] (guidance > 0). image (path or [h, w, 3] uint8) / video (path or
+        [F, h, w, 3] uint8; VAE graphs): the context, encoded and noised from ``seed``; or ``context``
+        latents [B, N, C, H, W]. noise [B, T, C, H, W] or drawn from ``seed`` (``num_frames`` frames, default
+        the export's max; an int: the call's, chunk k of a batch beyond max_batch drawing from seed + k; a
+        sequence: one seed per row, row b as a one-row call with ``seed[b]``). guidance None: the export's
+        cfg with a prompt, else 0. jacobi None: autoregressive; a :class:`JacobiConfig` (``schedule`` None: the
+        runtime's default). aspect: an exported aspect (None: the grid of the noise / context, else the
+        export's default). The field rules and their errors are :func:`~starflow_trt.request.build_request`'s
+        (its JSON names: ``text_embeddings`` for y, ``frames`` for num_frames); hooks as :meth:`run`'s.
         """
-        geo = self._call_geometry(aspect, noise if noise is not None else context)
-        spec = self._spec_on(geo)
-        aspect = aspect or geo.aspect or "16:9"   # the template's ratio
-        if guidance is None:
-            guidance = self.summary.default_guidance if prompt is not None else 0.0
-        if fps is None and prompt is not None:
-            fps = self.summary.default_fps
-        media = self.prepare_inputs(y, y_uncond, context, prompt=prompt, negative_prompt=negative_prompt,
-                                    image=image, video=video, fps=fps, aspect=aspect, guidance=guidance, seed=seed,
-                                    geo=geo)
-        if media is not None:
-            y, y_uncond, context = media["y"], media["y_uncond"], media["context"]
-        given = noise is not None
-        tensors = dict(y=as_float32(y, "y"), noise=as_float32(noise, "noise") if given else None,
-                       y_uncond=None if y_uncond is None else as_float32(y_uncond, "y_uncond"),
-                       context=None if context is None else as_float32(context, "context"))
-        options = dict(num_frames=num_frames, guidance=guidance, jacobi=jacobi,
-                       denoise=denoise and self.graphs.has(DENOISER))   # no denoiser graph: nothing to do
-        # the whole request first: errors name the caller's shapes, and nothing runs on bad input
-        whole = check_request(dataclasses.replace(spec, max_batch=None), tensors["y"], tensors["noise"],
-                              y_uncond=tensors["y_uncond"], context=tensors["context"], **options)
-        seed = _seeds(seed, whole.batch)
-        bounds = chunk_bounds(whole.batch, self.geo.max_batch)
-        results = []
-        for k, (start, end) in enumerate(bounds):
-            part = {name: rows(t, start, end) for name, t in tensors.items()}
-            req = check_request(spec, part["y"], part["noise"], y_uncond=part["y_uncond"],
-                                context=part["context"], **options)
-            chunk_seed = seed[start:end] if isinstance(seed, tuple) else int(seed) + k
-            results.append(self._generate(req, None if given else chunk_seed, on_frame, should_stop, on_progress,
-                                          on_video, geo))
-            if len(bounds) > 1 and on_progress is not None:
-                on_progress("batch", k + 1, len(bounds))
-        result = results[0]
-        if len(results) > 1:
-            result = GenerateResult(latents=torch.cat([r.latents for r in results]),
-                                    raw=torch.cat([r.raw for r in results]),
-                                    stats=merge_stats([r.stats for r in results], whole.batch),
-                                    video=None if result.video is None else torch.cat([r.video for r in results]))
-        if media is not None:
-            stats = result.stats
-            stats["seconds"]["text"] = media["text_seconds"]
-            stats["seconds"]["encode"] = media["encode_seconds"]
-            stats["request"]["prompt"] = {"fps": fps, "aspect": aspect, "image": image is not None,
-                                          "video": video is not None}
-        return result
+        from ..request import RequestError, build_request
+
+        try:
+            request = build_request(self.summary, prompt=prompt, negative_prompt=negative_prompt, text_embeddings=y,
+                                    negative_embeddings=y_uncond, image=image, video=video, context_latents=context,
+                                    noise=noise, seed=seed, frames=num_frames, aspect=aspect, fps=fps,
+                                    guidance=guidance, sampler="autoregressive" if jacobi is None else "jacobi",
+                                    jacobi=jacobi, denoise=denoise)
+        except RequestError as exc:   # the error names this method's argument
+            head, dot, rest = exc.field.partition(".")
+            raise RequestError(_ARGUMENT_OF.get(head, head) + dot + rest, exc.reason) from None
+        return self.run(request, on_frame=on_frame, should_stop=should_stop, on_progress=on_progress,
+                        on_video=on_video)
 
     @torch.no_grad()
     def run(self, request: "GenerationRequest", on_frame: Optional[FrameCallback] = None,
             should_stop: Optional[Callable[[], bool]] = None, on_progress: Optional[ProgressCallback] = None,
             on_video: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateResult:
-        """Execute a validated :class:`~starflow_trt.request.GenerationRequest` (what the CLI and the server
-        build with :func:`~starflow_trt.request.build_request`); hooks as :meth:`generate`'s."""
-        r = request
-        tensor = (lambda a: None if a is None else torch.from_numpy(a))
-        return self.generate(tensor(r.y), tensor(r.y_uncond), noise=tensor(r.noise), seed=r.seed,
-                             num_frames=r.frames, guidance=r.guidance, jacobi=self.jacobi_config(r),
-                             context=tensor(r.context), denoise=r.denoise, on_frame=on_frame,
-                             should_stop=should_stop, on_progress=on_progress,
-                             prompt=None if r.prompts is None else list(r.prompts),
-                             negative_prompt=None if r.negative_prompts is None else list(r.negative_prompts),
-                             image=r.image, video=r.video, fps=r.fps, aspect=r.aspect, on_video=on_video)
+        """The executor: every generation (the CLI, :meth:`generate`, the server) runs a validated
+        :class:`~starflow_trt.request.GenerationRequest` here, and nothing here validates it again.
 
-    def jacobi_config(self, request: "GenerationRequest") -> Optional[JacobiConfig]:
-        """The request's Jacobi options (None: autoregressive); a long video's window defaults to the model's
-        ``local_attn_window``, else the export's frames (upstream's: the training length)."""
-        if request.sampler == "autoregressive":
-            return None
-        j = request.jacobi
-        return JacobiConfig(block_size=j.block_size, max_iter=j.max_iter, threshold=j.threshold, schedule=j.schedule,
-                            window=j.window or self.geo.local_attn_window or self.geo.max_frames,
-                            context_length=j.context_length)
+        Prompts and image / video go through the text and VAE stages first (:meth:`prepare`). Any batch:
+        B > the export's ``max_batch`` runs in chunks of ``max_batch`` rows, one after the other; the result
+        is their concatenation, exactly what running each chunk alone gives (a thresholded Jacobi stopping
+        test averages over the rows of one chunk). With VAE graphs the latents are decoded as the flow
+        finishes them into ``result.video`` uint8 [B, F, 3, 16H, 16W].
+
+        on_frame(i, frame [B, C, H, W]) fires in order as soon as frame i is final (per chunk, indices
+        restarting at 0); on_video(chunk [B, f, 3, 16H, 16W] in [-1, 1]) as frames decode;
+        should_stop() is checked before every Jacobi sweep / AR step and every emitted frame (True raises
+        :class:`~starflow_trt.errors.GenerationCancelled`); on_progress(stage, done, total): ``("deep",
+        tokens, tokens)``, ``("shallow" | "denoiser", frames, frames)`` and ``("batch", chunks done, chunks)``.
+        """
+        geo = self._call_geometry(request.aspect)
+        encoded, seconds = self._prepare(request, geo)
+        r = encoded
+        tensor = (lambda a: None if a is None else torch.from_numpy(a))
+        y, y_uncond, noise, context = tensor(r.y), tensor(r.y_uncond), tensor(r.noise), tensor(r.context)
+        spec = self._spec_on(geo)
+        denoise = r.denoise and self.graphs.has(DENOISER)   # no denoiser graph: nothing to do
+        bounds = chunk_bounds(r.batch, geo.max_batch)
+        results = []
+        for k, (start, end) in enumerate(bounds):
+            plan = plan_sampling(spec, rows(y, start, end), rows(noise, start, end),
+                                 y_uncond=rows(y_uncond, start, end), frames=r.frames, guidance=r.guidance,
+                                 jacobi=r.jacobi_options, context=rows(context, start, end), denoise=denoise)
+            chunk_seed = r.seed[start:end] if isinstance(r.seed, tuple) else r.seed + k
+            results.append(self._generate(plan, None if noise is not None else chunk_seed, on_frame, should_stop,
+                                          on_progress, on_video, geo))
+            if len(bounds) > 1 and on_progress is not None:
+                on_progress("batch", k + 1, len(bounds))
+        result = results[0]
+        if len(results) > 1:
+            result = GenerateResult(latents=torch.cat([c.latents for c in results]),
+                                    raw=torch.cat([c.raw for c in results]),
+                                    stats=merge_stats([c.stats for c in results], r.batch),
+                                    video=None if result.video is None else torch.cat([c.video for c in results]))
+        if not request.encoded:
+            stats = result.stats
+            stats["seconds"].update(seconds)
+            stats["request"]["prompt"] = {"fps": request.fps, "aspect": request.aspect,
+                                          "image": request.image is not None, "video": request.video is not None}
+        return result
+
+    def prepare(self, request: "GenerationRequest") -> "GenerationRequest":
+        """The request with its prompts encoded (y, y_uncond [B, L, D]) and its image / video encoded to context
+        latents [B, N, C, H, W]: what :meth:`run` executes; the server encodes each request while earlier
+        batches generate, then stacks them (:func:`~starflow_trt.request.stack_rows`)."""
+        return self._prepare(request, self._call_geometry(request.aspect))[0]
+
+    def _prepare(self, r: "GenerationRequest", geo: Geometry) -> tuple["GenerationRequest", dict]:
+        """(:meth:`prepare`'s request, seconds of its ``text`` and ``encode`` stages).
+
+        The context noise comes from ``seed + 1`` (not the flow noise's stream): one draw for the call,
+        or per row from ``seed[b] + 1``. Pixel-space models (no VAE, RGB latents) take the fitted image
+        itself as the context frame plus ``noise_std`` noise.
+        """
+        if r.encoded:
+            return r, {}
+        start = time.perf_counter()
+        y, y_uncond = r.y, r.y_uncond
+        if r.prompts is not None:
+            y, y_uncond = (t.numpy() for t in self.encode_text(r.prompts, fps=r.fps, aspect=r.aspect,
+                                                               negative_prompt=r.negative_prompts))
+        text_s = time.perf_counter() - start
+        start = time.perf_counter()
+        context = r.context
+        if r.image is not None or r.video is not None:
+            context = self._context(r.image, r.video, r.seed, r.batch, geo).numpy()
+        encoded = dataclasses.replace(r, prompts=None, negative_prompts=None, image=None, video=None, y=y,
+                                      y_uncond=y_uncond if r.guidance > 0 else None, context=context)
+        return encoded, {"text": round(text_s, 6), "encode": round(time.perf_counter() - start, 6)}
 
     @property
     def summary(self) -> "ModelSummary":
@@ -295,7 +297,7 @@ class Pipeline:
             self._summary = ModelSummary.from_manifest(self.manifest)
         return self._summary
 
-    def _generate(self, req: Request, seed: Union[None, int, tuple[int, ...]], on_frame: Optional[FrameCallback],
+    def _generate(self, req: SamplingPlan, seed: Union[None, int, tuple[int, ...]], on_frame: Optional[FrameCallback],
                   should_stop: Optional[Callable[[], bool]], on_progress: Optional[ProgressCallback],
                   on_video: Optional[Callable[[torch.Tensor], None]] = None,
                   geo: Optional[Geometry] = None) -> GenerateResult:
@@ -325,7 +327,7 @@ class Pipeline:
         """This export's sampler spec on one of its grids (the residual floor is the export's)."""
         return dataclasses.replace(sampler_spec(geo), residual_floor=self.spec.residual_floor)
 
-    def _call_geometry(self, aspect: Optional[str], latents) -> Geometry:
+    def _call_geometry(self, aspect: Optional[str], latents=None) -> Geometry:
         """The token grid of one call: ``aspect``'s, else that of ``latents`` [B, T, C, H, W] when it is an
         exported grid, else the default. Exports without named aspects have one grid."""
         g = self.geo
@@ -336,40 +338,10 @@ class Pipeline:
             return g.grid_for_size(int(shape[-2]), int(shape[-1])) or g
         return g
 
-    def prepare_inputs(self, y=None, y_uncond=None, context=None, *, prompt: Optional[Sequence[str]] = None,
-                       negative_prompt: Optional[Sequence[str]] = None, image=None, video=None,
-                       fps: Optional[int] = None, aspect: Optional[str] = None, guidance: float = 0.0,
-                       seed: Union[int, Sequence[int]] = 0, geo: Optional[Geometry] = None) -> Optional[dict]:
-        """Prompt → (y, y_uncond) [B, L, D]; image / video → context latents [B, N, C, H, W]. None when neither.
-
-        Which inputs combine: :func:`starflow_trt.request.check_sources` (the CLI's and the server's rule).
-
-        The context noise comes from ``seed + 1`` (not the flow noise's stream): one draw for the call,
-        or per row from ``seed[b] + 1``. Pixel-space models (no VAE, RGB latents) take the fitted image
-        itself as the context frame plus ``noise_std`` noise.
-        """
-        from ..request import check_sources
-
-        check_sources(prompt=prompt, text_embeddings=y, negative_prompt=negative_prompt, negative_embeddings=y_uncond,
-                      image=image, video=video, context=context)
-        if prompt is None and image is None and video is None:
-            return None
-        start = time.perf_counter()
-        if prompt is not None:
-            fps = self.summary.default_fps if fps is None else fps
-            y, y_uncond = self.encode_text(prompt, fps=fps, aspect=aspect, negative_prompt=negative_prompt)
-        text_s = time.perf_counter() - start
-        start = time.perf_counter()
-        if image is not None or video is not None:
-            context = self._context(image, video, seed, y.shape[0], geo or self._call_geometry(aspect, None))
-        return {"y": y, "y_uncond": y_uncond if guidance > 0 else None, "context": context,
-                "text_seconds": round(text_s, 6), "encode_seconds": round(time.perf_counter() - start, 6)}
-
-    def _context(self, image, video, seed: Union[int, Sequence[int]], batch: int, g: Geometry) -> torch.Tensor:
-        """Image / video → noisy context latents [batch, N, C, H, W] on grid ``g`` (see :meth:`prepare_inputs`)."""
+    def _context(self, image, video, seeds: Union[int, tuple[int, ...]], batch: int, g: Geometry) -> torch.Tensor:
+        """Image / video → noisy context latents [batch, N, C, H, W] on grid ``g`` (see :meth:`_prepare`)."""
         from ..media.io import prepare_image, prepare_video
 
-        seeds = _seeds(seed, batch)
         if not self.graphs.has(n.VAE_DECODE_FIRST):
             if self.cfg.vae or g.channel_size != 3 or video is not None:
                 raise InputError("image / video conditioning needs VAE graphs; re-export with --vae or pass context "
@@ -453,23 +425,16 @@ class Pipeline:
         return likelihood.nll(h, logdets, torch.float64).cpu()
 
 
+#: ``generate``'s argument of each request field it renames
+_ARGUMENT_OF = {"text_embeddings": "y", "negative_embeddings": "y_uncond", "frames": "num_frames",
+                "context_latents": "context", "sampler": "jacobi"}
+
+
 def draw(seed: Union[int, tuple[int, ...]], batch: int, shape: Sequence[int]) -> torch.Tensor:
     """Noise [batch, *shape] from ``seed``: one generator for the call, or one per row (a tuple of seeds)."""
     if isinstance(seed, tuple):
         return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seed])
     return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(int(seed)))
-
-
-def _seeds(seed: Union[int, Sequence[int]], batch: int) -> Union[int, tuple[int, ...]]:
-    """An int seed as is; a sequence as a tuple of one int per row (InputError otherwise)."""
-    try:
-        if not isinstance(seed, (list, tuple)):
-            return int(seed)
-        if len(seed) == batch:
-            return tuple(int(s) for s in seed)
-    except (TypeError, ValueError):
-        pass
-    raise InputError(f"seed must be an integer or one integer per row ({batch}), got {seed!r}")
 
 
 def _chain(first: Optional[FrameCallback], then: FrameCallback) -> FrameCallback:

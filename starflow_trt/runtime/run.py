@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..reference.flow import patchify, unpatchify
-from ..sampling import BlockTrace, Hooks, Request
+from ..sampling import BlockTrace, Hooks, SamplingPlan
 from .graphs import DEEP_STEP, GraphCalls, Graphs, step_graph
 from .kv import Workspace
 
@@ -87,7 +87,7 @@ class GenerateRun:
     (2·batch with guidance: ``[cond ; uncond]``).
     """
 
-    def __init__(self, graphs: Graphs, workspace: Workspace, req: Request, noise: torch.Tensor,
+    def __init__(self, graphs: Graphs, workspace: Workspace, req: SamplingPlan, noise: torch.Tensor,
                  on_frame: Optional[FrameCallback] = None, on_progress: Optional[ProgressCallback] = None,
                  should_stop: Optional[Callable[[], bool]] = None, info: Optional[dict] = None,
                  clock: Optional[StageClock] = None):

@@ -3,7 +3,8 @@
 Both the PyTorch reference (:meth:`StarflowV.sample`, torch modules) and the runtime
 (:meth:`Pipeline.generate`, exported graphs) drive these; neither has a loop of its own.
 
-* :mod:`.request`    request validation, frames / schedule resolution (:func:`check_request`)
+* :mod:`.plan`       what one call runs (:class:`SamplingPlan`, :func:`plan_sampling`); the reference's
+  argument checks (:func:`check_request`)
 * :mod:`.windows`    long-video window and context-length defaults, denoising chunk size
 * :mod:`.block`      :class:`BlockModel` (the step function), text / context prefill, AR,
   the Jacobi driver with long-video windows and re-encoding (:class:`BlockInversion`)
@@ -12,7 +13,7 @@ Both the PyTorch reference (:meth:`StarflowV.sample`, torch modules) and the run
 * :mod:`.context`    context prefill through the lower blocks
 * :mod:`.denoise`    the denoising chunk plan and its lookahead driver
 * :mod:`.likelihood` NLL and bits/dim
-* :mod:`.kv`         the one KV-cache type; :mod:`.options` ``JacobiConfig``, ``BlockTrace``
+* :mod:`.kv`         the one KV-cache type; :mod:`.options` ``BlockTrace`` (``JacobiConfig``: :mod:`starflow_trt.jacobi_config`)
 """
 
 from .block import BlockInversion, BlockModel, Hooks, Solver
@@ -21,10 +22,10 @@ from .denoise import ChunkedDenoise, DenoiseChunk, denoise_lookahead, denoise_pl
 from .kv import KVCache
 from .likelihood import bits_per_dim, nll
 from .options import SCHEDULES, BlockTrace, ChunkLog, JacobiConfig
-from .request import Request, SamplerSpec, check_guidance, check_request, check_text, check_video
+from .plan import SamplerSpec, SamplingPlan, check_guidance, check_request, check_text, check_video, plan_sampling
 from .windows import denoise_steps, resolve_window
 
 __all__ = ["BlockInversion", "BlockModel", "BlockTrace", "ChunkLog", "ChunkedDenoise", "DenoiseChunk", "Hooks",
-           "JacobiConfig", "KVCache", "Request", "SCHEDULES", "SamplerSpec", "Solver", "bits_per_dim",
+           "JacobiConfig", "KVCache", "SCHEDULES", "SamplerSpec", "SamplingPlan", "Solver", "bits_per_dim",
            "check_guidance", "check_request", "check_text", "check_video", "context_inputs", "denoise_lookahead",
-           "denoise_plan", "denoise_steps", "nll", "resolve_window"]
+           "denoise_plan", "denoise_steps", "nll", "plan_sampling", "resolve_window"]

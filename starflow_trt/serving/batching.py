@@ -1,9 +1,9 @@
-"""Which requests may share one ``Pipeline.generate`` call, and each request's own inputs.
+"""Which requests may share one ``Pipeline.run`` call, and each request's own inputs.
 
 ``@serve.batch`` hands the replica whatever arrived together; :func:`plan_groups` splits that
 into groups whose per-call options match (frames, guidance, sampler and Jacobi options,
 aspect, denoising, context length), at most ``max_batch`` each, in arrival order. Every request's
-noise comes from its own seed (``Pipeline.generate`` with one seed per row), so a request gives the
+noise comes from its own seed (a request of one seed per row), so a request gives the
 same frames in any group, as long as its sampler commits tokens independently of the other rows
 (:attr:`VideoRequest.exact_batching`); thresholded-Jacobi requests run alone unless the server
 allows approximate batching.
@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Hashable, Optional
 
-import torch
-
+from ..request import GenerationRequest
 from .limits import VideoRequest
 
 
@@ -25,9 +24,7 @@ class Ticket:
     """One request inside a replica: its inputs and what happened to it."""
 
     request: VideoRequest
-    y: Optional[torch.Tensor] = None          # [1, L, D]
-    y_uncond: Optional[torch.Tensor] = None   # [1, L, D] (guidance > 0)
-    context: Optional[torch.Tensor] = None    # [1, N, C, H, W] (image or context latents)
+    prepared: Optional[GenerationRequest] = None   # the request's one row, its prompt and image encoded
     pixel_frames_sent: int = 0                # decoded frames (VAE exports) streamed so far
     arrived: float = field(default_factory=time.perf_counter)
     started: Optional[float] = None
@@ -40,7 +37,7 @@ class Ticket:
 
 
 def batch_key(req: VideoRequest, approximate: bool = False) -> Hashable:
-    """Requests with equal keys may run in one ``generate`` call."""
+    """Requests with equal keys may run as one request of their rows."""
     options = (req.frames, req.aspect, req.guidance, req.sampler, req.denoise, req.context_frames)
     if req.sampler == "jacobi":
         j = req.jacobi

@@ -5,10 +5,12 @@
 or ``{"type": "_started", ...}`` when its batch starts, then frame events, then ``done`` or
 ``error``. Events whose type starts with ``_`` are for the ingress only.
 
-A request's text and conditioning go through the Pipeline's stages first (``prepare_inputs``: the
-export's text-encoder graph, the VAE encoder for an image; the toy's bundled encoder for a toy
-export without a graph). Requests then go through ``@serve.batch``; :func:`~.batching.plan_groups`
-splits a batch into ``generate`` calls of matching options, one seed per row. ``generate`` runs on
+A request's text and conditioning go through the Pipeline's stages first (:meth:`Pipeline.prepare`: the
+export's text encoder, the VAE encoder for an image), on a thread of their own while earlier batches
+generate; a prompt the encoder cannot take is rejected there. Requests then go through ``@serve.batch``;
+:func:`~.batching.plan_groups` splits a batch into groups of matching options and each group runs as one
+request of its rows (:func:`~starflow_trt.request.stack_rows`, one seed per row) through
+:meth:`Pipeline.run`, the executor the CLI and the Python API use. It runs on
 the replica's one worker thread and its ``on_frame`` (latent frames) and ``on_video`` (VAE-decoded
 frames, PNG / mp4) events are forwarded to the callers as they come. A caller that goes away (client
 disconnect, timeout) gets no more events; when every caller of a call is gone the runtime's
@@ -30,6 +32,7 @@ import torch
 from ray import serve
 
 from ..errors import GenerationCancelled, StarflowError
+from ..request import stack_rows
 from .batching import Ticket, plan_groups
 from .frames import error_event, frame_event, mp4_bytes, png_event
 from .limits import RequestError, VideoRequest
@@ -58,7 +61,6 @@ class VideoGenerator:
         self.max_batch = min(cfg.max_batch or self.summary.max_batch, self.summary.max_batch)
         type(self)._batched.set_max_batch_size(self.max_batch)
         type(self)._batched.set_batch_wait_timeout_s(cfg.batch_wait_s)
-        self._encoder = self._load_prompt_encoder()
         params = inspect.signature(self.pipe.generate).parameters
         self._has_should_stop = "should_stop" in params
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="starflow-generate")
@@ -77,41 +79,14 @@ class VideoGenerator:
         self.load_seconds = round(time.perf_counter() - t0, 3)
 
     # ------------------------------------------------------------ inputs
-    def _load_prompt_encoder(self):
-        """The bundled toy's word encoder for toy exports without a text_encoder graph (else the Pipeline's)."""
-        if self.summary.prompt_encoder == "toy":
-            from ..toy import load_bundled
-
-            return load_bundled()
-        return None
-
-    def request_inputs(self, req: VideoRequest) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(y [1, L, D], y_uncond [1, L, D] or None, context [1, N, C, H, W] or None) of one request, through the
-        Pipeline's text and conditioning stages (the toy's bundled encoder for a toy export without a graph).
-
-        Raises :class:`RequestError` (HTTP 400) for a prompt the encoder cannot take.
-        """
+    def prepare(self, req: VideoRequest):
+        """The request's :class:`~starflow_trt.request.GenerationRequest` with its prompt and image encoded
+        (:meth:`Pipeline.prepare`); :class:`RequestError` (HTTP 400) for a prompt the encoder cannot take."""
         gen = req.generation
-        tensor = (lambda a: None if a is None else torch.from_numpy(a))
-        y, y_uncond, context = tensor(gen.y), tensor(gen.y_uncond), tensor(gen.context)
-        prompt = None if gen.prompts is None else list(gen.prompts)
-        negative = None if gen.negative_prompts is None else list(gen.negative_prompts)
-        field_name = "prompt"
         try:
-            if prompt is not None and self._encoder is not None:
-                y = self._encoder.encode(prompt)
-                field_name = "negative_prompt"
-                y_uncond = self._encoder.encode(negative or [""]) if gen.guidance > 0 else None
-                prompt = negative = None
-            field_name = "prompt" if prompt is not None else "image"
-            media = self.pipe.prepare_inputs(y, y_uncond, context, prompt=prompt, negative_prompt=negative,
-                                             image=gen.image, fps=gen.fps, aspect=gen.aspect, guidance=gen.guidance,
-                                             seed=gen.seed)
+            return self.pipe.prepare(gen)
         except (ValueError, StarflowError) as exc:
-            raise RequestError(field_name, str(exc)) from None
-        if media is not None:
-            y, y_uncond, context = media["y"], media["y_uncond"], media["context"]
-        return y, y_uncond if gen.guidance > 0 else None, context
+            raise RequestError("prompt" if gen.prompts is not None else "image", str(exc)) from None
 
     def _warmup(self) -> None:
         """One short generate so the first request does not pay for session creation."""
@@ -127,7 +102,7 @@ class VideoGenerator:
         ticket = Ticket(req)
         loop = asyncio.get_running_loop()
         try:
-            ticket.y, ticket.y_uncond, ticket.context = await loop.run_in_executor(self._text, self.request_inputs, req)
+            ticket.prepared = await loop.run_in_executor(self._text, self.prepare, req)
         except RequestError as exc:
             yield {"type": "_rejected", "field": exc.field, "message": str(exc)}
             return
@@ -173,7 +148,7 @@ class VideoGenerator:
                 self._idle.set()
 
     async def _run_group(self, group: list[Ticket]) -> AsyncIterator[list[tuple[Ticket, dict]]]:
-        """One ``generate`` call for ``group``; yields [(ticket, event)] as events arrive."""
+        """One ``Pipeline.run`` of ``group``'s rows; yields [(ticket, event)] as events arrive."""
         live = [t for t in group if not t.gone]
         if not live:
             return
@@ -205,16 +180,12 @@ class VideoGenerator:
         def on_video(chunk: torch.Tensor) -> None:   # decoded frames [B, f, 3, H, W] in [-1, 1]
             loop.call_soon_threadsafe(events.put_nowait, ("video", chunk))
 
-        def work(y, y_uncond, context) -> None:
+        def work(request) -> None:
             hooks = {"should_stop": should_stop} if self._has_should_stop else {}
             if decoded:
                 hooks["on_video"] = on_video
             try:
-                result = self.pipe.generate(y, y_uncond=y_uncond, seed=[t.request.seed for t in group],
-                                            num_frames=req.frames, guidance=req.guidance,
-                                            jacobi=self.pipe.jacobi_config(req.generation), context=context,
-                                            denoise=req.denoise, aspect=req.aspect, on_frame=on_frame,
-                                            **hooks)
+                result = self.pipe.run(request, on_frame=on_frame, **hooks)
                 loop.call_soon_threadsafe(events.put_nowait, ("done", result))
             except GenerationCancelled:
                 loop.call_soon_threadsafe(events.put_nowait, ("cancelled", None))
@@ -225,9 +196,7 @@ class VideoGenerator:
 
         clips: dict[int, list] = {id(t): [] for t in group if t.request.mp4}
         try:
-            context = torch.cat([t.context for t in group]) if group[0].context is not None else None
-            y_uncond = torch.cat([t.y_uncond for t in group]) if req.guidance > 0 else None
-            job = loop.run_in_executor(self._worker, work, torch.cat([t.y for t in group]), y_uncond, context)
+            job = loop.run_in_executor(self._worker, work, stack_rows([t.prepared for t in group]))
             while True:
                 kind, *payload = await events.get()
                 if kind in ("frame", "video"):

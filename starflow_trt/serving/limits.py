@@ -27,11 +27,11 @@ from typing import Optional
 
 import numpy as np
 
-from ..request import (GenerationRequest, JacobiOptions, RequestError, RequestLimits, build_request, check_bool,
+from ..request import (GenerationRequest, JacobiConfig, RequestError, RequestLimits, build_request, check_bool,
                        check_choice, check_float)
 from .summary import ModelSummary
 
-__all__ = ["VideoRequest", "RequestError", "RequestLimits", "JacobiOptions", "parse_request", "encode_npy",
+__all__ = ["VideoRequest", "RequestError", "RequestLimits", "JacobiConfig", "parse_request", "encode_npy",
            "decode_npy", "ALLOWED", "OUTPUTS", "STREAMS"]
 
 OUTPUTS = ("png", "latents")

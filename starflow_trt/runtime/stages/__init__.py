@@ -5,7 +5,7 @@
 * :mod:`.deep`     the top block: text / context prefill, AR or Jacobi with long-video windows
 * :mod:`.shallow`  the blocks below the top on finished frames (frames batched)
 * :mod:`.denoiser` the learnable denoiser with its receptive-field lookahead
-* :mod:`.text`     prompts → templated captions → tokenizer → ``text_encoder`` graph
+* :mod:`.text`     prompts → templated captions → tokenizer → ``text_encoder`` graph (or the bundled toy's words)
 * :mod:`.vae`      latents ⇄ frames through the VAE graphs (streaming decode, chunked encode)
 """
 
@@ -13,7 +13,7 @@ from .context import context_inputs_of
 from .deep import DeepStage
 from .denoiser import DenoiserStage
 from .shallow import ShallowStage
-from .text import TextStage
+from .text import BundledToyText, TextStage
 from .vae import VaeStage
 
-__all__ = ["context_inputs_of", "DeepStage", "ShallowStage", "DenoiserStage", "TextStage", "VaeStage"]
+__all__ = ["BundledToyText", "context_inputs_of", "DeepStage", "ShallowStage", "DenoiserStage", "TextStage", "VaeStage"]

@@ -1,9 +1,11 @@
-"""Text stage: prompts → upstream-templated captions → tokenizer (from the export) → ``text_encoder`` graph.
+"""Text stages: prompts → (y, y_uncond) [B, L, D].
 
-    stage = TextStage(graphs)
+    stage = TextStage(graphs)          # the export's text_encoder graph (T5, or a toy's word table)
+    stage = BundledToyText()           # a toy export without one: the bundled toy's word encoder
     y, y_uncond = stage.encode(["a cat"], fps=16, aspect="16:9")   # [B, L, D] each, fp32
 
-Templates, tokenizer files and their hashes come from the graph's manifest entry.
+For the graph: upstream-templated captions → tokenizer (from the export) → ``text_encoder`` graph;
+templates, tokenizer files and their hashes come from the graph's manifest entry.
 """
 
 from __future__ import annotations
@@ -66,6 +68,27 @@ class TextStage:
         out = self.encode_texts(texts)
         b = len(texts) // 2
         return out[:b], out[b:]
+
+
+class BundledToyText:
+    """The bundled toy's word encoder, for a toy export without a text_encoder graph: the same prompts the
+    server and the CLI accept (:attr:`~starflow_trt.summary.ModelSummary.prompt_encoder` ``"toy"``). The toy was
+    trained on bare prompts: no template; the unconditional rows are the encoded negative prompts, else ``""``."""
+
+    def __init__(self):
+        from ...toy import load_bundled
+
+        self.encoder = load_bundled().encoder
+
+    def encode(self, prompts: Sequence[str], fps: Optional[int] = None, aspect: Optional[str] = None,
+               negative: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts → (y, y_uncond) [B, L, D]; ``fps`` / ``aspect`` are not part of the toy's text."""
+        from ...errors import InputError
+
+        try:
+            return self.encoder.encode(prompts), self.encoder.encode(negative or [""] * len(prompts))
+        except ValueError as exc:   # a word outside the toy's vocabulary, or too many words
+            raise InputError(str(exc)) from None
 
 
 class WordTokenizer:

@@ -1,8 +1,12 @@
-"""Request validation shared by the reference sampler and the runtime: one check, one message.
+"""What one sampling call runs (:class:`SamplingPlan`): its tensors, schedule, long-video window and denoising plan.
 
     spec = SamplerSpec(channels=4, patch_size=1, text_length=4, text_width=16, ...)
-    req = check_request(spec, y, noise, y_uncond=..., guidance=2.0, jacobi=..., context=..., denoise=True)
-    req.solver, req.window, req.denoise_chunks, req.describe()
+    plan = check_request(spec, y, noise, y_uncond=..., guidance=2.0, jacobi=..., context=..., denoise=True)
+    plan.solver, plan.window, plan.denoise_chunks, plan.describe()
+
+:func:`check_request` validates the reference sampler's arguments, then plans; the runtime plans a
+:class:`~starflow_trt.request.GenerationRequest` that :func:`~starflow_trt.request.build_request` has
+validated already (:func:`plan_sampling`, no second check).
 """
 
 from __future__ import annotations
@@ -117,8 +121,8 @@ def resolve_schedule(jacobi: Optional[JacobiConfig], spec: SamplerSpec) -> Optio
 
 
 @dataclass(frozen=True)
-class Request:
-    """A validated sampling request; tensors as given (the caller converts dtype and device)."""
+class SamplingPlan:
+    """One sampling call, resolved; tensors as given (the caller converts dtype and device)."""
 
     y: torch.Tensor                      # [B, L, D]
     y_uncond: Optional[torch.Tensor]     # [B, L, D] when guidance > 0, else None
@@ -157,9 +161,9 @@ class Request:
 
 def check_request(spec: SamplerSpec, y: Any, noise: Any = None, *, y_uncond: Any = None, num_frames: Any = None,
                   guidance: Any = 0.0, jacobi: Optional[JacobiConfig] = None, context: Any = None,
-                  denoise: bool = False) -> Request:
-    """Validate a sampling request (raises one-line InputErrors); resolves frames, schedule, windows
-    and the denoising plan. noise None: ``num_frames`` (or ``spec.max_frames``) frames, drawn by the caller."""
+                  denoise: bool = False) -> SamplingPlan:
+    """Validate a sampling call of the reference sampler (raises one-line InputErrors), then plan it
+    (:func:`plan_sampling`). noise None: ``num_frames`` (or ``spec.max_frames``) frames, drawn by the caller."""
     if noise is not None:
         check_video(noise, spec, "noise")
     check_text(y, spec, None if noise is None else noise.shape[0], "y")
@@ -172,19 +176,28 @@ def check_request(spec: SamplerSpec, y: Any, noise: Any = None, *, y_uncond: Any
             raise InputError("guidance > 0 needs y_uncond: the empty-prompt embeddings [B, L, D]")
         check_text(y_uncond, spec, batch, "y_uncond")
     frames = resolve_frames(num_frames, noise, spec.max_frames)
-    schedule = resolve_schedule(jacobi, spec)
-    if jacobi is not None and spec.residual_floor > jacobi.floor:
-        jacobi = dataclasses.replace(jacobi, floor=spec.residual_floor)
-    window, context_length = resolve_window(jacobi, frames, spec.local_attn_window, spec.max_frames)
     if context is not None:
         check_video(context, spec, "context")
         if context.shape[0] != batch or context.shape[1] >= frames or (
                 noise is not None and context.shape[2:] != noise.shape[2:]):
             raise InputError(f"context must be [B, N, C, H, W] with B={batch}, N < T={frames} and the noise's "
                              f"C, H, W, got {tuple(context.shape)}")
+    return plan_sampling(spec, y, noise, y_uncond=y_uncond if w > 0 else None, frames=frames, guidance=w,
+                         jacobi=jacobi, context=context, denoise=denoise)
+
+
+def plan_sampling(spec: SamplerSpec, y: torch.Tensor, noise: Optional[torch.Tensor], *,
+                  y_uncond: Optional[torch.Tensor], frames: int, guidance: float, jacobi: Optional[JacobiConfig],
+                  context: Optional[torch.Tensor], denoise: bool) -> SamplingPlan:
+    """The plan of a valid call: the schedule (``jacobi`` None: autoregressive), the export's residual floor,
+    the long-video window and the denoising chunks. y [B, L, D]; y_uncond [B, L, D] when guidance > 0."""
+    schedule = resolve_schedule(jacobi, spec)
+    if jacobi is not None and spec.residual_floor > jacobi.floor:
+        jacobi = dataclasses.replace(jacobi, floor=spec.residual_floor)
+    window, context_length = resolve_window(jacobi, frames, spec.local_attn_window, spec.max_frames)
     chunks = None
     if denoise:
         chunks = denoise_plan(frames, denoise_steps(window, spec.local_attn_window, frames), spec.denoiser_window)
-    return Request(y=y, y_uncond=y_uncond if w > 0 else None, noise=noise, batch=batch, frames=frames, guidance=w,
-                   jacobi=jacobi, schedule=schedule, window=window, context_length=context_length, context=context,
-                   denoise_chunks=chunks)
+    return SamplingPlan(y=y, y_uncond=y_uncond if guidance > 0 else None, noise=noise, batch=y.shape[0],
+                        frames=frames, guidance=guidance, jacobi=jacobi, schedule=schedule, window=window,
+                        context_length=context_length, context=context, denoise_chunks=chunks)

@@ -29,8 +29,9 @@ from ..export.manifest import Manifest, load_manifest
 from ..staging import sha256_file, staged_directory
 from ..reference.sampler import JacobiConfig
 from .capture import CaptureSet, capture_activations, iter_feeds
-from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, quantize_graph_trt, weight_quantized_matmuls
+from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
 from .policy import QUANTIZED, graph_precision as policy_precision
+from .qdq import qformat, quantize_graph_trt
 from .trt_cache import write_cache
 
 
@@ -185,8 +186,6 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
 
 def quantization_record(precision: str, placement: str, manifest: Manifest) -> dict:
     """The manifest's ``quantization`` entry: placement, Q/DQ element type, opset of the Q/DQ graphs."""
-    from .qdq import qformat
-
     opsets = sorted({s.extra.get("conversion", {}).get("opset") for s in manifest.graphs.values()} - {None})
     return {"placement": placement, "format": qformat(precision).name, "opset": opsets[-1] if opsets else None,
             "rules": "starflow_trt/calibration/qdq.py" if placement == "trt" else "onnxruntime.quantization QDQ"}

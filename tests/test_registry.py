@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,6 +125,16 @@ def test_registry_refuses_duplicates_and_unknown_kinds():
     with pytest.raises(ManifestError, match="graph kind 'nope' is not registered"):
         graph_kind("nope")
     assert [k.kind for k in graph_kinds()][:4] == ["prefill", "step", "forward", "denoiser"]
+
+
+def test_builtin_order_does_not_depend_on_the_module_imported_first():
+    from starflow_trt.export.registry import BUILTIN_MODULES
+
+    for first in BUILTIN_MODULES:   # each built-in module, imported first, loads the others mid-way
+        code = (f"import {first}; from starflow_trt.export.registry import graph_kinds; "
+                "print(*(k.kind for k in graph_kinds()))")
+        order = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        assert order[:5] == ["prefill", "step", "forward", "denoiser", "text_encoder"], first
 
 
 def test_builtin_kinds_declare_costs_and_bench_cases(goldens_export):

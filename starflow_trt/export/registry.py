@@ -230,9 +230,12 @@ def unregister_graph(kind: str) -> None:
 
 
 def graph_kinds() -> list[GraphKind]:
-    """Every registered kind, built-ins first, in registration order (the manifest's graph order)."""
+    """Every registered kind (the manifest's graph order): the built-ins in :data:`BUILTIN_MODULES` order,
+    then the others, each group in registration order."""
     _load_builtins()
-    return list(_KINDS.values())
+    # whichever built-in module is imported first registers its kinds first (it loads the others mid-way)
+    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    return sorted(_KINDS.values(), key=lambda kind: rank.get(type(kind).__module__, len(rank)))
 
 
 def find_graph_kind(kind: str) -> Optional[GraphKind]:

@@ -10,8 +10,9 @@ What counts as an import (the choice this test makes):
   heavy or optional dependency (onnx, diffusers) to call time, and it cannot take part in an
   import-time cycle.
 
-One check counts function-local imports too, because deferring an import does not change which
-module depends on which: the modules of ``calibration/`` form no cycle.
+Two checks count function-local imports too, because deferring an import does not change which
+layer depends on which: ``export/`` imports nothing of the layers built on it, and the modules
+of ``calibration/`` form no cycle.
 
 Edges go to the module named: ``from .a import b`` is an edge to ``pkg.a.b`` when that is a
 module, else to ``pkg.a`` (a package's ``__init__``). The source is parsed, never imported.
@@ -145,8 +146,21 @@ def test_no_import_cycles():
         " <-> ".join(c) for c in found)
 
 
+#: the layers built on the export contract: export/ must not import them, not even inside a function
+ABOVE_EXPORT = tuple(f"{PACKAGE}.{layer}" for layer in ("calibration", "runtime", "bench", "serving", "commands"))
+
+
 def _inside(module: str, package: str) -> bool:
     return module == package or module.startswith(f"{package}.")
+
+
+def test_export_imports_no_layer_above_it():
+    mods = modules()
+    found = sorted({f"{name} line {line} imports {target}"
+                    for name, path in mods.items() if _inside(name, f"{PACKAGE}.export")
+                    for line, target in imports_of(name, path, mods, function_local=True)
+                    if any(_inside(target, layer) for layer in ABOVE_EXPORT)})
+    assert not found, "export/ imports a layer above it (function-local imports included):\n" + "\n".join(found)
 
 
 def test_no_import_cycles_inside_calibration_function_local_included():

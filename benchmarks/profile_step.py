@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from starflow_trt.bench.kinds import kind_bench  # noqa: E402
 from starflow_trt.bench.machine import machine_info, peak_gemm_flops  # noqa: E402
 from starflow_trt.bench.workloads import graph_tensors  # noqa: E402
 from starflow_trt.export import names  # noqa: E402
-from starflow_trt.export.registry import graph_kind  # noqa: E402
 from starflow_trt.export.manifest import load_manifest  # noqa: E402
 from starflow_trt.staging import MANIFEST_NAME  # noqa: E402
 
@@ -89,7 +89,7 @@ def step_variants(directory: Path, precision: str, threads: int, s: int, p: int 
     sizes = {"batch": 2, "S": s, "P": p}
     inputs, _ = graph_tensors(pipe, spec, sizes)
     feed = {k: v.numpy() for k, v in inputs.items()}
-    cost = graph_kind(spec.kind).cost(manifest.config, spec.block, sizes)
+    cost = kind_bench(spec.kind).cost(manifest.config, spec.block, sizes)
     paths = {"portable": spec.path}
     if spec.ort_path is not None:
         paths["ort variant"] = spec.ort_path

@@ -10,6 +10,10 @@ What counts as an import (the choice this test makes):
   heavy or optional dependency (onnx, diffusers) to call time, and it cannot take part in an
   import-time cycle.
 
+Two checks count function-local imports too, because deferring an import does not change which
+layer depends on which: ``export/`` imports nothing of the layers built on it, and the modules
+of ``calibration/`` form no cycle.
+
 Edges go to the module named: ``from .a import b`` is an edge to ``pkg.a.b`` when that is a
 module, else to ``pkg.a`` (a package's ``__init__``). The source is parsed, never imported.
 """
@@ -36,6 +40,11 @@ def modules() -> dict[str, Path]:
     return found
 
 
+def _all_import_nodes(tree: ast.Module) -> Iterator[ast.stmt]:
+    """Every import statement, function-local ones included."""
+    return (node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
 def _import_time_nodes(tree: ast.Module) -> Iterator[ast.stmt]:
     """Import statements outside function bodies (module level, if / try / with blocks, class bodies)."""
     stack: list[ast.AST] = list(tree.body)
@@ -58,24 +67,28 @@ def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> Optional[str]:
     return ".".join(parts + ([node.module] if node.module else []))
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module → the package modules it imports at import time (see the module docstring)."""
+def imports_of(name: str, path: Path, mods: dict[str, Path],
+               function_local: bool = False) -> Iterator[tuple[int, str]]:
+    """(line, package module) of every import of module ``name`` (see the module docstring)."""
+    is_pkg = path.name == "__init__.py"
+    walk = _all_import_nodes if function_local else _import_time_nodes
+    for node in walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            base = _resolve(name, is_pkg, node)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+        for t in targets:
+            while t and t not in mods and t.startswith(PACKAGE):   # ``import a.b.c`` of a name inside a module
+                t = t.rpartition(".")[0]
+            if t in mods:
+                yield node.lineno, t
+
+
+def import_graph(function_local: bool = False) -> dict[str, set[str]]:
+    """Module → the package modules it imports (at import time, or anywhere with ``function_local``)."""
     mods = modules()
-    graph: dict[str, set[str]] = {m: set() for m in mods}
-    for name, path in mods.items():
-        is_pkg = path.name == "__init__.py"
-        for node in _import_time_nodes(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            else:
-                base = _resolve(name, is_pkg, node)
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
-            for t in targets:
-                while t and t not in mods and t.startswith(PACKAGE):   # ``import a.b.c`` of a name inside a module
-                    t = t.rpartition(".")[0]
-                if t in mods:
-                    graph[name].add(t)
-    return graph
+    return {name: {t for _, t in imports_of(name, path, mods, function_local)} for name, path in mods.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -118,6 +131,8 @@ def test_the_walker_sees_the_package():
     assert "starflow_trt.sampling.block" in graph and "starflow_trt.export.kinds" in graph
     assert "starflow_trt.sampling.kv" in graph["starflow_trt.sampling.block"]   # a relative import, resolved
     assert "starflow_trt.export.names" in graph["starflow_trt.export.kinds"]    # ``from . import names``
+    deferred = import_graph(function_local=True)["starflow_trt.export.media_kinds"]
+    assert "starflow_trt.media.graphs" in deferred - graph["starflow_trt.export.media_kinds"]   # inside a method
 
 
 def test_cycle_finder_finds_cycles():
@@ -128,4 +143,30 @@ def test_cycle_finder_finds_cycles():
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles in starflow_trt (module-level and TYPE_CHECKING imports):\n" + "\n".join(
+        " <-> ".join(c) for c in found)
+
+
+#: the layers built on the export contract: export/ must not import them, not even inside a function
+ABOVE_EXPORT = tuple(f"{PACKAGE}.{layer}" for layer in ("calibration", "runtime", "bench", "serving", "commands"))
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(f"{package}.")
+
+
+def test_export_imports_no_layer_above_it():
+    mods = modules()
+    found = sorted({f"{name} line {line} imports {target}"
+                    for name, path in mods.items() if _inside(name, f"{PACKAGE}.export")
+                    for line, target in imports_of(name, path, mods, function_local=True)
+                    if any(_inside(target, layer) for layer in ABOVE_EXPORT)})
+    assert not found, "export/ imports a layer above it (function-local imports included):\n" + "\n".join(found)
+
+
+def test_no_import_cycles_inside_calibration_function_local_included():
+    package = f"{PACKAGE}.calibration"
+    graph = {m: {t for t in targets if _inside(t, package)}
+             for m, targets in import_graph(function_local=True).items() if _inside(m, package)}
+    found = cycles(graph)
+    assert not found, "import cycles in calibration/ (function-local imports included):\n" + "\n".join(
         " <-> ".join(c) for c in found)

@@ -11,7 +11,7 @@ pytest.importorskip("sentencepiece")
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from starflow_trt.errors import StarflowError  # noqa: E402
-from starflow_trt.export.registry import graph_kind  # noqa: E402
+from starflow_trt.bench.kinds import kind_bench  # noqa: E402
 
 
 def _count(module, *args) -> int:
@@ -34,10 +34,10 @@ def test_t5_cost_matches_parameter_count_and_torch_flop_counter(tmp_path):
     # independent count from the config: q, k, v, o + gated FFN (wi_0, wi_1, wo) per layer, no biases
     per_layer = 4 * d * heads * dkv + 3 * d * dff
     assert model["linear_params"] == layers * per_layer
-    kind = graph_kind("text_encoder")
+    bench = kind_bench("text_encoder")
     b, t = 3, 7
     sizes = {"batch": b, "tokens": t, **{f"cost_{k}": v for k, v in model.items()}}
-    cost = kind.cost(None, None, sizes)
+    cost = bench.cost(None, None, sizes)
     matmuls = 2 * b * t * layers * per_layer          # parameter count · 2 · tokens
     attention = layers * 2 * (2 * b * heads * t * t * dkv)   # QKᵀ and AV
     assert cost.flops == matmuls + attention
@@ -46,7 +46,7 @@ def test_t5_cost_matches_parameter_count_and_torch_flop_counter(tmp_path):
     assert cost.flops == _count(g.module, ids, mask)   # torch's own counter of the same forward
     assert cost.weight_bytes == 4 * sum(p.numel() for p in g.module.parameters())
     with pytest.raises(StarflowError, match="cost_model"):
-        kind.cost(None, None, {"batch": b, "tokens": t})
+        bench.cost(None, None, {"batch": b, "tokens": t})
 
 
 def test_vae_costs_scale_with_latent_pixels_like_torch_counts():
@@ -69,7 +69,7 @@ def test_vae_costs_scale_with_latent_pixels_like_torch_counts():
               "vae_encode_step": (torch.rand(b, 4, 3, 16 * h, 16 * w), *enc.zeros(b, h, w))}
     for name, g in graphs.items():
         model = vae_cost_model(g)
-        cost = graph_kind(name).cost(None, None, {"batch": b, "h": h, "w": w,
+        cost = kind_bench(name).cost(None, None, {"batch": b, "h": h, "w": w,
                                                   **{f"cost_{k}": v for k, v in model.items()}})
         counted = _count(g.module, *inputs[name])
         assert counted > 0 and cost.flops == pytest.approx(counted, rel=1e-9), name
@@ -87,9 +87,9 @@ def test_media_bench_cases_carry_the_manifest_cost_model():
                      dims={"batch": DimRange(1, 2, 4), "tokens": DimRange(1, 8, 8)},
                      extra={"cost_model": {"linear_params": 10, "layers": 1, "heads": 1, "d_kv": 2, "d_model": 2,
                                            "weight_bytes": 40}})
-    kind = graph_kind("text_encoder")
-    (case,) = kind.bench_cases(spec, None)
+    bench = kind_bench("text_encoder")
+    (case,) = bench.cases(spec, None)
     assert case["batch"] == 2 and case["tokens"] == 8
-    assert kind.cost(None, None, case).flops == 2 * 2 * 8 * 10 + 4 * 2 * 64 * 2
-    assert kind.bench_cases(spec.derive(extra={}), None) == []   # older exports: nothing to time
-    assert graph_kind("toy_text_encoder").bench_cases(spec, None) == []
+    assert bench.cost(None, None, case).flops == 2 * 2 * 8 * 10 + 4 * 2 * 64 * 2
+    assert bench.cases(spec.derive(extra={}), None) == []   # older exports: nothing to time
+    assert kind_bench("toy_text_encoder").cases(spec, None) == []

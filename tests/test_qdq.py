@@ -196,14 +196,10 @@ def test_small_gemm_threshold_is_modelopts():
 
 
 def test_precision_policy_and_builder_flags_for_fp8():
-    from starflow_trt.calibration.policy import TEXT_POLICY, VAE_POLICY, builder_flags, graph_precision
+    from starflow_trt.calibration.policy import builder_flags, graph_precision
     from starflow_trt.errors import StarflowError
 
-    class Kind:
-        def __init__(self, kind, policy=None):
-            self.kind, self.precision_policy = kind, policy
-
-    flow, text, vae = Kind("deep_step"), Kind("text_encoder", TEXT_POLICY), Kind("vae_decode", VAE_POLICY)
+    flow, text, vae = "step", "text_encoder", "vae_decode_first"
     assert graph_precision(flow, "fp8").precision == "fp8"
     assert graph_precision(flow, "fp8", called=False).precision == "fp32"
     assert graph_precision(text, "fp8").precision == "fp32"     # T5 stays FP32
@@ -251,10 +247,9 @@ def test_kv_fp8_rounds_what_is_written_not_what_is_scored():
     np.testing.assert_allclose(scores, x @ k.T, rtol=1e-4, atol=1e-4)
 
 
-def test_registered_media_kinds_keep_their_precision_in_fp8():
-    from starflow_trt.calibration.policy import graph_precision
-    from starflow_trt.export.registry import graph_kind
+def test_the_policy_table_names_registered_kinds():
+    from starflow_trt.calibration.policy import KIND_POLICIES
+    from starflow_trt.export.registry import graph_kinds
 
-    assert graph_precision(graph_kind("text_encoder"), "fp8").precision == "fp32"
-    assert graph_precision(graph_kind("vae_decode_step"), "fp8").precision == "fp16"
-    assert graph_precision(graph_kind("step"), "fp8").precision == "fp8"
+    registered = {k.kind for k in graph_kinds()}
+    assert set(KIND_POLICIES) <= registered and {"text_encoder", "vae_decode_step"} <= set(KIND_POLICIES)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
 
+from starflow_trt.bench.kinds import KindBench, find_kind_bench, kind_bench, register_bench, unregister_bench
 from starflow_trt.cli import main
 from starflow_trt.costs import Cost
 from starflow_trt.errors import InputError, ManifestError, StarflowError
@@ -57,6 +60,10 @@ class AffineKind(GraphKind):
     def build(self, geo, block, weights):
         return AffineGraph(weights.tensor(f"blocks.{block}.sos_embed"))
 
+
+class AffineBench(KindBench):
+    """What the benchmarks time of it: the opt sizes (the default), at this cost."""
+
     def cost(self, cfg, block, sizes):
         n = sizes["batch"] * sizes["n"] * cfg.token_channels
         return Cost(flops=2.0 * n, weight_bytes=4.0 * cfg.token_channels, kv_bytes=0.0, act_bytes=8.0 * n)
@@ -65,10 +72,12 @@ class AffineKind(GraphKind):
 @pytest.fixture
 def affine_kind():
     register_graph(AffineKind)
+    register_bench(AffineKind.kind)(AffineBench)
     try:
         yield graph_kind(AffineKind.kind)
     finally:
         unregister_graph(AffineKind.kind)
+        unregister_bench(AffineKind.kind)
 
 
 def test_new_graph_kind_exports_loads_profiles_and_runs(affine_kind, goldens_dir, tmp_path):
@@ -125,23 +134,34 @@ def test_registry_refuses_duplicates_and_unknown_kinds():
     assert [k.kind for k in graph_kinds()][:4] == ["prefill", "step", "forward", "denoiser"]
 
 
-def test_builtin_kinds_declare_costs_and_bench_cases(goldens_export):
+def test_builtin_order_does_not_depend_on_the_module_imported_first():
+    from starflow_trt.export.registry import BUILTIN_MODULES
+
+    for first in BUILTIN_MODULES:   # each built-in module, imported first, loads the others mid-way
+        code = (f"import {first}; from starflow_trt.export.registry import graph_kinds; "
+                "print(*(k.kind for k in graph_kinds()))")
+        order = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        assert order[:5] == ["prefill", "step", "forward", "denoiser", "text_encoder"], first
+
+
+def test_builtin_kinds_have_costs_and_bench_cases(goldens_export):
     from starflow_trt.costs import denoiser_cost, step_cost
 
     m = load_manifest(goldens_export)
     cfg, geo = m.config, m.geometry
-    step = graph_kind("step")
+    assert all(find_kind_bench(k.kind) for k in graph_kinds())   # every built-in kind is benchmarked
+    step = kind_bench("step")
     assert step.cost(cfg, 5, {"batch": 2, "S": 16, "P": 40}) == step_cost(cfg, 5, 2, 16, 40)
-    fwd = graph_kind("forward")
+    fwd = kind_bench("forward")
     # frame-local shallow block: frames folded into the batch, one frame per sequence
     assert fwd.cost(cfg, 0, {"batch": 1, "T": 3, "h": 6, "w": 4}) == step_cost(cfg, 0, 3, 24, 0)
     assert fwd.cost(cfg, 5, {"batch": 1, "T": 3, "h": 6, "w": 4}) == step_cost(cfg, 5, 1, 4 + 72, 0)
-    assert graph_kind("denoiser").cost(cfg, None, {"batch": 1, "T": 3, "h": 6, "w": 4}) == denoiser_cost(cfg, 1, 3, 24)
-    cases = step.bench_cases(m.graph("deep_step"), geo)
+    assert kind_bench("denoiser").cost(cfg, None, {"batch": 1, "T": 3, "h": 6, "w": 4}) == denoiser_cost(cfg, 1, 3, 24)
+    cases = step.cases(m.graph("deep_step"), geo)
     assert {(c["S"], c["P"]) for c in cases} == {(s, p) for s in (1, 16, 64) for p in (4, 4 + 36, 4 + 72 - s)}
     # every benchmarked case lies inside the graph's exported dims
     for spec in m.graphs.values():
-        for sizes in graph_kind(spec.kind).bench_cases(spec, geo):
+        for sizes in kind_bench(spec.kind).cases(spec, geo):
             spec.check_shapes({t.name: t.concrete(sizes) for t in spec.inputs},
                               {t.name: t.concrete(sizes) for t in spec.outputs})
 
@@ -297,21 +317,23 @@ def test_calibration_follows_the_kind_policy(goldens_export, tmp_path, monkeypat
     pytest.importorskip("onnxconverter_common")
     from starflow_trt.calibration.calibrate import _convert_graphs
     from starflow_trt.calibration.capture import CaptureSet
-    from starflow_trt.export.kinds import StepKind
+    from starflow_trt.calibration.policy import KIND_POLICIES, PRECISIONS, PrecisionPolicy
 
     source = load_manifest(goldens_export)
     one = source.derive(goldens_export, graphs={"deep_step": source.graph("deep_step")})
     call = {"tokens": torch.zeros(1, 1, 4).numpy()}
-    monkeypatch.setattr(StepKind, "int8", False)   # a kind that must stay in float
+    float_only = PrecisionPolicy(targets=dict.fromkeys(PRECISIONS, "fp32"), reason="test: stays in float")
+    monkeypatch.setitem(KIND_POLICIES, "step", float_only)   # a kind that must stay in float
     kept = _convert_graphs(one, tmp_path, "int8", "minmax", CaptureSet(calls={"deep_step": [call]}), (), "10.3.0",
                            log=lambda _: None)
     assert kept.graph("deep_step").precision == "fp32"
     assert kept.graph("deep_step").sha256 == source.graph("deep_step").sha256
+    monkeypatch.delitem(KIND_POLICIES, "step")
 
     default = _convert_graphs(one, tmp_path, "fp16", "minmax", CaptureSet(), (), "10.3.0", log=lambda _: None)
     info = default.graph("deep_step").extra["conversion"]
     assert 0 < info["fp32_nodes"] < info["nodes"]
-    monkeypatch.setattr(StepKind, "fp16_modules", ("no_such_module",))
+    monkeypatch.setitem(KIND_POLICIES, "step", PrecisionPolicy(fp16_modules=("no_such_module",)))
     none = _convert_graphs(one, tmp_path, "fp16", "minmax", CaptureSet(), (), "10.3.0", log=lambda _: None)
     info = none.graph("deep_step").extra["conversion"]
     assert info["fp32_nodes"] == info["nodes"]   # no module of the kind's list: every node stays fp32

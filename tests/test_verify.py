@@ -59,10 +59,8 @@ def test_calibrate_keeps_the_text_encoder_fp32_and_prompts_encode_identically(to
 def test_precision_policy_per_kind():
     from starflow_trt.calibration.policy import DEFAULT_POLICY, builder_flags, graph_precision
     from starflow_trt.errors import StarflowError
-    from starflow_trt.export.registry import graph_kind
 
-    text, vae, step = graph_kind("text_encoder"), graph_kind("vae_decode_step"), graph_kind("step")
-    toy_text = graph_kind("toy_text_encoder")
+    text, vae, step, toy_text = "text_encoder", "vae_decode_step", "step", "toy_text_encoder"
     for req in ("fp16", "int8"):
         assert graph_precision(text, req).precision == "fp32"
         assert graph_precision(toy_text, req).precision == "fp32"

@@ -12,9 +12,10 @@ import torch
 from ..config import load_config
 from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_THRESHOLD
 from ..export import names
-from ..export.registry import find_graph_kind, graph_kind
+from ..export.dtypes import TORCH_DTYPES
+from ..export.registry import graph_kind
 from ..reference.sampler import JacobiConfig
-from ..runtime.backends.base import TORCH_DTYPES
+from .kinds import find_kind_bench, kind_bench
 from .machine import timed
 
 
@@ -51,16 +52,16 @@ def per_graph(pipe, runs: int, peak_flops: float, bandwidth: float, label: str) 
     rows = []
     manifest = pipe.manifest
     for spec in manifest.graphs.values():
-        kind = find_graph_kind(spec.kind)
-        if kind is None:
+        bench = find_kind_bench(spec.kind)
+        if bench is None:
             continue
-        for sizes in kind.bench_cases(spec, manifest.geometry):
+        for sizes in bench.cases(spec, manifest.geometry):
             inputs, outputs = graph_tensors(pipe, spec, sizes)
             runner = pipe.runner(spec.name)
             t = timed(lambda: runner.run(inputs, outputs), runs=runs)
-            cost = kind.cost(manifest.config, spec.block, sizes)
+            cost = bench.cost(manifest.config, spec.block, sizes)
             achieved = cost.flops / t["median"]
-            dims = kind.label_dims or tuple(sizes)
+            dims = bench.label_dims or tuple(sizes)
             shape = " ".join(f"{'B' if d == 'batch' else d}={sizes[d]}" for d in dims)
             rows.append({"workload": label, "graph": spec.name, "shape": shape, "ms": round(t["median"] * 1000, 3),
                          **{f"s_{k}": v for k, v in t.items()},
@@ -258,7 +259,7 @@ def op_profile(pipe, s: int = 64, p: Optional[int] = None, runs: int = 10) -> di
     rows, wall = prof["ops"], prof["wall_ms"] / 1e3
     weight_ms = sum(r["ms"] for r in rows if r["op"].endswith("(weights)"))
     # fp32 weight bytes / 4 = parameters; one multiply-add per parameter and row
-    cost = graph_kind(spec.kind).cost(pipe.manifest.config, spec.block, {"batch": 2, "S": s, "P": p})
+    cost = kind_bench(spec.kind).cost(pipe.manifest.config, spec.block, {"batch": 2, "S": s, "P": p})
     weight_flops = 2 * 2 * s * cost.weight_bytes / 4
     return {"shape": f"B=2 S={s} P={p}", "wall_ms": wall * 1e3, "ops": rows,
             "weight_gemm_gflops": weight_flops / (weight_ms / 1e3) / 1e9 if weight_ms else None}

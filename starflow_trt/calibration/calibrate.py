@@ -29,8 +29,9 @@ from ..export.manifest import Manifest, load_manifest
 from ..staging import sha256_file, staged_directory
 from ..reference.sampler import JacobiConfig
 from .capture import CaptureSet, capture_activations, iter_feeds
-from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, quantize_graph_trt, weight_quantized_matmuls
-from .policy import QUANTIZED, graph_precision as policy_precision
+from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
+from .policy import QUANTIZED, graph_precision as policy_precision, policy_of
+from .qdq import qformat, quantize_graph_trt
 from .trt_cache import write_cache
 
 
@@ -185,8 +186,6 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
 
 def quantization_record(precision: str, placement: str, manifest: Manifest) -> dict:
     """The manifest's ``quantization`` entry: placement, Q/DQ element type, opset of the Q/DQ graphs."""
-    from .qdq import qformat
-
     opsets = sorted({s.extra.get("conversion", {}).get("opset") for s in manifest.graphs.values()} - {None})
     return {"placement": placement, "format": qformat(precision).name, "opset": opsets[-1] if opsets else None,
             "rules": "starflow_trt/calibration/qdq.py" if placement == "trt" else "onnxruntime.quantization QDQ"}
@@ -195,20 +194,19 @@ def quantization_record(precision: str, placement: str, manifest: Manifest) -> d
 def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, cal: CaptureSet,
                     exclude: Sequence[str], trt_version: str, log, placement: str = "ort",
                     kv_fp8: bool = False) -> Manifest:
-    from ..export.registry import find_graph_kind
-    from .fp16 import FP16_MODULES, convert_fp16
+    from .fp16 import convert_fp16
 
     new = manifest.derive(tmp, precision=precision)
     for name, spec in manifest.graphs.items():
         dst = tmp / spec.file
         calls = cal.calls.get(name, [])
-        kind = find_graph_kind(spec.kind)   # its calibration policy (an unknown kind gets the defaults)
-        decision = policy_precision(kind, precision, called=bool(calls))   # per-kind policy (policy.py)
+        policy = policy_of(spec.kind)   # an unknown kind gets the defaults
+        decision = policy_precision(spec.kind, precision, called=bool(calls))
         info: dict = {}
         if decision.precision in QUANTIZED:
             log(f"  {decision.precision} {name}: {len(calls)} calibration calls ({placement} placement)")
             ranges = tmp / f"{name}.ranges.json"
-            excluded = (*exclude, *(kind.int8_exclude if kind else ()))
+            excluded = (*exclude, *policy.exclude)
             if placement == "ort":
                 info = quantize_graph(spec.path, dst, calls, method, excluded, ranges_path=ranges)
             else:
@@ -223,7 +221,7 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
             graph_precision = decision.precision
         elif decision.precision == "fp16":
             log(f"  fp16 {name}")
-            info = convert_fp16(spec.path, dst, (kind.fp16_modules if kind else None) or FP16_MODULES)
+            info = convert_fp16(spec.path, dst, policy.fp16_modules)
             graph_precision = "fp16"
         else:
             log(f"  {name}: kept fp32 ({decision.reason})")

@@ -1,7 +1,8 @@
 """Explicit INT8 / FP8: Q/DQ graphs calibrated on captured activations (ORT's calibrators).
 
 Two placements: "ort" (:func:`quantize_graph`, onnxruntime.quantization's QDQ quantizer) and "trt"
-(:func:`quantize_graph_trt`, TensorRT's explicit-quantization rules, :mod:`.qdq`; the only one for FP8).
+(:func:`.qdq.quantize_graph_trt`, TensorRT's explicit-quantization rules; the only one for FP8). Both
+calibrate with :func:`calibrate_ranges` and quantize the nodes :func:`select_nodes` picks.
 
 Weights are quantized per output channel, symmetric; activations per tensor, symmetric
 (TensorRT's explicit-quantization requirement). Only MatMul/Gemm are quantized;
@@ -133,34 +134,6 @@ def quantize_graph(src: Path, dst: Path, calls: Sequence[Call], method: str = "e
     counts = {op: sum(n.op_type == op for n in q.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
     return {"quantized_nodes": len(keep), "excluded_nodes": skip, "method": method, "placement": "ort",
             "format": "int8", **counts}
-
-
-def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: str = "int8",
-                       method: str = "minmax", exclude: Sequence[str] = DEFAULT_EXCLUDE, percentile: float = 99.99,
-                       ranges_path: Optional[Path] = None, kv_fp8: bool = False) -> dict:
-    """Write ``src`` with INT8 or FP8 Q/DQ placed by TensorRT's rules (:mod:`.qdq`, placement "trt") to ``dst``.
-
-    Activation amax from ORT's symmetric calibrator over ``calls`` (``method``); weights per channel.
-    ``kv_fp8``: also round the K/V the graph writes to E4M3 (:func:`.qdq.quantize_kv_writes`)."""
-    import onnx
-
-    from .qdq import insert_qdq, kv_outputs, output_amax, qformat, quantize_kv_writes
-
-    fmt = qformat(precision)
-    model = onnx.load(str(src))
-    with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp:
-        cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
-        amax = load_ranges(cache)
-    info = insert_qdq(model, amax, fmt, exclude)
-    if kv_fp8 and kv_outputs(model):
-        names = kv_outputs(model)
-        info["kv_fp8_outputs"] = quantize_kv_writes(model, output_amax(src, calls, names), qformat("fp8"))
-    onnx.save(model, str(dst))
-    return {**info, "method": method, "placement": "trt", "format": fmt.name, "opset": _opset(model)}
-
-
-def _opset(model) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def load_ranges(path: Path) -> dict[str, float]:

@@ -1,21 +1,25 @@
 """Per-kind precision policy: what ``calibrate`` writes and which flags ``build`` sets for each graph.
 
-A graph kind may declare ``precision_policy`` (a :class:`PrecisionPolicy`); kinds that do not get
-:data:`DEFAULT_POLICY` (the flow graphs: the precision asked for). The media kinds declare theirs
-in :mod:`starflow_trt.export.media_kinds`:
+Keyed by graph kind (``GraphSpec.kind``) in :data:`KIND_POLICIES`; kinds not listed get
+:data:`DEFAULT_POLICY` (the flow graphs: the precision asked for). The media kinds:
 
 * T5 ``text_encoder``: FP32 always (T5 activations overflow FP16; INT8 / FP8 are not gated). BF16 only as a
   TensorRT builder flag on a GPU, and only when asked (``BuildOptions.bf16_text``).
 * VAE graphs: FP16 (also in an INT8 or FP8 directory: no INT8 for convolutions until a quality gate holds);
   the latent normalisation and temporal scale are outside the graphs (runtime, FP32).
+
+A kind registered elsewhere (:func:`starflow_trt.export.registry.register_graph`) adds its entry to
+:data:`KIND_POLICIES`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Optional
 
 from ..errors import StarflowError
+from ..export import names as n
+from .fp16 import FP16_MODULES
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 #: precisions whose graphs carry Q/DQ (calibrated on captured activations)
@@ -25,11 +29,16 @@ QUANTIZED = ("int8", "fp8")
 @dataclass(frozen=True)
 class PrecisionPolicy:
     """``targets``: requested directory precision → this kind's graph precision; ``trt_flags``: TensorRT
-    builder flags allowed in a weakly typed build of its FP32 graph; ``reason``: recorded in the manifest."""
+    builder flags allowed in a weakly typed build of its FP32 graph; ``reason``: recorded in the manifest;
+    ``fp16_modules``: module paths (the exporter's ``namespace`` metadata) an FP16 graph runs in FP16
+    (``("",)``: every node; :data:`~.fp16.FP32_OPS` stay FP32 always); ``exclude``: MatMul module-path
+    regexes a Q/DQ graph keeps in float, besides ``calibrate --exclude``."""
 
     targets: Mapping[str, str] = field(default_factory=lambda: {p: p for p in PRECISIONS})
     trt_flags: tuple[str, ...] = ("FP16",)
     reason: str = "flow graph: the requested precision"
+    fp16_modules: tuple[str, ...] = FP16_MODULES
+    exclude: tuple[str, ...] = ()
 
     def allows(self, precision: str) -> bool:
         """Whether a graph of this kind may hold ``precision`` (fp32 always may)."""
@@ -42,12 +51,17 @@ TEXT_POLICY = PrecisionPolicy(targets={"fp32": "fp32", "fp16": "fp32", "int8": "
 VAE_POLICY = PrecisionPolicy(targets={"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "fp8": "fp16"},
                              trt_flags=("FP16",),
                              reason="VAE: FP16 (no INT8 / FP8 for its convolutions); latent normalisation stays FP32 "
-                                    "outside the graph")
+                                    "outside the graph",
+                             fp16_modules=("",))
+
+#: graph kind → its policy (kinds not listed: :data:`DEFAULT_POLICY`)
+KIND_POLICIES: dict[str, PrecisionPolicy] = {n.TEXT_ENCODER: TEXT_POLICY, "toy_text_encoder": TEXT_POLICY,
+                                             **dict.fromkeys(n.VAE_GRAPHS, VAE_POLICY)}
 
 
-def policy_of(kind) -> PrecisionPolicy:
-    """The kind's ``precision_policy`` (None or a kind without one: :data:`DEFAULT_POLICY`)."""
-    return getattr(kind, "precision_policy", None) or DEFAULT_POLICY
+def policy_of(kind: Optional[str]) -> PrecisionPolicy:
+    """The policy of graph kind ``kind`` (None or a kind without one: :data:`DEFAULT_POLICY`)."""
+    return KIND_POLICIES.get(kind, DEFAULT_POLICY) if kind else DEFAULT_POLICY
 
 
 @dataclass(frozen=True)
@@ -56,8 +70,8 @@ class Decision:
     reason: str
 
 
-def graph_precision(kind, requested: str, called: bool = True) -> Decision:
-    """What ``calibrate --precision requested`` writes for a graph of ``kind``.
+def graph_precision(kind: Optional[str], requested: str, called: bool = True) -> Decision:
+    """What ``calibrate --precision requested`` writes for a graph of kind ``kind``.
 
     ``called``: the graph saw calls during capture (INT8 needs them; without, it stays FP32).
     """
@@ -65,14 +79,13 @@ def graph_precision(kind, requested: str, called: bool = True) -> Decision:
         raise StarflowError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     policy = policy_of(kind)
     target = policy.targets.get(requested, "fp32")
-    if target in QUANTIZED and not (called and getattr(kind, "int8", True)):
-        why = "never called during capture" if not called else "its kind is not quantized"
-        return Decision("fp32", f"{why}: kept fp32")
+    if target in QUANTIZED and not called:
+        return Decision("fp32", "never called during capture: kept fp32")
     return Decision(target, policy.reason)
 
 
-def builder_flags(kind, precision: str, weakly_typed: bool, bf16_text: bool = False) -> list[str]:
-    """TensorRT ``BuilderFlag`` names for one graph (pure logic; TensorRT itself is not imported).
+def builder_flags(kind: Optional[str], precision: str, weakly_typed: bool, bf16_text: bool = False) -> list[str]:
+    """TensorRT ``BuilderFlag`` names for one graph of kind ``kind`` (pure logic; TensorRT itself is not imported).
 
     Strongly typed networks take precision from the ONNX (no flags; TensorRT, Explicit Quantization: "use
     explicit quantization with Strong Typing. Precision-control build flags are not required and should not be
@@ -82,9 +95,8 @@ def builder_flags(kind, precision: str, weakly_typed: bool, bf16_text: bool = Fa
     quantized type beside FP16 (``INT8``; ``FP8``, TensorRT 10 only): listed for such a plan.
     """
     policy = policy_of(kind)
-    name = getattr(kind, "kind", "?")
     if not policy.allows(precision):
-        raise StarflowError(f"a {name} graph must not be {precision} ({policy.reason}); rebuild from a "
+        raise StarflowError(f"a {kind or '?'} graph must not be {precision} ({policy.reason}); rebuild from a "
                             "directory written by `starflow-trt calibrate`")
     if not weakly_typed:
         return []
@@ -94,4 +106,3 @@ def builder_flags(kind, precision: str, weakly_typed: bool, bf16_text: bool = Fa
     if bf16_text and "BF16" in policy.trt_flags:
         flags.append("BF16")
     return flags
-

@@ -1,4 +1,5 @@
-"""Q/DQ placed as TensorRT's explicit quantization fuses it: INT8 and FP8 (E4M3), one inserter.
+"""Q/DQ placed as TensorRT's explicit quantization fuses it: INT8 and FP8 (E4M3), one inserter, and the
+driver of placement "trt" (:func:`quantize_graph_trt`: calibrate a graph, place its Q/DQ, write it).
 
 Placement rules (``placement="trt"``), each with its source:
 
@@ -40,10 +41,15 @@ on Hopper, outputs may be FP16), the ops TensorRT fuses or runs in FP16 around t
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+
+from .capture import Call, iter_feeds
+from .int8 import DEFAULT_EXCLUDE, calibrate_ranges, load_ranges, select_nodes
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,6 @@ def plan_sites(model, exclude: Sequence[str]) -> tuple[list[Site], list[str], li
 
     A node is excluded when its name or module path (``namespace`` metadata) matches a regex of ``exclude``
     or its weight is a small GEMM (rule 4)."""
-    from .int8 import select_nodes
-
     selected = set(select_nodes(model, exclude)[0])   # the module-path / name regexes
     weights = {i.name: i for i in model.graph.initializer}
     sites, keep, skip = [], [], []
@@ -271,8 +275,6 @@ def output_amax(path, calls, names: Sequence[str]) -> dict[str, float]:
     """Max |x| of the graph outputs ``names`` over ``calls`` (ORT CPU)."""
     import onnxruntime as ort
 
-    from .capture import iter_feeds
-
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = [i.name for i in sess.get_inputs()]
     amax = {n: 0.0 for n in names}
@@ -308,3 +310,30 @@ def quantize_kv_writes(model, amax: Mapping[str, float], fmt: QFormat) -> list[s
         changed.append(name)
     _set_opset(model, fmt.min_opset)
     return changed
+
+
+# ------------------------------------------------------------------------ the driver
+def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: str = "int8",
+                       method: str = "minmax", exclude: Sequence[str] = DEFAULT_EXCLUDE, percentile: float = 99.99,
+                       ranges_path: Optional[Path] = None, kv_fp8: bool = False) -> dict:
+    """Write ``src`` with INT8 or FP8 Q/DQ placed by TensorRT's rules (rules 1-6, placement "trt") to ``dst``.
+
+    Activation amax from ORT's symmetric calibrator over ``calls`` (``method``); weights per channel.
+    ``kv_fp8``: also round the K/V the graph writes to E4M3 (:func:`quantize_kv_writes`)."""
+    import onnx
+
+    fmt = qformat(precision)
+    model = onnx.load(str(src))
+    with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp:
+        cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
+        amax = load_ranges(cache)
+    info = insert_qdq(model, amax, fmt, exclude)
+    if kv_fp8 and kv_outputs(model):
+        names = kv_outputs(model)
+        info["kv_fp8_outputs"] = quantize_kv_writes(model, output_amax(src, calls, names), qformat("fp8"))
+    onnx.save(model, str(dst))
+    return {**info, "method": method, "placement": "trt", "format": fmt.name, "opset": _opset(model)}
+
+
+def _opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

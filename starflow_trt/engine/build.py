@@ -47,7 +47,6 @@ def build_plan(graph_dir: Path, options: BuildOptions, trt_version: str = "10") 
     if legacy and manifest.precision != "fp32":
         raise StarflowError("--fp16-flag applies to FP32 graphs only; this directory is " + manifest.precision)
     from ..calibration.policy import builder_flags
-    from ..export.registry import find_graph_kind
 
     graphs = {}
     for name, spec in manifest.graphs.items():
@@ -62,7 +61,7 @@ def build_plan(graph_dir: Path, options: BuildOptions, trt_version: str = "10") 
             "precision": spec.precision,
             "network": "weakly typed" if legacy else "strongly typed",
             # per-kind precision policy (calibration/policy.py): e.g. no FP16 flag for the T5 text encoder
-            "flags": builder_flags(find_graph_kind(spec.kind), spec.precision, legacy, options.bf16_text),
+            "flags": builder_flags(spec.kind, spec.precision, legacy, options.bf16_text),
             "profile": {k: [list(s) for s in v] for k, v in graph_profile(spec, options.overrides).items()},
         }
         graphs[name].update(qdq_plan(spec))

@@ -1,7 +1,7 @@
 """The built-in graph kinds: text prefill, step, forward (scoring) and denoiser.
 
-Each class is the whole contract of its graphs (see :mod:`.registry`); the torch wrappers
-are in :mod:`.graphs`, the cost formulas in :mod:`starflow_trt.costs`.
+Each class is the export contract of its graphs (see :mod:`.registry`); the torch wrappers
+are in :mod:`.graphs`.
 Notation: B max batch, T max frames, F = h·w tokens per frame, N = T·F, L text length,
 D text width, c token channels, hd head dim. An export covering several grids (``--aspects``)
 gets one range per dim over all of them: ``h`` / ``w`` from the smallest to the largest side,
@@ -10,16 +10,12 @@ F (and so S, P, rows) up to the largest grid's; opt values are the default grid'
 
 from __future__ import annotations
 
-from typing import Mapping
-
 from torch import nn
 
-from .. import costs
-from ..config import ModelConfig
 from ..geometry import Geometry
 from . import names as n
 from .graphs import DenoiserGraph, ForwardGraph, StepGraph, TextPrefillGraph
-from .manifest import DimRange, GraphSpec, TensorInfo
+from .manifest import DimRange, TensorInfo
 from .registry import ExportContext, GraphKind, kv_tensors, register_graph, tensor
 from .trt_variant import FORM as TRT_FORM
 
@@ -46,6 +42,21 @@ def _example_grid(geo: Geometry) -> tuple[int, int]:
     if len(geo.grids) == 1 and geo.h != geo.w and {geo.h, geo.w}.isdisjoint({2, 3}):
         return geo.h, geo.w
     return 5, 7
+
+
+def frame_local(geo: Geometry, block: int) -> bool:
+    """Whether block ``block``'s forward graph runs one frame per sequence (frames folded into the batch)."""
+    return block != geo.top_index and geo.frame_local
+
+
+def text_rows(geo: Geometry, block: int) -> int:
+    """Text tokens ahead of block ``block``'s video tokens in its forward graph (L, or 0 without text)."""
+    return geo.text_length if geo.blocks[block].text else 0
+
+
+def denoiser_frames(geo: Geometry) -> int:
+    """Frames of one denoising chunk at most (the attention window, else the whole video)."""
+    return geo.local_attn_window or geo.max_frames
 
 
 @register_graph
@@ -82,12 +93,6 @@ class PrefillKind(GraphKind):
     def trt_attention(self, layers):
         return range(layers - 1), False   # no past; the last layer's attention output feeds nothing
 
-    def cost(self, cfg: ModelConfig, block, sizes: Mapping[str, int]):
-        return costs.prefill_cost(cfg, sizes["batch"])
-
-    def bench_cases(self, spec: GraphSpec, geo: Geometry):
-        return []   # once per call: not a hot-loop graph
-
 
 @register_graph
 class StepKind(GraphKind):
@@ -100,7 +105,6 @@ class StepKind(GraphKind):
     kind = "step"
     wrapper = StepGraph
     trt_form = TRT_FORM
-    label_dims = ("batch", "S", "P")
 
     def instances(self, ctx):
         g = ctx.geo
@@ -139,19 +143,6 @@ class StepKind(GraphKind):
     def manifest_extra(self, ctx, block, module: nn.Module) -> dict:
         return {n.SOS: module.block.sos_embed.detach().flatten().tolist()}  # the runtime feeds SOS first
 
-    def cost(self, cfg, block, sizes):
-        return costs.step_cost(cfg, block, sizes["batch"], sizes["S"], sizes["P"])
-
-    def bench_cases(self, spec, geo):
-        L, F, T = geo.text_length, geo.tokens_per_frame, geo.max_frames
-        N = T * F
-        if spec.block == geo.top_index:   # one prompt with guidance: decode, small and large chunks
-            bp = 2 * min(1, geo.max_batch)
-            return [{"batch": bp, "S": s, "P": p} for s in (1, 16, 64) for p in sorted({L, L + N // 2, L + N - s})]
-        if spec.block in geo.shallow_blocks[:1]:   # all frames of a video batched, from an empty cache
-            return [{"batch": T, "S": min(s, F), "P": 0} for s in (16, F)]
-        return []
-
 
 @register_graph
 class ForwardKind(GraphKind):
@@ -163,11 +154,6 @@ class ForwardKind(GraphKind):
 
     kind = "forward"
     wrapper = ForwardGraph
-    label_dims = ("batch", "T")
-
-    @staticmethod
-    def _local(geo: Geometry, block: int) -> bool:
-        return block != geo.top_index and geo.frame_local
 
     def instances(self, ctx):
         g = ctx.geo
@@ -183,44 +169,26 @@ class ForwardKind(GraphKind):
 
     def outputs(self, ctx, block):
         c = ctx.geo.token_channels
-        logdet = tensor(n.LOGDET, "batch", "T", "F", c) if self._local(ctx.geo, block) else tensor(n.LOGDET, "batch", "N", c)
+        local = frame_local(ctx.geo, block)
+        logdet = tensor(n.LOGDET, "batch", "T", "F", c) if local else tensor(n.LOGDET, "batch", "N", c)
         return [tensor(n.Z, "batch", "T", "h", "w", c), logdet]
-
-    def _text(self, geo: Geometry, block: int) -> int:
-        return geo.text_length if geo.blocks[block].text else 0
 
     def dims(self, ctx, block):
         g = ctx.geo
-        F, T, text = g.tokens_per_frame, g.max_frames, self._text(g, block)
-        per_seq = (lambda f: f) if self._local(g, block) else (lambda f: T * f)
+        F, T, text = g.tokens_per_frame, g.max_frames, text_rows(g, block)
+        per_seq = (lambda f: f) if frame_local(g, block) else (lambda f: T * f)
         return {"batch": DimRange(1, 1, g.max_batch), "T": DimRange(1, T, T), **_grid(g),
                 "rows": DimRange(g.min_tokens_per_frame + text, per_seq(F) + text,
                                  per_seq(g.max_tokens_per_frame) + text)}
 
     def example_sizes(self, ctx, block):
         g = ctx.geo
-        frames = 1 if self._local(g, block) else 2
+        frames = 1 if frame_local(g, block) else 2
         h, w = _example_grid(g)
-        return {"batch": 3, "T": 2, "h": h, "w": w, "rows": frames * h * w + self._text(g, block)}
+        return {"batch": 3, "T": 2, "h": h, "w": w, "rows": frames * h * w + text_rows(g, block)}
 
     def build(self, geo, block, weights) -> nn.Module:
-        return ForwardGraph(weights.block(block), self._local(geo, block))
-
-    def cost(self, cfg, block, sizes):
-        """Per sequence: one frame (frame-local, frames folded into the batch) or the whole video (+ text)."""
-        frames, F = sizes["T"], sizes["h"] * sizes["w"]
-        local = block != cfg.top_index and bool(cfg.shallow_block_local)
-        text = cfg.txt_size if cfg.block_has_text(block) else 0
-        return costs.step_cost(cfg, block, sizes["batch"] * (frames if local else 1),
-                               (F if local else frames * F) + text, 0)
-
-    def bench_cases(self, spec, geo):
-        if spec.block not in (*geo.shallow_blocks[:1], geo.top_index):
-            return []
-        T, F = geo.max_frames, geo.tokens_per_frame
-        local = self._local(geo, spec.block)
-        rows = (F if local else T * F) + self._text(geo, spec.block)
-        return [{"batch": 1, "T": T, "h": geo.h, "w": geo.w, "rows": rows, "F": F, "N": T * F}]
+        return ForwardGraph(weights.block(block), frame_local(geo, block))
 
 
 @register_graph
@@ -229,7 +197,6 @@ class DenoiserKind(GraphKind):
 
     kind = "denoiser"
     wrapper = DenoiserGraph
-    label_dims = ("batch", "T")
 
     def instances(self, ctx):
         return [(n.DENOISER, None)] if ctx.geo.has_denoiser else []
@@ -243,14 +210,9 @@ class DenoiserKind(GraphKind):
     def outputs(self, ctx, block):
         return [tensor(n.D, "batch", "T", "h", "w", ctx.geo.token_channels)]
 
-    @staticmethod
-    def _frames(geo: Geometry) -> int:
-        """Frames of one denoising chunk at most (the attention window, else the whole video)."""
-        return geo.local_attn_window or geo.max_frames
-
     def dims(self, ctx, block):
         g = ctx.geo
-        dt, F, L = self._frames(g), g.tokens_per_frame, g.text_length
+        dt, F, L = denoiser_frames(g), g.tokens_per_frame, g.text_length
         return {"batch": DimRange(1, 1, g.max_batch), "T": DimRange(1, dt, dt), **_grid(g),
                 "rows": DimRange(L + g.min_tokens_per_frame, L + dt * F, L + dt * g.max_tokens_per_frame)}
 
@@ -261,11 +223,4 @@ class DenoiserKind(GraphKind):
 
     def build(self, geo, block, weights) -> nn.Module:
         return DenoiserGraph(weights.denoiser())
-
-    def cost(self, cfg, block, sizes):
-        return costs.denoiser_cost(cfg, sizes["batch"], sizes["T"], sizes["h"] * sizes["w"])
-
-    def bench_cases(self, spec, geo):
-        T = min(geo.max_frames, self._frames(geo))
-        return [{"batch": 1, "T": T, "h": geo.h, "w": geo.w, "rows": geo.text_length + T * geo.tokens_per_frame}]
 

@@ -10,23 +10,21 @@ The kinds implement :class:`~.registry.GraphKind` like the flow kinds; ``build``
 media graph instead of the flow checkpoint (:meth:`_MediaKind.export_weights`). Each graph's
 manifest entry also records its ``source`` (path + sha256 of the weight files: the torch
 backend rebuilds the module from it, :meth:`_MediaKind.runtime_weights`) and a ``cost_model`` (T5: Linear
-weights, layers, heads; VAE: FLOPs / IO bytes per latent pixel counted at export) that ``cost`` and
-``bench_cases`` use. Precision per kind: :mod:`starflow_trt.calibration.policy`.
+weights, layers, heads; VAE: FLOPs / IO bytes per latent pixel counted at export) that the benchmarks'
+cost formulas read (:mod:`starflow_trt.bench.kinds`). Precision per kind: :mod:`starflow_trt.calibration.policy`.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from ..calibration.policy import TEXT_POLICY, VAE_POLICY
 from ..config import VAE_SPATIAL_FACTOR
-from ..costs import Cost, text_encoder_flops
-from ..errors import ConfigError, ManifestError, StarflowError
+from ..errors import ConfigError, ManifestError
 from . import names as n
 from .manifest import DimRange, GraphSpec
 from .registry import ExportContext, GraphKind, register_graph
@@ -130,7 +128,7 @@ def check_source(spec) -> Path:
 
 
 def t5_cost_model(encoder: nn.Module) -> dict:
-    """What :meth:`TextEncoderKind.cost` needs: Linear weights per token, layers, heads, head width, bytes."""
+    """The T5 encoder's sizes a cost formula needs: Linear weights per token, layers, heads, head width, bytes."""
     cfg = encoder.config
     linear = sum(m.weight.numel() for m in encoder.modules() if isinstance(m, nn.Linear))
     return {"linear_params": int(linear), "layers": int(cfg.num_layers), "heads": int(cfg.num_heads),
@@ -154,14 +152,6 @@ def vae_cost_model(graph) -> dict:
             "weight_bytes": int(sum(p.numel() * p.element_size() for p in graph.module.parameters()))}
 
 
-def _cost_model(sizes: Mapping[str, Any], kind: str) -> dict:
-    model = {k[len("cost_"):]: v for k, v in sizes.items() if k.startswith("cost_")}
-    if not model:
-        raise StarflowError(f"the cost of a {kind} graph needs its manifest cost_model (pass the sizes "
-                            "bench_cases gives, or re-export)")
-    return model
-
-
 def _media(ctx: ExportContext) -> MediaSources:
     return ctx.media if ctx.media is not None else MediaSources()
 
@@ -180,9 +170,6 @@ class _MediaKind(GraphKind):
     """
 
     flow_weights = False
-    int8 = False          # no INT8 for these graphs until a quality gate holds
-    fp16_modules = ()     # calibration's flow-transformer default does not apply
-    precision_policy = TEXT_POLICY
 
     # ------------------------------------------------------------ the kind's source
     def graph(self, ctx: ExportContext):
@@ -200,7 +187,7 @@ class _MediaKind(GraphKind):
         return {}
 
     def cost_model(self, g) -> Optional[dict]:
-        """What :meth:`cost` reads from the manifest (None: the kind has no cost model)."""
+        """The sizes the manifest records for cost formulas (None: the kind has no cost model)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ the protocol
@@ -226,20 +213,12 @@ class _MediaKind(GraphKind):
         return dict(g.extra, **self.extra(ctx), **({} if model is None else {"cost_model": model}),
                     source=self.source(ctx))
 
-    def bench_cases(self, spec, geo):
-        """The opt sizes, plus the manifest's cost model (``cost_*`` entries) for :meth:`cost`."""
-        model = spec.extra.get("cost_model")
-        if not model:
-            return []   # exported before cost models were recorded
-        return [{**{k: r.opt for k, r in spec.dims.items()}, **{f"cost_{k}": v for k, v in model.items()}}]
-
 
 @register_graph
 class TextEncoderKind(_MediaKind):
     """``text_encoder``: input_ids, attention_mask [batch, tokens] int64 → text [batch, tokens, D] (masked rows 0)."""
 
     kind = "text_encoder"
-    label_dims = ("batch", "tokens")
 
     def instances(self, ctx):
         return [(n.TEXT_ENCODER, None)] if _media(ctx).t5 else []
@@ -264,13 +243,6 @@ class TextEncoderKind(_MediaKind):
 
     def cost_model(self, g):
         return t5_cost_model(g.module.encoder)
-
-    def cost(self, cfg, block, sizes):
-        """Linear layers: 2 · B · L · weights; attention: QKᵀ and AV, 2 · 2 · B · heads · L² · d_kv per layer."""
-        m = _cost_model(sizes, self.kind)
-        b, t = sizes["batch"], sizes["tokens"]
-        flops = text_encoder_flops(b, t, m["linear_params"], m["layers"], m["heads"], m["d_kv"])
-        return Cost(float(flops), float(m["weight_bytes"]), 0.0, float(b * t * (16 + 4 * m["d_model"])))
 
     def _length(self, ctx: ExportContext) -> int:
         return ctx.cfg.txt_size
@@ -315,19 +287,12 @@ class ToyTextEncoderKind(TextEncoderKind):
     def cost_model(self, g):
         return None
 
-    def bench_cases(self, spec, geo):
-        return []   # a table lookup: nothing to time
-
     def _length(self, ctx):
         return _media(ctx).toy_text(ctx.cfg).length
 
 
 class _VaeKind(_MediaKind):
     """Shared dims: latent grid h × w (token grid · patch), cache grids h_xR = R·h, pixels H = s·h."""
-
-    precision_policy = VAE_POLICY
-    fp16_modules = ("",)   # every node (calibration keeps its FP32_OPS: norms, divisions, casts)
-    label_dims = ("batch", "h", "w")
 
     def instances(self, ctx):
         return [(self.kind, None)] if _media(ctx).vae else []
@@ -354,12 +319,6 @@ class _VaeKind(_MediaKind):
 
     def cost_model(self, g):
         return vae_cost_model(g)
-
-    def cost(self, cfg, block, sizes):
-        """Linear in the latent pixels batch · h · w (per-unit numbers counted at export)."""
-        m = _cost_model(sizes, self.kind)
-        units = sizes["batch"] * sizes["h"] * sizes["w"]
-        return Cost(m["flops_per_unit"] * units, float(m["weight_bytes"]), 0.0, m["io_bytes_per_unit"] * units)
 
     def _factor(self, dim: str, s: int) -> int:
         if dim in ("H", "W"):

@@ -60,6 +60,8 @@ VAE_DECODE_STEP = "vae_decode_step"      # latents [batch, 1, z, h, w], cache_i 
 VAE_ENCODE = "vae_encode"                # frames [batch, 1, 3, H, W] -> latent_mean, latent_logvar [batch, 1, z, h, w]
 VAE_ENCODE_FIRST = "vae_encode_first"    # video: frames [batch, 1, 3, H, W] -> latent_mean/logvar, new_cache_i
 VAE_ENCODE_STEP = "vae_encode_step"      # frames [batch, 4, 3, H, W], cache_i -> latent_mean/logvar [batch, 1, ...], new_cache_i
+#: the VAE graphs; each is its own graph kind, of the same name
+VAE_GRAPHS = (VAE_DECODE_FIRST, VAE_DECODE_STEP, VAE_ENCODE, VAE_ENCODE_FIRST, VAE_ENCODE_STEP)
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 LATENTS = "latents"                      # raw VAE latents (normalisation stays outside the graphs, fp32)

@@ -1,4 +1,4 @@
-"""Graph registry: one :class:`GraphKind` per kind of graph declares everything about its graphs.
+"""Graph registry: one :class:`GraphKind` per kind of graph declares its graphs' export contract.
 
 A kind declares (the per-model classes of TensorRT's demo_diffusion, optimum's OnnxConfig):
 
@@ -8,15 +8,14 @@ A kind declares (the per-model classes of TensorRT's demo_diffusion, optimum's O
 * IO: :class:`TensorInfo` names, dtypes and symbolic dims (:meth:`inputs`, :meth:`outputs`;
   names from :mod:`.names`), and the dims' min/opt/max from the export limits (:meth:`dims`),
 * example sizes and tensors for tracing (:meth:`example_sizes`, :meth:`example_inputs`),
-* manifest extras (:meth:`manifest_extra`), FLOP/byte cost of a call (:meth:`cost`),
-  benchmark shapes (:meth:`bench_cases`) and calibration policy (class attributes).
+* manifest extras (:meth:`manifest_extra`).
 
 Every kind — flow and media alike — implements this one protocol; :meth:`GraphKind.plan` is
 written once, here.
 
-Export plans its graphs with :func:`plan_graphs`; the torch backend, calibration and the
-benchmarks look a graph's kind up by ``GraphSpec.kind`` (:func:`graph_kind`). Nothing else
-dispatches on kinds, so a new kind is one decorated class::
+Export plans its graphs with :func:`plan_graphs`; the torch backend, verify and the benchmarks
+look a graph's kind up by ``GraphSpec.kind`` (:func:`graph_kind`) to rebuild its module or make
+example inputs, so a new kind is one decorated class::
 
     @register_graph
     class MyKind(GraphKind):
@@ -24,14 +23,16 @@ dispatches on kinds, so a new kind is one decorated class::
         ...
 
 Built-in kinds live in the modules of :data:`BUILTIN_MODULES` (the one list to extend when a
-new built-in module of kinds is added).
+new built-in module of kinds is added). What the layers above export know of a kind is theirs,
+keyed by its name: precision policy in :mod:`starflow_trt.calibration.policy`, cost and
+benchmark sizes in :mod:`starflow_trt.bench.kinds`.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -39,12 +40,10 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ManifestError, StarflowError
 from ..geometry import Geometry
+from .dtypes import TORCH_DTYPES
 from .limits import ExportLimits
 from .manifest import DimRange, GraphSpec, TensorInfo
 from .names import ROPE_COS, ROPE_INPUTS, kv_names
-
-if TYPE_CHECKING:
-    from ..calibration.policy import PrecisionPolicy
 
 #: modules whose import registers the built-in kinds, in manifest order
 BUILTIN_MODULES: tuple[str, ...] = ("starflow_trt.export.kinds", "starflow_trt.export.media_kinds")
@@ -102,18 +101,8 @@ class GraphKind:
     kind: ClassVar[str] = ""
     #: the torch wrapper class (what :meth:`build` returns); inputs are its positional arguments in order
     wrapper: ClassVar[Optional[type]] = None
-    #: dims named in a benchmark row's shape label (None: every dim of the case)
-    label_dims: ClassVar[Optional[tuple[str, ...]]] = None
-    #: calibration: quantize this kind to INT8 (False: an int8 directory keeps it fp32)
-    int8: ClassVar[bool] = True
-    #: MatMul module-path regexes kept in float, added to calibration's ``exclude``
-    int8_exclude: ClassVar[tuple[str, ...]] = ()
-    #: module paths converted to FP16 (None: calibration's default, the flow transformer's modules)
-    fp16_modules: ClassVar[Optional[tuple[str, ...]]] = None
     #: attention form of this kind's TensorRT variant (:meth:`build_trt`; None: no variant)
     trt_form: ClassVar[Optional[str]] = None
-    #: precision per requested directory precision (None: calibration's default, the precision asked for)
-    precision_policy: ClassVar[Optional["PrecisionPolicy"]] = None
     #: :meth:`build` takes the flow checkpoint's weights (False: the kind loads its own, e.g. T5 or the VAE)
     flow_weights: ClassVar[bool] = True
 
@@ -162,7 +151,7 @@ class GraphKind:
         """Extra fields of the graph's manifest entry (e.g. the SOS vector of step graphs)."""
         return {}
 
-    # ------------------------------------------------------------ tensors, costs
+    # ------------------------------------------------------------------ tensors
     def example_inputs(self, infos: Sequence[TensorInfo], sizes: Mapping[str, int], geo: Geometry,
                        seed: int = 0) -> tuple[torch.Tensor, ...]:
         """Tensors in ``infos`` order: real RoPE rows for RoPE inputs, seeded normal values otherwise."""
@@ -176,16 +165,8 @@ class GraphKind:
                 cos, sin = rope_table(geo.head_dim, 1, 1, shape[0], 0, geo.rope_length)
                 out.append((cos if t.name == ROPE_COS else sin).contiguous())
             else:
-                out.append(torch.randn(*shape, generator=g).to(_torch_dtype(t.dtype)))
+                out.append(torch.randn(*shape, generator=g).to(TORCH_DTYPES[t.dtype]))
         return tuple(out)
-
-    def cost(self, cfg: ModelConfig, block: Optional[int], sizes: Mapping[str, int]):
-        """:class:`~starflow_trt.costs.Cost` (FLOPs, bytes) of one call with these sizes."""
-        raise NotImplementedError
-
-    def bench_cases(self, spec: GraphSpec, geo: Geometry) -> list[dict[str, int]]:
-        """Sizes the per-graph benchmark times (default: the opt of every dim; [] skips the graph)."""
-        return [{k: r.opt for k, r in spec.dims.items()}]
 
     # ------------------------------------------------------------------ plan
     def plan(self, ctx: ExportContext, name: str, block: Optional[int], weights: Any) -> GraphPlan:
@@ -196,12 +177,6 @@ class GraphKind:
                          dims=self.dims(ctx, block), example=self.example_sizes(ctx, block),
                          make_trt=(lambda: self.build_trt(ctx.geo, block, weights)) if self.trt_form else None,
                          manifest_extra=lambda module: self.manifest_extra(ctx, block, module))
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    from ..runtime.backends.base import TORCH_DTYPES
-
-    return TORCH_DTYPES[name]
 
 
 # -------------------------------------------------------------------- registry
@@ -230,9 +205,12 @@ def unregister_graph(kind: str) -> None:
 
 
 def graph_kinds() -> list[GraphKind]:
-    """Every registered kind, built-ins first, in registration order (the manifest's graph order)."""
+    """Every registered kind (the manifest's graph order): the built-ins in :data:`BUILTIN_MODULES` order,
+    then the others, each group in registration order."""
     _load_builtins()
-    return list(_KINDS.values())
+    # whichever built-in module is imported first registers its kinds first (it loads the others mid-way)
+    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    return sorted(_KINDS.values(), key=lambda kind: rank.get(type(kind).__module__, len(rank)))
 
 
 def find_graph_kind(kind: str) -> Optional[GraphKind]:

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..errors import ManifestError
+from ..export.dtypes import TORCH_DTYPES
 from ..export.manifest import Manifest
 from ..reference.rope import rope_table
 from .backends.base import Backend, CallStats, GraphRunner
@@ -56,8 +57,6 @@ class Graphs:
 
     def kv_dtype(self, name: str) -> torch.dtype:
         """The K/V dtype of graph ``name`` (its ``new_k_0`` output): the cache follows the graphs' precision."""
-        from .backends.base import TORCH_DTYPES
-
         if not self.has(name):
             return torch.float32
         kv = [t for t in self.manifest.graph(name).outputs if t.name.startswith(f"{NEW}_k_")]

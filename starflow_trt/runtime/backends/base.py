@@ -23,10 +23,8 @@ from typing import Iterator, Mapping, Optional
 import torch
 
 from ...errors import ManifestError, StarflowError
+from ...export.dtypes import TORCH_DTYPES
 from ...export.manifest import GraphSpec
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "bool": torch.bool}
 
 
 class GraphRunner(ABC):

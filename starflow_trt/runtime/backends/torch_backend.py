@@ -26,9 +26,10 @@ from typing import Mapping, Optional, Union
 import torch
 
 from ...errors import BackendUnavailable, InputError, ManifestError
+from ...export.dtypes import TORCH_DTYPES
 from ...export.manifest import GraphSpec, Manifest
 from ...export.names import NEW, PAST, ROPE_COS, ROPE_SIN, SCALE, SHIFT, TOKENS
-from .base import TORCH_DTYPES, Backend, GraphRunner
+from .base import Backend, GraphRunner
 
 #: ``dtype`` names the torch backend takes
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

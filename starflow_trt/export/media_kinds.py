@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..calibration.policy import TEXT_POLICY, VAE_POLICY
-from ..config import VAE_SPATIAL_FACTOR
 from ..costs import Cost, text_encoder_flops
 from ..errors import ConfigError, ManifestError, StarflowError
+from ..model_constants import VAE_SPATIAL_FACTOR
 from . import names as n
 from .manifest import DimRange, GraphSpec
 from .registry import ExportContext, GraphKind, register_graph

@@ -41,7 +41,8 @@ def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None,
     Writes into ``out_dir`` as is: callers stage it (:func:`starflow_trt.staging.staged_directory`).
     Non-finite latents are refused (nothing written); stats.json is strict JSON.
     """
-    from .video_io import contact_sheet, grid_video, write_mp4
+    from ..media.io import write_video
+    from .video_io import contact_sheet, grid_video
 
     latents = result.latents
     if not bool(torch.isfinite(latents).all()):
@@ -58,6 +59,6 @@ def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None,
     contact_sheet(clips, labels, sheet)
     files.append(sheet)
     if pixel:
-        files.append(write_mp4(grid_video(clips, labels), out_dir / "video.mp4",
-                               fps=pipe.summary.default_fps if fps is None else fps))
+        files.append(write_video(grid_video(clips, labels), out_dir / "video.mp4",
+                                 pipe.summary.default_fps if fps is None else fps))
     return files

@@ -62,20 +62,15 @@ def inspect_command(config: str, checkpoint: Optional[str], aspect: str, frames:
     Keys absent from CONFIG take upstream's defaults (listed on one line); txt_dim, which upstream
     takes from its text encoder, comes from --text-encoder, else CHECKPOINT, else the named encoder."""
     cfg = load_config(config)  # validated: sizes, ranges and combinations, one error naming the fields
-    state, notes = None, []
+    notes: list[str] = []
     if checkpoint:
-        from ..checkpoint import load_state_dict, strip_wrapper_prefixes
+        from ..reference import load_weights
 
-        state, notes = strip_wrapper_prefixes(load_state_dict(checkpoint))
-    if checkpoint or text_encoder:
+        cfg, _, notes = load_weights(cfg, checkpoint, text_encoder)
+    elif text_encoder:
         from ..reference import infer_text_width
 
-        cfg = infer_text_width(cfg, state, text_encoder)
-    if state is not None:
-        from ..checkpoint import validate_state_dict
-        from ..reference import build_model
-
-        validate_state_dict(state, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
+        cfg = infer_text_width(cfg, None, text_encoder)
     r = inspect_report(cfg, aspect, frames)
     echo = click.echo
     echo(f"config: {config}")

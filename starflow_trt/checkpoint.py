@@ -12,7 +12,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
@@ -20,6 +20,8 @@ from .errors import CheckpointError
 from .staging import fix_mode
 
 PathLike = Union[str, os.PathLike]
+#: {state_dict key: tensor shape}
+Shapes = Mapping[str, tuple[int, ...]]
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: Deprecated upstream buffers (spec §2.2): accepted when present, tolerated when absent, never read.
 DEPRECATED_KEYS_PATTERNS = (re.compile(r"^var$"), re.compile(r"^blocks\.\d+\.attn_mask$"),
@@ -114,7 +116,7 @@ def _listing(keys: list[str]) -> str:
     return shown + (f" ... and {len(keys) - _SHOW} more" if len(keys) > _SHOW else "")
 
 
-def validate_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
+def validate_state_dict(state: Mapping[str, torch.Tensor], expected: Shapes) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped key."""
     missing = sorted(k for k in expected if k not in state and not is_deprecated_key(k))
     unexpected = sorted(k for k in state if k not in expected)
@@ -136,13 +138,16 @@ def validate_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str
     raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts) + f" ({hint})")
 
 
-def load_checkpoint(path: PathLike, expected: Mapping[str, tuple[int, ...]],
-                    dtype: Optional[torch.dtype] = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Load, strip wrapper prefixes, validate against ``expected``, cast floating tensors to ``dtype``."""
+def load_checkpoint(path: PathLike, expected: Union[Shapes, Callable[[Mapping[str, torch.Tensor]], Shapes]]
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The one way a model checkpoint is read: load (:func:`load_state_dict`), strip wrapper prefixes,
+    validate (:func:`validate_state_dict`). Returns the state_dict, stored dtypes kept, and notes on
+    the prefixes stripped.
+
+    ``expected`` is {key: shape}, or a function of the loaded state returning it: for a config whose
+    sizes the checkpoint completes (``txt_dim``, :func:`starflow_trt.reference.load_weights`)."""
     state, notes = strip_wrapper_prefixes(load_state_dict(path))
-    validate_state_dict(state, expected)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    validate_state_dict(state, expected(state) if callable(expected) else expected)
     return state, notes
 
 

@@ -1,15 +1,11 @@
-"""Upstream STARFlow-V YAML config → typed, frozen :class:`ModelConfig`.
+"""The typed STARFlow-V config: :class:`ModelConfig`, frozen, with derived sizes and validation.
 
-The upstream file has one top-level key ``arguments`` holding a list of
-one-key maps. Upstream joins them into a command line (``--key value``), splits
-on whitespace and parses with its training parser, so list options are written
-as space-separated strings (``layers_per_block: 2 2 2 2 2 24``). We parse the
-same way, with the parser's types and defaults (spec §1.1-§1.3): a key absent from
-the file takes upstream's default (the published configs name only what differs from
-it; :attr:`ModelConfig.absent` records which, :func:`applied_defaults` lists them),
-training-only keys (:data:`TRAINING_KEYS`) are accepted and ignored, other unknown keys
-are kept (:attr:`ModelConfig.unknown`) instead of aborting. ``txt_dim`` is not an
-upstream key: it is the text encoder's hidden size (:meth:`ModelConfig.with_text_width`).
+:func:`load_config` / :func:`parse_config` build it from upstream's YAML (read by
+:mod:`starflow_trt.upstream_yaml`, spec §1.1-§1.3): a key absent from the file takes upstream's default
+(the field defaults here; :attr:`ModelConfig.absent` records which, :func:`applied_defaults` lists them),
+unknown keys are kept (:attr:`ModelConfig.unknown`). ``txt_dim`` is not an upstream key: it is the text
+encoder's hidden size (:meth:`ModelConfig.with_text_width`). Frame sizes per aspect ratio are
+:mod:`starflow_trt.geometry`'s.
 """
 
 from __future__ import annotations
@@ -22,9 +18,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
-import yaml
-
 from .errors import ConfigError
+from .model_constants import VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR
+from .upstream_yaml import TRAINING_KEYS, YAML_KEY, read_arguments, write_arguments, yaml_key
 
 #: Hidden sizes of text encoders the configs name (``text`` field) → ``txt_dim``.
 TEXT_ENCODER_WIDTHS = {
@@ -34,62 +30,6 @@ TEXT_ENCODER_WIDTHS = {
     "google/t5-v1_1-xxl": 4096,
     "google/flan-t5-xxl": 4096,
 }
-
-#: ``field`` metadata naming a field's upstream YAML key where it differs from the field's name
-KEY = "yaml_key"
-
-
-def yaml_key(f: dataclasses.Field) -> str:
-    """The upstream YAML key (and stored-config key) of a :class:`ModelConfig` field."""
-    return f.metadata.get(KEY, f.name)
-
-
-#: Wan2.2 VAE (the one STARFlow-V uses): spatial factor 16, temporal factor 4, 48 channels.
-VAE_SPATIAL_FACTOR = 16
-TEMPORAL_FACTOR = 4
-SOFTPLUS_OFFSET = 0.541324854612918
-DENOISER_LAYERS = 8
-DENOISE_CONSTANT = 0.3
-
-
-def _parse_int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split())
-
-
-def _parse_float_list(text: str) -> tuple[float, ...]:
-    return tuple(float(t) for t in text.split())
-
-
-def _parse_opt_int(text: str) -> Optional[int]:
-    return None if text.strip() in ("None", "none", "") else int(text)
-
-
-def _parse_opt_str(text: str) -> Optional[str]:
-    return None if text.strip() in ("None", "none", "") else text.strip()
-
-
-def _parse_opt_float(text: str) -> Optional[float]:
-    return None if text.strip() in ("None", "none", "") else float(text)
-
-
-def aspect_size(aspect: str, area: float, multiple: int,
-                error: type[Exception] = ConfigError) -> tuple[int, int]:
-    """Upstream's ``aspect_ratio_to_image_size`` (spec §1.3): (H, W) of about ``area`` at ratio
-    ``aspect`` ("rw:rh"), each rounded to a multiple of ``multiple`` and at least one multiple
-    (``error`` naming the aspect otherwise)."""
-    try:
-        rw, rh = (float(v) for v in aspect.split(":"))
-    except ValueError:
-        raise error(f"aspect ratio must look like '16:9', got {aspect!r}") from None
-    if not (rw > 0 and rh > 0 and math.isfinite(rw) and math.isfinite(rh)):
-        raise error(f"aspect ratio must be two positive numbers like '16:9', got {aspect!r}")
-    ratio = rw / rh
-    H = round(math.sqrt(area / ratio) / multiple) * multiple
-    W = round(math.sqrt(area * ratio) / multiple) * multiple
-    if H < multiple or W < multiple:
-        raise error(f"aspect ratio {aspect!r} gives a {H // multiple}x{W // multiple} token grid; "
-                    "use a ratio like 16:9")
-    return H, W
 
 
 @dataclass(frozen=True)
@@ -149,7 +89,7 @@ class ModelConfig:
     finetuned_vae: Optional[str] = None
     text: Optional[str] = None
     #: classifier-free guidance values the config was trained / sampled with (upstream key ``cfg``)
-    guidance_values: tuple[float, ...] = field(default=(), metadata={KEY: "cfg"})
+    guidance_values: tuple[float, ...] = field(default=(), metadata={YAML_KEY: "cfg"})
     drop_label: float = 0.0
     drop_image: float = 0.0
     # --- keys we do not know (training-only ones included): kept verbatim, never fatal ---
@@ -293,30 +233,13 @@ class ModelConfig:
         """Latent frames for ``num_frames`` pixel frames: ``(F − 1) // 4 + 1`` (spec §1.3)."""
         if num_frames < 1:
             raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
-        return (num_frames - 1) // TEMPORAL_FACTOR + 1
+        return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
 
     @property
     def latent_frames(self) -> int:
         """Latent frames of the configured ``vid_size`` (1 for image configs)."""
         frames = self.video_frames
         return 1 if frames is None else self.latent_frames_for(frames)
-
-    def frame_geometry(self, aspect: str = "1:1") -> dict[str, int]:
-        """Pixel and latent frame size for an aspect ratio ``"rw:rh"`` (spec §1.3).
-
-        Returns ``{"H", "W", "h", "w", "tokens_per_frame"}``; ``h, w`` are the
-        token grid (latent / patch). Without a VAE the frame is square
-        ``img_size`` in latent units (aspect is ignored).
-        """
-        p = self.patch_size
-        if not self.vae:
-            side = self.latent_img_size
-            return {"H": side, "W": side, "h": side // p, "w": side // p,
-                    "tokens_per_frame": (side // p) ** 2}
-        m = VAE_SPATIAL_FACTOR * p
-        H, W = aspect_size(aspect, float((self.latent_img_size * VAE_SPATIAL_FACTOR) ** 2), m)
-        h, w = H // m, W // m
-        return {"H": H, "W": W, "h": h, "w": w, "tokens_per_frame": h * w}
 
     # ------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -415,18 +338,15 @@ class ModelConfig:
     def to_yaml(self) -> str:
         """Upstream ``arguments:`` YAML for every non-default field (round-trips via :func:`parse_config`)."""
         defaults = ModelConfig()
-        items = []
+        stated = []
         for f in fields(self):
             if f.name == "unknown" or not f.compare:
                 continue
             v = getattr(self, f.name)
             if (v == getattr(defaults, f.name) or v is None) and f.name not in STATED_KEYS:
                 continue
-            if isinstance(v, tuple):
-                v = " ".join(str(x) for x in v)
-            items.append({yaml_key(f): v})
-        items.extend({k: v} for k, v in self.unknown)
-        return yaml.safe_dump({"arguments": items}, sort_keys=False)
+            stated.append((yaml_key(f), v))
+        return write_arguments([*stated, *self.unknown])
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -486,14 +406,6 @@ def _size_problems(cfg: "ModelConfig") -> list[str]:
 #: fields :meth:`ModelConfig.to_yaml` writes even at their default (a reader sees the attention layout)
 STATED_KEYS = ("channels", "head_dim", "rope", "sos")
 
-#: options of upstream's training parser that the published configs carry and nothing here uses
-#: (data loading, optimiser, FSDP, logging): accepted and ignored, listed apart from unknown keys
-TRAINING_KEYS = frozenset({
-    "no_flip", "fsdp", "fsdp_text_encoder", "secondary_img_size", "batch_size", "secondary_batch_size",
-    "secondary_ratio", "lr", "min_lr", "wds", "loss_scaling", "grad_clip", "grad_skip", "sample_freq",
-    "latent_norm_regularization",
-})
-
 #: fields never listed as applied defaults: provenance, txt_dim (resolved apart), training-only switches
 _NOT_DEFAULTS = ("unknown", "absent", "txt_dim_source", "txt_dim", "drop_label", "drop_image",
                  "gradient_checkpoint", "gradient_checkpoint_mlp")
@@ -517,74 +429,10 @@ def applied_defaults(cfg: ModelConfig) -> list[str]:
     return out
 
 
-_PARSERS = {
-    "layers_per_block": _parse_int_list,
-    "guidance_values": _parse_float_list,
-    "top_block_channels": _parse_opt_int,
-    "pt_seq_len": _parse_opt_int,
-    "num_heads": _parse_opt_int,
-    "num_kv_heads": _parse_opt_int,
-    "txt_dim": _parse_opt_int,
-    "denoiser_window": _parse_opt_int,
-    "local_attn_window": _parse_opt_int,
-    "gradient_checkpoint_mlp": _parse_opt_int,
-    "use_pretrained_lm": _parse_opt_str,
-    "vid_size": _parse_opt_str,
-    "vae": _parse_opt_str,
-    "finetuned_vae": _parse_opt_str,
-    "text": _parse_opt_str,
-    "soft_clip": float,
-    "noise_std": float,
-    "drop_label": float,
-    "drop_image": float,
-    "norm_type": str,
-    "seq_order": str,
-}
-
-
-def _convert(name: str, raw: str, kind: type, key: str) -> Any:
-    """The value of field ``name`` from its YAML text ``raw`` (``key``: the YAML key, for the error)."""
-    parser = _PARSERS.get(name)
-    try:
-        if parser is not None:
-            return parser(raw)
-        if kind is int or name in _INT_FIELDS:
-            return int(float(raw)) if raw.strip().lower() not in ("true", "false") else int(raw.strip().lower() == "true")
-        return raw
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config field {key!r}: cannot parse value {raw!r} ({exc}); fix the YAML value") from exc
-
-
-_INT_FIELDS = {f.name for f in fields(ModelConfig) if f.type in ("int", int)}
-
-
 def parse_config(data: Mapping[str, Any] | str) -> ModelConfig:
     """Parse upstream YAML text (or its loaded mapping) into a validated :class:`ModelConfig`."""
-    if isinstance(data, str):
-        try:
-            data = yaml.safe_load(data)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config is not valid YAML: {exc}".replace("\n", " ")) from exc
-    if not isinstance(data, Mapping) or "arguments" not in data:
-        raise ConfigError("config must have a top-level 'arguments:' list of one-key maps (upstream format)")
-    items = data["arguments"]
-    if not isinstance(items, list):
-        raise ConfigError("'arguments' must be a list of one-key maps like '- channels: 512'")
-    known = {yaml_key(f): f.name for f in fields(ModelConfig) if f.name != "unknown" and f.compare}
-    values: dict[str, Any] = {}
-    unknown: list[tuple[str, str]] = []
-    for item in items:
-        if not isinstance(item, Mapping):
-            raise ConfigError(f"every 'arguments' entry must be a one-key map, got {item!r}")
-        for key, value in item.items():
-            raw = "" if value is None else str(value)
-            if key in known:
-                name = known[key]
-                values[name] = _convert(name, raw, int if name in _INT_FIELDS else str, key)
-            else:
-                unknown.append((str(key), raw))
-    absent = tuple(name for name in known.values() if name not in values)   # these keep upstream's defaults
-    cfg = ModelConfig(**values, unknown=tuple(unknown), absent=absent)
+    args = read_arguments(data, [f for f in fields(ModelConfig) if f.name != "unknown" and f.compare])
+    cfg = ModelConfig(**args.values, unknown=args.unknown, absent=args.absent)
     cfg.validate()
     return cfg
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DENOISER_LAYERS, ModelConfig
+from .config import ModelConfig
+from .model_constants import DENOISER_LAYERS
 
 
 @dataclass(frozen=True)

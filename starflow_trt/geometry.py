@@ -1,6 +1,9 @@
-"""``Geometry``: the one vocabulary of sizes shared by config, export, manifest and runtime.
+"""Frame geometry and ``Geometry``: the one vocabulary of sizes shared by config, export, manifest and runtime.
 
-Every fact has one name here; the manifest stores ``Geometry.to_dict()`` and the
+Frame sizes (spec §1.3): :func:`frame_geometry` is the pixel and latent frame of an aspect ratio,
+:func:`aspect_grid` its token grid, both by upstream's ``aspect_ratio_to_image_size`` (:func:`aspect_size`).
+
+Every fact of an export has one name here; the manifest stores ``Geometry.to_dict()`` and the
 runtime reads only this (never ``manifest.config``) for shapes and sampling defaults::
 
     geo = Geometry.from_config(cfg, grid=(30, 53), max_frames=21, max_batch=4)
@@ -15,25 +18,64 @@ One export may cover several token grids (``export --aspects``): ``geo.aspects``
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
-from .config import ModelConfig, aspect_size
-from .errors import InputError, ManifestError
+from .config import ModelConfig
+from .errors import ConfigError, InputError, ManifestError
+from .model_constants import VAE_SPATIAL_FACTOR
 
 #: upstream's sampling aspect ratios (``mix_aspect`` configs; spec §1.3)
 UPSTREAM_ASPECTS: tuple[str, ...] = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
 
 
+def aspect_size(aspect: str, area: float, multiple: int,
+                error: type[Exception] = ConfigError) -> tuple[int, int]:
+    """Upstream's ``aspect_ratio_to_image_size`` (spec §1.3): (H, W) of about ``area`` at ratio
+    ``aspect`` ("rw:rh"), each rounded to a multiple of ``multiple`` and at least one multiple
+    (``error`` naming the aspect otherwise)."""
+    try:
+        rw, rh = (float(v) for v in aspect.split(":"))
+    except ValueError:
+        raise error(f"aspect ratio must look like '16:9', got {aspect!r}") from None
+    if not (rw > 0 and rh > 0 and math.isfinite(rw) and math.isfinite(rh)):
+        raise error(f"aspect ratio must be two positive numbers like '16:9', got {aspect!r}")
+    ratio = rw / rh
+    H = round(math.sqrt(area / ratio) / multiple) * multiple
+    W = round(math.sqrt(area * ratio) / multiple) * multiple
+    if H < multiple or W < multiple:
+        raise error(f"aspect ratio {aspect!r} gives a {H // multiple}x{W // multiple} token grid; "
+                    "use a ratio like 16:9")
+    return H, W
+
+
+def frame_geometry(cfg: ModelConfig, aspect: str = "1:1") -> dict[str, int]:
+    """Pixel and latent frame size of ``cfg`` at aspect ratio ``"rw:rh"`` (spec §1.3).
+
+    Returns ``{"H", "W", "h", "w", "tokens_per_frame"}``: the pixel frame H x W (area about
+    ``(img_size_latent · 16)²``, sides multiples of ``16 · patch``) and its token grid h x w
+    (latent / patch). Without a VAE the frame is square ``img_size`` in latent units (aspect is ignored).
+    """
+    p = cfg.patch_size
+    if not cfg.vae:
+        side = cfg.latent_img_size
+        return {"H": side, "W": side, "h": side // p, "w": side // p, "tokens_per_frame": (side // p) ** 2}
+    m = VAE_SPATIAL_FACTOR * p
+    H, W = aspect_size(aspect, float((cfg.latent_img_size * VAE_SPATIAL_FACTOR) ** 2), m)
+    h, w = H // m, W // m
+    return {"H": H, "W": W, "h": h, "w": w, "tokens_per_frame": h * w}
+
+
 def aspect_grid(cfg: ModelConfig, aspect: str) -> tuple[int, int]:
     """Token grid (h, w) of ``aspect`` ("rw:rh") by the spec's ``aspect_ratio_to_image_size`` rule.
 
-    VAE configs: :meth:`ModelConfig.frame_geometry` (area ``(img_size·16)²`` px, multiple ``16·patch``).
+    VAE configs: :func:`frame_geometry` (area ``(img_size·16)²`` px, multiple ``16·patch``).
     Without a VAE the same rule in latent units: area ``latent_img_size²``, multiple ``patch_size``
     (identical grids: both sides of the pixel rule are 16× the latent ones).
     """
     if cfg.vae:
-        frame = cfg.frame_geometry(aspect)
+        frame = frame_geometry(cfg, aspect)
         return frame["h"], frame["w"]
     p = cfg.patch_size
     H, W = aspect_size(aspect, float(cfg.latent_img_size ** 2), p, error=InputError)

@@ -134,9 +134,14 @@ def test_config_checkpoint_mismatch(goldens_dir, tmp_path):
         load_reference(tmp_path / "c.yaml", goldens_dir / "model.pth")
 
 
-def test_load_checkpoint_casts(golden_sd, goldens_dir):
-    state, notes = load_checkpoint(goldens_dir / "model.pth", expected_shapes(golden_sd), dtype=torch.float64)
-    assert state["blocks.0.proj_in.weight"].dtype == torch.float64 and notes == []
+def test_load_checkpoint_strips_then_validates(golden_sd, tmp_path):
+    path = save_state_dict({"module." + k: v for k, v in golden_sd.items()}, tmp_path / "wrapped.pth")
+    seen = []   # shapes may depend on the loaded state (txt_dim): the callable sees it prefix-stripped
+    state, notes = load_checkpoint(path, lambda s: seen.append(set(s)) or expected_shapes(golden_sd))
+    assert seen == [set(golden_sd)] and set(state) == set(golden_sd) and "stripped prefix" in notes[0]
+    assert all(state[k].dtype == golden_sd[k].dtype for k in golden_sd)   # stored dtypes kept
+    with pytest.raises(CheckpointError, match="1 shape-mismatched"):
+        load_checkpoint(path, {**expected_shapes(golden_sd), "blocks.5.proj_out.bias": (7,)})
 
 
 def test_wrong_model_inputs_named(ref32, cases):

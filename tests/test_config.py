@@ -8,6 +8,7 @@ import pytest
 
 from starflow_trt.config import ModelConfig, load_config, parse_config
 from starflow_trt.errors import ConfigError
+from starflow_trt.geometry import frame_geometry
 
 CONFIG_7B = Path(__file__).resolve().parents[1] / "starflow_trt" / "configs" / "starflow_v_7b.yaml"
 
@@ -28,7 +29,7 @@ def test_7b_config_parses_with_spec_values():
                                        ("2:3", (49, 33)), ("3:2", (33, 49)), ("4:5", (45, 36)),
                                        ("21:9", (26, 61))])
 def test_frame_geometry_table(aspect, hw):
-    geo = load_config(CONFIG_7B).frame_geometry(aspect)
+    geo = frame_geometry(load_config(CONFIG_7B), aspect)
     assert (geo["h"], geo["w"]) == hw and geo["tokens_per_frame"] == hw[0] * hw[1]
 
 

@@ -55,12 +55,12 @@ def test_model_range_and_prepare_image(tmp_path):
         mio.prepare_image(tmp_path / "missing.png", 32, 32)
 
 
-def test_frames_to_uint8_clamps_and_truncates():
-    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 6, 1, 1).expand(1, 6, 1, 3).permute(0, 3, 1, 2)
-    out = mio.frames_to_uint8(x)  # [1, 3, 6, 1] → [1, 6, 1, 3]
+def test_frames_to_uint8_clamps_and_rounds():
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.99, 0.999, 1.0, 3.0]).view(1, 7, 1, 1).expand(1, 7, 1, 3).permute(0, 3, 1, 2)
+    out = mio.frames_to_uint8(x)  # [1, 3, 7, 1] → [1, 7, 1, 3]
     assert out.dtype == np.uint8
-    # (x + 1) / 2 * 255: 0 → 127.5 → 127 and 0.999 → 254.87 → 254 (truncated, not rounded)
-    assert out[0, :, 0, 0].tolist() == [0, 0, 127, 254, 255, 255]
+    # (x + 1) / 2 * 255: 0 → 127.5 → 128 (half to even), 0.99 → 253.7 → 254, 0.999 → 254.87 → 255 (rounded)
+    assert out[0, :, 0, 0].tolist() == [0, 0, 128, 254, 255, 255, 255]
 
 
 def test_h264_writer_streams_frames_at_fps(tmp_path):

@@ -21,6 +21,7 @@ from starflow_trt.bench.paths import BenchPaths, bench_config, model_config_7b
 from starflow_trt.cli import main
 from starflow_trt.config import load_config
 from starflow_trt.errors import StarflowError
+from starflow_trt.geometry import frame_geometry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def test_bench_configs_are_package_data():
     assert full.layers == (2, 2, 2, 2, 2, 6) and full.top_block_channels == 512 and full.latent_frames == 6
     assert sum(quick.layers) < sum(full.layers) and quick.num_blocks == 2
     # per_graph times deep_step at S = 64 after L + N/2 positions: the quick export's context must hold it
-    tokens = quick.latent_frames * quick.frame_geometry()["tokens_per_frame"]
+    tokens = quick.latent_frames * frame_geometry(quick)["tokens_per_frame"]
     assert tokens // 2 + 64 <= tokens
     assert load_config(model_config_7b()).top_block_channels > full.top_block_channels
     assert "bench/configs/*.yaml" in (REPO / "pyproject.toml").read_text()

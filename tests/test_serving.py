@@ -245,7 +245,7 @@ def test_contract_request_streams_frames_in_order_equal_to_direct_generate(servi
     assert 0 < stats["time_to_first_frame"] <= stats["seconds"]["total"]
     want = _direct_frames(direct, PROMPTS[0], 0, 3.0, 6, JacobiConfig(16, 32, 1e-3))
     pngs = np.stack([decode_frame(e) for e in events[:-1]])                   # [T, H, W, 3] uint8
-    png_err = int(np.abs(pngs.astype(int) - frames_to_uint8(want).astype(int)).max())   # truncated, as generate
+    png_err = int(np.abs(pngs.astype(int) - frames_to_uint8(want).astype(int)).max())   # rounded, as generate
     assert png_err <= 1, png_err
     # the same request asking for latents: equal to the direct run to float rounding
     video = service.client.generate({**body, "output": "latents"})

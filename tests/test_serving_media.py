@@ -79,7 +79,7 @@ def test_prompt_at_9_16_streams_decoded_pngs_equal_to_generate_and_the_mp4(servi
 
 def test_batched_requests_equal_their_solo_results(service, pipe):
     # latent frames: a batch of 3 runs other ORT kernels than a batch of 1 (float rounding, which the
-    # VAE and the uint8 truncation can turn into 1-level pixel differences)
+    # VAE and the uint8 rounding can turn into 1-level pixel differences)
     bodies = [{"prompt": p, "seed": 20 + i, "aspect": "9:16", "frames": 2, "sampler": "autoregressive",
                "output": "latents"} for i, p in enumerate(PROMPTS)]
     results = generate_concurrently(service, bodies)

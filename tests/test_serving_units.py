@@ -198,7 +198,7 @@ def test_events_and_lines():
     from starflow_trt.media.io import decode_image
 
     png = decode_image(png_bytes(frame))
-    want = ((frame.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 0).numpy()   # truncated, as generate
+    want = ((frame.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()   # rounded, as generate
     np.testing.assert_array_equal(png, want)
     line = format_event({"type": "done", "stats": {"a": 1}})
     assert line.endswith(b"\n") and line.count(b"\n") == 1 and json.loads(line) == {"type": "done", "stats": {"a": 1}}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from starflow_trt.runtime.video_io import contact_sheet, grid_video, write_mp4
+from starflow_trt.media.io import write_video
+from starflow_trt.runtime.video_io import contact_sheet, grid_video
 from starflow_trt.toy import PROMPTS, ToyTextEncoder, make_dataset, render_clip, score_clips
 from starflow_trt.toy.data import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, detect_colour, detect_direction, parse_prompt
 
@@ -161,7 +162,7 @@ def _frame_count(path) -> tuple[int, np.ndarray]:
 
 def test_mp4_and_contact_sheet(tmp_path):
     clips = [render_clip(p, 1, frames=6) for p in PROMPTS[:3]]
-    video = write_mp4(grid_video(clips, PROMPTS[:3]), tmp_path / "v.mp4", fps=4)
+    video = write_video(grid_video(clips, PROMPTS[:3]), tmp_path / "v.mp4", fps=4)
     cap = cv2.VideoCapture(str(video))
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     ok, frame = cap.read()

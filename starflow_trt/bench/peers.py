@@ -98,7 +98,8 @@ class UpstreamSampler:
 
 def load_upstream(checkout: Union[str, Path], cfg: ModelConfig, checkpoint: Union[str, Path]) -> UpstreamSampler:
     """Build the checkout's ``transformer_flow.Model`` for ``cfg`` and load ``checkpoint`` into it."""
-    from ..checkpoint import load_state_dict, strip_wrapper_prefixes
+    from ..checkpoint import load_checkpoint
+    from ..reference import parameter_shapes
 
     checkout = Path(checkout)
     module = _import_transformer_flow(checkout)
@@ -107,7 +108,7 @@ def load_upstream(checkout: Union[str, Path], cfg: ModelConfig, checkpoint: Unio
     except TypeError as e:
         raise StarflowError(f"--upstream {checkout}: transformer_flow.Model rejected the spec §1.2 constructor "
                             f"arguments ({e}); expected {EXPECTED}") from e
-    state, _ = strip_wrapper_prefixes(load_state_dict(checkpoint))
+    state, _ = load_checkpoint(checkpoint, parameter_shapes(cfg))
     result = model.load_state_dict(state, strict=False)
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:

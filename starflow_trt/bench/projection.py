@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from ..config import ModelConfig
 from ..costs import step_cost, text_encoder_flops
+from ..geometry import frame_geometry
 
 GPUS = {  # dense tensor-core peaks and memory, per the NVIDIA datasheets named (fp8: E4M3, where the GPU has it)
     "H100 80GB SXM": {"fp16_tflops": 989.0, "int8_tops": 1979.0, "fp8_tflops": 1979.0, "bandwidth_gbs": 3350.0,
@@ -123,7 +124,7 @@ def projection_table(cfg: ModelConfig, schedules: Sequence[ScheduleWork], aspect
     shallow blocks and the denoiser are modelled alike. No CUDA-graph replay is assumed: the trt
     backend replays graphs only for repeated (S, P) shapes, and P grows with every call.
     """
-    tokens = cfg.frame_geometry(aspect)["tokens_per_frame"]
+    tokens = frame_geometry(cfg, aspect)["tokens_per_frame"]
     plans = [("AR S=1", 1, 1.0, "fp16")]
     for w in schedules:
         chunk = max(1, round(w.tokens_per_call))
@@ -140,7 +141,7 @@ def fp8_projection_table(cfg: ModelConfig, schedules: Sequence[ScheduleWork], as
                          frames: int = 21, gpus: Sequence[str] = ("H100 80GB SXM", "H200 141GB SXM")) -> list[dict]:
     """FP8 vs FP16 (and INT8) for every measured schedule on Hopper, with the FP16 and FP8 K/V cache sizes:
     PROJECTIONS (roofline on datasheet peaks), not measurements."""
-    tokens = cfg.frame_geometry(aspect)["tokens_per_frame"]
+    tokens = frame_geometry(cfg, aspect)["tokens_per_frame"]
     rows = []
     for name in gpus:
         gpu = GPUS[name]
@@ -197,7 +198,7 @@ def stage_projection_table(cfg: ModelConfig, schedule: ScheduleWork, aspect: str
     :func:`project` with the measured ``schedule``, fp16 and int8. VAE decode: FLOPs counted by
     :func:`vae_decode_flops` at the fp16 rate (its convolutions are compute bound).
     """
-    geo = cfg.frame_geometry(aspect)
+    geo = frame_geometry(cfg, aspect)
     text_params = t5_linear_params(**T5_XL)
     text_flops = text_encoder_flops(2 * prompts, cfg.txt_size, text_params, T5_XL["num_layers"],
                                     T5_XL["num_heads"], T5_XL["d_kv"])

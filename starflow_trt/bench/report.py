@@ -95,10 +95,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _ms(v: float) -> str:
-    return f"{v * 1000:.1f}"
-
-
 def bar_chart(labels: list[str], values: list[float], title: str, path: Path) -> Path:
     """A horizontal bar chart PNG (OpenCV; no plotting dependency)."""
     import cv2

@@ -8,6 +8,8 @@ import click
 
 from ..config import ModelConfig, applied_defaults, load_config
 from ..costs import block_params, denoiser_params, generation_costs, kv_bytes_per_frame
+from ..geometry import frame_geometry
+from ..model_constants import DENOISER_LAYERS
 from . import options
 
 
@@ -20,7 +22,7 @@ def _fmt(n: float) -> str:
 
 def inspect_report(cfg: ModelConfig, aspect: str = "16:9", frames: Optional[int] = None) -> dict:
     """Everything ``inspect`` prints, as a dict (meta device: nothing allocated)."""
-    geo = cfg.frame_geometry(aspect)
+    geo = frame_geometry(cfg, aspect)
     T = frames or cfg.latent_frames
     F = geo["tokens_per_frame"]
     blocks = []
@@ -33,7 +35,8 @@ def inspect_report(cfg: ModelConfig, aspect: str = "16:9", frames: Optional[int]
     costs = generation_costs(cfg, T, F, batch=1, guidance=True, chunk=1)
     return {
         "blocks": blocks,
-        "denoiser": {"layers": 8 if den else 0, "width": cfg.channels, "heads": cfg.denoiser_heads, "params": den},
+        "denoiser": {"layers": DENOISER_LAYERS if den else 0, "width": cfg.channels, "heads": cfg.denoiser_heads,
+                     "params": den},
         "params_flow": sum(b["params"] for b in blocks), "params_total": sum(b["params"] for b in blocks) + den,
         "token_channels": cfg.token_channels, "patch_size": cfg.patch_size, "text": [cfg.txt_size, cfg.text_width],
         "frame": geo, "latent_frames": T, "video_frames": cfg.video_frames,
@@ -59,20 +62,15 @@ def inspect_command(config: str, checkpoint: Optional[str], aspect: str, frames:
     Keys absent from CONFIG take upstream's defaults (listed on one line); txt_dim, which upstream
     takes from its text encoder, comes from --text-encoder, else CHECKPOINT, else the named encoder."""
     cfg = load_config(config)  # validated: sizes, ranges and combinations, one error naming the fields
-    state, notes = None, []
+    notes: list[str] = []
     if checkpoint:
-        from ..checkpoint import load_state_dict, strip_wrapper_prefixes
+        from ..reference import load_weights
 
-        state, notes = strip_wrapper_prefixes(load_state_dict(checkpoint))
-    if checkpoint or text_encoder:
+        cfg, _, notes = load_weights(cfg, checkpoint, text_encoder)
+    elif text_encoder:
         from ..reference import infer_text_width
 
-        cfg = infer_text_width(cfg, state, text_encoder)
-    if state is not None:
-        from ..checkpoint import validate_state_dict
-        from ..reference import build_model
-
-        validate_state_dict(state, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
+        cfg = infer_text_width(cfg, None, text_encoder)
     r = inspect_report(cfg, aspect, frames)
     echo = click.echo
     echo(f"config: {config}")

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 
 from ..config import ModelConfig
 from ..errors import StarflowError
-from ..geometry import UPSTREAM_ASPECTS, Geometry, aspect_grid
+from ..geometry import UPSTREAM_ASPECTS, Geometry, aspect_grid, frame_geometry
 
 #: export precisions: graph weights / activations / K/V (``fp32`` is the verification default)
 EXPORT_DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
@@ -56,6 +56,6 @@ def geometry_for(cfg: ModelConfig, limits: ExportLimits) -> Geometry:
             raise StarflowError(f"--aspect {default} is not among --aspects {','.join(aspects)}; "
                                 "add it or drop --aspect")
         return Geometry.from_config(cfg, aspect_grid(cfg, default), frames, limits.max_batch, aspects)
-    frame = cfg.frame_geometry(limits.aspect or "16:9")
+    frame = frame_geometry(cfg, limits.aspect or "16:9")
     grid = (limits.height or frame["h"], limits.width or frame["w"])
     return Geometry.from_config(cfg, grid, frames, limits.max_batch)

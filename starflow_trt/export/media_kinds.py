@@ -23,8 +23,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..config import VAE_SPATIAL_FACTOR
 from ..errors import ConfigError, ManifestError
+from ..model_constants import VAE_SPATIAL_FACTOR
 from . import names as n
 from .manifest import DimRange, GraphSpec
 from .registry import ExportContext, GraphKind, register_graph

@@ -37,11 +37,10 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import load_state_dict, strip_wrapper_prefixes, validate_state_dict
 from ..config import ModelConfig, load_config
 from ..errors import StarflowError
 from ..geometry import Geometry
-from ..reference import build_model, infer_text_width
+from ..reference import load_weights
 from .limits import ExportLimits, geometry_for
 from ..staging import sha256_file, staged_directory
 from .manifest import GraphSpec, Manifest, TensorInfo
@@ -252,10 +251,7 @@ def _plans(config, checkpoint, graphs: Optional[Sequence[str]], limits: ExportLi
            ) -> tuple[ModelConfig, Geometry, list[GraphPlan]]:
     """The checked config, the geometry and the plans of the graphs to export (``graphs``: names, None: all)."""
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
-    state = load_state_dict(checkpoint, mmap=True)
-    state, _ = strip_wrapper_prefixes(state)
-    cfg = infer_text_width(cfg, state, text_encoder)
-    validate_state_dict(state, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
+    cfg, state, _ = load_weights(cfg, checkpoint, text_encoder)
     geo = geometry_for(cfg, limits)
     from .media_kinds import MediaSources
 

@@ -7,8 +7,8 @@
   (latent normalisation, draws and noise, spec §14), :mod:`.vae_graphs` (the cache-explicit
   ``vae_decode_first`` / ``vae_decode_step`` / ``vae_encode*`` wrappers), :mod:`.vae_stream`
   (streaming decode, frame counts).
-* :mod:`.io` — image/video loading (resize to cover, centre crop, [-1, 1]) and
-  the mp4 writer (clamp, truncate to uint8, H.264, frames appended as they are decoded).
+* :mod:`.io` — image/video loading (resize to cover, centre crop, [-1, 1]), the float → uint8
+  rule of every output (clamp, round) and its one mp4 writer (H.264, frames appended as they are decoded).
 * :mod:`.graphs` — the graph contracts (names, symbolic shapes, example inputs) of
   ``text_encoder`` (T5 or the toy's word table) and the ``vae_*`` graphs; their graph kinds
   (:mod:`starflow_trt.export.media_kinds`) export them with the one exporter.

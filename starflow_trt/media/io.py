@@ -5,15 +5,17 @@ the two ratios, sizes truncated to int, bilinear as torchvision's ``Resize`` on 
 centre-crop (torchvision's rounding), map to [-1, 1] (``x / 255``, then ``(x - 0.5) / 0.5``).
 Videos: the same per frame, trimmed to ``1 + 4n`` frames for the VAE.
 
-Out: clamp to [-1, 1], ``(x + 1) / 2 * 255`` truncated to uint8, H.264 (libx264, yuv420p) at
-``fps`` = upstream's ``out_fps``. Frames can be appended as they are decoded (:class:`Mp4Writer`).
+Out, for every output (``generate``'s and the demo's mp4, the server's PNG frames and mp4, the OpenAI
+API's assets): one float → uint8 rule (:func:`frames_to_uint8`: clamp to [-1, 1], ``(x + 1) / 2 * 255``,
+rounded) and one mp4 writer (:class:`Mp4Writer`: H.264, libx264, yuv420p, at ``fps`` = upstream's
+``out_fps``), to which frames can be appended as they are decoded.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ def _av():
     try:
         import av
     except ImportError as exc:
-        raise StarflowError("H.264 video I/O needs PyAV: pip install 'starflow-trt[media]'") from exc
+        raise StarflowError("H.264 video I/O needs PyAV, a dependency of starflow-trt: pip install av") from exc
     return av
 
 
@@ -140,9 +142,12 @@ def prepare_video(video: Union[PathLike, np.ndarray], height: int, width: int,
 
 
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """[..., 3, H, W] in [-1, 1] → [..., H, W, 3] uint8: clamp, ``(x + 1) / 2 * 255``, truncate (not round)."""
+    """[..., 3, H, W] in [-1, 1] → [..., H, W, 3] uint8: clamp, ``(x + 1) / 2 * 255``, round to nearest.
+
+    The one rule of every pixel output. The spec (§14, the VAE glue) names none; rounding is the unbiased
+    one: truncation moves every value down, half a level on average (a mid-grey 0.0 → 127, not 128)."""
     x = (frames.detach().float().clamp(-1, 1) + 1) / 2 * 255
-    return x.to(torch.uint8).movedim(-3, -1).cpu().numpy()
+    return x.round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
 class Mp4Writer:
@@ -150,14 +155,17 @@ class Mp4Writer:
 
     ``with Mp4Writer(path, fps) as w: w.write(frames)`` with frames [T, 3, H, W] in [-1, 1]
     (or [T, H, W, 3] uint8). H and W must be even (yuv420p).
+
+    The one mp4 writer of every output. H.264 in yuv420p is what browsers play (the server's page shows
+    the mp4, the OpenAI API hands it to any client); OpenCV's ``mp4v`` (MPEG-4 Part 2) is not. PyAV
+    also streams: ``generate`` appends decoded frames as the flow finishes them.
     """
 
-    def __init__(self, path: PathLike, fps: float, options: Optional[dict[str, str]] = None):
+    def __init__(self, path: PathLike, fps: float):
         if not fps or fps <= 0:
             raise InputError(f"video fps must be > 0, got {fps}; images (fps 0) are written as PNG")
         self.path = Path(path)
         self.fps = fps
-        self.options = dict(H264_OPTIONS if options is None else options)
         self.frames_written = 0
         self._container = None
         self._stream = None
@@ -174,7 +182,7 @@ class Mp4Writer:
         self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
-        self._stream.options = self.options
+        self._stream.options = dict(H264_OPTIONS)
 
     def write(self, frames: Union[torch.Tensor, np.ndarray]) -> None:
         """Append frames: [T, 3, H, W] float in [-1, 1] or [T, H, W, 3] uint8."""
@@ -220,10 +228,3 @@ def write_video(frames: Union[torch.Tensor, np.ndarray], path: PathLike, fps: fl
     with Mp4Writer(path, fps) as writer:
         writer.write(frames)
     return Path(path)
-
-
-def write_videos(clips: Sequence[torch.Tensor], directory: PathLike, fps: float, stem: str = "video") -> list[Path]:
-    """One mp4 per clip (``{stem}.mp4`` for one clip, ``{stem}_{i:03d}.mp4`` for several)."""
-    directory = Path(directory)
-    names = [f"{stem}.mp4"] if len(clips) == 1 else [f"{stem}_{i:03d}.mp4" for i in range(len(clips))]
-    return [write_video(c, directory / n, fps) for c, n in zip(clips, names)]

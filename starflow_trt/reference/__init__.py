@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..checkpoint import load_checkpoint
 from ..config import ModelConfig, load_config
 from ..errors import ConfigError
 from ..sampling import KVCache
@@ -21,7 +22,8 @@ from .model import StarflowV, deprecated_buffer_values
 from .sampler import JacobiConfig
 
 __all__ = ["load_reference", "build_model", "JacobiConfig", "StarflowV", "FlowBlock", "KVCache",
-           "guide", "patchify", "unpatchify", "infer_text_width", "text_encoder_width"]
+           "guide", "patchify", "unpatchify", "infer_text_width", "text_encoder_width", "parameter_shapes",
+           "load_weights"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,6 +71,24 @@ def build_model(cfg: ModelConfig, device: Union[str, torch.device] = "cpu",
     return model.to(dtype=dtype).eval()
 
 
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the state_dict the model of ``cfg`` takes (meta tensors: nothing allocated)."""
+    return {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
+
+
+def load_weights(cfg: ModelConfig, checkpoint: PathLike, text_encoder: Optional[PathLike] = None
+                 ) -> tuple[ModelConfig, dict[str, torch.Tensor], list[str]]:
+    """``cfg`` completed by the checkpoint (its ``txt_dim``, :func:`infer_text_width`), the checkpoint's
+    state_dict checked against that config's model (:func:`~starflow_trt.checkpoint.load_checkpoint`: one
+    :class:`~starflow_trt.errors.CheckpointError` naming every missing, unexpected or mis-shaped key),
+    and notes on the wrapper prefixes stripped."""
+    def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return parameter_shapes(infer_text_width(cfg, state, text_encoder))
+
+    state, notes = load_checkpoint(checkpoint, shapes)
+    return infer_text_width(cfg, state, text_encoder), state, notes
+
+
 def load_reference(config_path: Union[PathLike, ModelConfig], checkpoint_path: Optional[PathLike] = None,
                    dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> StarflowV:
     """Config + upstream state_dict → eval-mode :class:`StarflowV` in ``dtype`` (float32 / float64).
@@ -78,17 +98,11 @@ def load_reference(config_path: Union[PathLike, ModelConfig], checkpoint_path: O
     Without a checkpoint the model keeps its initial weights (upstream initialisation is
     not reproduced; use it for shapes and graph structure only).
     """
-    from ..checkpoint import load_state_dict, strip_wrapper_prefixes, validate_state_dict
-
     cfg = config_path if isinstance(config_path, ModelConfig) else load_config(config_path)
     if checkpoint_path is None:
         return build_model(cfg, device, dtype)
-    state = load_state_dict(checkpoint_path)
-    state, _notes = strip_wrapper_prefixes(state)
-    cfg = infer_text_width(cfg, state)
+    cfg, state, _notes = load_weights(cfg, checkpoint_path)
     model = build_model(cfg, "meta", dtype)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    validate_state_dict(state, expected)
     full = deprecated_buffer_values(cfg)
     full.update(state)
     full = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in full.items()}

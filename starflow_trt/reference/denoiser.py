@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import DENOISER_LAYERS, ModelConfig
+from ..config import ModelConfig
+from ..model_constants import DENOISER_LAYERS
 from .layers import AttentionBlock, RMSNorm, run_layers
 from .rope import rope_table
 

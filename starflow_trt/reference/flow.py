@@ -14,7 +14,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..config import SOFTPLUS_OFFSET, ModelConfig
+from ..config import ModelConfig
+from ..model_constants import SOFTPLUS_OFFSET
 from .layers import KV, AttentionBlock, Mask, RMSNorm, run_layers
 from .rope import rope_table
 

@@ -41,7 +41,8 @@ def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None,
     Writes into ``out_dir`` as is: callers stage it (:func:`starflow_trt.staging.staged_directory`).
     Non-finite latents are refused (nothing written); stats.json is strict JSON.
     """
-    from .video_io import contact_sheet, grid_video, write_mp4
+    from ..media.io import write_video
+    from .video_io import contact_sheet, grid_video
 
     latents = result.latents
     if not bool(torch.isfinite(latents).all()):
@@ -58,20 +59,20 @@ def write_outputs(result, pipe, out_dir: Path, labels: list[str] | None = None,
     contact_sheet(clips, labels, sheet)
     files.append(sheet)
     if pixel:
-        files.append(write_mp4(grid_video(clips, labels), out_dir / "video.mp4",
-                               fps=pipe.summary.default_fps if fps is None else fps))
+        files.append(write_video(grid_video(clips, labels), out_dir / "video.mp4",
+                                 pipe.summary.default_fps if fps is None else fps))
     return files
 
 
 def write_row_video(result, row: int, pipe, path: Path, fps: int) -> Path | None:
     """Row ``row`` of a result as an mp4 at ``path``: its decoded frames (VAE exports) or its RGB latents
     (pixel-space models); None when the export makes no frames."""
-    from .video_io import to_uint8, write_mp4
+    from ..media.io import write_video
 
     if result.video is not None:
         frames = result.video[row].movedim(-3, -1).numpy()          # [F, H, W, 3] uint8
     elif not pipe.cfg.vae and result.latents.shape[2] == 3:
-        frames = to_uint8(result.latents[row])
+        frames = result.latents[row]                                  # [T, 3, H, W] in [-1, 1]
     else:
         return None
-    return write_mp4(frames, path, fps=fps)
+    return write_video(frames, path, fps=fps)

@@ -1,4 +1,8 @@
-"""Video output: clips [T, 3, H, W] in [-1, 1] → uint8 frames, mp4 (OpenCV), PNG contact sheets."""
+"""Viewing small clips [T, 3, H, W] in [-1, 1]: a labelled, upscaled grid video and a PNG contact sheet.
+
+Pixels convert by the one rule of every output (:func:`starflow_trt.media.io.frames_to_uint8`); the grid
+video is written by the one mp4 writer (:func:`starflow_trt.media.io.write_video`).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,10 @@ import numpy as np
 import torch
 
 from ..errors import StarflowError
+from ..media.io import frames_to_uint8
 from ..staging import temp_file_beside
 
 LABEL_HEIGHT = 14
-
-
-def to_uint8(clip: torch.Tensor) -> np.ndarray:
-    """[T, 3, H, W] in [-1, 1] → [T, H, W, 3] uint8 RGB."""
-    x = clip.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _upscale(frames: np.ndarray, scale: int) -> np.ndarray:
@@ -33,15 +32,10 @@ def _label(width: int, text: str) -> np.ndarray:
     return strip
 
 
-def _atomic(path: Path, suffix: str) -> str:
-    """A temp file beside ``path`` with umask permissions (renamed over ``path`` when complete)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return temp_file_beside(path, suffix=suffix)
-
-
 def grid_video(clips: Sequence[torch.Tensor], labels: Sequence[str], scale: int = 6, columns: int = 4) -> np.ndarray:
-    """Tile clips (each [T, 3, H, W]) into one labelled video [T, H', W', 3] uint8."""
-    frames = [_upscale(to_uint8(c), scale) for c in clips]
+    """Tile clips (each [T, 3, H, W]) into one labelled video [T, H', W', 3] uint8 (even H', W' for the
+    default ``scale``: H' = rows · (14 + scale · H))."""
+    frames = [_upscale(frames_to_uint8(c), scale) for c in clips]
     t = max(f.shape[0] for f in frames)
     frames = [np.concatenate([f, np.repeat(f[-1:], t - f.shape[0], 0)]) if f.shape[0] < t else f for f in frames]
     h, w = frames[0].shape[1:3]
@@ -55,26 +49,6 @@ def grid_video(clips: Sequence[torch.Tensor], labels: Sequence[str], scale: int 
     return np.concatenate(rows, axis=1)
 
 
-def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 4) -> Path:
-    """[T, H, W, 3] uint8 RGB → mp4 (``mp4v``), written to a temp file then renamed."""
-    import cv2
-
-    path = Path(path)
-    tmp = _atomic(path, ".mp4")
-    h, w = frames.shape[1:3]
-    writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
-    if not writer.isOpened():
-        os.unlink(tmp)
-        raise StarflowError(f"OpenCV cannot write mp4 to {path}; install opencv-python-headless with FFmpeg support")
-    try:
-        for frame in frames:
-            writer.write(np.ascontiguousarray(frame[..., ::-1]))
-    finally:
-        writer.release()
-    os.replace(tmp, path)
-    return path
-
-
 def contact_sheet(clips: Sequence[torch.Tensor], labels: Sequence[str], path: str | os.PathLike,
                   scale: int = 6) -> Path:
     """One row per clip (all its frames side by side) under its label, saved as PNG."""
@@ -82,13 +56,14 @@ def contact_sheet(clips: Sequence[torch.Tensor], labels: Sequence[str], path: st
 
     rows = []
     for clip, lab in zip(clips, labels):
-        strip = np.concatenate(list(_upscale(to_uint8(clip), scale)), axis=1)
+        strip = np.concatenate(list(_upscale(frames_to_uint8(clip), scale)), axis=1)
         rows.append(np.concatenate([_label(strip.shape[1], lab), strip], axis=0))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows]
     sheet = np.concatenate(rows, axis=0)
     path = Path(path)
-    tmp = _atomic(path, ".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_file_beside(path, suffix=".png")
     if not cv2.imwrite(tmp, sheet[..., ::-1]):
         os.unlink(tmp)
         raise StarflowError(f"cannot write PNG {path}")

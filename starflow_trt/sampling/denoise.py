@@ -6,7 +6,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ..config import DENOISE_CONSTANT, DENOISER_LAYERS
+from ..model_constants import DENOISE_CONSTANT, DENOISER_LAYERS
 from ..errors import InputError
 
 

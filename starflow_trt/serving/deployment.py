@@ -20,7 +20,6 @@ disconnect, timeout) gets no more events; when every caller of a call is gone th
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import time
@@ -61,8 +60,6 @@ class VideoGenerator:
         self.max_batch = min(cfg.max_batch or self.summary.max_batch, self.summary.max_batch)
         type(self)._batched.set_max_batch_size(self.max_batch)
         type(self)._batched.set_batch_wait_timeout_s(cfg.batch_wait_s)
-        params = inspect.signature(self.pipe.generate).parameters
-        self._has_should_stop = "should_stop" in params
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="starflow-generate")
         self._text = ThreadPoolExecutor(1, thread_name_prefix="starflow-text")
         self._closing = False
@@ -172,8 +169,6 @@ class VideoGenerator:
             return self._closing or abort[0] or all(t.gone for t in group)
 
         def on_frame(index: int, frame: torch.Tensor) -> None:
-            if should_stop():   # per-frame stop for runtimes without the should_stop hook
-                raise GenerationCancelled("every caller of this batch is gone")
             generated[0] = index + 1
             loop.call_soon_threadsafe(events.put_nowait, ("frame", index, frame))
 
@@ -181,7 +176,7 @@ class VideoGenerator:
             loop.call_soon_threadsafe(events.put_nowait, ("video", chunk))
 
         def work(request) -> None:
-            hooks = {"should_stop": should_stop} if self._has_should_stop else {}
+            hooks = {"should_stop": should_stop}
             if decoded:
                 hooks["on_video"] = on_video
             try:
@@ -307,7 +302,7 @@ class VideoGenerator:
         return {"model": self.summary.to_dict(), "backend": self.pipe.backend.describe(), "replica": self.replica,
                 "pid": os.getpid(), "load_seconds": self.load_seconds, "max_batch": self.max_batch,
                 "batch_wait_s": self.config.batch_wait_s, "batch_approximate": self.config.batch_approximate,
-                "prompt": self.summary.prompt_encoder is not None, "cancellation": "sweep" if self._has_should_stop else "frame"}
+                "prompt": self.summary.prompt_encoder is not None, "cancellation": "sweep"}
 
     def recent(self) -> list[dict]:
         """The last requests this replica finished: status (ok, error, cancelled), frames generated and sent."""

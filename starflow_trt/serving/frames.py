@@ -2,7 +2,7 @@
 
 Events are JSON objects: ``{"type": "frame", "index": i, "png" | "latents": base64}``,
 ``{"type": "done", "stats": {...}, ["mp4": base64]}``, ``{"type": "error", "message": "..."}``.
-Pixels convert as everywhere else (:mod:`starflow_trt.media.io`: clamp, truncate, H.264).
+Pixels convert as everywhere else (:mod:`starflow_trt.media.io`: clamp, round, H.264).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     toy = load_bundled()            # .config_path, .checkpoint_path, .encode(prompts) -> y [B, L, D]
     clip = render_clip(prompt, seed)   # [T, 3, H, W] float in [-1, 1]
 
-Viewing helpers (mp4, contact sheets) live in :mod:`starflow_trt.runtime.video_io`.
+Viewing helpers (a labelled grid video, contact sheets) live in :mod:`starflow_trt.runtime.video_io`.
 """
 
 from __future__ import annotations

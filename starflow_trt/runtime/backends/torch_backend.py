@@ -179,9 +179,10 @@ class TorchBackend(Backend):
     def __init__(self, manifest: Manifest, checkpoint: Optional[Union[str, os.PathLike]] = None,
                  device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
                  cuda_graphs: bool = False, threads: Optional[int] = None):
-        from ...checkpoint import load_state_dict, strip_wrapper_prefixes
-        from ...staging import sha256_file
+        from ...checkpoint import load_checkpoint
         from ...export.weights import BlockLoader
+        from ...reference import parameter_shapes
+        from ...staging import sha256_file
 
         super().__init__()
         self.device = resolve_device(device)
@@ -194,7 +195,7 @@ class TorchBackend(Backend):
                                 f"{str(path) or 'none'} not found: pass checkpoint=PATH (--checkpoint)")
         if sha256_file(path) != manifest.checkpoint.get("sha256"):
             raise ManifestError(f"checkpoint {path} is not the one {manifest.root} was exported from (sha256 differs)")
-        state, _ = strip_wrapper_prefixes(load_state_dict(path))
+        state, _ = load_checkpoint(path, parameter_shapes(manifest.config))
         self.loader = BlockLoader(manifest.config, state)
         self.geo = manifest.geometry
         if self.device.type == "cuda":   # float32 means float32 (parity), not TF32

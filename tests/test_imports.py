@@ -8,7 +8,9 @@ What counts as an import (the choice this test makes):
   types while that one needs it back is the same design cycle, only hidden from the interpreter;
 * **not** imports inside functions: a function-local import is the project's way to defer a
   heavy or optional dependency (onnx, diffusers) to call time, and it cannot take part in an
-  import-time cycle.
+  import-time cycle. Under ``starflow_trt/serving`` they count too
+  (:func:`test_no_cycles_through_function_local_imports_in_serving`): there a function-local import
+  once tied ``app`` ↔ ``deployment`` ↔ ``ingress`` into a circle the interpreter never saw.
 
 Edges go to the module named: ``from .a import b`` is an edge to ``pkg.a.b`` when that is a
 module, else to ``pkg.a`` (a package's ``__init__``). The source is parsed, never imported.
@@ -36,12 +38,13 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def _import_time_nodes(tree: ast.Module) -> Iterator[ast.stmt]:
-    """Import statements outside function bodies (module level, if / try / with blocks, class bodies)."""
+def _import_nodes(tree: ast.Module, inside_functions: bool = False) -> Iterator[ast.stmt]:
+    """Import statements outside function bodies (module level, if / try / with blocks, class bodies);
+    ``inside_functions``: those in function bodies too."""
     stack: list[ast.AST] = list(tree.body)
     while stack:
         node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        if not inside_functions and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
@@ -58,13 +61,15 @@ def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> Optional[str]:
     return ".".join(parts + ([node.module] if node.module else []))
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module → the package modules it imports at import time (see the module docstring)."""
+def import_graph(function_local_under: Optional[str] = None) -> dict[str, set[str]]:
+    """Module → the package modules it imports at import time (see the module docstring), and for the
+    modules under the package ``function_local_under`` also those it imports inside functions."""
     mods = modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
         is_pkg = path.name == "__init__.py"
-        for node in _import_time_nodes(ast.parse(path.read_text(), str(path))):
+        local = function_local_under is not None and (name + ".").startswith(function_local_under + ".")
+        for node in _import_nodes(ast.parse(path.read_text(), str(path)), inside_functions=local):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
@@ -128,4 +133,18 @@ def test_cycle_finder_finds_cycles():
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles in starflow_trt (module-level and TYPE_CHECKING imports):\n" + "\n".join(
+        " <-> ".join(c) for c in found)
+
+
+SERVING = f"{PACKAGE}.serving"
+
+
+def test_the_walker_sees_function_local_imports_when_asked():
+    assert f"{SERVING}.deployment" not in import_graph()[f"{SERVING}.app"]       # build_app imports it inside
+    assert f"{SERVING}.deployment" in import_graph(SERVING)[f"{SERVING}.app"]
+
+
+def test_no_cycles_through_function_local_imports_in_serving():
+    found = [c for c in cycles(import_graph(SERVING)) if any(m.startswith(SERVING) for m in c)]
+    assert not found, "import cycles through starflow_trt.serving, function-local imports included:\n" + "\n".join(
         " <-> ".join(c) for c in found)

@@ -67,7 +67,7 @@ def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_
     (POST /v1/videos, GET /v1/videos[/ID[/content]], DELETE /v1/videos/ID), GET /v1/models, GET /healthz
     and a page at /."""
     from ..errors import StarflowError
-    from ..serving.app import ServeConfig
+    from ..serving.config import ServeConfig
     from ..serving.summary import ModelSummary
 
     model = ModelSummary.from_dir(directory)          # a bad directory fails here, before Ray starts

@@ -38,6 +38,7 @@ from ray.serve.handle import DeploymentHandle
 
 from . import openai_api as oai
 from .auth import BearerAuth
+from .config import ServeConfig
 from .frames import MEDIA_TYPES, error_event, format_event
 from .job_runner import run_job
 from .jobs import ASSETS, JobStore
@@ -74,6 +75,17 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
+def _generator_status(app_name: str) -> dict:
+    """Status of the generation deployment of ``app_name`` from Serve's controller."""
+    try:
+        status = serve.status()
+        dep = status.applications[app_name].deployments["VideoGenerator"]
+    except (KeyError, RuntimeError) as exc:
+        return {"status": "UNKNOWN", "message": str(exc)}
+    return {"status": str(getattr(dep.status, "value", dep.status)),
+            "replicas": {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}}
+
+
 def _cancel(response) -> None:
     """Cancel a handle call; a call that already failed re-raises its error from ``cancel``: ignore it."""
     try:
@@ -99,7 +111,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
 @serve.ingress(app)
 class VideoIngress:
     def __init__(self, generator: DeploymentHandle, model: dict, config: dict):
-        from .app import ServeConfig
         from .metrics import IngressMetrics
 
         self.generator = generator
@@ -346,9 +357,7 @@ class VideoIngress:
     # ------------------------------------------------------------ health, models
     @app.get("/healthz")
     async def healthz(self) -> Response:
-        from .app import generator_status
-
-        state = await asyncio.to_thread(generator_status, self.config.app_name)
+        state = await asyncio.to_thread(_generator_status, self.config.app_name)
         code = 200 if state.get("status") == "HEALTHY" else 503
         return JSONResponse({"status": "ok" if code == 200 else "unavailable", "generator": state}, status_code=code)
 

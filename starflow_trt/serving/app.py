@@ -81,9 +81,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, num_
         return
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
+    else:   # "local": a new cluster even where `ray start` left one (ray.init() would join it, or its stale address)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
 
 
 def start(directory: Union[str, os.PathLike], config: Optional[ServeConfig] = None, host: str = "127.0.0.1",

@@ -10,8 +10,9 @@ Verbs live in :mod:`starflow_trt.commands`, one module each, imported lazily so 
 ``--debug`` (or ``STARFLOW_TRT_DEBUG=1``) re-raises instead, with the traceback. ``--verbose`` shows
 third-party log output (exporter, ORT quantization) that is hidden by default. SIGTERM exits 143:
 while a staged output is being written it is removed and the process ends at once (no exception
-unwinding through the exporter's native frames, which could abort); otherwise (``serve``) it
-unwinds, so ``finally`` blocks stop what the command started.
+unwinding through the exporter's native frames, which could abort); otherwise it unwinds, so
+``finally`` blocks stop what the command started. ``serve`` takes SIGTERM and SIGINT itself while it
+serves: a clean stop (:mod:`starflow_trt.serving.supervisor`), exit 0.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _sigterm_as_exit() -> Iterator[None]:
         if discard_active():  # a staged output is being written: remove it and end here, no unwinding
             logs.echo(SIGTERM_MESSAGE, err=True)   # the real stderr, also inside logs.captured()
             os._exit(SIGTERM_EXIT)
-        raise Interrupted(SIGTERM_EXIT)  # e.g. serve: its finally blocks stop what it started
+        raise Interrupted(SIGTERM_EXIT)  # finally blocks stop what the command started
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -31,8 +31,8 @@ torch.set_num_threads(SUITE_THREADS)
 #: modules that must not run beside each other share a scheduling unit: each starts its own Ray cluster
 #: (or a Chromium against one), or holds several GB of RSS
 GROUPS = {
-    **dict.fromkeys(("test_serving", "test_serving_media", "test_openai_serving", "test_browser", "test_journey"),
-                    "ray_clusters"),
+    **dict.fromkeys(("test_serving", "test_serving_media", "test_openai_serving", "test_browser", "test_journey",
+                     "test_serve_stop"), "ray_clusters"),
     **dict.fromkeys(("test_export_7b_fp16", "test_export_large", "test_media_large"), "large_memory"),
 }
 #: units started first, in an order measured to end two workers together (their exports and children

@@ -1,11 +1,18 @@
 """Serving pieces that need no Ray: request validation and limits (one validator with the CLI), batch planning,
-noise per seed, events."""
+noise per seed, events, the clean stop (drain, stop requests, the supervisor's session cleanup)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -245,3 +252,120 @@ def test_app_builder_names_unknown_args():
         app_builder({"replicas": 2})
     with pytest.raises(InputError, match="replica_count"):
         app_builder({"directory": "/x", "replica_count": 2})
+
+
+# ---------------------------------------------------------------------------------------------- clean stop
+async def _request(drain, events: int, every_s: float) -> str:
+    """A request as the ingress runs it: counted by the drain, waiting for its events through it."""
+    from starflow_trt.serving.drain import Cutoff
+
+    drain.enter()
+    try:
+        for _ in range(events):
+            await drain.next(asyncio.sleep(every_s), timeout_s=60)
+        return "done"
+    except Cutoff as exc:
+        return str(exc)
+    finally:
+        drain.leave()
+
+
+def test_drain_lets_running_requests_finish_and_ends_the_rest_at_the_timeout():
+    from starflow_trt.serving.drain import Drain
+
+    async def scenario():
+        drain = Drain()
+        short, long = (asyncio.create_task(_request(drain, n, 0.05)) for n in (4, 1000))
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        counts = await drain.run(0.5)
+        return counts, time.monotonic() - t0, await short, await long, drain.refusing
+
+    counts, took, short, long, refusing = asyncio.run(scenario())
+    assert counts == {"running": 2, "ended": 1, "left": 0} and refusing
+    assert short == "done" and "drain timeout of 0.5 s" in long and "\n" not in long
+    assert 0.5 <= took < 2
+
+
+def test_a_second_drain_ends_running_requests_at_once():
+    from starflow_trt.serving.drain import Drain
+
+    async def scenario():
+        drain = Drain()
+        request = asyncio.create_task(_request(drain, 1000, 0.05))
+        await asyncio.sleep(0.01)
+        first = asyncio.create_task(drain.run(60))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        await drain.run(0)
+        return await first, time.monotonic() - t0, await request
+
+    counts, took, request = asyncio.run(scenario())
+    assert counts["ended"] == 1 and counts["left"] == 0 and took < 1 and "second stop request" in request
+
+
+def test_drain_next_passes_results_timeouts_and_the_end_of_a_stream():
+    from starflow_trt.serving.drain import Drain
+
+    async def events():
+        yield 1
+
+    async def scenario():
+        drain, stream = Drain(), events()
+        got = await drain.next(stream.__anext__(), 1)
+        with pytest.raises(StopAsyncIteration):
+            await drain.next(stream.__anext__(), 1)
+        with pytest.raises(asyncio.TimeoutError):
+            await drain.next(asyncio.sleep(10), 0.05)
+        return got, await drain.run(0)
+
+    assert asyncio.run(scenario()) == (1, {"running": 0, "ended": 0, "left": 0})
+
+
+def test_stop_requests_record_signals_and_put_the_old_handlers_back():
+    from starflow_trt.serving.stops import StopRequests
+
+    before = signal.getsignal(signal.SIGTERM)
+    stops = StopRequests()
+    stops.catch_signals()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        stops.wait(1)
+        assert stops.reasons == ["SIGTERM", "SIGINT"]
+    finally:
+        stops.release_signals()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_end_session_leaves_no_process_of_the_session(monkeypatch):
+    psutil = pytest.importorskip("psutil")
+    from starflow_trt.serving import supervisor
+
+    monkeypatch.setattr(supervisor, "KILL_GRACE_S", 0.5)
+    code = "import subprocess, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"   # a child and a grandchild
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        end = time.monotonic() + 30
+        while len(supervisor.session_processes(proc.pid)) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        members = {p.pid for p in supervisor.session_processes(proc.pid)}
+        assert len(members) == 2 and proc.pid in members
+        assert set(supervisor.end_session(proc)) == members
+        assert not supervisor.session_processes(proc.pid) and proc.poll() is not None
+    finally:
+        for p in supervisor.session_processes(proc.pid):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        proc.wait(10)
+
+
+def test_serve_help_documents_the_stop_and_a_bad_drain_timeout_is_one_line_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["serve", "--help"]).output.split())
+    assert "--drain-timeout" in text and "SIGTERM or SIGINT" in text and "[default: 30" in text
+    result = CliRunner().invoke(main, ["serve", str(tmp_path), "--drain-timeout", "-1"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "--drain-timeout" in result.output

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import time
 from typing import Optional
 
 import click
@@ -59,22 +58,31 @@ def _is_loopback(host: str) -> bool:
               help="megabytes the finished video jobs may hold")
 @click.option("--videos-max-age", default=24.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="hours a finished video job is kept")
+@click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="on SIGTERM / SIGINT: seconds running requests get to finish (new ones get 503); the rest "
+                   "end with an error event")
 def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_replica, accelerator_type, host, port,
                   address, max_queued, timeout_s, backend, cuda_graphs, providers, threads, thread_pool, max_batch,
                   batch_wait_ms, batch_approximate, no_warmup, api_key, videos_dir, videos_max_count, videos_max_mb,
-                  videos_max_age) -> None:
+                  videos_max_age, drain_timeout_s) -> None:
     """Serve DIRECTORY over HTTP: the streaming API (POST /v1/videos/stream, NDJSON), OpenAI's videos API
     (POST /v1/videos, GET /v1/videos[/ID[/content]], DELETE /v1/videos/ID), GET /v1/models, GET /healthz
-    and a page at /."""
+    and a page at /.
+
+    SIGTERM or SIGINT (Ctrl-C) stops it cleanly, to the process alone or to its process group: new
+    requests get 503, running ones get --drain-timeout seconds to finish, the rest end with an error
+    event; then Serve and Ray stop, no Ray process is left, and the exit status is 0. A second signal
+    ends the running requests at once."""
     from ..errors import StarflowError
-    from ..serving.app import ServeConfig
+    from ..serving.config import ServeConfig
     from ..serving.summary import ModelSummary
 
     model = ModelSummary.from_dir(directory)          # a bad directory fails here, before Ray starts
     try:
+        import psutil  # noqa: F401
         import ray.serve  # noqa: F401
     except ImportError as exc:
-        raise StarflowError(f"serving needs Ray Serve ({exc}); pip install 'starflow-trt[serve]'") from exc
+        raise StarflowError(f"serving needs Ray Serve and psutil ({exc}); pip install 'starflow-trt[serve]'") from exc
     gpu = backend == "trt" or providers == "auto"
     cfg = ServeConfig(backend=backend, cuda_graphs=cuda_graphs, providers="auto" if providers == "auto" else None,
                       threads=threads, thread_pool=thread_pool, replicas=replicas, max_replicas=max_replicas,
@@ -92,27 +100,15 @@ def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_
         click.echo(f"warning: {directory} holds TensorRT engines built on {model.engines.get('gpu')} "
                    f"(compute capability {model.engines.get('compute_capability')}); pin replicas with "
                    "--accelerator-type on a cluster with other GPU models", err=True)
-    _run(directory, cfg, host, port, address)
+    code = _run(directory, cfg, host, port, address, drain_timeout_s)
+    if code:
+        click.get_current_context().exit(code)
 
 
-def _run(directory, cfg, host: str, port: int, address: Optional[str]) -> None:
-    import ray
-    from ray import serve
+def _run(directory, cfg, host: str, port: int, address: Optional[str], drain_timeout_s: float) -> int:
+    """Serve until stopped: the Ray driver in a session of its own, under the supervisor; the exit status."""
+    from ..serving.server import ServerSpec
+    from ..serving.supervisor import supervise
 
-    from ..serving.app import start
-
-    started_here = not ray.is_initialized() and not address
-    t0 = time.perf_counter()
-    start(directory, cfg, host=host, port=port, address=address)
-    click.echo(f"serving {directory} on http://{host}:{port} in {time.perf_counter() - t0:.1f} s "
-               f"(page at /, POST /v1/videos[/stream], GET /healthz, GET /v1/models); Ctrl-C stops")
-    try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        click.echo("stopping")
-    finally:
-        serve.delete(cfg.app_name)
-        if started_here:
-            serve.shutdown()
-            ray.shutdown()
+    return supervise(ServerSpec(directory=str(directory), config=cfg.to_dict(), host=host, port=port, address=address,
+                                drain_timeout_s=drain_timeout_s))

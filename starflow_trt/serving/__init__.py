@@ -8,10 +8,14 @@
 
 Modules: ``limits`` (the HTTP request schema, no Ray; the generation rules are
 :func:`starflow_trt.request.build_request`'s, shared with the CLI), ``summary`` (what an export
-directory serves: :mod:`starflow_trt.summary`), ``batching`` (which requests may share a ``generate`` call), ``frames`` (frame and
-event encoding), ``deployment`` (the generation replica), ``ingress`` (FastAPI routes), ``metrics``,
-``app`` (config, application graph, cluster start), ``client`` (stdlib HTTP client). Only
-``deployment``, ``ingress``, ``metrics`` and ``app`` import Ray (the ``[serve]`` extra).
+directory serves: :mod:`starflow_trt.summary`), ``batching`` (which requests may share a ``generate``
+call), ``frames`` (frame and event encoding), ``config`` (:class:`ServeConfig`), ``deployment`` (the
+generation replica), ``ingress`` (FastAPI routes), ``drain`` (the ingress's part of a stop),
+``metrics``, ``app`` (application graph, cluster start), ``server`` (the Ray driver of ``starflow-trt
+serve``: start, drain, stop), ``supervisor`` (the ``serve`` process: the server in a session of its
+own, stop signals, no process left behind), ``stops`` (stop requests), ``client`` (stdlib HTTP
+client). Only ``deployment``, ``ingress``, ``metrics``, ``app`` and ``server`` import Ray (the
+``[serve]`` extra).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ __all__ = ["ServeConfig", "build_app", "start", "VideoClient", "VideoRequest", "
            "ModelSummary"]
 
 _LAZY = {
-    "ServeConfig": "app", "build_app": "app", "start": "app",
+    "ServeConfig": "config", "build_app": "app", "start": "app",
     "VideoClient": "client",
     "VideoRequest": "limits", "RequestLimits": "limits", "RequestError": "limits",
     "ModelSummary": "summary",

@@ -33,6 +33,7 @@ from ray import serve
 from ..errors import GenerationCancelled, StarflowError
 from ..request import stack_rows
 from .batching import Ticket, plan_groups
+from .config import ServeConfig
 from .frames import error_event, frame_event, mp4_bytes, png_event
 from .limits import RequestError, VideoRequest
 
@@ -48,7 +49,6 @@ class VideoGenerator:
 
     def __init__(self, directory: str, config: dict):
         from ..runtime import Pipeline
-        from .app import ServeConfig
         from .metrics import GeneratorMetrics
 
         self.config = cfg = ServeConfig.from_dict(config)

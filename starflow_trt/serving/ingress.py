@@ -10,7 +10,7 @@ Routes::
                       {"type": "error", "message": "..."}.
                       400 invalid request (before any streaming), 408 the request did not start before
                       its deadline, 503 overloaded (queue full) or no replica.
-    GET  /healthz     200 when the generation deployment is healthy, else 503
+    GET  /healthz     200 when the generation deployment is healthy, else 503 (also while draining)
     GET  /v1/models   what is served: model summary, backend, limits, batching (OpenAI's model list)
     POST /v1/videos (multipart form, or JSON without asking for a stream), GET /v1/videos[/{id}[/content]],
     DELETE /v1/videos/{id}: OpenAI's videos API (``openai_api``, ``jobs``); GET /: the page (``static``)
@@ -20,6 +20,10 @@ With an API key every route but ``/healthz`` and the page needs ``Authorization:
 The status line is sent when the request's batch starts on a replica, so a request still queued at
 its deadline gets 408; past that point a deadline ends the stream with an error event. The deadline
 is the request's ``timeout_s`` (at most the server's), enforced here whatever headers the client sends.
+
+Stopping (``drain``, called by ``starflow-trt serve`` on SIGTERM / SIGINT; see ``drain``): new
+generation requests get 503, running ones finish until the drain timeout, the rest end with an error
+event (a stream), 503 (not yet started) or a failed job.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type of the routes
@@ -38,6 +42,8 @@ from ray.serve.handle import DeploymentHandle
 
 from . import openai_api as oai
 from .auth import BearerAuth
+from .config import ServeConfig
+from .drain import REFUSED, Cutoff, Drain
 from .frames import MEDIA_TYPES, error_event, format_event
 from .job_runner import run_job
 from .jobs import ASSETS, JobStore
@@ -74,6 +80,17 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
+def _generator_status(app_name: str) -> dict:
+    """Status of the generation deployment of ``app_name`` from Serve's controller."""
+    try:
+        status = serve.status()
+        dep = status.applications[app_name].deployments["VideoGenerator"]
+    except (KeyError, RuntimeError) as exc:
+        return {"status": "UNKNOWN", "message": str(exc)}
+    return {"status": str(getattr(dep.status, "value", dep.status)),
+            "replicas": {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}}
+
+
 def _cancel(response) -> None:
     """Cancel a handle call; a call that already failed re-raises its error from ``cancel``: ignore it."""
     try:
@@ -99,7 +116,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
 @serve.ingress(app)
 class VideoIngress:
     def __init__(self, generator: DeploymentHandle, model: dict, config: dict):
-        from .app import ServeConfig
         from .metrics import IngressMetrics
 
         self.generator = generator
@@ -113,6 +129,7 @@ class VideoIngress:
         self.jobs = JobStore(self.config.videos_root(), self.config.retention())
         self._jobs: dict[str, asyncio.Task] = {}
         self._created = int(time.time())
+        self._drain = Drain()
 
     # ------------------------------------------------------------ videos
     @app.post("/v1/videos")
@@ -145,6 +162,9 @@ class VideoIngress:
         return await self._stream(body, t0)
 
     async def _stream(self, body: bytes, t0: float) -> Response:
+        if self._drain.refusing:
+            self.metrics.finished("shutdown", time.perf_counter() - t0)
+            return _error(503, REFUSED)
         try:
             req = parse_request(body, self.model, self.limits)
         except RequestError as exc:
@@ -156,19 +176,23 @@ class VideoIngress:
         """Start ``req`` on a replica: its streaming response once its batch starts, or an error response."""
         deadline = t0 + req.timeout_s
         response, handed_over = None, False
+        self._drain.enter()
         try:
             response = self.generator.options(stream=True).stream.remote(req)
-            first = await asyncio.wait_for(response.__anext__(), max(deadline - time.perf_counter(), 1e-3))
+            first = await self._drain.next(response.__anext__(), max(deadline - time.perf_counter(), 1e-3))
             if first["type"] == "_rejected":
                 self.metrics.finished("invalid", time.perf_counter() - t0)
                 return _error(400, first["message"], first["field"])
-            handed_over = True
+            handed_over = True   # the relay leaves the drain
             return StreamingResponse(self._relay(response, req, t0, deadline), media_type=MEDIA_TYPES[req.stream],
                                      headers={"Cache-Control": "no-cache", "X-Starflow-Request": req.request_id})
         except asyncio.TimeoutError:
             self.metrics.finished("timeout", time.perf_counter() - t0)
             return _error(408, f"request did not start within its timeout of {req.timeout_s:g} s "
                                "(server busy); retry later or raise timeout_s")
+        except Cutoff as exc:
+            self.metrics.finished("shutdown", time.perf_counter() - t0)
+            return _error(503, str(exc))
         except BackPressureError:
             self.metrics.finished("overloaded", time.perf_counter() - t0)
             return _error(503, f"server overloaded: more than {self.config.max_queued} requests queued; retry later",
@@ -177,8 +201,10 @@ class VideoIngress:
             self.metrics.finished("error", time.perf_counter() - t0)
             return _error(503, f"generation unavailable: {_short(exc)}", **{"Retry-After": "1"})
         finally:
-            if response is not None and not handed_over:
-                _cancel(response)
+            if not handed_over:
+                self._drain.leave()
+                if response is not None:
+                    _cancel(response)
 
     async def _relay(self, response, req: VideoRequest, t0: float, deadline: float) -> AsyncIterator[bytes]:
         """Replica events → response lines; ends with done or error; cancels the replica work otherwise."""
@@ -191,7 +217,7 @@ class VideoIngress:
                 if remaining <= 0:
                     raise asyncio.TimeoutError
                 try:
-                    event = await asyncio.wait_for(response.__anext__(), remaining)
+                    event = await self._drain.next(response.__anext__(), remaining)
                 except StopAsyncIteration:
                     yield format_event(error_event("the generator ended the stream without a result"), req.stream)
                     break
@@ -213,6 +239,9 @@ class VideoIngress:
             status = "timeout"
             yield format_event(error_event(f"request timed out after {req.timeout_s:g} s; "
                                            "ask for fewer frames or a larger timeout_s"), req.stream)
+        except Cutoff as exc:
+            status = "shutdown"
+            yield format_event(error_event(str(exc)), req.stream)
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"   # the client went away
             raise
@@ -225,6 +254,7 @@ class VideoIngress:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
             self.metrics.finished(status, time.perf_counter() - t0)
+            self._drain.leave()
 
     def check_health(self) -> None:
         """Serve calls this every few seconds: refresh the gauge (Ray drops gauges left unset)."""
@@ -256,6 +286,9 @@ class VideoIngress:
 
     async def _create(self, data: dict, image: Optional[bytes]) -> Response:
         """OpenAI create → the streaming API's request (same validator) → a job run in the background."""
+        if self._drain.refusing:
+            return JSONResponse(oai.error_body(REFUSED, code="server_shutting_down", kind="server_error"),
+                                status_code=503, headers={"Retry-After": "1"})
         try:
             if image is None and data.get("input_reference") is not None:
                 image = oai.image_from_json(data["input_reference"])
@@ -267,6 +300,7 @@ class VideoIngress:
         job = self.jobs.new(model=self.config.app_name, prompt=str(fields.get("prompt") or ""),
                             seconds=oai.seconds_of(req.frames, self.model), size=oai.size_of(fields, self.model),
                             frames=req.frames)
+        self._drain.enter()   # the job leaves when it ends
         self._jobs[job.id] = asyncio.create_task(self._run_job(job, req))
         return JSONResponse(job.to_openai(), headers={"openai-poll-after-ms": str(oai.POLL_AFTER_MS)})
 
@@ -287,6 +321,7 @@ class VideoIngress:
             pass                                    # deleted while running
         finally:
             self._jobs.pop(job.id, None)
+            self._drain.leave()
 
     def _job(self, video_id: str):
         job = self.jobs.get(video_id)
@@ -346,11 +381,17 @@ class VideoIngress:
     # ------------------------------------------------------------ health, models
     @app.get("/healthz")
     async def healthz(self) -> Response:
-        from .app import generator_status
-
-        state = await asyncio.to_thread(generator_status, self.config.app_name)
+        if self._drain.refusing:   # a load balancer stops sending here
+            return JSONResponse({"status": "draining", "running": self._drain.running}, status_code=503)
+        state = await asyncio.to_thread(_generator_status, self.config.app_name)
         code = 200 if state.get("status") == "HEALTHY" else 503
         return JSONResponse({"status": "ok" if code == 200 else "unavailable", "generator": state}, status_code=code)
+
+    # ------------------------------------------------------------ stop
+    async def drain(self, timeout_s: float) -> dict:
+        """Refuse new generation requests (503), let running ones finish within ``timeout_s``, end the rest
+        (see ``drain``); returns {"running", "ended", "left"}. Called by ``starflow-trt serve`` on SIGTERM."""
+        return await self._drain.run(timeout_s)
 
     @app.get("/v1/models")
     async def models(self) -> Response:

@@ -4,7 +4,7 @@ Ray exports them on every node's metrics port (``ray start --metrics-export-port
 ``ray_`` and tagged with the deployment, replica and application, beside Serve's own
 (``ray_serve_num_http_requests_total``, ``ray_serve_deployment_queued_queries``, ...):
 
-* ingress: ``starflow_requests_total{status}`` (ok, error, cancelled, timeout, invalid, overloaded),
+* ingress: ``starflow_requests_total{status}`` (ok, error, cancelled, timeout, invalid, overloaded, shutdown),
   ``starflow_request_latency_seconds``, ``starflow_time_to_first_frame_seconds``,
   ``starflow_streams_in_flight``;
 * generator: ``starflow_frames_total`` (frames/s = its rate), ``starflow_frames_per_second`` (last batch),

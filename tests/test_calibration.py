@@ -102,13 +102,13 @@ def test_int8_graphs_have_weight_qdq_and_run(int8_dir, cases):
 
 
 def test_int8_manifest_records_the_residual_floor_and_the_pipeline_uses_it(int8_dir, goldens_export, cases):
-    from starflow_trt.calibration.floor import QUANTILE, SWEEPS, manifest_residual_floor
+    from starflow_trt.calibration.floor import QUANTILE, SWEEPS
     from starflow_trt.runtime import Pipeline
     from starflow_trt.sampling import JacobiConfig
 
     floor = int8_dir.extra["calibration"]["residual_floor"]
     assert floor["sweeps"] == SWEEPS and floor["quantile"] == QUANTILE and floor["chunks"] > 0
-    assert 0 < floor["value"] < 1 and manifest_residual_floor(int8_dir) == floor["value"]
+    assert 0 < floor["value"] < 1 and int8_dir.residual_floor == floor["value"]
     pipe8 = Pipeline.from_dir(int8_dir.root, backend="ort", precision="int8")
     pipe32 = Pipeline.from_dir(goldens_export)
     assert pipe8.spec.residual_floor == floor["value"] and pipe32.spec.residual_floor == 0.0   # float: unchanged

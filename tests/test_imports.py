@@ -149,20 +149,23 @@ def test_no_import_cycles():
 
 
 #: the layers built on the export contract: export/ must not import them, not even inside a function
-ABOVE_EXPORT = tuple(f"{PACKAGE}.{layer}" for layer in ("calibration", "runtime", "bench", "serving", "commands"))
+#: each layer and the layers built on it, which it must not import (function-local imports included)
+ABOVE = {"export": ("calibration", "runtime", "bench", "serving", "commands"),
+         "runtime": ("calibration", "bench", "serving", "commands")}
 
 
 def _inside(module: str, package: str) -> bool:
     return module == package or module.startswith(f"{package}.")
 
 
-def test_export_imports_no_layer_above_it():
-    mods = modules()
+@pytest.mark.parametrize("layer", sorted(ABOVE))
+def test_a_layer_imports_no_layer_above_it(layer):
+    mods, above = modules(), [f"{PACKAGE}.{a}" for a in ABOVE[layer]]
     found = sorted({f"{name} line {line} imports {target}"
-                    for name, path in mods.items() if _inside(name, f"{PACKAGE}.export")
+                    for name, path in mods.items() if _inside(name, f"{PACKAGE}.{layer}")
                     for line, target in imports_of(name, path, mods, function_local=True)
-                    if any(_inside(target, layer) for layer in ABOVE_EXPORT)})
-    assert not found, "export/ imports a layer above it (function-local imports included):\n" + "\n".join(found)
+                    if any(_inside(target, a) for a in above)})
+    assert not found, f"{layer}/ imports a layer above it (function-local imports included):\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize("layer", ["calibration", "serving"])

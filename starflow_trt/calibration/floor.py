@@ -45,8 +45,3 @@ def measure_residual_floor(pipe, text: torch.Tensor, uncond: Optional[torch.Tens
     value = float(torch.tensor(last).quantile(QUANTILE)) if last else 0.0
     return {"value": value, "quantile": QUANTILE, "sweeps": SWEEPS, "block_size": block_size, "chunks": len(last),
             "median": float(torch.tensor(last).median()) if last else 0.0}
-
-
-def manifest_residual_floor(manifest) -> float:
-    """The residual floor a calibrated manifest records (0.0 for float exports and older calibrations)."""
-    return float(manifest.extra.get("calibration", {}).get("residual_floor", {}).get("value", 0.0))

@@ -270,6 +270,12 @@ class Manifest:
                                 f"(has: {', '.join(sorted(self.graphs))}); export it with --graphs")
         return self.graphs[name]
 
+    @property
+    def residual_floor(self) -> float:
+        """The Jacobi residual floor calibration measured and recorded (0.0 for float exports and older
+        calibrations): the stopping bound below which sweeps of these graphs stop improving."""
+        return float(self.extra.get("calibration", {}).get("residual_floor", {}).get("value", 0.0))
+
     def derive(self, root: Union[str, os.PathLike], precision: Optional[str] = None,
                graphs: Optional[Mapping[str, GraphSpec]] = None, extra: Optional[Mapping[str, Any]] = None
                ) -> "Manifest":

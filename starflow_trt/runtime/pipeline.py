@@ -34,7 +34,6 @@ import torch
 from ..defaults import DEFAULT_SCHEDULE, DEFAULT_THREAD_POOL
 from ..errors import InputError, ManifestError
 from ..export import names as n
-from ..calibration.floor import manifest_residual_floor
 from ..export.manifest import Manifest, load_manifest
 from ..geometry import Geometry
 from ..reference.flow import patchify
@@ -89,7 +88,7 @@ class Pipeline:
         self.cfg = manifest.config
         self.geo = manifest.geometry
         self.graphs = Graphs(manifest, backend)
-        self.spec = dataclasses.replace(sampler_spec(self.geo), residual_floor=manifest_residual_floor(manifest))
+        self.spec = dataclasses.replace(sampler_spec(self.geo), residual_floor=manifest.residual_floor)
         self.workspace = Workspace(backend.device)
         self._text: Optional[TextStage] = None
         self._vae: Optional[VaeStage] = None

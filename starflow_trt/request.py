@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional, Sequence, Union
 
@@ -24,7 +25,6 @@ import numpy as np
 
 from .defaults import DEFAULT_CONTEXT_LENGTH, SCHEDULES
 from .errors import InputError
-from .geometry import UPSTREAM_ASPECTS
 from .jacobi_config import REQUEST_FIELDS, JacobiConfig
 from .summary import ModelSummary
 
@@ -323,8 +323,8 @@ def _aspect(m: ModelSummary, aspect: Any, latents: Optional[np.ndarray]) -> str:
         return m.aspect
     if aspect not in names:
         sizes = ", ".join(f"{a} ({w * m.pixel_scale}x{h * m.pixel_scale})" for a, h, w in m.grid_aspects)
-        fix = (f"re-export with --aspects {aspect} to add it" if aspect in UPSTREAM_ASPECTS else
-               f"choose one of them or {RANDOM_ASPECT}")
+        ratio = isinstance(aspect, str) and re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", aspect)
+        fix = (f"re-export with --aspects {aspect} to add it" if ratio else f"choose one of them or {RANDOM_ASPECT}")
         raise RequestError("aspect", f"this export serves {sizes}, got {_show(aspect)}; {fix}")
     return aspect
 

@@ -227,9 +227,8 @@ class Pipeline:
         :class:`~starflow_trt.errors.GenerationCancelled`); on_progress(stage, done, total): ``("deep",
         tokens, tokens)``, ``("shallow" | "denoiser", frames, frames)`` and ``("batch", chunks done, chunks)``.
         """
-        geo = self._call_geometry(request.aspect)
-        encoded, seconds = self._prepare(request, geo)
-        r = encoded
+        geo = self._call_geometry(request.aspect, request.noise if request.noise is not None else request.context)
+        r, seconds = self._prepare(request, geo)
         tensor = (lambda a: None if a is None else torch.from_numpy(a))
         y, y_uncond, noise, context = tensor(r.y), tensor(r.y_uncond), tensor(r.noise), tensor(r.context)
         spec = self._spec_on(geo)
@@ -262,7 +261,8 @@ class Pipeline:
         """The request with its prompts encoded (y, y_uncond [B, L, D]) and its image / video encoded to context
         latents [B, N, C, H, W]: what :meth:`run` executes; the server encodes each request while earlier
         batches generate, then stacks them (:func:`~starflow_trt.request.stack_rows`)."""
-        return self._prepare(request, self._call_geometry(request.aspect))[0]
+        latents = request.noise if request.noise is not None else request.context
+        return self._prepare(request, self._call_geometry(request.aspect, latents))[0]
 
     def _prepare(self, r: "GenerationRequest", geo: Geometry) -> tuple["GenerationRequest", dict]:
         """(:meth:`prepare`'s request, seconds of its ``text`` and ``encode`` stages).

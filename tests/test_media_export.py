@@ -192,8 +192,9 @@ def test_generate_from_prompt_equals_generate_from_its_embeddings(prompt_export)
     from starflow_trt.runtime import Pipeline
 
     pipe = Pipeline.from_dir(prompt_export, backend="ort")
-    res = pipe.generate(prompt=["a cat"], guidance=2.0, seed=3, num_frames=2, fps=8, aspect="1:1")
-    y, u = pipe.encode_text(["a cat"], fps=8, aspect="1:1")
+    aspect = pipe.summary.aspect   # the one grid's (a request names an exported aspect: the grid and the template)
+    res = pipe.generate(prompt=["a cat"], guidance=2.0, seed=3, num_frames=2, fps=8, aspect=aspect)
+    y, u = pipe.encode_text(["a cat"], fps=8, aspect=aspect)
     ref = pipe.generate(y, u, seed=3, num_frames=2, guidance=2.0)   # the embeddings signature still works
     assert torch.equal(res.latents, ref.latents) and res.video is None
     assert res.stats["seconds"]["text"] > 0

@@ -1,16 +1,19 @@
 """Prompt files as upstream ships them: one prompt per line, each keeping its line number.
 
-    lines = read_prompt_file("prompts.txt", max_chars=2000)   # [PromptLine(line=1, text="a cat ..."), ...]
+    f = read_prompt_file("prompts.txt", option="--prompts")   # f.lines: [PromptLine(line=1, text="a cat ..."), ...]
 
-Blank lines are skipped (a line's number stays its place in the file, so outputs named by it can be
-traced back); surrounding whitespace is stripped. Torch-free.
+Blank lines are skipped (a line's number stays its place in the file, so outputs named by it can be traced
+back); surrounding whitespace and a UTF-8 byte-order mark are stripped. ``generate --prompts`` and
+``calibrate --prompts`` read them here. Torch-free.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
-from typing import Union
+from pathlib import Path
+from typing import Optional, Union
 
 from .errors import InputError
 
@@ -21,22 +24,40 @@ class PromptLine:
     text: str
 
 
-def read_prompt_file(path: Union[str, os.PathLike], max_chars: int) -> list[PromptLine]:
-    """The non-blank lines of a UTF-8 text file; InputError (naming the file and line) for a missing,
-    unreadable or empty file, or a line of more than ``max_chars`` characters."""
+@dataclass(frozen=True)
+class PromptFile:
+    path: str                       # resolved
+    sha256: str                     # of the file's bytes
+    lines: tuple[PromptLine, ...]   # the non-blank lines, in file order
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return tuple(p.text for p in self.lines)
+
+
+def read_prompt_file(path: Union[str, os.PathLike], option: str = "--prompts",
+                     max_chars: Optional[int] = None) -> PromptFile:
+    """The non-blank lines of a UTF-8 text file; an InputError naming ``option``, the file and the line for a
+    missing, non-UTF-8 or empty file, or a line of more than ``max_chars`` characters (default: a request's
+    :attr:`~starflow_trt.request.RequestLimits.max_prompt_chars`)."""
+    if max_chars is None:
+        from .request import RequestLimits
+
+        max_chars = RequestLimits().max_prompt_chars
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{option} {path}: no such file; pass a text file with one prompt a line")
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = f.read().splitlines()
-    except FileNotFoundError:
-        raise InputError(f"prompt file {path} does not exist; pass a text file with one prompt per line") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read prompt file {path} ({type(exc).__name__}); pass a UTF-8 text file with "
-                         "one prompt per line") from None
-    lines = [PromptLine(i, text.strip()) for i, text in enumerate(raw, 1) if text.strip()]
+        text = data.decode("utf-8-sig")   # a byte-order mark (some editors write one) is not part of the first prompt
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{option} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         "save it as UTF-8, one prompt a line") from None
+    lines = tuple(PromptLine(i, t.strip()) for i, t in enumerate(text.splitlines(), 1) if t.strip())
     if not lines:
-        raise InputError(f"prompt file {path} holds no prompt; write one prompt per line")
+        raise InputError(f"{option} {path} holds no prompt (empty or blank lines only); write one prompt a line")
     for p in lines:
         if len(p.text) > max_chars:
-            raise InputError(f"{path}:{p.line}: {len(p.text)} characters exceed the limit of {max_chars}; "
-                             "shorten the prompt")
-    return lines
+            raise InputError(f"{option} {path}: line {p.line} has {len(p.text)} characters, over the limit of "
+                             f"{max_chars} a prompt; shorten it")
+    return PromptFile(str(path.resolve()), hashlib.sha256(data).hexdigest(), lines)

@@ -43,6 +43,14 @@ def test_bench_configs_are_package_data():
         bench_config("nope.yaml")
 
 
+def test_default_calibration_prompts_are_package_data():
+    from starflow_trt.calibration.prompts import DEFAULT_PROMPTS_FILE, default_prompt_set
+
+    assert (resources.files("starflow_trt.calibration") / DEFAULT_PROMPTS_FILE).is_file()
+    assert f"calibration/{DEFAULT_PROMPTS_FILE}" in (REPO / "pyproject.toml").read_text()
+    assert len(default_prompt_set().prompts) >= 64
+
+
 def test_bench_paths_resolve_under_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     default = BenchPaths.under()
@@ -164,6 +172,7 @@ def test_wheel_install_runs_demo_and_quick_bench_elsewhere(wheel, demo):
     for verb, p in (("demo", proc), ("bench --quick", bench)):
         assert p.returncode == 0, f"{verb} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     assert (wheel.package / "bench" / "configs" / "bench_quick.yaml").is_file()
+    assert (wheel.package / "calibration" / "prompts.txt").is_file()   # calibrate's default prompt set
     assert sorted(p.name for p in work.iterdir()) == ["D1", "D2"]
     assert {"demo.mp4", "report.json", "report.md"} <= {p.name for p in (work / "D1").iterdir()}
     d2 = {p.name for p in (work / "D2").iterdir()}

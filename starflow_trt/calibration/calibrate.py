@@ -31,6 +31,7 @@ from ..reference.sampler import JacobiConfig
 from .capture import CaptureSet, capture_activations, iter_feeds
 from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
 from .policy import QUANTIZED, graph_precision as policy_precision, policy_of
+from .prompts import PromptSet, encode_prompt_set, template_options
 from .qdq import qformat, quantize_graph_trt
 from .trt_cache import write_cache
 
@@ -95,12 +96,14 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
                         trt_version: str = "10.3.0", force: bool = False, overwrite: bool = False,
                         capture_dir: Optional[Path] = None, shard_bytes: int = 64 << 20,
                         placement: str = "ort", kv_dtype: Optional[str] = None,
-                        log: Callable[[str], None] = print) -> Manifest:
+                        log: Callable[[str], None] = print, prompts: Optional[PromptSet] = None) -> Manifest:
     """Calibrate ``src`` (FP32 graphs) into ``out``; see the module docstring.
 
-    ``method``: default the precision's first of :data:`METHODS_FOR`; ``placement``: of the Q/DQ
-    (:data:`PLACEMENTS`; FP8 is always "trt"); ``kv_dtype="fp8"``: the step graphs also round the K/V they
-    write to E4M3 (:func:`.qdq.quantize_kv_writes`; FP8 only)."""
+    Calibration prompts: ``text`` / ``uncond`` embeddings [N, L, D], or ``prompts`` as text, encoded through the
+    export's text encoder (:mod:`.prompts`: upstream's templates, uncond the template around ``""``); ``samples``
+    takes the first N of either. ``method``: default the precision's first of :data:`METHODS_FOR`;
+    ``placement``: of the Q/DQ (:data:`PLACEMENTS`; FP8 is always "trt"); ``kv_dtype="fp8"``: the step graphs
+    also round the K/V they write to E4M3 (:func:`.qdq.quantize_kv_writes`; FP8 only)."""
     from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
 
@@ -124,21 +127,33 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
     if manifest.precision != "fp32":
         raise StarflowError(f"{src} holds {manifest.precision} graphs; calibrate from the FP32 export")
     gate = gate or default_gate(precision)
-    if text is None:
-        raise StarflowError("no calibration prompts: pass --text-embeddings (and --uncond for guidance) "
-                            "with the kind of prompts the model will serve")
-    if guidance > 0 and uncond is None:
-        raise StarflowError("guidance > 0 needs --uncond embeddings for calibration")
-    if samples is not None:   # the first ``samples`` prompts (None: every row given)
-        if samples < 1 or samples > text.shape[0]:
-            raise StarflowError(f"--samples {samples} but --text-embeddings has {text.shape[0]} row(s); pass at "
-                                f"most {text.shape[0]} samples or more embedding rows")
-        text, uncond = text[:samples], (uncond[:samples] if uncond is not None else None)
+    if text is None and prompts is None:
+        raise StarflowError("no calibration prompts: pass --prompts FILE (one prompt a line; needs a text "
+                            "encoder) or --text-embeddings (and --uncond for guidance) with the kind of prompts "
+                            "the model will serve")
+    if text is not None and prompts is not None:
+        raise StarflowError("calibration prompts given twice: pass --prompts or --text-embeddings, not both")
+    if text is not None:
+        if guidance > 0 and uncond is None:
+            raise StarflowError("guidance > 0 needs --uncond embeddings for calibration")
+        if samples is not None:   # the first ``samples`` prompts (None: every row given)
+            if samples < 1 or samples > text.shape[0]:
+                raise StarflowError(f"--samples {samples} but --text-embeddings has {text.shape[0]} row(s); pass "
+                                    f"at most {text.shape[0]} samples or more embedding rows")
+            text, uncond = text[:samples], (uncond[:samples] if uncond is not None else None)
+    else:
+        prompts = prompts.first(samples)
     pipe32 = Pipeline(manifest, make_backend("ort", manifest))
     t0 = time.perf_counter()
     seeds = [1000]
-    log(f"capturing graph inputs: {text.shape[0]} prompts x {len(seeds)} seed(s), guidance {guidance}")
     with pipe32.backend:
+        if prompts is not None:
+            text, uncond = encode_prompt_set(pipe32, prompts)
+            prompt_record = {**prompts.record(), **template_options(pipe32)}
+        else:
+            prompt_record = {"source": "embeddings", "count": int(text.shape[0])}
+        log(f"capturing graph inputs: {text.shape[0]} prompts ({prompt_record['source']}) x {len(seeds)} seed(s), "
+            f"guidance {guidance}")
         captured = capture_activations(pipe32, text, uncond, seeds, guidance, jacobi, max_calls=max_calls)
     if capture_dir is not None:  # keep what the graphs saw, as size-bounded shards (reloadable with CaptureSet.load)
         index = captured.save(Path(capture_dir), shard_bytes)
@@ -164,7 +179,8 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
         quality["gate"] = {**asdict(gate), "passed": not failures, "failures": failures, "forced": bool(failures and force)}
         new.extra["quality"] = quality
         new.extra["calibration"] = {"precision": precision, "method": method, "exclude": list(exclude),
-                                    "prompts": int(text.shape[0]), "seeds": seeds, "guidance": guidance,
+                                    "prompts": int(text.shape[0]), "prompt_set": prompt_record,
+                                    "seeds": seeds, "guidance": guidance,
                                     "captured_calls": captured.seen, "seconds": round(time.perf_counter() - t0, 1),
                                     "source": str(src)}
         if precision == "int8":

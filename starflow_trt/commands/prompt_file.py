@@ -16,7 +16,7 @@ from typing import Any, Optional
 import click
 
 from ..prompts import PromptLine, read_prompt_file
-from ..request import RANDOM_ASPECT, GenerationRequest, RequestError, RequestLimits, build_request, draw_aspect
+from ..request import RANDOM_ASPECT, GenerationRequest, RequestError, build_request, draw_aspect
 from ..summary import ModelSummary
 from . import options
 
@@ -35,7 +35,7 @@ def prompt_file_requests(summary: ModelSummary, path: str, seed: int, aspect: Op
     :func:`~starflow_trt.request.build_request` takes them. Usage errors name the option."""
     if len(negative) > 1:
         raise click.BadParameter("give one negative prompt for every line of --prompts", param_hint="'--negative-prompt'")
-    lines = read_prompt_file(path, RequestLimits().max_prompt_chars)
+    lines = read_prompt_file(path).lines
     seeds = [seed + k for k in range(len(lines))]
     aspects = [draw_aspect(summary, s) if aspect == RANDOM_ASPECT else aspect for s in seeds]
     calls = []

@@ -32,7 +32,9 @@ class TextStage:
         self.spec = graphs.manifest.graph(n.TEXT_ENCODER)
         self.template = TextTemplate.from_dict(self.spec.extra["template"])
         self.length = int(self.spec.dims["tokens"].max)
-        if self.spec.extra.get("tokenizer") == "words":   # the bundled toy: its word vocabulary
+        #: whether the encoder reads a fixed word vocabulary (a toy's), not free text
+        self.words_only = self.spec.extra.get("tokenizer") == "words"
+        if self.words_only:
             self.tokenizer = WordTokenizer(self.spec.extra["vocab"], self.length)
             return
         directory = graphs.manifest.root / self.spec.extra.get("tokenizer_dir", n.TOKENIZER_DIR)
@@ -74,6 +76,8 @@ class BundledToyText:
     """The bundled toy's word encoder, for a toy export without a text_encoder graph: the same prompts the
     server and the CLI accept (:attr:`~starflow_trt.summary.ModelSummary.prompt_encoder` ``"toy"``). The toy was
     trained on bare prompts: no template; the unconditional rows are the encoded negative prompts, else ``""``."""
+
+    words_only = True   # its twelve words
 
     def __init__(self):
         from ...toy import load_bundled

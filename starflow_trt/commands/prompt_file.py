@@ -42,7 +42,7 @@ def prompt_file_requests(summary: ModelSummary, path: str, seed: int, aspect: Op
     try:
         for a in dict.fromkeys(aspects):   # each aspect once, in first-line order
             rows = [k for k in range(len(lines)) if aspects[k] == a]
-            probe = _request(summary, [lines[k] for k in rows[:1]], seeds[:1], a, negative, fields)
+            probe = _request(summary, [lines[rows[0]]], [seeds[rows[0]]], a, negative, fields)
             groups = [rows] if probe.exact_batching else [[k] for k in rows]
             for group in groups:
                 picked = [lines[k] for k in group]

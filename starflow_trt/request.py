@@ -205,7 +205,7 @@ def _array(name: str, value: Any, layout: str, size: tuple[Optional[int], ...], 
     if value is None:
         return None
     if hasattr(value, "detach") and hasattr(value, "is_floating_point"):   # a torch tensor (the Python API)
-        if not value.is_floating_point() and str(value.dtype) == "torch.bool":
+        if str(value.dtype) == "torch.bool":
             raise RequestError(name, f"must be a float array, got dtype {value.dtype}")
         value = value.detach().float().cpu().numpy()
     arr = np.asarray(value)

@@ -66,7 +66,7 @@ def test_the_server_runs_its_batch_as_one_request_of_per_row_seeds(toy_export, r
     gen = VideoGenerator.func_or_class.__new__(VideoGenerator.func_or_class)
     noop = SimpleNamespace(set=lambda *a: None, observe=lambda *a: None, inc=lambda *a: None)
     gen.__dict__.update(pipe=pipe, summary=pipe.summary, _queued=2, _closing=False, _recent=deque(), replica="r",
-                        _has_should_stop=True, _worker=ThreadPoolExecutor(1),
+                        _worker=ThreadPoolExecutor(1),
                         metrics=SimpleNamespace(**{k: noop for k in ("queue", "batch", "generate", "frames", "fps",
                                                                      "cancelled")}))
     tickets = []

@@ -227,7 +227,7 @@ class Pipeline:
         :class:`~starflow_trt.errors.GenerationCancelled`); on_progress(stage, done, total): ``("deep",
         tokens, tokens)``, ``("shallow" | "denoiser", frames, frames)`` and ``("batch", chunks done, chunks)``.
         """
-        geo = self._call_geometry(request.aspect, request.noise if request.noise is not None else request.context)
+        geo = self._request_geometry(request)
         r, seconds = self._prepare(request, geo)
         tensor = (lambda a: None if a is None else torch.from_numpy(a))
         y, y_uncond, noise, context = tensor(r.y), tensor(r.y_uncond), tensor(r.noise), tensor(r.context)
@@ -261,8 +261,11 @@ class Pipeline:
         """The request with its prompts encoded (y, y_uncond [B, L, D]) and its image / video encoded to context
         latents [B, N, C, H, W]: what :meth:`run` executes; the server encodes each request while earlier
         batches generate, then stacks them (:func:`~starflow_trt.request.stack_rows`)."""
-        latents = request.noise if request.noise is not None else request.context
-        return self._prepare(request, self._call_geometry(request.aspect, latents))[0]
+        return self._prepare(request, self._request_geometry(request))[0]
+
+    def _request_geometry(self, request: "GenerationRequest") -> Geometry:
+        """The token grid of a request: its aspect's, else that of its noise / context latents."""
+        return self._call_geometry(request.aspect, request.noise if request.noise is not None else request.context)
 
     def _prepare(self, r: "GenerationRequest", geo: Geometry) -> tuple["GenerationRequest", dict]:
         """(:meth:`prepare`'s request, seconds of its ``text`` and ``encode`` stages).

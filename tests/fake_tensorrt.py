@@ -434,6 +434,7 @@ class ICudaEngine:
 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
+            opts.add_session_config_entry("session.x64quantprecision", "1")   # exact int8 GEMM, as TensorRT's
             self._session = ort.InferenceSession(self._onnx, opts, providers=["CPUExecutionProvider"])
         return self._session
 

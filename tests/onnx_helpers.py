@@ -56,6 +56,7 @@ def ort_run(path: PathLike, threads: Optional[int] = None) -> Callable[..., tupl
     threads = threads or default_threads()
     if threads:
         opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.x64quantprecision", "1")   # as the runtime's ORT backend
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 

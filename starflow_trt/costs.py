@@ -224,7 +224,8 @@ class CallMemory:
         F, c, L, hd = self.tokens_per_frame, self.token_channels, self.text_length, self.head_dim
         rows = batch * (2 if guidance else 1)
         held = min(frames, window) if window else frames                     # frames in the deep cache
-        deep_s = max(min(chunk, held * F), context_frames * F)               # tokens of one deep call
+        # tokens of one deep call: a sweep, the given context's prefill, or a window's context re-encoding
+        deep_s = max(min(chunk, held * F), context_frames * F, (held - 1) * F if window else 0)
         slots = L + max(held, context_frames) * F
         group = min(frames, self.max_frames) if self.frame_local else frames  # shallow frames per batch
         seqs, s_len = (batch * group, F) if self.frame_local else (batch, frames * F)

@@ -313,7 +313,8 @@ def check_budget(req: GenerationRequest, m: ModelSummary, lim: RequestLimits) ->
                            "send fewer rows")
     limit = m.max_frames if lim.max_frames is None else lim.max_frames
     if req.frames > limit:
-        whose = "the export's max_frames; serve --max-frames raises it" if lim.max_frames is None else "serve --max-frames"
+        whose = ("serve --max-frames" if lim.max_frames is not None
+                 else "the export's max_frames; serve --max-frames raises it")
         raise RequestError("frames", f"{req.frames} latent frames exceed the limit of {limit} ({whose}); "
                                      "ask for fewer frames")
     if lim.max_memory_mb is None or m.memory is None:

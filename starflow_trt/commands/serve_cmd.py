@@ -68,9 +68,9 @@ def _is_loopback(host: str) -> bool:
               help="on SIGTERM / SIGINT: seconds running requests get to finish (new ones get 503); the rest "
                    "end with an error event")
 def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_replica, accelerator_type, host, port,
-                  address, max_queued, max_frames, memory_budget_mb, timeout_s, backend, cuda_graphs, providers, threads, thread_pool, max_batch,
-                  batch_wait_ms, batch_approximate, no_warmup, api_key, videos_dir, videos_max_count, videos_max_mb,
-                  videos_max_age, drain_timeout_s) -> None:
+                  address, max_queued, max_frames, memory_budget_mb, timeout_s, backend, cuda_graphs, providers,
+                  threads, thread_pool, max_batch, batch_wait_ms, batch_approximate, no_warmup, api_key, videos_dir,
+                  videos_max_count, videos_max_mb, videos_max_age, drain_timeout_s) -> None:
     """Serve DIRECTORY over HTTP: the streaming API (POST /v1/videos/stream, NDJSON), OpenAI's videos API
     (POST /v1/videos, GET /v1/videos[/ID[/content]], DELETE /v1/videos/ID), GET /v1/models, GET /healthz
     and a page at /.
@@ -95,7 +95,8 @@ def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_
                       gpus_per_replica=(1.0 if gpu else 0.0) if gpus_per_replica is None else gpus_per_replica,
                       cpus_per_replica=cpus_per_replica, accelerator_type=accelerator_type, max_batch=max_batch,
                       batch_wait_s=batch_wait_ms / 1000, batch_approximate=batch_approximate, max_queued=max_queued,
-                      max_frames=max_frames, memory_budget_mb=memory_budget_mb, timeout_s=timeout_s, warmup=not no_warmup, api_key=api_key or None, videos_dir=videos_dir,
+                      max_frames=max_frames, memory_budget_mb=memory_budget_mb, timeout_s=timeout_s,
+                      warmup=not no_warmup, api_key=api_key or None, videos_dir=videos_dir,
                       videos_max_count=videos_max_count, videos_max_bytes=int(videos_max_mb * (1 << 20)),
                       videos_max_age_s=videos_max_age * 3600)
     if not _is_loopback(host):

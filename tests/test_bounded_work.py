@@ -89,6 +89,8 @@ def test_serve_config_limits_and_flags(tmp_path):
 
     assert ServeConfig().request_limits().max_frames is None            # None: the export's max_frames
     assert ServeConfig(replicas=2).memory_budget() == pytest.approx(ServeConfig().memory_budget() / 2)
+    assert ServeConfig(gpus_per_replica=1).memory_budget() is None                   # GPU: only when given
+    assert ServeConfig(gpus_per_replica=1, memory_budget_mb=512).request_limits().max_memory_mb == 512
     for bad in ({"max_frames": 0}, {"max_frames": 1 << 17}, {"memory_budget_mb": 0}):
         with pytest.raises(Exception, match="max_frames|memory budget"):
             ServeConfig(**bad)

@@ -39,7 +39,8 @@ def _is_loopback(host: str) -> bool:
                    "videos run through the Jacobi attention window]")
 @click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="megabytes one generate call may use, by the cost model's estimate for a full batch; requests "
-                   "over it get 400  [default: half this machine's memory over --max-replicas or --replicas]")
+                   "over it get 400  [default: CPU replicas: half this machine's memory over --max-replicas or "
+                   "--replicas; GPU replicas: unchecked]")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
               help="request deadline in seconds (not started by then: 408; streaming: ends with an error event)")
 @options.backend_option()

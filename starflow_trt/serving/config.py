@@ -42,7 +42,7 @@ class ServeConfig:
     max_ongoing: Optional[int] = None        # per generator replica; None: 2 x max_batch
     max_queued: int = 32                     # per ingress replica, beyond what replicas hold: 503
     max_frames: Optional[int] = None         # latent frames a request may ask for; None: the export's max_frames
-    memory_budget_mb: Optional[float] = None  # one generate call's estimated working memory; None: memory_budget()
+    memory_budget_mb: Optional[float] = None  # a generate call's estimated working memory; None: memory_budget()
     timeout_s: float = 600.0
     limits: RequestLimits = field(default_factory=RequestLimits)
     warmup: bool = True
@@ -85,11 +85,15 @@ class ServeConfig:
         return replace(self.limits, max_timeout_s=self.timeout_s, max_frames=self.max_frames, max_batch=self.max_batch,
                        max_memory_mb=self.memory_budget())
 
-    def memory_budget(self) -> float:
-        """MB one generate call may use: ``memory_budget_mb``, else half this machine's memory shared by the
-        replicas it may run (the ingress and the replicas share a node in a local cluster)."""
+    def memory_budget(self) -> Optional[float]:
+        """MB one generate call may use: ``memory_budget_mb``, else on CPU replicas half this machine's memory
+        shared by the replicas it may run (the ingress and the replicas share a node in a local cluster); None
+        (unchecked) on GPU replicas without one: the estimate counts the attention scores ORT's CPU kernels
+        materialise, which TensorRT's fused attention never holds."""
         if self.memory_budget_mb is not None:
             return self.memory_budget_mb
+        if self.gpus_per_replica > 0:
+            return None
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 20)
         return total / 2 / (self.max_replicas or self.replicas)
 

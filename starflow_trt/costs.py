@@ -165,7 +165,8 @@ def text_encoder_flops(batch: int, tokens: int, linear_params: int, layers: int,
 
 # ---------------------------------------------------------------------------------------------- memory
 #: allocator headroom on the buffers of a graph call: ORT's CPU arena grows in powers of two
-#: (``arena_extend_strategy`` kNextPowerOfTwo, its default), so a working set may hold up to twice its bytes
+#: (``arena_extend_strategy`` 0 = kNextPowerOfTwo, the default: onnxruntime_c_api.h, CreateArenaCfgV2; "might
+#: allocate more memory than needed", microsoft/onnxruntime#11627), so a working set may hold up to twice its bytes
 ALLOCATOR_HEADROOM = 2.0
 #: transformer layers whose tensors are live at once in a graph call: the running one and the one before it
 #: (ORT frees a layer's intermediates as their last reader ends; the residual stream spans two layers)

@@ -322,8 +322,9 @@ def check_budget(req: GenerationRequest, m: ModelSummary, lim: RequestLimits) ->
     rows = min(m.max_batch, lim.max_batch or m.max_batch)     # the largest call this request can join
     jac = req.jacobi_options
     window = jac.window if jac is not None and jac.window and req.frames > jac.window else None
-    need = m.memory.call_bytes(rows, req.frames, window, req.guidance > 0, 1 if jac is None else jac.max_sweep_tokens,
-                               req.context_frames, req.denoise and m.has_denoiser, m.pixel_frames) / (1 << 20)
+    sweep = 1 if jac is None else jac.max_sweep_tokens
+    need = m.memory.call_bytes(rows, req.frames, window, req.guidance > 0, sweep, req.context_frames,
+                               req.denoise and m.has_denoiser, m.pixel_frames) / (1 << 20)
     if need > lim.max_memory_mb:
         raise RequestError("frames", f"{req.frames} frames need an estimated {need:.0f} MiB in a call of {rows} "
                                      f"row(s), over the budget of {lim.max_memory_mb:.0f} MiB (serve "

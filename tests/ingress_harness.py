@@ -352,8 +352,32 @@ def probe_table() -> list[tuple[str, str]]:
         rows.append(("GET /v1/models shows the export's path", "yes" if TOY.directory in models else "no"))
         r = h.call("GET", "/v1/videos/" + "a" * 8000)
         rows.append(("GET /v1/videos/<8000 chars>", f"{r.status}, {len(r.body)} bytes"))
+    rows.append(_stall_row())
     rows.extend(_burst_rows())
     return rows
+
+
+def _stall_row() -> tuple[str, str]:
+    """The longest wait of GET /v1/videos and /healthz (due every 20 ms) while six 4096x4096 PNGs are validated."""
+    import time
+
+    image = base64.b64encode(png(4096, 4096)).decode("ascii")
+    with Harness() as h:
+        async def run() -> float:
+            async def ping() -> float:
+                """Requests due every 20 ms; the worst delay from when one was due to its answer."""
+                start, worst = time.perf_counter(), 0.0
+                for i in range(100):
+                    due = start + 0.02 * i
+                    await asyncio.sleep(max(due - time.perf_counter(), 0))
+                    await h.send("GET", "/healthz" if i % 2 else "/v1/videos?limit=1")
+                    worst = max(worst, time.perf_counter() - due)
+                return worst
+            posts = [h.send("POST", "/v1/videos/stream", json_body={"prompt": "p", "image": image, "frames": 2},
+                            headers=STREAM) for _ in range(6)]
+            return (await asyncio.gather(ping(), *posts))[0]
+        worst = h.loop.run_until_complete(run())
+    return "six 4096x4096 PNG streams: slowest list/health", f"{worst * 1000:.0f} ms"
 
 
 def _form_head() -> list[bytes]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -246,11 +247,11 @@ def test_uploads_are_counted_as_they_arrive(probe):
 def test_images_are_decoded_off_the_event_loop_after_a_header_check(probe, monkeypatch):
     import asyncio
 
-    from starflow_trt.media import io as media_io
+    from starflow_trt.media import images
 
     threads = []
-    real = media_io.decode_image
-    monkeypatch.setattr(media_io, "decode_image", lambda raw: (threads.append(threading.current_thread()),
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda raw: (threads.append(threading.current_thread()),
                                                                _no_loop(asyncio), real(raw))[2])
     image = base64.b64encode(png()).decode()
     reply = probe.call("POST", "/v1/videos/stream", json_body={"prompt": "p", "image": image, "frames": 2},
@@ -281,3 +282,24 @@ def test_of_concurrent_deletes_one_wins_and_answers_name_no_paths_or_long_ids(pr
                          ("GET", f"/v1/videos?after={long_id}"), ("GET", f"/v1/videos/x/content?variant={long_id}")]:
         reply = probe.call(method, path)
         assert reply.status in (400, 404) and len(reply.body) < 700 and "aaaaaaaaaa" * 10 not in reply.body.decode()
+
+
+def test_the_ingress_serves_images_and_jobs_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    script = f"""
+import base64, sys
+from tests.ingress_harness import Harness, STREAM, png
+image = base64.b64encode(png(64, 64)).decode()
+with Harness({str(tmp_path)!r}) as h:
+    assert h.call("POST", "/v1/videos/stream", json_body={{"prompt": "p", "image": image, "frames": 2}},
+                  headers=STREAM).status == 200
+    vid = h.call("POST", "/v1/videos", json_body={{"prompt": "p", "frames": 2}}).json()["id"]
+    h.settle()
+    assert h.call("GET", "/v1/videos/" + vid).json()["status"] == "completed"
+print("torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

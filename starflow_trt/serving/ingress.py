@@ -34,6 +34,7 @@ import hashlib
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
@@ -77,6 +78,9 @@ PAGE_HTML = PAGE.read_text("utf-8")
 PAGE_HEADERS = page_headers(PAGE_HTML)
 #: a full queue: how long a refused create (429) or a job that met the generator's full queue waits
 RETRY_AFTER_S = 1
+#: threads validating requests (decoding images) off the event loop; their own pool, so a burst of large images
+#: neither starves the loop's other `to_thread` work (health, files) nor holds more than this many decoded at once
+VALIDATE_THREADS = 2
 
 
 def _error(status: int, message: str, field: Optional[str] = None, **headers: str) -> JSONResponse:
@@ -161,6 +165,11 @@ class VideoIngress:
         self._jobs: dict[str, asyncio.Task] = {}
         self._created = int(time.time())
         self._drain = Drain()
+        self._validator = ThreadPoolExecutor(VALIDATE_THREADS, thread_name_prefix="starflow-validate")
+
+    async def _validate(self, fn, *args):
+        """``fn(*args)`` on the validation threads (it may decode an image); its result or its exception."""
+        return await asyncio.get_running_loop().run_in_executor(self._validator, fn, *args)
 
     # ------------------------------------------------------------ videos
     @app.post("/v1/videos")
@@ -197,7 +206,7 @@ class VideoIngress:
             self.metrics.finished("shutdown", time.perf_counter() - t0)
             return _error(503, REFUSED)
         try:   # off the event loop: an image is decoded here
-            req = await asyncio.to_thread(parse_request, body, self.model, self.limits)
+            req = await self._validate(parse_request, body, self.model, self.limits)
         except RequestError as exc:
             self.metrics.finished("invalid", time.perf_counter() - t0)
             return _error(400, str(exc), exc.field)
@@ -349,7 +358,7 @@ class VideoIngress:
         if busy is not None:
             return busy
         try:   # off the event loop: an image is decoded here
-            fields, req = await asyncio.to_thread(self._job_request, data, image)
+            fields, req = await self._validate(self._job_request, data, image)
         except RequestError as exc:
             return _oai_error(400, exc)
         job = JobStore.draft(model=self.config.app_name, prompt=fields["prompt"],

@@ -240,7 +240,7 @@ class JobStore:
     def remove_files(self, job_id: str) -> None:
         d = self._dir(job_id)
         if JOB_ID.match(job_id) and (d / "job.json").is_file():
-            shutil.rmtree(d)
+            shutil.rmtree(d, ignore_errors=True)   # a cancelled job's last write may still be landing
 
     def _recover(self) -> None:
         for d in sorted(self._job_dirs()):

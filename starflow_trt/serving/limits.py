@@ -174,7 +174,7 @@ def _png(data: dict, name: str, model: ModelSummary, limits: RequestLimits) -> O
     if w == 0 or h == 0 or w * h > limits.max_image_pixels:
         raise RequestError(name, f"{w}x{h} pixels: need 1 to {limits.max_image_pixels} pixels")
     from ..errors import InputError
-    from ..media.io import decode_image
+    from ..media.images import decode_image   # no torch in the ingress
 
     try:
         return decode_image(raw)

@@ -194,13 +194,18 @@ def test_over_the_byte_cap_the_oldest_downloaded_video_goes_first(tmp_path):
         Retention(max_count=0)
 
 
-def test_a_job_with_text_that_is_not_utf8_is_left_out_of_the_list_and_repaired_on_start(tmp_path):
+def test_a_job_with_text_that_is_not_utf8_is_left_out_of_the_list_and_repaired_on_start(tmp_path, caplog):
     store = JobStore(tmp_path)
     good, bad = _job(store), store.new(model="starflow", prompt="x\ud800y", seconds="0.5", size="16x16", frames=4)
     with pytest.raises(UnicodeEncodeError):
         bad.encoded()
     assert [d["id"] for d in store.page()["data"]] == [good.id]  # the list answers without it
+    assert store.get(bad.id) is None and "cannot be written" in caplog.text
+    unreadable = tmp_path / ("video_" + "f" * 24)
+    unreadable.mkdir()
+    (unreadable / "job.json").write_text("{not json")
     again = JobStore(tmp_path)                                   # the store of an older server, restarted
+    assert "cannot be read" in caplog.text and unreadable.is_dir()
     fixed = again.get(bad.id)
     assert fixed.prompt == "x?y" and json.loads(fixed.encoded())["prompt"] == "x?y"
     assert json.loads((tmp_path / bad.id / "job.json").read_text())["prompt"] == "x?y"

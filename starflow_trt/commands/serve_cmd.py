@@ -38,7 +38,8 @@ def _is_loopback(host: str) -> bool:
               help="join a running Ray cluster ('auto': the one started on this node with `ray start`); "
                    "default: start a local, loopback-only one")
 @click.option("--max-queued", default=32, show_default=True, type=int,
-              help="requests queued beyond what the replicas hold; more get 503")
+              help="requests queued beyond what the replicas hold; more get 503 (a stream) or 429 with "
+                   "Retry-After (a video job create)")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
               help="request deadline in seconds (not started by then: 408; streaming: ends with an error event)")
 @options.backend_option()

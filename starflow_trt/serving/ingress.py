@@ -15,7 +15,11 @@ Routes::
     POST /v1/videos (multipart form, or JSON without asking for a stream), GET /v1/videos[/{id}[/content]],
     DELETE /v1/videos/{id}: OpenAI's videos API (``openai_api``, ``jobs``); GET /: the page (``static``)
 
-With an API key every route but ``/healthz`` and the page needs ``Authorization: Bearer KEY``.
+With an API key every route but ``/healthz`` and the page needs ``Authorization: Bearer KEY``. Before that,
+``browser.BrowserGuard`` refuses a foreign ``Host`` (400) and a write a page on another site could send (403 /
+415). A create answers 429 (``Retry-After``) while the generator's replicas and queue are full of jobs; a job
+is stored only once its answer is written. Both routes validate with ``limits.parse_request`` on threads of
+their own (images are decoded there), after counting the body as it arrives.
 
 The status line is sent when the request's batch starts on a replica, so a request still queued at
 its deadline gets 408; past that point a deadline ends the stream with an error event. The deadline

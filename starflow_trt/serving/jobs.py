@@ -172,8 +172,10 @@ class JobStore:
         self.prune()
 
     def get(self, job_id: str) -> Optional[Job]:
+        """The job, or None (also for one whose Video object cannot be written: logged, never a 500)."""
         self.prune()
-        return self.jobs.get(job_id)
+        job = self.jobs.get(job_id)
+        return job if job is not None and self._writable(job) else None
 
     def downloaded(self, job: Job) -> None:
         """Its video was fetched: under byte pressure it goes before the videos nobody has fetched yet."""
@@ -246,8 +248,9 @@ class JobStore:
         for d in sorted(self._job_dirs()):
             try:
                 job = Job(**json.loads((d / "job.json").read_text()))
-            except (OSError, ValueError, TypeError):
-                continue                       # not a job file of ours: leave the directory alone
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("skipped %s: its job.json cannot be read (%s); the directory is left alone", d, exc)
+                continue
             for stale in d.glob(".*"):         # stage files of a write the restart interrupted
                 if stale.is_file():
                     stale.unlink()

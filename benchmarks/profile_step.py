@@ -38,11 +38,9 @@ from starflow_trt.staging import MANIFEST_NAME  # noqa: E402
 
 
 def session_options(threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
+    from starflow_trt.runtime.backends.ort_backend import session_options as runtime_options
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options = runtime_options()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     if profile_prefix:

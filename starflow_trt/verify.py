@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -127,7 +128,7 @@ def _is_fp32_onnx(m: Manifest) -> bool:
 
 def _polygraphy():
     try:
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        from polygraphy.backend.onnxrt import OnnxrtRunner
         from polygraphy.comparator import Comparator
     except ImportError as exc:
         raise BackendUnavailable("verify needs polygraphy: pip install polygraphy (or pip install "
@@ -138,12 +139,12 @@ def _polygraphy():
         from polygraphy.comparator import CompareFunc
 
         SimpleCompareFunc = CompareFunc.simple
-    return Comparator, SimpleCompareFunc, OnnxrtRunner, SessionFromOnnx
+    return Comparator, SimpleCompareFunc, OnnxrtRunner
 
 
 def _runner(spec: GraphSpec, name: str):
     """A polygraphy runner for one graph: ONNX Runtime (CPU) for ONNX, TensorRT for ``.engine`` files."""
-    _, _, OnnxrtRunner, SessionFromOnnx = _polygraphy()
+    _, _, OnnxrtRunner = _polygraphy()
     if spec.file.endswith(".engine"):
         try:
             from polygraphy.backend.common import BytesFromPath
@@ -153,7 +154,17 @@ def _runner(spec: GraphSpec, name: str):
             raise BackendUnavailable("verifying TensorRT engines needs TensorRT and a GPU: pip install "
                                      "'starflow-trt[gpu]' on a machine with an NVIDIA GPU") from exc
         return TrtRunner(EngineFromBytes(BytesFromPath(str(spec.path))), name=name)
-    return OnnxrtRunner(SessionFromOnnx(str(spec.path), providers=["CPUExecutionProvider"]), name=name)
+    return OnnxrtRunner(partial(cpu_session, spec.path), name=name)
+
+
+def cpu_session(path: Path):
+    """An ONNX Runtime CPU session of ``path`` with the runtime's session options (a polygraphy loader: the
+    runner calls it; its own ``SessionFromOnnx`` takes no session options)."""
+    import onnxruntime as ort
+
+    from .runtime.backends.ort_backend import session_options
+
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 
 # ------------------------------------------------------------------------- inputs
@@ -233,7 +244,7 @@ def compare_graph(spec: GraphSpec, ref: GraphSpec, calls: Sequence[dict[str, np.
     Verdict: relative L2 error (all calls pooled) <= ``tolerance``, per output (the calibration gate's
     metric); max abs / max rel (polygraphy's max statistics over the calls) are reported beside it.
     """
-    Comparator, SimpleCompareFunc, _, _ = _polygraphy()
+    Comparator, SimpleCompareFunc, _ = _polygraphy()
     names = [t.name for t in ref.inputs]
     feeds = [{k: np.ascontiguousarray(c[k]) for k in names if k in c} for c in calls]
     missing = [k for k in names if feeds and k not in feeds[0]]

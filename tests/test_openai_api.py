@@ -15,6 +15,7 @@ import pytest
 from starflow_trt.defaults import DEFAULT_FPS
 from starflow_trt.serving import openai_api as oai
 from starflow_trt.serving.auth import BearerAuth, authorized, needs_key
+from starflow_trt.serving.config import ServeConfig
 from starflow_trt.serving.job_runner import run_job, spritesheet
 from starflow_trt.serving.jobs import ASSETS, JobStore, Retention
 from starflow_trt.serving.limits import RequestError, RequestLimits, parse_request
@@ -159,24 +160,68 @@ def test_job_files_are_staged_then_renamed_and_recovered_after_a_restart(tmp_pat
     assert third.get(done.id).status == "failed"
 
 
-def test_retention_by_count_bytes_and_age_removes_the_oldest_finished(tmp_path):
+def test_retention_keeps_completed_videos_their_time_to_live_and_failed_jobs_never_evict_them(tmp_path):
     store = JobStore(tmp_path, Retention(max_count=2, max_bytes=10 ** 6, max_age_s=100))
-    jobs = [_job(store) for _ in range(3)]
-    for j in jobs:
+    done = [_job(store) for _ in range(3)]
+    for j in done:
         store.complete(j, _assets())
+    failed = [_job(store) for _ in range(4)]
+    for j in failed:
+        store.fail(j, "boom")
     store.prune()
-    assert [j.id for j in jobs if store.get(j.id)] == [jobs[1].id, jobs[2].id]
-    assert not (tmp_path / jobs[0].id).exists()
+    # beyond max_count only failed jobs go (the oldest); every completed video stays
+    assert [j.id for j in done + failed if store.get(j.id)] == [j.id for j in done + failed[2:]]
+    assert not (tmp_path / failed[0].id).exists() and (tmp_path / done[0].id / "video.mp4").is_file()
     running = _job(store)                                       # never removed while it runs
-    store.prune(now=jobs[2].finished + 100)
+    assert store.prune(now=done[0].finished + 99.9) == []       # within its time to live
+    store.prune(now=failed[-1].finished + 100)
     assert list(store.jobs) == [running.id]
-    small = JobStore(tmp_path / "b", Retention(max_count=10, max_bytes=40, max_age_s=100))
-    a, b = _job(small), _job(small)
+
+
+def test_over_the_byte_cap_the_oldest_downloaded_video_goes_first(tmp_path):
+    small = JobStore(tmp_path, Retention(max_count=10, max_bytes=50, max_age_s=100))
+    a, b, c = _job(small), _job(small), _job(small)
     small.complete(a, _assets(3))
-    small.complete(b, _assets(3))                              # 2 x 23 bytes > 40: the older one goes
-    assert small.get(a.id) is None and small.get(b.id) is not None
+    small.complete(b, _assets(3))
+    small.downloaded(b)
+    assert small.get(a.id) and small.get(b.id)                  # 2 x 23 bytes: within 50
+    assert JobStore(tmp_path).get(b.id).downloaded == b.downloaded > 0   # the mark is kept in job.json
+    small.complete(c, _assets(3))                               # 69 > 50: b (downloaded) goes, not the older a
+    assert small.get(b.id) is None and small.get(a.id) is not None and small.get(c.id) is not None
+    small.complete(d := _job(small), _assets(3))               # none downloaded now: the oldest goes
+    assert small.get(a.id) is None and small.get(c.id) and small.get(d.id)
     with pytest.raises(Exception, match="retention"):
         Retention(max_count=0)
+
+
+def test_a_job_with_text_that_is_not_utf8_is_left_out_of_the_list_and_repaired_on_start(tmp_path, caplog):
+    store = JobStore(tmp_path)
+    good, bad = _job(store), store.new(model="starflow", prompt="x\ud800y", seconds="0.5", size="16x16", frames=4)
+    with pytest.raises(UnicodeEncodeError):
+        bad.encoded()
+    assert [d["id"] for d in store.page()["data"]] == [good.id]  # the list answers without it
+    assert store.get(bad.id) is None and "cannot be written" in caplog.text
+    unreadable = tmp_path / ("video_" + "f" * 24)
+    unreadable.mkdir()
+    (unreadable / "job.json").write_text("{not json")
+    again = JobStore(tmp_path)                                   # the store of an older server, restarted
+    assert "cannot be read" in caplog.text and unreadable.is_dir()
+    fixed = again.get(bad.id)
+    assert fixed.prompt == "x?y" and json.loads(fixed.encoded())["prompt"] == "x?y"
+    assert json.loads((tmp_path / bad.id / "job.json").read_text())["prompt"] == "x?y"
+    assert {d["id"] for d in again.page()["data"]} == {good.id, bad.id}
+
+
+def test_a_draft_is_stored_only_when_added_and_one_take_wins(tmp_path):
+    store = JobStore(tmp_path)
+    job = JobStore.draft(model="starflow", prompt="p", seconds="0.5", size="16x16", frames=4)
+    assert store.get(job.id) is None and not (tmp_path / job.id).exists()
+    store.add(job)
+    assert (tmp_path / job.id / "job.json").is_file()
+    assert store.take(job.id) is job and store.take(job.id) is None
+    assert (tmp_path / job.id).is_dir()                          # files stay until remove_files
+    store.remove_files(job.id)
+    assert not (tmp_path / job.id).exists()
 
 
 def test_delete_and_cursor_pages(tmp_path):
@@ -292,7 +337,15 @@ def test_serve_takes_the_key_from_the_option_or_the_environment(tmp_path, monkey
     r = runner.invoke(serve_cmd.serve_command, [str(tmp_path), "--videos-max-mb", "1", "--videos-max-age", "2"],
                       env={"STARFLOW_API_KEY": "from-env"})
     assert r.exit_code == 0, r.output
-    r = runner.invoke(serve_cmd.serve_command, [str(tmp_path), "--api-key", "from-flag"], env={"STARFLOW_API_KEY": ""})
+    assert "ps" not in r.output
+    r = runner.invoke(serve_cmd.serve_command, [str(tmp_path), "--api-key", "from-flag", "--allowed-origins",
+                                                "https://a.example,https://b.example", "--allowed-origins",
+                                                "https://c.example", "--allowed-hosts", "gpu.lan", "--host",
+                                                "0.0.0.0"], env={"STARFLOW_API_KEY": ""})
     assert r.exit_code == 0, r.output
+    assert "warning: --api-key shows in `ps`" in r.output and "STARFLOW_API_KEY" in r.output
     assert seen[0].api_key == "from-env" and seen[0].videos_max_bytes == 1 << 20 and seen[0].videos_max_age_s == 7200
-    assert seen[1].api_key == "from-flag"
+    assert seen[0].allowed_origins == () and seen[0].http_host == "127.0.0.1"
+    assert seen[1].api_key == "from-flag" and seen[1].http_host == "0.0.0.0" and seen[1].allowed_hosts == ("gpu.lan",)
+    assert seen[1].allowed_origins == ("https://a.example", "https://b.example", "https://c.example")
+    assert ServeConfig.from_dict(json.loads(json.dumps(seen[1].to_dict()))) == seen[1]   # lists back to tuples

@@ -135,6 +135,29 @@ def test_bad_size_and_wrong_key_raise_the_clients_error_classes(client, served):
         conn.close()
 
 
+def test_through_the_proxy_a_foreign_host_and_a_cross_site_post_get_nothing(client, served):
+    def send(method: str, path: str, headers: dict, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    before = [v.id for v in client.videos.list(limit=100).data]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status, _, body = send("GET", "/v1/videos", {**auth, "Host": f"rebind.evil.example:{served.port}"})
+    assert status == 400 and b"--allowed-hosts" in body and b"video_" not in body
+    status, _, _ = send("POST", "/v1/videos", {"Content-Type": "text/plain", "Origin": "http://evil.example"},
+                        json.dumps({"prompt": PROMPT}))
+    assert status == 403
+    status, headers, _ = send("GET", "/", {})
+    assert status == 200 and headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert [v.id for v in client.videos.list(limit=100).data] == before
+
+
 def _post(served, body: dict, accept: str) -> tuple[int, str, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
     try:

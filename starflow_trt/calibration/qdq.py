@@ -275,7 +275,9 @@ def output_amax(path, calls, names: Sequence[str]) -> dict[str, float]:
     """Max |x| of the graph outputs ``names`` over ``calls`` (ORT CPU)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from ..runtime.backends.ort_backend import session_options
+
+    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     inputs = [i.name for i in sess.get_inputs()]
     amax = {n: 0.0 for n in names}
     for feeds in iter_feeds(calls, inputs):

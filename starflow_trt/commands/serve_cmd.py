@@ -10,6 +10,11 @@ import click
 from . import options
 
 
+def _names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeated and comma-separated option values → one tuple."""
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -33,7 +38,8 @@ def _is_loopback(host: str) -> bool:
               help="join a running Ray cluster ('auto': the one started on this node with `ray start`); "
                    "default: start a local, loopback-only one")
 @click.option("--max-queued", default=32, show_default=True, type=int,
-              help="requests queued beyond what the replicas hold; more get 503")
+              help="requests queued beyond what the replicas hold; more get 503 (a stream) or 429 with "
+                   "Retry-After (a video job create)")
 @click.option("--max-frames", type=click.IntRange(1, 1 << 16), default=None,
               help="latent frames a request may ask for; more get 400  [default: the export's max_frames; above it, "
                    "videos run through the Jacobi attention window]")
@@ -56,21 +62,31 @@ def _is_loopback(host: str) -> bool:
               help="also batch thresholded-Jacobi requests (their frames then depend on their batch)")
 @click.option("--no-warmup", is_flag=True, help="skip the warm-up generate when a replica starts")
 @click.option("--api-key", envvar="STARFLOW_API_KEY", default=None, show_envvar=True,
-              help="require 'Authorization: Bearer KEY' on every endpoint but /healthz and the page")
+              help="require 'Authorization: Bearer KEY' on every endpoint but /healthz and the page; prefer the "
+                   "environment variable (an option shows in `ps`)")
+@click.option("--allowed-origins", multiple=True, metavar="ORIGIN",
+              help="web origins (https://app.example) whose pages may create and delete videos; repeat or "
+                   "separate with commas  [default: none: only the page served here]")
+@click.option("--allowed-hosts", multiple=True, metavar="NAME",
+              help="Host names requests may be sent to besides the bound address (a DNS name in front of the "
+                   "server; '*': any); repeat or separate with commas")
 @click.option("--videos-dir", type=click.Path(file_okay=False), default=None,
               help="where OpenAI video jobs keep their files  [default: ~/.cache/starflow-trt/videos/starflow]")
 @click.option("--videos-max-count", default=100, show_default=True, type=click.IntRange(min=1),
-              help="finished video jobs kept (the oldest go first)")
+              help="failed video jobs kept (the oldest go first); they never evict completed videos")
 @click.option("--videos-max-mb", default=2048.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="megabytes the finished video jobs may hold")
+              help="megabytes the completed videos may hold; beyond it the oldest downloaded ones go first, "
+                   "then the oldest")
 @click.option("--videos-max-age", default=24.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="hours a finished video job is kept")
+              help="hours a finished video is kept (a completed one at least that long while --videos-max-mb "
+                   "allows)")
 @click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="on SIGTERM / SIGINT: seconds running requests get to finish (new ones get 503); the rest "
                    "end with an error event")
 def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_replica, accelerator_type, host, port,
                   address, max_queued, max_frames, memory_budget_mb, timeout_s, backend, cuda_graphs, providers,
-                  threads, thread_pool, max_batch, batch_wait_ms, batch_approximate, no_warmup, api_key, videos_dir,
+                  threads, thread_pool, max_batch, batch_wait_ms, batch_approximate, no_warmup, api_key,
+                  allowed_origins, allowed_hosts, videos_dir,
                   videos_max_count, videos_max_mb, videos_max_age, drain_timeout_s) -> None:
     """Serve DIRECTORY over HTTP: the streaming API (POST /v1/videos/stream, NDJSON), OpenAI's videos API
     (POST /v1/videos, GET /v1/videos[/ID[/content]], DELETE /v1/videos/ID), GET /v1/models, GET /healthz
@@ -99,7 +115,12 @@ def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_
                       max_frames=max_frames, memory_budget_mb=memory_budget_mb, timeout_s=timeout_s,
                       warmup=not no_warmup, api_key=api_key or None, videos_dir=videos_dir,
                       videos_max_count=videos_max_count, videos_max_bytes=int(videos_max_mb * (1 << 20)),
-                      videos_max_age_s=videos_max_age * 3600)
+                      videos_max_age_s=videos_max_age * 3600, http_host=host,
+                      allowed_origins=_names(allowed_origins), allowed_hosts=_names(allowed_hosts))
+    ctx = click.get_current_context()
+    if api_key and ctx.get_parameter_source("api_key") == click.core.ParameterSource.COMMANDLINE:
+        click.echo("warning: --api-key shows in `ps` to every user of this machine; set STARFLOW_API_KEY "
+                   "instead", err=True)
     if not _is_loopback(host):
         click.echo(f"warning: binding {host}: the service is reachable from other machines "
                    + ("with an API key but no TLS; put a TLS proxy in front" if api_key else

@@ -7,6 +7,7 @@
   (latent normalisation, draws and noise, spec §14), :mod:`.vae_graphs` (the cache-explicit
   ``vae_decode_first`` / ``vae_decode_step`` / ``vae_encode*`` wrappers), :mod:`.vae_stream`
   (streaming decode, frame counts).
+* :mod:`.images` — image bytes in and out (Pillow, no torch: the HTTP ingress uses it).
 * :mod:`.io` — image/video loading (resize to cover, centre crop, [-1, 1]), the float → uint8
   rule of every output (clamp, round) and its one mp4 writer (H.264, frames appended as they are decoded).
 * :mod:`.graphs` — the graph contracts (names, symbolic shapes, example inputs) of

@@ -21,19 +21,13 @@ import numpy as np
 import torch
 
 from ..errors import InputError, StarflowError
+from .images import decode_image, encode_png  # noqa: F401 - re-exported: the torch-free codec lives in .images
+from .images import pil as _pil
 
 PathLike = Union[str, os.PathLike]
 
 #: libx264 settings of upstream's grid writer (``crf`` 10, ``preset`` slow).
 H264_OPTIONS = {"crf": "10", "preset": "slow"}
-
-
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError as exc:
-        raise StarflowError("image input needs Pillow: pip install 'starflow-trt[media]'") from exc
-    return Image
 
 
 def _av():
@@ -55,27 +49,6 @@ def load_image(path: PathLike) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except OSError as exc:
         raise InputError(f"cannot read image {p} ({exc}); pass a PNG or JPEG file") from exc
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes (PNG / JPEG) → [H, W, 3] uint8 RGB."""
-    import io
-
-    Image = _pil()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as exc:
-        raise InputError(f"cannot decode the image ({exc}); send a PNG or JPEG") from exc
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """[H, W, 3] uint8 RGB → PNG bytes."""
-    import io
-
-    buf = io.BytesIO()
-    _pil().fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def cover_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:

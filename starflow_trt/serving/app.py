@@ -95,6 +95,7 @@ def start(directory: Union[str, os.PathLike], config: Optional[ServeConfig] = No
     if not Path(directory, MANIFEST_NAME).exists():
         raise InputError(f"{directory} is not an export/engine directory (no manifest.json); "
                          "run `starflow-trt export` first")
+    cfg = replace(cfg, http_host=host)      # the Host header a request must name (``browser``)
     init_ray(address)
     serve.start(http_options={"host": host, "port": port,
                               "request_timeout_s": cfg.timeout_s + PROXY_TIMEOUT_GRACE_S})

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from ..defaults import DEFAULT_THREAD_POOL
 from ..errors import InputError
 from ..request import MAX_VIDEO_FRAMES
+from .browser import BrowserPolicy
 from .jobs import Retention
 from .limits import RequestLimits
 
@@ -53,6 +54,9 @@ class ServeConfig:
     videos_max_count: int = 100
     videos_max_bytes: int = 2 << 30
     videos_max_age_s: float = 24 * 3600.0
+    http_host: str = "127.0.0.1"             # the address the HTTP proxy is bound to (``app.start`` sets it)
+    allowed_hosts: tuple[str, ...] = ()      # Host names beyond the bound address ("*": any); see ``browser``
+    allowed_origins: tuple[str, ...] = ()    # web origins whose pages may create and delete videos
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or (self.max_replicas is not None and self.max_replicas < self.replicas):
@@ -97,6 +101,18 @@ class ServeConfig:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 20)
         return total / 2 / (self.max_replicas or self.replicas)
 
+    def browser_policy(self) -> BrowserPolicy:
+        return BrowserPolicy(self.http_host, tuple(self.allowed_hosts), tuple(self.allowed_origins))
+
+    def job_capacity(self, model_max_batch: int) -> Optional[int]:
+        """How many requests the generator replicas take at once, queue included (None: unbounded), the
+        most video jobs the ingress admits at once (more get 429): what Serve's ``max_ongoing_requests`` and
+        ``max_queued_requests`` allow."""
+        if self.max_queued < 0:
+            return None
+        max_batch = min(self.max_batch or model_max_batch, model_max_batch)
+        return (self.max_replicas or self.replicas) * (self.max_ongoing or 2 * max_batch) + self.max_queued
+
     def retention(self) -> Retention:
         return Retention(self.videos_max_count, self.videos_max_bytes, self.videos_max_age_s)
 
@@ -109,4 +125,7 @@ class ServeConfig:
         d = {k: v for k, v in d.items() if k in names}
         if isinstance(d.get("limits"), dict):
             d["limits"] = RequestLimits(**d["limits"])
+        for name in ("allowed_hosts", "allowed_origins"):   # lists after a trip through JSON or Ray
+            if name in d:
+                d[name] = tuple(d[name])
         return cls(**d)

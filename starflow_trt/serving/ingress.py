@@ -15,7 +15,11 @@ Routes::
     POST /v1/videos (multipart form, or JSON without asking for a stream), GET /v1/videos[/{id}[/content]],
     DELETE /v1/videos/{id}: OpenAI's videos API (``openai_api``, ``jobs``); GET /: the page (``static``)
 
-With an API key every route but ``/healthz`` and the page needs ``Authorization: Bearer KEY``.
+With an API key every route but ``/healthz`` and the page needs ``Authorization: Bearer KEY``. Before that,
+``browser.BrowserGuard`` refuses a foreign ``Host`` (400) and a write a page on another site could send (403 /
+415). A create answers 429 (``Retry-After``) while the generator's replicas and queue are full of jobs; a job
+is stored only once its answer is written. Both routes validate with ``limits.parse_request`` on threads of
+their own (images are decoded there), after counting the body as it arrives.
 
 The status line is sent when the request's batch starts on a replica, so a request still queued at
 its deadline gets 408; past that point a deadline ends the stream with an error event. The deadline
@@ -29,8 +33,12 @@ event (a stream), 503 (not yet started) or a failed job.
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type of the routes
 
 import asyncio
+import base64
+import hashlib
 import json
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
@@ -42,22 +50,45 @@ from ray.serve.handle import DeploymentHandle
 
 from . import openai_api as oai
 from .auth import BearerAuth
+from .browser import BrowserGuard
 from .config import ServeConfig
 from .drain import REFUSED, Cutoff, Drain
 from .frames import MEDIA_TYPES, error_event, format_event
 from .job_runner import run_job
-from .jobs import ASSETS, JobStore
-from .limits import RequestError, VideoRequest, parse_request
+from .jobs import ASSETS, JOB_ID, JobStore
+from .limits import RequestError, VideoRequest, check_text, parse_request
 from .summary import ModelSummary
 
 app = FastAPI(title="starflow-trt video generation", docs_url=None, redoc_url=None, openapi_url=None)
 app.add_middleware(BearerAuth, key=lambda: getattr(app.state, "api_key", None),
                    route_prefix=lambda: getattr(app.state, "route_prefix", "/"))
+app.add_middleware(BrowserGuard, policy=lambda: getattr(app.state, "browser", None))   # outermost: runs first
 PAGE = Path(__file__).with_name("static") / "index.html"
 
 
+def page_headers(html: str) -> dict[str, str]:
+    """The page's security headers: a CSP that runs only its own inline script and style (by hash), talks only to
+    this server, shows only its own frames (data: PNGs, the blob: mp4), and no site may frame it."""
+    def hashes(tag: str) -> str:
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+                        for text in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S))
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; img-src data: blob:; "
+           "media-src blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": csp, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+
+
+PAGE_HTML = PAGE.read_text("utf-8")
+PAGE_HEADERS = page_headers(PAGE_HTML)
+#: a full queue: how long a refused create (429) or a job that met the generator's full queue waits
+RETRY_AFTER_S = 1
+#: threads validating requests (decoding images) off the event loop; their own pool, so a burst of large images
+#: neither starves the loop's other `to_thread` work (health, files) nor holds more than this many decoded at once
+VALIDATE_THREADS = 2
+
+
 def _error(status: int, message: str, field: Optional[str] = None, **headers: str) -> JSONResponse:
-    body = {"error": " ".join(message.split())}
+    body = {"error": oai.one_line(message)}
     if field is not None:
         body["field"] = field
     return JSONResponse(body, status_code=status, headers=headers or None)
@@ -68,6 +99,12 @@ def _oai_error(status: int, exc: RequestError) -> JSONResponse:
     param = oai.openai_param(exc.field)
     message = str(exc).split(": ", 1)[-1]
     return JSONResponse(oai.error_body(f"{param}: {message}", param), status_code=status)
+
+
+def _not_found(video_id: str) -> JSONResponse:
+    shown = video_id if JOB_ID.match(video_id) else "with that id"   # a long or odd id is not echoed
+    return JSONResponse(oai.error_body(f"no video {shown}: it was deleted, expired or never existed; list them "
+                                       "with GET /v1/videos", "video_id", "not_found"), status_code=404)
 
 
 def _short(exc: BaseException) -> str:
@@ -126,10 +163,17 @@ class VideoIngress:
         self._replica_info: Optional[dict] = None
         self._in_flight = 0
         app.state.api_key, app.state.route_prefix = self.config.api_key, self.config.route_prefix
+        app.state.browser = self.config.browser_policy()
+        self._job_capacity = self.config.job_capacity(self.model.max_batch)
         self.jobs = JobStore(self.config.videos_root(), self.config.retention())
         self._jobs: dict[str, asyncio.Task] = {}
         self._created = int(time.time())
         self._drain = Drain()
+        self._validator = ThreadPoolExecutor(VALIDATE_THREADS, thread_name_prefix="starflow-validate")
+
+    async def _validate(self, fn, *args):
+        """``fn(*args)`` on the validation threads (it may decode an image); its result or its exception."""
+        return await asyncio.get_running_loop().run_in_executor(self._validator, fn, *args)
 
     # ------------------------------------------------------------ videos
     @app.post("/v1/videos")
@@ -145,8 +189,8 @@ class VideoIngress:
             return _error(400, str(exc), exc.field)
         try:
             data = json.loads(body)
-        except ValueError:
-            data = None
+        except (ValueError, RecursionError):
+            data = None                    # the streaming validator names what is wrong with it
         if not isinstance(data, dict) or oai.wants_stream(request.headers.get("accept", ""), data):
             return await self._stream(body, t0)
         return await self._create(data, None)
@@ -165,8 +209,8 @@ class VideoIngress:
         if self._drain.refusing:
             self.metrics.finished("shutdown", time.perf_counter() - t0)
             return _error(503, REFUSED)
-        try:
-            req = parse_request(body, self.model, self.limits)
+        try:   # off the event loop: an image is decoded here
+            req = await self._validate(parse_request, body, self.model, self.limits)
         except RequestError as exc:
             self.metrics.finished("invalid", time.perf_counter() - t0)
             return _error(400, str(exc), exc.field)
@@ -262,52 +306,89 @@ class VideoIngress:
 
     # ------------------------------------------------------------ OpenAI videos API (jobs)
     async def _create_from_form(self, request: Request) -> Response:
-        declared = request.headers.get("content-length", "")
         limit = self.limits.max_body_bytes
-        if declared.isdigit() and int(declared) > limit:
-            return _oai_error(400, RequestError("body", f"{declared} bytes exceed the limit of {limit}"))
+        try:   # the whole form, counted as it arrives (a chunked body has no length to check first)
+            body = await _read_body(request, limit)
+        except RequestError as exc:
+            return _oai_error(400, exc)
+
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
         try:
-            form = await request.form(max_files=1, max_fields=64, max_part_size=limit)
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=64, max_part_size=limit)
         except Exception as exc:  # noqa: BLE001 - malformed multipart
             return _oai_error(400, RequestError("body", f"not a valid form ({exc}); send multipart/form-data"))
-        image, items = None, []
-        for key, value in form.multi_items():
-            if key == "input_reference" and hasattr(value, "read"):
-                image = await value.read(limit + 1)
-                if len(image) > limit:
-                    return _oai_error(400, RequestError("input_reference", f"more than {limit} bytes"))
-            else:
-                items.append((key, value))
         try:
+            image, items = None, []
+            for key, value in form.multi_items():
+                if key == "input_reference" and hasattr(value, "read"):
+                    image = await value.read()
+                else:
+                    items.append((key, value))
             data = oai.form_fields(items)
         except RequestError as exc:
             return _oai_error(400, exc)
+        finally:
+            await form.close()
         return await self._create(data, image)
 
+    def _busy(self) -> Optional[Response]:
+        """429 while the generator's replicas and queue are full of jobs (never a job taken and then failed)."""
+        if self._job_capacity is None or len(self._jobs) < self._job_capacity:
+            return None
+        message = (f"server busy: {len(self._jobs)} video jobs queued or running, the most it takes "
+                   f"(--max-queued and the replicas' requests); retry after {RETRY_AFTER_S} s")
+        return JSONResponse(oai.error_body(message, code="rate_limit_exceeded", kind="rate_limit_error"),
+                            status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def _job_request(self, data: dict, image: Optional[bytes]) -> tuple[dict, VideoRequest]:
+        """OpenAI create fields → (the streaming request's fields, the validated request), as the stream route
+        validates: :func:`check_text`, then :func:`parse_request`."""
+        check_text(data)
+        if image is None and data.get("input_reference") is not None:
+            image = oai.image_from_json(data["input_reference"])
+        fields = oai.to_stream_request({k: v for k, v in data.items() if k != "input_reference"}, image,
+                                       self.model, self.config.app_name)
+        return fields, parse_request(json.dumps(fields).encode("utf-8"), self.model, self.limits)
+
     async def _create(self, data: dict, image: Optional[bytes]) -> Response:
-        """OpenAI create → the streaming API's request (same validator) → a job run in the background."""
+        """OpenAI create → the streaming API's request (same validator) → a job run in the background; the job is
+        stored only once its answer is written."""
         if self._drain.refusing:
             return JSONResponse(oai.error_body(REFUSED, code="server_shutting_down", kind="server_error"),
                                 status_code=503, headers={"Retry-After": "1"})
-        try:
-            if image is None and data.get("input_reference") is not None:
-                image = oai.image_from_json(data["input_reference"])
-            fields = oai.to_stream_request({k: v for k, v in data.items() if k != "input_reference"}, image,
-                                           self.model, self.config.app_name)
-            req = parse_request(json.dumps(fields).encode("utf-8"), self.model, self.limits)
+        busy = self._busy()
+        if busy is not None:
+            return busy
+        try:   # off the event loop: an image is decoded here
+            fields, req = await self._validate(self._job_request, data, image)
         except RequestError as exc:
             return _oai_error(400, exc)
-        job = self.jobs.new(model=self.config.app_name, prompt=str(fields.get("prompt") or ""),
-                            seconds=oai.seconds_of(req.frames, self.model), size=oai.size_of(fields, self.model),
-                            frames=req.frames)
+        job = JobStore.draft(model=self.config.app_name, prompt=fields["prompt"],
+                             seconds=oai.seconds_of(req.frames, self.model), size=oai.size_of(fields, self.model),
+                             frames=req.frames)
+        answer = job.encoded()
+        busy = self._busy()                 # others were admitted while this one was validated
+        if busy is not None:
+            return busy
+        self.jobs.add(job)
         self._drain.enter()   # the job leaves when it ends
         self._jobs[job.id] = asyncio.create_task(self._run_job(job, req))
-        return JSONResponse(job.to_openai(), headers={"openai-poll-after-ms": str(oai.POLL_AFTER_MS)})
+        return Response(answer, media_type="application/json",
+                        headers={"openai-poll-after-ms": str(oai.POLL_AFTER_MS)})
 
     async def _run_job(self, job, req: VideoRequest) -> None:
-        """The streaming path (same replica call, deadline, metrics) consumed into the job's files."""
+        """The streaming path (same replica call, deadline, metrics) consumed into the job's files. A job met by a
+        full generator queue (streams took it) waits its turn within its deadline instead of failing."""
+        t0 = time.perf_counter()
         try:
-            response = await self._open(req, time.perf_counter())
+            while True:
+                response = await self._open(req, t0)
+                if not (response.status_code == 503 and "retry-after" in response.headers
+                        and not self._drain.refusing and time.perf_counter() + RETRY_AFTER_S < t0 + req.timeout_s):
+                    break
+                await asyncio.sleep(RETRY_AFTER_S)
             if not isinstance(response, StreamingResponse):
                 self.jobs.fail(job, json.loads(response.body)["error"], f"http_{response.status_code}")
                 return
@@ -326,9 +407,7 @@ class VideoIngress:
     def _job(self, video_id: str):
         job = self.jobs.get(video_id)
         if job is None:
-            return None, JSONResponse(oai.error_body(f"no video {video_id!r}: it was deleted, expired or never "
-                                                     "existed; list them with GET /v1/videos", "video_id",
-                                                     "not_found"), status_code=404)
+            return None, _not_found(video_id)
         return job, None
 
     @app.get("/v1/videos")
@@ -340,7 +419,8 @@ class VideoIngress:
         try:
             return JSONResponse(self.jobs.page(after, limit, order))
         except KeyError:
-            return _oai_error(400, RequestError("after", f"no video {after!r}; pass the last_id of a page"))
+            shown = repr(after) if JOB_ID.match(after or "") else "with that id"
+            return _oai_error(400, RequestError("after", f"no video {shown}; pass the last_id of a page"))
 
     @app.get("/v1/videos/{video_id}")
     async def videos_retrieve(self, video_id: str) -> Response:
@@ -360,23 +440,24 @@ class VideoIngress:
         if job.status != "completed":
             return _oai_error(400, RequestError("video_id", f"video {video_id} is {job.status}; poll it until "
                                                             "completed (a failed one has no content)"))
+        if variant == "video":
+            await asyncio.to_thread(self.jobs.downloaded, job)
         return FileResponse(self.jobs.asset_path(job, variant), media_type=ASSETS[variant][1])
 
     @app.delete("/v1/videos/{video_id}")
     async def videos_delete(self, video_id: str) -> Response:
-        job, missing = self._job(video_id)
-        if missing is not None:
-            return missing
+        if self.jobs.take(video_id) is None:        # before any await: of concurrent deletes one wins
+            return _not_found(video_id)
         task = self._jobs.get(video_id)
         if task is not None:                        # running: stop it (the replica drops the request)
             task.cancel()
             await asyncio.wait([task], timeout=10)
-        self.jobs.delete(video_id)
+        await asyncio.to_thread(self.jobs.remove_files, video_id)
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
     @app.get("/")
     async def page(self) -> Response:
-        return HTMLResponse(await asyncio.to_thread(PAGE.read_text, "utf-8"))
+        return HTMLResponse(PAGE_HTML, headers=PAGE_HEADERS)
 
     # ------------------------------------------------------------ health, models
     @app.get("/healthz")
@@ -404,7 +485,8 @@ class VideoIngress:
         cfg = self.config
         return JSONResponse({
             "object": "list",
-            "data": [{**self.model.to_dict(), **(self._replica_info or {}),
+            "data": [{**{k: v for k, v in self.model.to_dict().items() if k != "directory"},
+                      **(self._replica_info or {}),
                       **oai.model_object(cfg.app_name, self._created),
                       "sizes": list(oai.export_sizes(self.model)), "fps": oai.export_fps(self.model)}],
             "limits": {**self.limits.to_dict(), "max_queued": cfg.max_queued},

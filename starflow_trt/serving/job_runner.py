@@ -32,7 +32,7 @@ def spritesheet(frames: list[np.ndarray]) -> np.ndarray:
 
 def job_assets(frame_events: list[dict], mp4: bytes) -> dict[str, bytes]:
     """The files of a finished job: the mp4, the first frame (thumbnail), the frames tiled (spritesheet)."""
-    from ..media.io import encode_png
+    from ..media.images import encode_png   # no torch in the ingress
 
     rgb = [decode_frame(e) for e in frame_events]
     return {"video": mp4, "thumbnail": base64.b64decode(frame_events[0]["png"]),

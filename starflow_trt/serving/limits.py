@@ -31,8 +31,8 @@ from ..request import (GenerationRequest, JacobiConfig, RequestError, RequestLim
                        check_choice, check_float)
 from .summary import ModelSummary
 
-__all__ = ["VideoRequest", "RequestError", "RequestLimits", "JacobiConfig", "parse_request", "encode_npy",
-           "decode_npy", "ALLOWED", "OUTPUTS", "STREAMS"]
+__all__ = ["VideoRequest", "RequestError", "RequestLimits", "JacobiConfig", "parse_request", "check_text",
+           "encode_npy", "decode_npy", "ALLOWED", "OUTPUTS", "STREAMS"]
 
 OUTPUTS = ("png", "latents")
 STREAMS = ("ndjson", "sse")
@@ -78,10 +78,13 @@ def parse_request(body: bytes, model: ModelSummary, limits: RequestLimits) -> Vi
                                    "send smaller embeddings or images")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:   # not JSON, not UTF-8, or an integer of more than 4300 digits (int's own limit)
         raise RequestError("body", f"not valid JSON ({exc}); send a JSON object") from None
+    except RecursionError:
+        raise RequestError("body", "JSON nested too deeply; send a flat JSON object") from None
     if not isinstance(data, dict):
         raise RequestError("body", f"must be a JSON object, got {type(data).__name__}")
+    check_text(data)
     unknown = sorted(set(data) - set(ALLOWED))
     if unknown:
         raise RequestError(unknown[0], f"unknown field; allowed: {', '.join(ALLOWED)}")
@@ -111,6 +114,26 @@ def parse_request(body: bytes, model: ModelSummary, limits: RequestLimits) -> Vi
         raise RequestError("timeout_s", f"must be > 0 and <= {limits.max_timeout_s:g}")
     return VideoRequest(generation=gen, output=output, mp4=mp4, stream=check_choice("stream", d("stream", "ndjson"),
                                                                                     STREAMS), timeout_s=timeout)
+
+
+def check_text(data: dict) -> None:
+    """:class:`RequestError` for a string (key or value, at any depth) that is not valid Unicode: JSON's
+    ``"\\ud800"`` escape decodes to a lone surrogate, which no encoder, file or answer can take."""
+    stack = [(name, name, value) for name, value in data.items()]
+    while stack:
+        field_name, key, value = stack.pop()
+        for text in (key, value):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise RequestError(field_name if isinstance(field_name, str) and field_name.isascii()
+                                       else "body", "is not valid Unicode text (a lone surrogate such as "
+                                                    "\\ud800); send UTF-8 text") from None
+        if isinstance(value, dict):
+            stack.extend((field_name, k, v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((field_name, None, v) for v in value)
 
 
 def _b64(data: dict, name: str) -> Optional[bytes]:
@@ -151,7 +174,7 @@ def _png(data: dict, name: str, model: ModelSummary, limits: RequestLimits) -> O
     if w == 0 or h == 0 or w * h > limits.max_image_pixels:
         raise RequestError(name, f"{w}x{h} pixels: need 1 to {limits.max_image_pixels} pixels")
     from ..errors import InputError
-    from ..media.io import decode_image
+    from ..media.images import decode_image   # no torch in the ingress
 
     try:
         return decode_image(raw)

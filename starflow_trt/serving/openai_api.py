@@ -25,6 +25,7 @@ import math
 from typing import Any, Mapping, Optional
 
 from ..config import ModelConfig
+from ..request import MAX_VIDEO_FRAMES
 from .limits import RequestError
 from .summary import ModelSummary
 
@@ -113,9 +114,12 @@ def _number(name: str, value: Any) -> Any:
 
 
 def form_fields(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Multipart items → fields; the client's nested ``jacobi[block_size]=16`` keys → ``{"jacobi": {...}}``."""
+    """Multipart items → fields; the client's nested ``jacobi[block_size]=16`` keys → ``{"jacobi": {...}}``.
+    Every value must be text: only ``input_reference`` takes a file (the caller takes that one out)."""
     out: dict[str, Any] = {}
     for key, value in items:
+        if not isinstance(value, str):
+            raise RequestError(key, "is a file; only input_reference takes a file, send this field as text")
         if key.startswith("jacobi[") and key.endswith("]"):
             sub = key[len("jacobi["):-1]
             try:
@@ -162,8 +166,9 @@ def to_stream_request(data: Mapping[str, Any], image: Optional[bytes], model: Mo
             seconds = float(data["seconds"])
         except (TypeError, ValueError):
             raise RequestError("seconds", f"must be a number of seconds, got {data['seconds']!r}") from None
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise RequestError("seconds", f"must be > 0, got {data['seconds']!r}")
+        longest = MAX_VIDEO_FRAMES / fps          # bounded before any arithmetic: 1e308 s is no frame count
+        if not math.isfinite(seconds) or not 0 < seconds <= longest:
+            raise RequestError("seconds", f"must be > 0 and at most {longest:g}, got {data['seconds']!r}")
         frames = frames_for_seconds(seconds, fps, model.vae)
         if model.window is None and frames > model.max_frames:
             longest = seconds_of(model.max_frames, model)
@@ -173,7 +178,7 @@ def to_stream_request(data: Mapping[str, Any], image: Optional[bytes], model: Mo
     sizes = export_sizes(model)
     size = data.get("size")
     if size is not None:
-        if size not in sizes:
+        if not isinstance(size, str) or size not in sizes:
             raise RequestError("size", f"{size!r} is not an exported size; sizes: {', '.join(sizes)} "
                                        "(re-export with --aspects for more)")
         req["aspect"] = sizes[size]
@@ -197,10 +202,22 @@ def size_of(req_dict: Mapping[str, Any], model: ModelSummary) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- shapes
+#: the longest error message an answer carries (an echoed value is cut: never an 8,000-character id)
+MAX_MESSAGE_CHARS = 400
+
+
+def one_line(message: object, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An error message as an answer carries it: one line, at most ``limit`` characters, valid UTF-8 ("?" for a
+    lone surrogate a client sent)."""
+    text = " ".join(str(message).split()).encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def error_body(message: str, param: Optional[str] = None, code: Optional[str] = None,
                kind: str = "invalid_request_error") -> dict[str, Any]:
     """OpenAI's error object (the client raises by status and shows ``message``) + the streaming API's field."""
-    message = " ".join(str(message).split())
+    message = one_line(message)
+    param = None if param is None else one_line(param, 64)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}, "field": param}
 
 

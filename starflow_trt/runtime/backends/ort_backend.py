@@ -44,6 +44,22 @@ def _shared_pool(threads: Optional[int]) -> bool:
     return True
 
 
+def session_options():
+    """The ``onnxruntime.SessionOptions`` every ONNX Runtime session of the project starts from (the backend,
+    verify, calibration's range probes): full graph optimisation, warnings off, exact int8 GEMMs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # ORT's default U8S8 int8 GEMM saturates its 16-bit intermediate on x86-64 without VNNI (AVX2, AVX-512F):
+    # measured on an AVX2 EPYC, the toy's INT8 deep_prefill drifts to rel L2 0.150 against FP32, 0.019 with this
+    # entry (= the Q/DQ maths run unfused). It selects the exact U8U8 kernel there and is a no-op on VNNI/AMX
+    # CPUs (onnxruntime/core/session/onnxruntime_session_options_config_keys.h, kOrtSessionOptionsAvx2PrecisionMode).
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    return options
+
+
 def choose_providers(requested: Optional[Sequence] = None) -> list:
     """Providers to use: ``requested`` (checked against what is installed) or CPU.
 
@@ -152,17 +168,8 @@ class OrtBackend(Backend):
         return out
 
     def session_options(self):
-        """The ``onnxruntime.SessionOptions`` every session of this backend gets (threading included)."""
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # ORT's default U8S8 int8 GEMM saturates its 16-bit intermediate on x86-64 without VNNI (AVX2, AVX-512F):
-        # measured on an AVX2 EPYC, the toy's INT8 deep_prefill drifts to rel L2 0.150 against FP32, 0.019 with this
-        # entry (= the Q/DQ maths run unfused). It selects the exact U8U8 kernel there and is a no-op on VNNI/AMX
-        # CPUs (onnxruntime/core/session/onnxruntime_session_options_config_keys.h, kOrtSessionOptionsAvx2PrecisionMode).
-        options.add_session_config_entry("session.x64quantprecision", "1")
+        """:func:`session_options` with this backend's threading: what every session of this backend gets."""
+        options = session_options()
         shared = _SHARED_POOL is not None or (self.shared_pool and self.device_type == "cpu")
         if shared and _shared_pool(self.threads):
             options.use_per_session_threads = False

@@ -8,8 +8,10 @@ query can see (the causal half inside a chunk is ignored: upper bound).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .config import ModelConfig
+from .geometry import Geometry
 from .model_constants import DENOISER_LAYERS
 
 
@@ -159,3 +161,94 @@ def text_encoder_flops(batch: int, tokens: int, linear_params: int, layers: int,
     """T5 encoder on [batch, tokens]: Linear layers 2 · B · L · weights; attention QKᵀ and AV
     2 · 2 · B · heads · L² · d_kv per layer (norms and the relative-position bias ignored)."""
     return float(2 * batch * tokens * linear_params + 4 * layers * batch * heads * tokens * tokens * d_kv)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+#: allocator headroom on the buffers of a graph call: ORT's CPU arena grows in powers of two
+#: (``arena_extend_strategy`` 0 = kNextPowerOfTwo, the default: onnxruntime_c_api.h, CreateArenaCfgV2; "might
+#: allocate more memory than needed", microsoft/onnxruntime#11627), so a working set may hold up to twice its bytes
+ALLOCATOR_HEADROOM = 2.0
+#: transformer layers whose tensors are live at once in a graph call: the running one and the one before it
+#: (ORT frees a layer's intermediates as their last reader ends; the residual stream spans two layers)
+LIVE_LAYERS = 2
+#: copies of the whole video a call keeps per row: noise, deep / shallow / denoised outputs, the returned
+#: latents and raw latents, the frames handed out (float32 tokens)
+VIDEO_COPIES = 8
+#: copies per deep row (two per video row with guidance): its noise sequence, the inversion's work
+#: tensor and the Jacobi affine memory (scale, shift)
+DEEP_ROW_COPIES = 4
+#: decoded uint8 frames kept per row: the decoder's chunks, the returned video and the server's mp4 clip
+PIXEL_COPIES = 3
+
+
+@dataclass(frozen=True)
+class CallMemory:
+    """What the working memory of one generate call depends on, read from an export (plain ints: it travels to
+    the server's ingress inside the model summary). Token counts are the export's largest grid's."""
+
+    text_length: int
+    tokens_per_frame: int
+    token_channels: int
+    head_dim: int
+    max_frames: int
+    frame_local: bool
+    deep: tuple[int, int, int]       # (layers, heads, width) of the top block
+    shallow: tuple[int, int, int]    # the largest (layers, heads, width) of the other blocks; (0, 0, 0): none
+    denoiser: tuple[int, int, int]   # (layers, heads, width); (0, 0, 0): none
+    kv_bytes: int                    # bytes of one cached K or V element (the graphs' dtype)
+    pixel_frame_bytes: int = 0       # one decoded RGB uint8 frame; 0: latents only
+    frame_scale: int = 1             # pixel frames per latent frame after the first (the VAE's temporal factor)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, geo: Geometry, kv_bytes: int, pixel_frame_bytes: int = 0, frame_scale: int = 1
+           ) -> "CallMemory":
+        """From an export's config and :class:`~starflow_trt.geometry.Geometry`."""
+        top = geo.top
+        shallow = [geo.blocks[k] for k in geo.shallow_blocks]
+        den = (DENOISER_LAYERS, cfg.denoiser_heads, cfg.channels) if geo.has_denoiser else (0, 0, 0)
+        return cls(text_length=geo.text_length, tokens_per_frame=geo.max_tokens_per_frame,
+                   token_channels=geo.token_channels, head_dim=geo.head_dim, max_frames=geo.max_frames,
+                   frame_local=geo.frame_local, deep=(top.layers, top.heads, top.width),
+                   shallow=tuple(max((b.layers, b.heads, b.width)[i] for b in shallow) for i in range(3))
+                   if shallow else (0, 0, 0), denoiser=den, kv_bytes=kv_bytes,
+                   pixel_frame_bytes=pixel_frame_bytes, frame_scale=frame_scale)
+
+    def call_bytes(self, batch: int, frames: int, window: Optional[int], guidance: bool, chunk: int,
+                   context_frames: int = 0, denoise: bool = True, decoded: bool = False) -> int:
+        """Estimated peak bytes one call of ``batch`` rows and ``frames`` latent frames adds to a warm replica.
+
+        ``window``: the long-video attention window (None: the whole video); ``chunk``: the most tokens
+        one Jacobi sweep evaluates (1: autoregressive). The working set (KV caches, step scratch, the
+        largest graph call's live tensors) is sized by the window, times :data:`ALLOCATOR_HEADROOM`;
+        the video itself (latents, decoded frames) grows with ``frames``.
+        """
+        F, c, L, hd = self.tokens_per_frame, self.token_channels, self.text_length, self.head_dim
+        rows = batch * (2 if guidance else 1)
+        held = min(frames, window) if window else frames                     # frames in the deep cache
+        # tokens of one deep call: a sweep, the given context's prefill, or a window's context re-encoding
+        deep_s = max(min(chunk, held * F), context_frames * F, (held - 1) * F if window else 0)
+        slots = L + max(held, context_frames) * F
+        group = min(frames, self.max_frames) if self.frame_local else frames  # shallow frames per batch
+        seqs, s_len = (batch * group, F) if self.frame_local else (batch, frames * F)
+        layers, heads, width = self.deep
+        work = layers * 2 * heads * hd * self.kv_bytes * rows * slots          # deep KV
+        work += 2 * 4 * c * max(rows * deep_s, seqs * s_len)                  # scale / shift scratch
+        acts = [min(layers, LIVE_LAYERS) * _layer_live(rows, deep_s, slots, heads, hd, width)]
+        if self.shallow[0]:
+            sl, sh, sw = self.shallow
+            work += sl * 2 * sh * hd * self.kv_bytes * seqs * s_len
+            acts.append(min(sl, LIVE_LAYERS) * _layer_live(seqs, min(chunk, s_len), s_len, sh, hd, sw))
+        if denoise and self.denoiser[0]:
+            dl, dh, dw = self.denoiser
+            n = L + min(frames, window or frames) * F
+            acts.append(min(dl, LIVE_LAYERS) * _layer_live(batch, n, n, dh, hd, dw))
+        video = 4 * F * c * frames * (VIDEO_COPIES * batch + DEEP_ROW_COPIES * rows)
+        if decoded:
+            video += PIXEL_COPIES * batch * (1 + self.frame_scale * (frames - 1)) * self.pixel_frame_bytes
+        return int(ALLOCATOR_HEADROOM * (work + max(acts)) + video)
+
+
+def _layer_live(rows: int, s: int, p: int, heads: int, hd: int, width: int) -> int:
+    """Float32 bytes live in one transformer layer of a call: ``s`` query tokens over ``p`` keys per row
+    (hidden state, q / k / v, the keys and values with their past, scores and softmax, the 4x MLP)."""
+    return 4 * rows * (s * (6 * width + 3 * heads * hd) + 2 * heads * hd * p + 2 * heads * s * p)

@@ -47,3 +47,9 @@ class JacobiConfig:
     def stop(self) -> float:
         """The stopping bound on the relative update: ``max(threshold, floor)``, 0 when ``threshold`` is 0."""
         return max(self.threshold, self.floor) if self.threshold > 0 else 0.0
+
+    @property
+    def max_sweep_tokens(self) -> int:
+        """The most tokens one sweep evaluates: a chunk is ``4·block_size`` after frame 0, and the sliding
+        schedules' window takes up to two chunks (:mod:`starflow_trt.sampling.jacobi`)."""
+        return 8 * self.block_size

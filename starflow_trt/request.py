@@ -48,8 +48,18 @@ class RequestError(InputError):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Bounds on one request (``max_timeout_s`` is also the server's default deadline)."""
+    """Bounds on one request (``max_timeout_s`` is also the server's default deadline).
 
+    ``max_frames``: latent frames (None: the export's ``max_frames``, the server's default); ``max_batch``: rows
+    of a request and of the call it joins (None: any; calls run chunks of the export's ``max_batch``);
+    ``max_memory_mb``: the estimated working memory (:meth:`~starflow_trt.costs.CallMemory.call_bytes`) of the
+    largest call the request can be part of (None: unchecked). The server sets all three (``serve
+    --max-frames``, ``--max-batch``, ``--memory-budget``).
+    """
+
+    max_frames: Optional[int] = MAX_VIDEO_FRAMES
+    max_batch: Optional[int] = None
+    max_memory_mb: Optional[float] = None
     max_body_bytes: int = 16 << 20
     max_prompt_chars: int = 2000
     max_guidance: float = 30.0
@@ -286,10 +296,39 @@ def build_request(model: ModelSummary, limits: RequestLimits = RequestLimits(), 
     n_ctx = int(ctx.shape[1]) if ctx is not None else (1 if image is not None else 0)
     if n_ctx and not n_ctx < n:
         raise RequestError("frames", f"must exceed the {n_ctx} context frame(s), got {n}")
-    return GenerationRequest(seed=seed, frames=n, aspect=aspect, guidance=g, sampler=sampler, jacobi=options,
-                             denoise=check_bool("denoise", denoise), fps=fps, prompts=prompts,
-                             negative_prompts=negatives, y=y, y_uncond=y_uncond if g > 0 else None, image=image,
-                             video=video, context=ctx, noise=noise)
+    req = GenerationRequest(seed=seed, frames=n, aspect=aspect, guidance=g, sampler=sampler, jacobi=options,
+                            denoise=check_bool("denoise", denoise), fps=fps, prompts=prompts,
+                            negative_prompts=negatives, y=y, y_uncond=y_uncond if g > 0 else None, image=image,
+                            video=video, context=ctx, noise=noise)
+    check_budget(req, m, lim)
+    return req
+
+
+def check_budget(req: GenerationRequest, m: ModelSummary, lim: RequestLimits) -> None:
+    """Refuse a request beyond the limits on work (frames, rows, estimated memory), naming the limit and the
+    ``serve`` option that sets it."""
+    if lim.max_batch is not None and req.batch > lim.max_batch:
+        raise RequestError("prompt" if req.prompts is not None else "text_embeddings",
+                           f"{req.batch} rows exceed the limit of {lim.max_batch} a request (serve --max-batch); "
+                           "send fewer rows")
+    limit = m.max_frames if lim.max_frames is None else lim.max_frames
+    if req.frames > limit:
+        whose = ("serve --max-frames" if lim.max_frames is not None
+                 else "the export's max_frames; serve --max-frames raises it")
+        raise RequestError("frames", f"{req.frames} latent frames exceed the limit of {limit} ({whose}); "
+                                     "ask for fewer frames")
+    if lim.max_memory_mb is None or m.memory is None:
+        return
+    rows = min(m.max_batch, lim.max_batch or m.max_batch)     # the largest call this request can join
+    jac = req.jacobi_options
+    window = jac.window if jac is not None and jac.window and req.frames > jac.window else None
+    sweep = 1 if jac is None else jac.max_sweep_tokens
+    need = m.memory.call_bytes(rows, req.frames, window, req.guidance > 0, sweep, req.context_frames,
+                               req.denoise and m.has_denoiser, m.pixel_frames) / (1 << 20)
+    if need > lim.max_memory_mb:
+        raise RequestError("frames", f"{req.frames} frames need an estimated {need:.0f} MiB in a call of {rows} "
+                                     f"row(s), over the budget of {lim.max_memory_mb:.0f} MiB (serve "
+                                     "--memory-budget); ask for fewer frames or a smaller jacobi.block_size")
 
 
 def _seed(seed: Any, batch: int) -> Union[int, tuple[int, ...]]:

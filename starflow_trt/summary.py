@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from .costs import CallMemory
 from .defaults import DEFAULT_FPS
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class ModelSummary:
     pixel_scale: int = 1
     frame_scale: int = 1          # pixel frames per latent frame after the first (the VAE's temporal factor)
     fps: Optional[int] = None     # the config's video fps (``vid_size = "frames:fps"``), None: image config
+    memory: Optional[CallMemory] = None   # what a generate call's working memory depends on (the server's budget)
 
     # ------------------------------------------------------------ derived
     @property
@@ -126,6 +128,8 @@ class ModelSummary:
         d = {k: v for k, v in d.items() if k not in ("aspect", "aspect_names")}
         d["graphs"] = tuple(d["graphs"])
         d["aspects"] = tuple(tuple(a) for a in d.get("aspects", ()))
+        if isinstance(d.get("memory"), dict):
+            d["memory"] = CallMemory(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["memory"].items()})
         return cls(**d)
 
     @classmethod
@@ -157,7 +161,18 @@ class ModelSummary:
                    noise_std=float(g.noise_std), prompt_encoder=encoder, config_hash=m.config_hash,
                    checkpoint_sha256=sha, graphs=tuple(sorted(m.graphs)), engines=m.extra.get("engines"),
                    aspects=aspects, vae=vae, pixel_scale=scale, frame_scale=frame_scale, fps=cfg.fps,
-                   vae_encoder=n.VAE_ENCODE in m.graphs or n.VAE_ENCODE_FIRST in m.graphs)
+                   vae_encoder=n.VAE_ENCODE in m.graphs or n.VAE_ENCODE_FIRST in m.graphs,
+                   memory=CallMemory.of(cfg, g, _kv_bytes(m), 3 * g.max_tokens_per_frame * (p * scale) ** 2,
+                                        frame_scale))
+
+
+def _kv_bytes(m: "Manifest") -> int:
+    """Bytes of one cached K / V element: the deep step graph's ``new_k_0`` dtype (4 where not recorded)."""
+    from .export import names as n
+
+    outputs = m.graph(n.DEEP_STEP).outputs if n.DEEP_STEP in m.graphs else []
+    dtypes = [t.dtype for t in outputs if t.name.startswith("new_k_")]
+    return {"float16": 2, "bfloat16": 2}.get(dtypes[0], 4) if dtypes else 4
 
 
 def _grid_name(cfg, g) -> tuple[tuple[str, int, int], ...]:

@@ -135,8 +135,9 @@ def serve_cli(export: Path, tmp_path: Path, drain_timeout_s: float) -> Iterator[
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "starflow_trt.cli", "serve", str(export), "--port", str(port), "--timeout", "600",
-             "--drain-timeout", f"{drain_timeout_s:g}", "--batch-wait-ms", "300", "--videos-dir",
-             str(tmp_path / "videos")], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+             "--max-frames", str(LONG["frames"]), "--drain-timeout", f"{drain_timeout_s:g}", "--batch-wait-ms", "300",
+             "--videos-dir", str(tmp_path / "videos")],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = Server(proc, port, log)
     try:
         end = time.monotonic() + STARTUP_S

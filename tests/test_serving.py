@@ -342,6 +342,9 @@ def test_bad_input_gets_400_naming_the_field(service):
         assert err["field"] == field and err["error"].startswith(f"{field}: ") and "\n" not in err["error"]
     status, err = service.post(b'{"prompt": "' + b"a " * (9 << 20) + b'"}')
     assert status == 400 and err["field"] == "body"
+    # the request that took the machine: refused before any work, naming the limit and the flag
+    status, err = service.post({"prompt": PROMPTS[0], "frames": 2000, "denoise": False})
+    assert status == 400 and err["field"] == "frames" and "limit of 6" in err["error"] and "--max-frames" in err["error"]
 
 
 def test_timeout_gives_408_before_start_and_an_error_event_after(service):

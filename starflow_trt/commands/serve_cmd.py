@@ -40,6 +40,13 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-queued", default=32, show_default=True, type=int,
               help="requests queued beyond what the replicas hold; more get 503 (a stream) or 429 with "
                    "Retry-After (a video job create)")
+@click.option("--max-frames", type=click.IntRange(1, 1 << 16), default=None,
+              help="latent frames a request may ask for; more get 400  [default: the export's max_frames; above it, "
+                   "videos run through the Jacobi attention window]")
+@click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="megabytes one generate call may use, by the cost model's estimate for a full batch; requests "
+                   "over it get 400  [default: CPU replicas: half this machine's memory over --max-replicas or "
+                   "--replicas; GPU replicas: unchecked]")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
               help="request deadline in seconds (not started by then: 408; streaming: ends with an error event)")
 @options.backend_option()
@@ -77,8 +84,9 @@ def _is_loopback(host: str) -> bool:
               help="on SIGTERM / SIGINT: seconds running requests get to finish (new ones get 503); the rest "
                    "end with an error event")
 def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_replica, accelerator_type, host, port,
-                  address, max_queued, timeout_s, backend, cuda_graphs, providers, threads, thread_pool, max_batch,
-                  batch_wait_ms, batch_approximate, no_warmup, api_key, allowed_origins, allowed_hosts, videos_dir,
+                  address, max_queued, max_frames, memory_budget_mb, timeout_s, backend, cuda_graphs, providers,
+                  threads, thread_pool, max_batch, batch_wait_ms, batch_approximate, no_warmup, api_key,
+                  allowed_origins, allowed_hosts, videos_dir,
                   videos_max_count, videos_max_mb, videos_max_age, drain_timeout_s) -> None:
     """Serve DIRECTORY over HTTP: the streaming API (POST /v1/videos/stream, NDJSON), OpenAI's videos API
     (POST /v1/videos, GET /v1/videos[/ID[/content]], DELETE /v1/videos/ID), GET /v1/models, GET /healthz
@@ -104,7 +112,8 @@ def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_
                       gpus_per_replica=(1.0 if gpu else 0.0) if gpus_per_replica is None else gpus_per_replica,
                       cpus_per_replica=cpus_per_replica, accelerator_type=accelerator_type, max_batch=max_batch,
                       batch_wait_s=batch_wait_ms / 1000, batch_approximate=batch_approximate, max_queued=max_queued,
-                      timeout_s=timeout_s, warmup=not no_warmup, api_key=api_key or None, videos_dir=videos_dir,
+                      max_frames=max_frames, memory_budget_mb=memory_budget_mb, timeout_s=timeout_s,
+                      warmup=not no_warmup, api_key=api_key or None, videos_dir=videos_dir,
                       videos_max_count=videos_max_count, videos_max_bytes=int(videos_max_mb * (1 << 20)),
                       videos_max_age_s=videos_max_age * 3600, http_host=host,
                       allowed_origins=_names(allowed_origins), allowed_hosts=_names(allowed_hosts))

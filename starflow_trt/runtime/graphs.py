@@ -4,7 +4,7 @@ loaded runners, RoPE rows and SOS vectors, and per-call timed calls."""
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -82,13 +82,19 @@ class Graphs:
 
 
 class GraphCalls:
-    """The graph calls of one request: ``calls(name, inputs, outputs)``, timed into ``stats``."""
+    """The graph calls of one request: ``calls(name, inputs, outputs)``, timed into ``stats``.
 
-    def __init__(self, graphs: Graphs):
-        self.graphs = graphs
+    ``before()`` runs ahead of every call (a generate call's cancellation check: a request that is
+    cancelled or past its deadline stops before its next graph call, prefills and the denoiser included).
+    """
+
+    def __init__(self, graphs: Graphs, before: Optional[Callable[[], None]] = None):
+        self.graphs, self.before = graphs, before
         self.stats = CallStats()
 
     def __call__(self, name: str, inputs: dict, outputs: dict) -> None:
+        if self.before is not None:
+            self.before()
         self.stats.timed(self.graphs.runner(name), inputs, outputs)
 
     def forward(self, block: int, h: torch.Tensor, text: Optional[torch.Tensor] = None

@@ -223,7 +223,7 @@ class Pipeline:
 
         on_frame(i, frame [B, C, H, W]) fires in order as soon as frame i is final (per chunk, indices
         restarting at 0); on_video(chunk [B, f, 3, 16H, 16W] in [-1, 1]) as frames decode;
-        should_stop() is checked before every Jacobi sweep / AR step and every emitted frame (True raises
+        should_stop() is checked before every graph call and every emitted frame (True raises
         :class:`~starflow_trt.errors.GenerationCancelled`); on_progress(stage, done, total): ``("deep",
         tokens, tokens)``, ``("shallow" | "denoiser", frames, frames)`` and ``("batch", chunks done, chunks)``.
         """

@@ -93,9 +93,9 @@ class GenerateRun:
                  clock: Optional[StageClock] = None):
         self.start = time.perf_counter()
         self.graphs, self.geo, self.req, self.ws = graphs, graphs.geo, req, workspace
-        self.calls = GraphCalls(graphs)
         self.on_progress = on_progress
         self.hooks = Hooks(should_stop=should_stop)
+        self.calls = GraphCalls(graphs, before=self.hooks.check)
         self.info = dict(info or {})
         self.clock = clock or StageClock()
         self.traces: list[BlockTrace] = []
@@ -119,13 +119,28 @@ class GenerateRun:
                                                     and jac.threshold > 0)
 
     @property
+    def deep_frames(self) -> int:
+        """Frames the deep KV cache holds at most: the window (long video) or the whole video."""
+        return min(self.frames, self.req.window) if self.req.window else self.frames
+
+    @property
     def deep_capacity(self) -> int:
-        """Deep KV slots: text + the window (long video) or the whole video."""
-        g = self.geo
-        return g.text_length + (self.req.window * g.tokens_per_frame if self.req.window else self.n_tokens)
+        """Deep KV slots: text + :attr:`deep_frames` (the cache, and the RoPE rows, are slot-indexed)."""
+        return self.geo.text_length + self.deep_frames * self.geo.tokens_per_frame
+
+    @property
+    def shallow_group(self) -> int:
+        """Frames the shallow blocks invert in one batch: frame-local blocks take at most the export's
+        ``max_frames`` per batch (its graphs' batch range; a long video's working memory stays that of
+        the window), other blocks the whole video (one sequence)."""
+        return min(self.frames, self.geo.max_frames) if self.geo.frame_local else self.frames
 
     def _reserve(self) -> int:
-        """Reserve every workspace buffer this call needs; returns how many were (re)allocated."""
+        """Reserve every workspace buffer this call needs; returns how many were (re)allocated.
+
+        Sized by the window, never by the whole long video: a deep evaluation covers at most
+        :attr:`deep_frames` frames (or the given context), a shallow one :attr:`shallow_group` frames.
+        """
         g, ws, hd = self.geo, self.ws, self.geo.head_dim
         before = ws.allocations
         top = g.top
@@ -133,14 +148,15 @@ class GenerateRun:
         ws.reserve("deep_kv", self.deep_capacity * top.layers * 2 * self.rows * top.heads * hd,
                    self.graphs.kv_dtype(DEEP_STEP))
         shallow = [g.blocks[k] for k in g.shallow_blocks]
-        seqs = self.batch * (self.frames if g.frame_local else 1)
+        seqs = self.batch * (self.shallow_group if g.frame_local else 1)
         s_len = g.tokens_per_frame if g.frame_local else self.n_tokens
         if shallow:
             per_slot = max(b.layers * b.heads for b in shallow) * 2 * hd
             ws.reserve("shallow_kv", s_len * per_slot * seqs, self.graphs.kv_dtype(step_graph(g.shallow_blocks[0], g)))
-        max_s = max(self.n_tokens, g.tokens_per_frame * max(self.n_ctx, 1))
-        ws.reserve("scale", max_s * max(self.rows, seqs) * g.token_channels, torch.float32)
-        ws.reserve("shift", max_s * max(self.rows, seqs) * g.token_channels, torch.float32)
+        deep_s = g.tokens_per_frame * max(self.deep_frames, self.n_ctx)
+        scratch = max(self.rows * deep_s, seqs * s_len) * g.token_channels
+        ws.reserve("scale", scratch, torch.float32)
+        ws.reserve("shift", scratch, torch.float32)
         return ws.allocations - before
 
     # ------------------------------------------------------------ events

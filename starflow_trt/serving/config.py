@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from ..defaults import DEFAULT_THREAD_POOL
 from ..errors import InputError
+from ..request import MAX_VIDEO_FRAMES
 from .browser import BrowserPolicy
 from .jobs import Retention
 from .limits import RequestLimits
@@ -41,6 +42,8 @@ class ServeConfig:
     batch_approximate: bool = False          # also batch thresholded-Jacobi requests (frames then depend on the batch)
     max_ongoing: Optional[int] = None        # per generator replica; None: 2 x max_batch
     max_queued: int = 32                     # per ingress replica, beyond what replicas hold: 503
+    max_frames: Optional[int] = None         # latent frames a request may ask for; None: the export's max_frames
+    memory_budget_mb: Optional[float] = None  # a generate call's estimated working memory; None: memory_budget()
     timeout_s: float = 600.0
     limits: RequestLimits = field(default_factory=RequestLimits)
     warmup: bool = True
@@ -69,6 +72,10 @@ class ServeConfig:
                              f"trt or torch, not {self.backend!r}")
         if self.max_batch is not None and self.max_batch < 1:
             raise InputError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_frames is not None and not 1 <= self.max_frames <= MAX_VIDEO_FRAMES:
+            raise InputError(f"max_frames must be in [1, {MAX_VIDEO_FRAMES}], got {self.max_frames}")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise InputError(f"memory budget must be > 0 MB, got {self.memory_budget_mb}")
         self.retention()    # raises for bad video retention limits
 
     def videos_root(self) -> Path:
@@ -78,7 +85,21 @@ class ServeConfig:
         return Path(cache, "starflow-trt", "videos", self.app_name)
 
     def request_limits(self) -> RequestLimits:
-        return replace(self.limits, max_timeout_s=self.timeout_s)
+        """The limits requests are built with: this server's deadline, frames, batch and memory budget."""
+        return replace(self.limits, max_timeout_s=self.timeout_s, max_frames=self.max_frames, max_batch=self.max_batch,
+                       max_memory_mb=self.memory_budget())
+
+    def memory_budget(self) -> Optional[float]:
+        """MB one generate call may use: ``memory_budget_mb``, else on CPU replicas half this machine's memory
+        shared by the replicas it may run (the ingress and the replicas share a node in a local cluster); None
+        (unchecked) on GPU replicas without one: the estimate counts the attention scores ORT's CPU kernels
+        materialise, which TensorRT's fused attention never holds."""
+        if self.memory_budget_mb is not None:
+            return self.memory_budget_mb
+        if self.gpus_per_replica > 0:
+            return None
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 20)
+        return total / 2 / (self.max_replicas or self.replicas)
 
     def browser_policy(self) -> BrowserPolicy:
         return BrowserPolicy(self.http_host, tuple(self.allowed_hosts), tuple(self.allowed_origins))

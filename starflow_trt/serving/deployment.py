@@ -13,8 +13,9 @@ request of its rows (:func:`~starflow_trt.request.stack_rows`, one seed per row)
 :meth:`Pipeline.run`, the executor the CLI and the Python API use. It runs on
 the replica's one worker thread and its ``on_frame`` (latent frames) and ``on_video`` (VAE-decoded
 frames, PNG / mp4) events are forwarded to the callers as they come. A caller that goes away (client
-disconnect, timeout) gets no more events; when every caller of a call is gone the runtime's
-``should_stop`` hook stops the call at its next Jacobi sweep / autoregressive step / frame.
+disconnect, timeout) gets no more events; when every caller of a call is gone or past its deadline
+(``timeout_s`` from its arrival here) the runtime's ``should_stop`` hook stops the call before its next
+graph call.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ class VideoGenerator:
         decoded = self.summary.vae and any(t.request.output == "png" or t.request.mp4 for t in group)
 
         def should_stop() -> bool:
-            return self._closing or abort[0] or all(t.gone for t in group)
+            now = time.perf_counter()
+            return self._closing or abort[0] or all(t.gone or now > t.arrived + t.request.timeout_s for t in group)
 
         def on_frame(index: int, frame: torch.Tensor) -> None:
             generated[0] = index + 1
@@ -302,7 +304,7 @@ class VideoGenerator:
         return {"model": self.summary.to_dict(), "backend": self.pipe.backend.describe(), "replica": self.replica,
                 "pid": os.getpid(), "load_seconds": self.load_seconds, "max_batch": self.max_batch,
                 "batch_wait_s": self.config.batch_wait_s, "batch_approximate": self.config.batch_approximate,
-                "prompt": self.summary.prompt_encoder is not None, "cancellation": "sweep"}
+                "prompt": self.summary.prompt_encoder is not None, "cancellation": "graph call"}
 
     def recent(self) -> list[dict]:
         """The last requests this replica finished: status (ok, error, cancelled), frames generated and sent."""

@@ -38,7 +38,7 @@ class DeepStage:
         x = torch.cat([run.x, run.x]) if run.guidance > 0 else run.x
         seq = permute_tokens(x, self.perm).contiguous()          # ζ [rows, N, c]
         cache = KVCache(run.ws.view("deep_kv", (top.layers, 2, run.deep_capacity, run.rows, top.heads, g.head_dim)))
-        cos, sin = run.graphs.rope(run.frames, g.text_length)
+        cos, sin = run.graphs.rope(run.deep_frames, g.text_length)   # by cache slot
         block = GraphBlock(run.calls, DEEP_STEP, cache, cos, sin, run.graphs.sos(self.top), run.ws, run.guidance,
                            prefill_graph=DEEP_PREFILL, text=run.text)
         trace = BlockTrace(self.top, DEEP_STEP)

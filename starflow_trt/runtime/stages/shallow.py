@@ -1,4 +1,5 @@
-"""The blocks below the top on deep-final frames: frames batched (frame-local: folded into the batch)."""
+"""The blocks below the top on deep-final frames: frames batched (frame-local: folded into the batch, at most
+the export's ``max_frames`` at a time)."""
 
 from __future__ import annotations
 
@@ -32,19 +33,25 @@ class ShallowStage:
         if hi <= lo or (not g.frame_local and hi < run.frames):
             return self.done
         with run.timed("shallow"):
-            skip = max(0, run.n_ctx - lo) if g.frame_local else 0
-            todo = deep_out[:, lo:hi][:, skip:]
-            for k in reversed(range(g.num_blocks - 1)):
-                if k in g.identity_blocks or todo.shape[1] == 0:
-                    continue
-                todo = self._invert(k, todo)
-            out = self.out[:, lo:hi]
-            out[:, skip:] = todo
-            if skip:
-                out[:, :skip] = self.context[:, lo : lo + skip]
+            for start in range(lo, hi, run.shallow_group):
+                self._frames(start, min(start + run.shallow_group, hi), deep_out)
             self.done = hi
         run.progress("shallow", hi, run.frames)
         return self.done
+
+    def _frames(self, lo: int, hi: int, deep_out: torch.Tensor) -> None:
+        """Frames ``[lo, hi)`` of :attr:`out` from those of ``deep_out`` [B, T, h, w, c], one batch."""
+        g = self.run.geo
+        skip = max(0, self.run.n_ctx - lo) if g.frame_local else 0
+        todo = deep_out[:, lo:hi][:, skip:]
+        for k in reversed(range(g.num_blocks - 1)):
+            if k in g.identity_blocks or todo.shape[1] == 0:
+                continue
+            todo = self._invert(k, todo)
+        out = self.out[:, lo:hi]
+        out[:, skip:] = todo
+        if skip:
+            out[:, :skip] = self.context[:, lo : lo + skip]
 
     def _invert(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Block k's inverse on frames h [B, t, h, w, c]."""

@@ -25,6 +25,7 @@ import numpy as np
 
 from .defaults import DEFAULT_CONTEXT_LENGTH, SCHEDULES
 from .errors import InputError
+from .frame_plan import denoise_plan, denoise_steps, resolve_window
 from .jacobi_config import REQUEST_FIELDS, JacobiConfig
 from .summary import ModelSummary
 
@@ -300,8 +301,20 @@ def build_request(model: ModelSummary, limits: RequestLimits = RequestLimits(), 
                             denoise=check_bool("denoise", denoise), fps=fps, prompts=prompts,
                             negative_prompts=negatives, y=y, y_uncond=y_uncond if g > 0 else None, image=image,
                             video=video, context=ctx, noise=noise)
+    check_frame_plan(req, m)
     check_budget(req, m, lim)
     return req
+
+
+def check_frame_plan(req: GenerationRequest, m: ModelSummary) -> None:
+    """Refuse a request whose frames the sampler could not plan (the long-video window, the denoising chunks),
+    before any work: the same functions the sampler plans with."""
+    try:
+        window, _ = resolve_window(req.jacobi_options, req.frames, m.window, m.max_frames)
+        if req.denoise and m.has_denoiser:
+            denoise_plan(req.frames, denoise_steps(window, m.window, req.frames), m.denoiser_window)
+    except InputError as exc:
+        raise RequestError("frames", str(exc)) from None
 
 
 def check_budget(req: GenerationRequest, m: ModelSummary, lim: RequestLimits) -> None:

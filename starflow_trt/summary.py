@@ -45,6 +45,7 @@ class ModelSummary:
     pixel_space: bool
     has_denoiser: bool
     window: Optional[int]         # long-video attention window (frames) of the model, None: none
+    denoiser_window: Optional[int] = None   # frames a denoising chunk overlaps the previous one, None: window - 1
     default_guidance: float
     noise_std: float
     prompt_encoder: Optional[str]  # "text_encoder", "toy" (bundled toy checkpoint) or None (embeddings only)
@@ -156,7 +157,7 @@ class ModelSummary:
                    height=g.height, width=g.width, max_frames=g.max_frames, max_batch=g.max_batch,
                    text_length=g.text_length, text_width=int(g.text_width or 0),
                    pixel_space=not cfg.vae and not vae and g.channel_size == 3, has_denoiser=g.has_denoiser,
-                   window=g.local_attn_window,
+                   window=g.local_attn_window, denoiser_window=g.denoiser_window,
                    default_guidance=float(cfg.guidance_values[0]) if cfg.guidance_values else 0.0,
                    noise_std=float(g.noise_std), prompt_encoder=encoder, config_hash=m.config_hash,
                    checkpoint_sha256=sha, graphs=tuple(sorted(m.graphs)), engines=m.extra.get("engines"),

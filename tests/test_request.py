@@ -193,6 +193,27 @@ def test_long_video_defaults_are_upstreams_and_resolved_once():
         build_request(MEDIA, prompt="a", jacobi={"window": 4})
 
 
+def test_frames_the_denoiser_cannot_cover_are_refused_before_any_work():
+    """Denoising chunks of the window (3 frames here) that overlap by denoiser_window=10 cannot advance past the
+    first chunk: 4 frames are a 400 naming frames, before any graph runs; without denoising, or within one chunk,
+    they are fine. The refusal is the sampler's own plan (:func:`starflow_trt.frame_plan.denoise_plan`)."""
+    from dataclasses import replace
+
+    from starflow_trt.frame_plan import denoise_plan
+
+    model = replace(MEDIA, denoiser_window=10)
+    with pytest.raises(RequestError, match=r"^frames: denoising 4 frames in chunks of window=3 .*denoise") as err:
+        build_request(model, prompt="a", frames=4)
+    with pytest.raises(Exception) as planned:
+        denoise_plan(4, 3, 10)
+    assert err.value.reason == str(planned.value)
+    assert build_request(model, prompt="a", frames=4, denoise=False).frames == 4
+    assert build_request(model, prompt="a", frames=3).frames == 3
+    assert build_request(MEDIA, prompt="a", frames=4).frames == 4           # overlap window - 1 always advances
+    with pytest.raises(RequestError, match="^frames: .*autoregressive"):   # the window's own plan, as early
+        build_request(replace(MEDIA, window=2), prompt="a", frames=3, sampler="autoregressive")
+
+
 def torch_zeros(*shape):
     import torch
 

@@ -2,37 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 
+from ..frame_plan import DenoiseChunk
 from ..model_constants import DENOISE_CONSTANT, DENOISER_LAYERS
-from ..errors import InputError
-
-
-class DenoiseChunk(NamedTuple):
-    """Frames ``[start, end)`` go through the denoiser; frames ``[write_from, end)`` take its output."""
-
-    start: int
-    end: int
-    write_from: int
-
-
-def denoise_plan(frames: int, steps: int, denoiser_window: Optional[int]) -> list[DenoiseChunk]:
-    """Chunks of ``steps`` frames; later chunks overlap the previous by ``denoiser_window`` frames
-    (None: steps − 1) and see already-denoised frames. Chunks that would write nothing are left out."""
-    chunks, s, overlap = [], 0, 0
-    while s < frames:
-        chunks.append(DenoiseChunk(s, min(s + steps, frames), s + overlap))
-        if s + steps >= frames:
-            break
-        overlap = denoiser_window if denoiser_window is not None else steps - 1
-        if steps - overlap <= 0:
-            raise InputError(f"denoising {frames} frames in chunks of window={steps} frames that overlap by "
-                             f"denoiser_window={overlap} frames cannot advance: pass a window larger than "
-                             f"{overlap} frames or denoise=False (CLI: --window, --no-denoise)")
-        s += steps - overlap
-    return chunks
 
 
 def denoise_lookahead(temporal_causal: int, frames: int) -> int:

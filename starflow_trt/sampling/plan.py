@@ -19,10 +19,9 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InputError
+from ..frame_plan import DenoiseChunk, denoise_plan, denoise_steps, resolve_window
 from .block import Solver
-from .denoise import DenoiseChunk, denoise_plan
 from .options import SCHEDULES, JacobiConfig
-from .windows import denoise_steps, resolve_window
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
-"""Window defaults (spec §10.4, §12.4): the long-video attention window, its context, the denoising chunk."""
+"""Which frames a call works on, torch-free (spec §10.4, §12.3-12.4): the long-video attention window and its
+context, and the denoiser's frame chunks. The sampler plans with these; a request is checked with them before any
+work (:func:`starflow_trt.request.build_request`)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
-from ..errors import InputError
-from .options import JacobiConfig
+from .errors import InputError
+from .jacobi_config import JacobiConfig
 
 
 def resolve_window(jacobi: Optional[JacobiConfig], frames: int, local_attn_window: Optional[int],
@@ -42,3 +44,28 @@ def resolve_window(jacobi: Optional[JacobiConfig], frames: int, local_attn_windo
 def denoise_steps(window: Optional[int], local_attn_window: Optional[int], frames: int) -> int:
     """Frames per denoising chunk: the (resolved) window, else ``local_attn_window``, else all frames (§12.4)."""
     return window or local_attn_window or frames
+
+
+class DenoiseChunk(NamedTuple):
+    """Frames ``[start, end)`` go through the denoiser; frames ``[write_from, end)`` take its output."""
+
+    start: int
+    end: int
+    write_from: int
+
+
+def denoise_plan(frames: int, steps: int, denoiser_window: Optional[int]) -> list[DenoiseChunk]:
+    """Chunks of ``steps`` frames; later chunks overlap the previous by ``denoiser_window`` frames
+    (None: steps − 1) and see already-denoised frames. Chunks that would write nothing are left out."""
+    chunks, s, overlap = [], 0, 0
+    while s < frames:
+        chunks.append(DenoiseChunk(s, min(s + steps, frames), s + overlap))
+        if s + steps >= frames:
+            break
+        overlap = denoiser_window if denoiser_window is not None else steps - 1
+        if steps - overlap <= 0:
+            raise InputError(f"denoising {frames} frames in chunks of window={steps} frames that overlap by "
+                             f"denoiser_window={overlap} frames cannot advance: pass a window larger than "
+                             f"{overlap} frames or denoise=False (CLI: --window, --no-denoise)")
+        s += steps - overlap
+    return chunks

@@ -359,13 +359,13 @@ def test_non_contiguous_inputs_go_through_scratch(engines, goldens_export, fake_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp16"])   # bf16 flow graphs: refused by the precision policy before parsing
 def test_16bit_exports_build_under_the_fake(exports, tmp_path, monkeypatch, dtype):
-    """fp16 / bf16 exports (16-bit bodies, FP32 islands behind Casts) pass the strict parser: every op and its
-    type is in the table, and no op of the strongly typed network mixes float types."""
+    """An fp16 export (16-bit body, FP32 islands behind Casts) passes the strict parser: every op and its type
+    is in the table, and no op of the strongly typed network mixes float types."""
     from .exports import GOLDENS_FLOW
 
+    source = exports(**GOLDENS_FLOW, dtype=dtype)   # exported before the fake patches torch.cuda
     rec = fake_tensorrt.install(monkeypatch)
-    source = exports(**GOLDENS_FLOW, dtype=dtype)
     build(source, tmp_path / "eng")
     assert rec.errors == [] and len(rec.named("parse_from_file")) == len(load_manifest(source).graphs)

@@ -5,8 +5,13 @@ is a TensorRT result. It exists so that ``engine/build.py`` and ``runtime/backen
 execute in CI on a machine without a GPU, line for line as they would under TensorRT, while the fake
 checks the contracts the TensorRT 10 / 11 documentation states:
 
+* ``OnnxParser.parse_from_file`` fails (False, with errors) on an op, an op's data type or an opset
+  outside the parser's support table for the fake's version (``starflow_trt/engine/trt_onnx_support.json``,
+  from onnx-tensorrt's docs/operators.md, read through ``engine/ops.py``), and, for a strongly typed
+  network, on an op whose inputs mix float dtypes (no implicit conversions there);
 * ``IOptimizationProfile.set_shape``: ``len(min) == len(opt) == len(max) == rank`` and
-  ``0 <= min <= opt <= max`` (else ``ValueError``), fixed dims equal; ``build_serialized_network``
+  ``0 <= min <= opt <= max`` (else ``RuntimeError``, as the Python bindings raise it in 10.x and
+  11.x: pyCore.cpp turns a false ``setDimensions`` into RuntimeError), fixed dims equal; ``build_serialized_network``
   fails (``None``) when a dynamic input has no profile, or when a strongly typed network is given
   precision flags (FP16 / BF16 / INT8);
 * ``IExecutionContext.set_input_shape`` returns False for a name that is not an engine input or a
@@ -15,7 +20,10 @@ checks the contracts the TensorRT 10 / 11 documentation states:
   (``infer_shapes() == []``) and every IO tensor address is set;
 * the stream handle passed to ``execute_async_v3`` is an ``int`` of a stream that exists; inside a
   CUDA-graph capture work on the capturing stream is recorded, not run (replay runs it on the
-  addresses captured), and work on another stream fails as CUDA does.
+  addresses captured), and work on another stream fails as CUDA does;
+* a captured graph replayed after its execution context was given other input shapes fails
+  (:class:`FakeError`): what was captured were kernels for the shapes at capture time, and
+  replaying them on a re-shaped context is nothing TensorRT documents.
 
 Engines: ``build_serialized_network`` returns a plan that is a magic header, a JSON description
 (IO tensors, profile, flags, the TensorRT version) and the ONNX bytes; ``deserialize_cuda_engine``
@@ -206,6 +214,8 @@ class OnnxParser:
     def parse_from_file(self, path: str) -> bool:
         import onnx
 
+        from starflow_trt.engine.ops import mixed_float_nodes, support_table, unsupported
+
         if not isinstance(path, str):
             raise TypeError("parse_from_file(model: str)")
         self.network.rec.call("parse_from_file", path)
@@ -213,6 +223,14 @@ class OnnxParser:
             model = onnx.load(path)   # resolves external data next to the file, as the parser does
         except Exception as exc:  # noqa: BLE001
             self._errors.append(f"could not parse {path}: {exc}")
+            return False
+        table = support_table(_STATE["module"].__version__)
+        self._errors += [f"unsupported by the TensorRT {table.version} parser: {what} (x{n})"
+                         for what, n in unsupported(model, table)]
+        if self.network.strongly_typed:
+            self._errors += [f"strongly typed network: inputs of mixed float types at {node}"
+                             for node in mixed_float_nodes(model)]
+        if self._errors:
             return False
         self.network.inputs, self.network.outputs = _onnx_io(model)
         self.network.onnx = model.SerializeToString()
@@ -226,9 +244,9 @@ class IOptimizationProfile:
     def set_shape(self, input: str, min, opt, max) -> None:  # noqa: A002 (TensorRT's parameter names)
         lo, mid, hi = (tuple(int(v) for v in s) for s in (min, opt, max))
         if not len(lo) == len(mid) == len(hi):
-            raise ValueError(f"set_shape({input!r}): ranks of min/opt/max differ")
+            raise RuntimeError(f"set_shape({input!r}): ranks of min/opt/max differ")
         if not all(0 <= a <= b <= c for a, b, c in zip(lo, mid, hi)):
-            raise ValueError(f"set_shape({input!r}): need 0 <= min <= opt <= max, got {lo} {mid} {hi}")
+            raise RuntimeError(f"set_shape({input!r}): need 0 <= min <= opt <= max, got {lo} {mid} {hi}")
         self.shapes[input] = (lo, mid, hi)
 
     def get_shape(self, input: str) -> list:  # noqa: A002
@@ -465,6 +483,8 @@ class IExecutionContext:
         self.engine, self.rec = engine, engine.rec
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
+        self.captures = 0     # graphs captured on this context
+        self.shape_sets = 0   # its first full set of input shapes, then each change of one
 
     def set_input_shape(self, name: str, shape) -> bool:
         shape = tuple(int(v) for v in shape)
@@ -478,6 +498,8 @@ class IExecutionContext:
             lo, _, hi = self.engine.profile[name]
             if not all(a <= v <= b for a, v, b in zip(lo, shape, hi)):
                 return self.rec.error(f"set_input_shape: {name!r} {shape} is outside profile 0 [{lo}, {hi}]")
+        if self.shapes.get(name) != shape and (name in self.shapes or not self.shapes):
+            self.shape_sets += 1
         self.shapes[name] = shape
         return True
 
@@ -537,11 +559,18 @@ class IExecutionContext:
             return rec.error("execute_async_v3: injected failure")
         bound = (dict(self.shapes), dict(self.addresses), {n: self.get_tensor_shape(n) for n in self.engine.io})
         if capturing:   # recorded into the graph, run on replay against the captured addresses
-            cuda.capturing[0].work.append(lambda: self._run(*bound))
+            cuda.capturing[0].work.append(lambda: self._replayed(*bound))
             rec.captures += 1
+            self.captures += 1
             return True
         self._run(*bound)
         return True
+
+    def _replayed(self, shapes: dict, addresses: dict, inferred: dict) -> None:
+        if self.shapes != shapes:
+            raise FakeError(f"replay of a CUDA graph captured at input shapes {shapes} on a context re-shaped to "
+                            f"{self.shapes} since: the captured kernels are for the old shapes")
+        self._run(shapes, addresses, inferred)
 
     def _view(self, name: str, shape: tuple[int, ...], address: int) -> np.ndarray:
         elem = self.engine.io[name][1].elem
@@ -588,6 +617,7 @@ class FakeCUDAGraph:
         if not self.captured or self.freed:
             raise RuntimeError("replay of a CUDA graph that was not captured or was reset")
         _STATE["rec"].replays += 1
+        _STATE["rec"].call("replay", _STATE["cuda"].current.cuda_stream)   # torch replays on the current stream
         for run in self.work:
             run()
 
@@ -603,10 +633,21 @@ class FakeCuda:
         self.rec = rec
         self.default = FakeStream(self, 0)   # torch's default stream handle is 0
         self.streams: dict[int, FakeStream] = {0: self.default}
+        self.current = self.default
         self.capturing: Optional[tuple[FakeCUDAGraph, int]] = None
 
     def current_stream(self, device=None) -> FakeStream:
-        return self.default
+        return self.current
+
+    @contextlib.contextmanager
+    def stream(self, stream: FakeStream):
+        if not isinstance(stream, FakeStream):
+            raise TypeError("torch.cuda.stream(stream: Stream)")
+        before, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = before
 
     def Stream(self, device=None) -> FakeStream:  # noqa: N802 (torch's name)
         handle = 0x7000 + 0x10 * len(self.streams)
@@ -623,10 +664,11 @@ class FakeCuda:
         if self.capturing is not None:
             raise RuntimeError("a CUDA graph capture is already underway")
         self.capturing = (cuda_graph, stream.cuda_stream)
+        before, self.current = self.current, stream   # torch.cuda.graph makes the capture stream current
         try:
             yield
         finally:
-            self.capturing = None
+            self.capturing, self.current = None, before
         cuda_graph.captured = True
 
     def synchronize(self, device=None) -> None:
@@ -670,7 +712,7 @@ def install(monkeypatch, version: str = "10.3.0") -> Recorder:
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     for name, value in dict(is_available=lambda: True, get_device_capability=lambda device=None: (8, 9),
                             get_device_name=lambda device=None: "FAKE-GPU (tests/fake_tensorrt.py, not a GPU)",
-                            current_stream=cuda.current_stream, Stream=cuda.Stream, CUDAGraph=FakeCUDAGraph,
+                            current_stream=cuda.current_stream, Stream=cuda.Stream, stream=cuda.stream, CUDAGraph=FakeCUDAGraph,
                             graph=cuda.graph, synchronize=cuda.synchronize).items():
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(trt_backend, "DEVICE", torch.device("cpu"))   # data_ptr() of host tensors as device pointers

@@ -30,7 +30,8 @@ def test_fp8_directory_records_placement_and_holds_e4m3_qdq(fp8_dir):
 
     assert fp8_dir.precision == "fp8"
     assert fp8_dir.extra["quantization"] == {"placement": "trt", "format": "float8e4m3fn", "opset": 19,
-                                             "rules": "starflow_trt/calibration/qdq.py"}
+                                             "rules": "starflow_trt/calibration/qdq.py", "body": "fp16",
+                                             "weight_scale": "tensor"}   # issue 30's defaults
     cal = fp8_dir.extra["calibration"]
     assert cal["method"] == "minmax" and "trt_cache_versions" not in cal and 0 < cal["residual_floor"]["value"] < 1
     for name, spec in fp8_dir.graphs.items():
@@ -40,9 +41,9 @@ def test_fp8_directory_records_placement_and_holds_e4m3_qdq(fp8_dir):
         assert next(o.version for o in model.opset_import if o.domain == "") == 19
         layout = qdq_layout(model)
         assert len(layout) == conv["quantized_nodes"] == conv["weight_qdq_matmuls"] > 0
-        for entry in layout.values():   # activation per tensor, weight FP8 per output channel
+        for entry in layout.values():   # activation per tensor, weight FP8 per tensor (the default)
             assert entry[0]["weight"] is False and entry[1]["type"] == TensorProto.FLOAT8E4M3FN
-            assert entry[1]["axis"] is not None
+            assert entry[1]["axis"] is None
 
 
 @pytest.mark.slow
@@ -96,7 +97,8 @@ def test_int8_trt_placement(goldens_export, cases, tmp_path):
     dqs = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert dqs and all(set(consumers[t]) <= {"MatMul", "Gemm"} for t in dqs)   # Q/DQ only on GEMM inputs
     assert (spec.root / spec.extra["conversion"]["trt_calibration_cache"]).is_file()
-    assert next(o.version for o in model.opset_import if o.domain == "") == 18   # INT8 keeps the export's opset
+    # the default FP16 body has FP16 scales, which need opset 19 (the FP32 body keeps the export's 18)
+    assert next(o.version for o in model.opset_import if o.domain == "") == 19
     assert "note" not in build_plan(m.root, BuildOptions())["graphs"]["deep_step"]
 
 
@@ -106,4 +108,16 @@ def test_calibrate_cli_refuses_entropy_for_fp8(tmp_path):
     out = CliRunner().invoke(main, ["calibrate", str(tmp_path), "--precision", "fp8", "--method", "entropy",
                                     "-o", str(tmp_path / "x")])
     assert out.exit_code == 2 and "minmax" in out.output and "Traceback" not in out.output
+    assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args,cause", [
+    (["--precision", "int8", "--high-precision-dtype", "fp16"], "--placement trt"),   # ORT's quantizer: FP32 only
+    (["--precision", "fp16", "--high-precision-dtype", "fp32"], "drop it"),           # not a Q/DQ directory
+])
+def test_calibrate_cli_refuses_a_body_dtype_it_cannot_write(tmp_path, args, cause):
+    from starflow_trt.cli import main
+
+    out = CliRunner().invoke(main, ["calibrate", str(tmp_path), *args, "-o", str(tmp_path / "x")])
+    assert out.exit_code == 2 and cause in out.output and "Traceback" not in out.output
     assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

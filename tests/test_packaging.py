@@ -173,6 +173,7 @@ def test_wheel_install_runs_demo_and_quick_bench_elsewhere(wheel, demo):
         assert p.returncode == 0, f"{verb} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     assert (wheel.package / "bench" / "configs" / "bench_quick.yaml").is_file()
     assert (wheel.package / "calibration" / "prompts.txt").is_file()   # calibrate's default prompt set
+    assert (wheel.package / "engine" / "trt_onnx_support.json").is_file()   # the TensorRT parser's table
     assert sorted(p.name for p in work.iterdir()) == ["D1", "D2"]
     assert {"demo.mp4", "report.json", "report.md"} <= {p.name for p in (work / "D1").iterdir()}
     d2 = {p.name for p in (work / "D2").iterdir()}

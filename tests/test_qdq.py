@@ -253,3 +253,84 @@ def test_the_policy_table_names_registered_kinds():
 
     registered = {k.kind for k in graph_kinds()}
     assert set(KIND_POLICIES) <= registered and {"text_encoder", "vae_decode_step"} <= set(KIND_POLICIES)
+
+
+# ------------------------------------------------------------------ issue 30: a 16-bit body (--high-precision-dtype)
+def _casts_beside_qdq(model) -> list[str]:
+    """Cast-to-FP32 nodes that read a DequantizeLinear output or feed a QuantizeLinear."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    q_inputs = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    out = []
+    for n in model.graph.node:
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        if n.op_type == "Cast" and to == TensorProto.FLOAT:
+            src = producers.get(n.input[0])
+            if (src is not None and src.op_type == "DequantizeLinear") or n.output[0] in q_inputs:
+                out.append(n.name)
+    return out
+
+
+@pytest.mark.parametrize("precision,weight_scale", [("fp8", "tensor"), ("fp8", "channel"), ("int8", "tensor")])
+def test_fp16_body_qdq(tmp_path, precision, weight_scale):
+    """FP16 body: every quantized GEMM reads FP16 behind its DQ, scales are FP16 (opset 19), no Cast to FP32 sits
+    beside a Q/DQ, FP8 weights per tensor by default (INT8 stays per channel); on ORT's CPU EP the graph computes
+    the FP32-body Q/DQ graph's outputs up to FP16 rounding."""
+    from starflow_trt.calibration.fp16 import convert_fp16
+    from starflow_trt.export.dtypes import elem_types
+
+    model = block_graph("single")
+    for i, node in enumerate(model.graph.node):   # as the exporter writes them: every node named, ONNX-domain ops
+        node.name = node.name or f"{node.op_type}_{i}"
+        if node.op_type == "Gelu":
+            node.op_type, node.domain = "Relu", ""
+    onnx.save(model, str(tmp_path / "f32.onnx"))
+    convert_fp16(tmp_path / "f32.onnx", tmp_path / "f16.onnx", modules=("block",))
+    body = onnx.load(str(tmp_path / "f16.onnx"))
+    fmt = qformat(precision)
+    amax = _amax(model, _feeds("single"))
+    info = insert_qdq(body, amax, fmt, DEFAULT_EXCLUDE, weight_scale)
+    ref = onnx.load(str(tmp_path / "f32.onnx"))
+    insert_qdq(ref, amax, fmt, DEFAULT_EXCLUDE, weight_scale)
+    assert info["quantized_nodes"] == len(qdq_layout(body)) > 0
+    assert next(o.version for o in body.opset_import if o.domain == "") == 19
+    types = elem_types(body)
+    inits = {i.name: i for i in body.graph.initializer}
+    producers = {o: n for n in body.graph.node for o in n.output}
+    per_tensor = precision == "fp8" and weight_scale == "tensor"
+    for name, entry in qdq_layout(body).items():
+        node = next(n for n in body.graph.node if n.name == name)
+        assert [types[i] for i in node.input[:2]] == [TensorProto.FLOAT16] * 2, name   # 16-bit behind the DQ
+        for i in (0, 1):
+            dq = producers[node.input[i]]
+            assert inits[dq.input[1]].data_type == TensorProto.FLOAT16   # the scale in the body dtype
+        assert (entry[1]["axis"] is None) == per_tensor and (list(inits[producers[node.input[1]].input[1]].dims)
+                                                             == ([] if per_tensor else [inits[
+                                                                 producers[node.input[1]].input[0]].dims[-1]]))
+    assert _casts_beside_qdq(body) == []
+    assert info["DequantizeLinear"] == info["QuantizeLinear"] + info["quantized_nodes"]   # + one DQ a weight
+    feeds = _feeds("single", seed=3)
+
+    def run(m, optimize: bool):
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.x64quantprecision", "1")   # exact int8 GEMMs on AVX2
+        if not optimize:   # the reference: the ONNX ops as written (with ORT 1.32's graph optimisations on, this
+            # FP32-body FP8 graph's output moves ~70 % from it, weights per tensor or per channel alike)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    for got, want in zip(run(body, True), run(ref, False)):
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < (0.05 if precision == "fp8" else 0.02)
+
+
+def test_dry_run_names_what_per_channel_fp8_weights_need():
+    from types import SimpleNamespace
+
+    from starflow_trt.engine.build import qdq_plan
+
+    def plan(weight_scale):
+        conv = {"placement": "trt", "format": "float8e4m3fn", "opset": 19, "body": "fp16", "weight_scale": weight_scale}
+        return qdq_plan(SimpleNamespace(precision="fp8", extra={"conversion": conv}))
+
+    assert "9.0" in plan("channel")["requires"] and "10.6" in plan("channel")["requires"]
+    assert "8.9" in plan("tensor")["requires"] and "10.6" not in plan("tensor")["requires"]
+    assert plan("tensor")["qdq"]["body"] == "fp16" and plan("channel")["qdq"]["weight_scale"] == "channel"

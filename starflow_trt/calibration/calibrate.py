@@ -26,13 +26,14 @@ import torch
 
 from ..errors import StarflowError
 from ..export.manifest import Manifest, load_manifest
+from ..export.trt_variant import trt_variant_entry, variant_path
 from ..staging import sha256_file, staged_directory
 from ..reference.sampler import JacobiConfig
 from .capture import CaptureSet, capture_activations, iter_feeds
 from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
 from .policy import QUANTIZED, graph_precision as policy_precision, policy_of
 from .prompts import PromptSet, encode_prompt_set, template_options
-from .qdq import qformat, quantize_graph_trt
+from .qdq import BODY_DTYPES, WEIGHT_SCALES, qformat, quantize_graph_trt
 from .trt_cache import write_cache
 
 
@@ -96,14 +97,18 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
                         trt_version: str = "10.3.0", force: bool = False, overwrite: bool = False,
                         capture_dir: Optional[Path] = None, shard_bytes: int = 64 << 20,
                         placement: str = "ort", kv_dtype: Optional[str] = None,
-                        log: Callable[[str], None] = print, prompts: Optional[PromptSet] = None) -> Manifest:
+                        log: Callable[[str], None] = print, prompts: Optional[PromptSet] = None,
+                        high_precision_dtype: Optional[str] = None, fp8_weights: str = "tensor") -> Manifest:
     """Calibrate ``src`` (FP32 graphs) into ``out``; see the module docstring.
 
     Calibration prompts: ``text`` / ``uncond`` embeddings [N, L, D], or ``prompts`` as text, encoded through the
     export's text encoder (:mod:`.prompts`: upstream's templates, uncond the template around ``""``); ``samples``
     takes the first N of either. ``method``: default the precision's first of :data:`METHODS_FOR`;
     ``placement``: of the Q/DQ (:data:`PLACEMENTS`; FP8 is always "trt"); ``kv_dtype="fp8"``: the step graphs
-    also round the K/V they write to E4M3 (:func:`.qdq.quantize_kv_writes`; FP8 only)."""
+    also round the K/V they write to E4M3 (:func:`.qdq.quantize_kv_writes`; FP8 only).
+    ``high_precision_dtype``: the body dtype of Q/DQ graphs (:data:`.qdq.BODY_DTYPES`; default "fp16" for FP8 and
+    for placement "trt", "fp32" for placement "ort"); ``fp8_weights``: FP8 weight scales per "tensor" (default)
+    or "channel" (:data:`.qdq.WEIGHT_SCALES`)."""
     from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
 
@@ -118,6 +123,14 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
             raise StarflowError(f"--method {method} does not apply to {precision}; use one of "
                                 f"{', '.join(METHODS_FOR[precision])}")
     method = method or "entropy"
+    body = high_precision_dtype or ("fp16" if placement == "trt" else "fp32")
+    if precision in QUANTIZED and body not in BODY_DTYPES:
+        raise StarflowError(f"--high-precision-dtype must be one of {', '.join(BODY_DTYPES)}, got {body!r}")
+    if precision in QUANTIZED and placement == "ort" and body != "fp32":
+        raise StarflowError(f"--high-precision-dtype {body} needs --placement trt (ONNX Runtime's quantizer writes "
+                            "FP32 graphs)")
+    if fp8_weights not in WEIGHT_SCALES:
+        raise StarflowError(f"--fp8-weights must be one of {', '.join(WEIGHT_SCALES)}, got {fp8_weights!r}")
     if kv_dtype not in (None, "fp8") or (kv_dtype and precision != "fp8"):
         raise StarflowError(f"--kv-dtype {kv_dtype} needs --precision fp8 (the only K/V type besides the graphs' own)")
     src, out = Path(src), Path(out)
@@ -165,13 +178,16 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
 
         carry_tokenizer(manifest, tmp)   # prompts on OUT need the export's tokenizer
         new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log, placement,
-                              kv_fp8=kv_dtype == "fp8")
+                              kv_fp8=kv_dtype == "fp8", body=body, fp8_weights=fp8_weights)
         quality = {"graphs": {}}
         for name, spec in new.graphs.items():
             if spec.precision == "fp32":   # converted graphs (e.g. fp16 VAE graphs in an int8 directory) are gated
                 continue
             errs = graph_errors(manifest.graph(name).path, spec.path, held.calls.get(name, []))
             quality["graphs"][name] = {"rel_l2": errs, "calls": len(held.calls.get(name, []))}
+            if spec.trt_path is not None:   # the twin TensorRT builds must compute what ORT gated
+                quality["graphs"][name]["trt_variant_rel_l2"] = graph_errors(spec.path, spec.trt_path,
+                                                                             held.calls.get(name, []))
         floor = {}
         quality.update(_end_to_end(manifest, new, text, uncond, guidance, jacobi, eval_clips,
                                    floor if precision in QUANTIZED else None))
@@ -186,7 +202,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
         if precision == "int8":
             new.extra["calibration"]["trt_cache_versions"] = "TensorRT 8.x-10.x (implicit INT8)"
         if precision in QUANTIZED:   # which Q/DQ a directory holds (build --dry-run and verify read it)
-            new.extra["quantization"] = quantization_record(precision, placement, new)
+            new.extra["quantization"] = quantization_record(precision, placement, new, body, fp8_weights)
             if kv_dtype:
                 new.extra["quantization"]["kv_dtype"] = ("fp8 (E4M3-rounded on write; the ORT cache array stays "
                                                          "FP32: quality simulated, memory not saved)")
@@ -200,52 +216,82 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
     return new.relocate(out)
 
 
-def quantization_record(precision: str, placement: str, manifest: Manifest) -> dict:
-    """The manifest's ``quantization`` entry: placement, Q/DQ element type, opset of the Q/DQ graphs."""
+def quantization_record(precision: str, placement: str, manifest: Manifest, body: str = "fp32",
+                        fp8_weights: str = "tensor") -> dict:
+    """The manifest's ``quantization`` entry: placement, Q/DQ element type, opset of the Q/DQ graphs, their body
+    dtype and (placement "trt") how weights are scaled."""
     opsets = sorted({s.extra.get("conversion", {}).get("opset") for s in manifest.graphs.values()} - {None})
-    return {"placement": placement, "format": qformat(precision).name, "opset": opsets[-1] if opsets else None,
-            "rules": "starflow_trt/calibration/qdq.py" if placement == "trt" else "onnxruntime.quantization QDQ"}
+    record = {"placement": placement, "format": qformat(precision).name, "opset": opsets[-1] if opsets else None,
+              "rules": "starflow_trt/calibration/qdq.py" if placement == "trt" else "onnxruntime.quantization QDQ",
+              "body": body}
+    if placement == "trt":
+        record["weight_scale"] = fp8_weights if precision == "fp8" else "channel"
+    return record
 
 
 def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, cal: CaptureSet,
                     exclude: Sequence[str], trt_version: str, log, placement: str = "ort",
-                    kv_fp8: bool = False) -> Manifest:
-    from .fp16 import convert_fp16
-
+                    kv_fp8: bool = False, body: str = "fp32", fp8_weights: str = "tensor") -> Manifest:
+    """Every graph of ``manifest`` converted into ``tmp`` per the precision policy, each graph's TensorRT
+    fused-attention twin (``trt_variant``) by the same rules from the same calibration calls."""
     new = manifest.derive(tmp, precision=precision)
     for name, spec in manifest.graphs.items():
-        dst = tmp / spec.file
         calls = cal.calls.get(name, [])
         policy = policy_of(spec.kind)   # an unknown kind gets the defaults
         decision = policy_precision(spec.kind, precision, called=bool(calls))
-        info: dict = {}
         if decision.precision in QUANTIZED:
             log(f"  {decision.precision} {name}: {len(calls)} calibration calls ({placement} placement)")
-            ranges = tmp / f"{name}.ranges.json"
-            excluded = (*exclude, *policy.exclude)
-            if placement == "ort":
-                info = quantize_graph(spec.path, dst, calls, method, excluded, ranges_path=ranges)
-            else:
-                info = quantize_graph_trt(spec.path, dst, calls, decision.precision, method, excluded,
-                                          ranges_path=ranges, kv_fp8=kv_fp8)
-            if decision.precision == "int8":   # implicit-INT8 caches have no FP8 counterpart
-                cache = write_cache(tmp / f"{name}.calib.cache", load_ranges(ranges), method, trt_version)
-                info["trt_calibration_cache"] = cache.name
-            hits, total = weight_quantized_matmuls(dst)
-            info.update({"weight_qdq_matmuls": hits, "matmuls": total})
-            ranges.unlink()
-            graph_precision = decision.precision
         elif decision.precision == "fp16":
             log(f"  fp16 {name}")
-            info = convert_fp16(spec.path, dst, policy.fp16_modules)
-            graph_precision = "fp16"
         else:
             log(f"  {name}: kept fp32 ({decision.reason})")
-            shutil.copy2(spec.path, dst)
-            graph_precision = "fp32"
+
+        def convert(src: Path, dst: Path, cache: bool) -> dict:
+            return _convert_graph(src, dst, decision.precision, calls, method, (*exclude, *policy.exclude),
+                                  policy.fp16_modules, placement, kv_fp8, trt_version if cache else None,
+                                  body, fp8_weights)
+
+        dst = tmp / spec.file
+        info = convert(spec.path, dst, cache=True)
+        twin = None
+        if spec.trt_variant:   # the fused-attention form, converted by the same rules from the same calls
+            twin_dst = variant_path(dst)
+            twin_info = convert(spec.trt_path, twin_dst, cache=False)
+            twin = {**trt_variant_entry(twin_dst, []), "form": spec.trt_variant["form"], "conversion": twin_info}
+        graph_precision = decision.precision if decision.precision in (*QUANTIZED, "fp16") else "fp32"
         new.graphs[name] = spec.derive(root=tmp, precision=graph_precision, sha256=sha256_file(dst),
+                                       trt_variant=twin,
                                        extra={**spec.extra, "conversion": info, "precision_policy": decision.reason})
     return new
+
+
+def _convert_graph(src: Path, dst: Path, precision: str, calls, method: str, exclude: Sequence[str],
+                   fp16_modules: Sequence[str], placement: str, kv_fp8: bool, trt_version: Optional[str],
+                   body: str = "fp32", fp8_weights: str = "tensor") -> dict:
+    """Write ``src`` converted to ``precision`` (a :func:`policy_precision` decision) at ``dst``; the conversion
+    record. ``trt_version``: also write the INT8 graph's implicit-INT8 calibration cache (None: not);
+    ``body`` / ``fp8_weights``: of placement "trt" (:func:`.qdq.quantize_graph_trt`)."""
+    from .fp16 import convert_fp16
+
+    if precision in QUANTIZED:
+        ranges = dst.with_name(dst.name[: -len(".onnx")] + ".ranges.json")
+        if placement == "ort":
+            info = quantize_graph(src, dst, calls, method, exclude, ranges_path=ranges)
+        else:
+            info = quantize_graph_trt(src, dst, calls, precision, method, exclude, ranges_path=ranges, kv_fp8=kv_fp8,
+                                      body=body, weight_scale=fp8_weights, fp16_modules=fp16_modules)
+        if precision == "int8" and trt_version:   # implicit-INT8 caches have no FP8 counterpart
+            cache = write_cache(dst.with_name(dst.name[: -len(".onnx")] + ".calib.cache"), load_ranges(ranges),
+                                method, trt_version)
+            info["trt_calibration_cache"] = cache.name
+        hits, total = weight_quantized_matmuls(dst)
+        info.update({"weight_qdq_matmuls": hits, "matmuls": total})
+        ranges.unlink()
+        return info
+    if precision == "fp16":
+        return convert_fp16(src, dst, fp16_modules)
+    shutil.copy2(src, dst)
+    return {}
 
 
 def _end_to_end(m32: Manifest, mq: Manifest, text, uncond, guidance, jacobi, eval_clips,
@@ -289,6 +335,9 @@ def _check_gate(quality: dict, gate: QualityGate) -> list[str]:
         worst = max(g["rel_l2"].values()) if g["rel_l2"] else 0.0
         if not worst <= gate.max_graph_error:  # NaN fails
             failures.append(f"{name} rel error {worst:.3g} > {gate.max_graph_error}")
+        twin = max(g.get("trt_variant_rel_l2", {}).values(), default=0.0)
+        if not twin <= gate.max_graph_error:
+            failures.append(f"{name}'s TensorRT twin differs from it by {twin:.3g} > {gate.max_graph_error}")
     if not quality["bpd_increase"] <= gate.max_bpd_increase:
         failures.append(f"bits/dim +{quality['bpd_increase']:.4f} > {gate.max_bpd_increase}")
     if not quality["latent_psnr_db"] >= gate.min_psnr_db:

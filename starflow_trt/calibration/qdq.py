@@ -15,8 +15,10 @@ Placement rules (``placement="trt"``), each with its source:
    amax from the captured activations (max |x|, or a percentile). TensorRT supports only symmetric, per-tensor
    activation quantization (same page, "Quantized Types"). One Q/DQ pair per tensor, shared by all the
    quantized consumers (modelopt: ``DedicatedQDQPair: False``); unquantized consumers keep the float tensor.
-3. Weights: per output channel, symmetric (``amax_c / 127`` or ``amax_c / 448``), stored quantized (INT8 or
-   float8e4m3fn initializers) behind a ``DequantizeLinear(axis=output axis)``: TensorRT accepts pre-quantized
+3. Weights: symmetric, INT8 per output channel (``amax_c / 127``), FP8 per tensor by default (``amax / 448``,
+   one scalar scale: FP8 GEMMs on Ada and Hopper) or per output channel (``weight_scale="channel"``: TensorRT
+   documents per-channel FP8 GEMMs on Hopper, sm_90, from 10.6 only), stored quantized (INT8 or
+   float8e4m3fn initializers) behind a ``DequantizeLinear`` (``axis`` = output axis when per channel): TensorRT accepts pre-quantized
    weights when "an IDequantizeLayer is required between the weights and the linear operator" (same page,
    "Quantized Weights"). MatMul B ``[.., K, N]``: axis = last; Gemm B: axis 0 with ``transB`` else 1.
    (modelopt stores float weights with a Q→DQ pair instead, ``AddQDQPairToWeight``: equivalent after
@@ -31,9 +33,18 @@ Placement rules (``placement="trt"``), each with its source:
    (``find_nodes_from_mha_to_exclude``), INT8 only up to seq_len 512; the two-part form never matches.
 6. FP8 graphs are opset >= 19 (QuantizeLinear/DequantizeLinear with float8e4m3fn, ``saturate=1``: values past
    amax clamp to ±448 instead of overflowing to NaN) and IR version >= 9.
+7. Body dtype (``body``, ``calibrate --high-precision-dtype``): ``"fp16"`` converts the graph to FP16 first
+   (:func:`~.fp16.convert_fp16`: FP32 only in its named islands) and then places the Q/DQ on the FP16 GEMM
+   inputs with FP16 scales (opset >= 19 lets a Q/DQ scale have the input's type), so each GEMM reads FP16
+   behind its DQ and no Cast to FP32 sits beside a Q/DQ pair: a strongly typed TensorRT network (TensorRT 11's
+   only kind) runs exactly the ONNX types, so an FP32 body would run every norm, softmax and add in FP32 and
+   dequantize GEMM inputs to FP32. Model Optimizer's ONNX quantizer does the same by default
+   (``high_precision_dtype='fp16'``, Casts around Q/DQ folded, FP16 scales at opset >= 19: NVIDIA Model-Optimizer
+   PR #1289). ``"fp32"``: the graph's own FP32 body (what ``--placement ort`` writes).
 
 What ONNX Runtime's CPU EP runs from these graphs (the quality gate): DequantizeLinear(QuantizeLinear(x)) in
-FP32, i.e. the exact E4M3 / INT8 rounding of every quantized input with the chosen scales, then an FP32 GEMM.
+the body dtype, i.e. the exact E4M3 / INT8 rounding of every quantized input with the chosen scales, then the
+GEMM; an FP16 body runs in FP16 on ORT's CPU kernels (FP16 MatMul / elementwise ops, each rounded to FP16).
 It does not represent TensorRT's kernels: their accumulation order and precision (FP8 GEMMs accumulate in FP32
 on Hopper, outputs may be FP16), the ops TensorRT fuses or runs in FP16 around them, or its tactic choices.
 """
@@ -48,8 +59,15 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..export.dtypes import elem_types
 from .capture import Call, iter_feeds
+from .fp16 import FP16_MODULES, convert_fp16
 from .int8 import DEFAULT_EXCLUDE, calibrate_ranges, load_ranges, select_nodes
+
+#: ``calibrate --high-precision-dtype``: the dtype of a Q/DQ graph's body (rule 7)
+BODY_DTYPES = ("fp16", "fp32")
+#: how FP8 weights are scaled (rule 3): "tensor" (default; Ada and Hopper) or "channel" (sm_90, TensorRT >= 10.6)
+WEIGHT_SCALES = ("tensor", "channel")
 
 
 @dataclass(frozen=True)
@@ -120,21 +138,31 @@ def activation_tensors(model, exclude: Sequence[str]) -> list[str]:
     return sorted({s.tensor for s in plan_sites(model, exclude)[0] if s.axis is None})
 
 
-def quantize_weight(w: np.ndarray, axis: int, fmt: QFormat) -> tuple[np.ndarray, np.ndarray]:
-    """(quantized weight, per-channel scale [C]) of a float weight, symmetric along ``axis``.
+def quantize_weight(w: np.ndarray, axis: Optional[int], fmt: QFormat,
+                    scale_dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(quantized weight, scale) of a float weight, symmetric: per channel along ``axis`` (scale [C]) or per
+    tensor (``axis=None``, scalar scale). ``scale_dtype``: the body's float type (the scale is rounded to it
+    first, so the stored weight matches the scale TensorRT and ORT read).
 
     INT8: round-half-even, clamp to ±127. FP8: round to nearest E4M3 (ml_dtypes), clamp to ±448."""
+    w = w.astype(np.float32)
     reduce = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w).max(axis=reduce).astype(np.float32)
-    scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(np.float32)
+    scale = _scale(np.where(amax > 0, amax / fmt.qmax, 1.0), scale_dtype)
     shape = [1] * w.ndim
-    shape[axis] = -1
-    x = np.clip(w / scale.reshape(shape), -fmt.qmax, fmt.qmax)
+    if axis is not None:
+        shape[axis] = -1
+    x = np.clip(w / scale.astype(np.float32).reshape(shape), -fmt.qmax, fmt.qmax)
     if fmt.name == "int8":
         return np.round(x).astype(np.int8), scale
     import ml_dtypes
 
     return x.astype(ml_dtypes.float8_e4m3fn), scale
+
+
+def _scale(value, dtype: type) -> np.ndarray:
+    """``value`` as a scale of ``dtype``, never rounded to 0 (an FP16 scale of a near-zero amax)."""
+    return np.maximum(np.asarray(value, np.float32), np.finfo(dtype).tiny).astype(dtype)
 
 
 def _tensor(name: str, array: np.ndarray, fmt: Optional[QFormat] = None):
@@ -145,16 +173,26 @@ def _tensor(name: str, array: np.ndarray, fmt: Optional[QFormat] = None):
     return helper.make_tensor(name, fmt.elem_type, list(array.shape), array.view(np.uint8).tobytes(), raw=True)
 
 
-def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence[str]) -> dict:
-    """Insert Q/DQ into ``model`` (in place) by rules 1-6; ``amax``: activation tensor → max |x| (calibrated).
+def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence[str],
+               weight_scale: str = "channel") -> dict:
+    """Insert Q/DQ into ``model`` (in place) by rules 1-7; ``amax``: activation tensor → max |x| (calibrated on
+    the FP32 graph: a tensor the FP16 conversion re-typed through a Cast takes its source's amax).
+    ``weight_scale``: "channel" or "tensor" (rule 3). Scales have the type of the tensor they quantize.
 
     Returns what was done: quantized / excluded node names, Q and DQ counts, the activation scales."""
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     sites, keep, skip = plan_sites(model, exclude)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    amax = dict(amax)
+    for site in sites:   # the FP16 body: Cast(x) feeds the GEMM where the FP32 graph read x itself
+        source = producers.get(site.tensor)
+        if site.tensor not in amax and source is not None and source.op_type == "Cast" and source.input[0] in amax:
+            amax[site.tensor] = amax[source.input[0]]
     missing = sorted({s.tensor for s in sites if s.axis is None} - set(amax))
     if missing:
         raise ValueError(f"no calibrated amax for activation(s) {', '.join(missing[:5])}")
+    types = elem_types(model)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     nodes = {n.name: n for n in graph.node}
@@ -165,8 +203,9 @@ def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence
             while stem in stems:   # two names that sanitise alike
                 stem += "_"
             stems.add(stem)
+            dtype = np.float16 if types.get(site.tensor) == TensorProto.FLOAT16 else np.float32
             if site.axis is None:   # activation: Q→DQ, per tensor
-                scale = np.float32(max(float(amax[site.tensor]), 1e-12) / fmt.qmax)
+                scale = _scale(max(float(amax[site.tensor]), 1e-12) / fmt.qmax, dtype)
                 zero = np.zeros((), np.int8) if fmt.name == "int8" else np.zeros((), np.uint8).view(_fp8())
                 graph.initializer.extend([_tensor(f"{stem}_scale", np.array(scale)),
                                           _tensor(f"{stem}_zero", zero, fmt)])
@@ -179,17 +218,31 @@ def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence
             else:                   # weight: quantized initializer → DQ, per output channel
                 from onnx import numpy_helper
 
-                wq, wscale = quantize_weight(numpy_helper.to_array(inits[site.tensor]), site.axis, fmt)
-                graph.initializer.extend([_tensor(f"{stem}_quantized", wq, fmt), _tensor(f"{stem}_scale", wscale)])
-                new_nodes.append(helper.make_node("DequantizeLinear", [f"{stem}_quantized", f"{stem}_scale"],
-                                                  [f"{stem}_dq"], name=f"{stem}_DequantizeLinear", axis=site.axis))
+                axis = None if fmt.name != "int8" and weight_scale == "tensor" else site.axis
+                wq, wscale = quantize_weight(numpy_helper.to_array(inits[site.tensor]), axis, fmt, dtype)
+                # an explicit zero point of the scale's shape: ORT's S8→U8 weight rewrite (x86 without VNNI) gives
+                # a per-axis DQ without one a scalar zero point, which its own kernel then refuses
+                wzero = np.zeros(wscale.shape, np.int8) if fmt.name == "int8" else \
+                    np.zeros(wscale.shape, np.uint8).view(_fp8())
+                graph.initializer.extend([_tensor(f"{stem}_quantized", wq, fmt), _tensor(f"{stem}_scale", wscale),
+                                          _tensor(f"{stem}_zero", wzero, fmt)])
+                new_nodes.append(helper.make_node("DequantizeLinear",
+                                                  [f"{stem}_quantized", f"{stem}_scale", f"{stem}_zero"],
+                                                  [f"{stem}_dq"], name=f"{stem}_DequantizeLinear",
+                                                  **({"axis": axis} if axis is not None else {})))
             done[site.tensor] = f"{stem}_dq"
         nodes[site.node].input[site.index] = done[site.tensor]
     _toposort(graph, new_nodes)   # each Q/DQ right where its input is ready
     _drop_unused_initializers(graph)
-    _set_opset(model, fmt.min_opset)
+    _set_opset(model, max(fmt.min_opset, 19 if float16_scales(graph) else 0))
     counts = {op: sum(n.op_type == op for n in graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
     return {"quantized_nodes": len(keep), "excluded_nodes": skip, **counts, "activation_scales": len(scales)}
+
+
+def float16_scales(graph) -> bool:
+    """Whether a Q/DQ of ``graph`` has an FP16 scale (opset >= 19: before it, scales are FP32 only)."""
+    inits = {i.name: i.data_type for i in graph.initializer}
+    return any(inits.get(n.input[1]) == 10 for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
 
 
 def _fp8():
@@ -317,24 +370,38 @@ def quantize_kv_writes(model, amax: Mapping[str, float], fmt: QFormat) -> list[s
 # ------------------------------------------------------------------------ the driver
 def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: str = "int8",
                        method: str = "minmax", exclude: Sequence[str] = DEFAULT_EXCLUDE, percentile: float = 99.99,
-                       ranges_path: Optional[Path] = None, kv_fp8: bool = False) -> dict:
-    """Write ``src`` with INT8 or FP8 Q/DQ placed by TensorRT's rules (rules 1-6, placement "trt") to ``dst``.
+                       ranges_path: Optional[Path] = None, kv_fp8: bool = False, body: str = "fp32",
+                       weight_scale: str = "channel", fp16_modules: Sequence[str] = FP16_MODULES) -> dict:
+    """Write ``src`` with INT8 or FP8 Q/DQ placed by TensorRT's rules (rules 1-7, placement "trt") to ``dst``.
 
-    Activation amax from ORT's symmetric calibrator over ``calls`` (``method``); weights per channel.
+    Activation amax from ORT's symmetric calibrator over ``calls`` (``method``) on the FP32 graph; ``body``:
+    "fp16" or "fp32" (rule 7; ``fp16_modules``: where FP16 may run, :func:`~.fp16.convert_fp16`);
+    ``weight_scale``: FP8 weights per "tensor" or "channel" (rule 3; INT8 weights are per channel).
     ``kv_fp8``: also round the K/V the graph writes to E4M3 (:func:`quantize_kv_writes`)."""
     import onnx
 
+    if body not in BODY_DTYPES:
+        raise ValueError(f"body dtype must be one of {', '.join(BODY_DTYPES)}, got {body!r}")
+    if weight_scale not in WEIGHT_SCALES:
+        raise ValueError(f"weight scale must be one of {', '.join(WEIGHT_SCALES)}, got {weight_scale!r}")
     fmt = qformat(precision)
-    model = onnx.load(str(src))
+    body_info: dict = {}
     with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp:
         cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
         amax = load_ranges(cache)
-    info = insert_qdq(model, amax, fmt, exclude)
+        if body == "fp16":
+            body_info = convert_fp16(src, Path(tmp) / "body.onnx", fp16_modules)
+            model = onnx.load(str(Path(tmp) / "body.onnx"))
+        else:
+            model = onnx.load(str(src))
+    info = insert_qdq(model, amax, fmt, exclude, weight_scale)
     if kv_fp8 and kv_outputs(model):
         names = kv_outputs(model)
         info["kv_fp8_outputs"] = quantize_kv_writes(model, output_amax(src, calls, names), qformat("fp8"))
     onnx.save(model, str(dst))
-    return {**info, "method": method, "placement": "trt", "format": fmt.name, "opset": _opset(model)}
+    return {**info, "method": method, "placement": "trt", "format": fmt.name, "opset": _opset(model),
+            "body": body, **({"fp32_island_nodes": body_info["fp32_nodes"]} if body_info else {}),
+            "weight_scale": "channel" if fmt.name == "int8" else weight_scale}
 
 
 def _opset(model) -> int:

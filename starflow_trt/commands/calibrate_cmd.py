@@ -28,6 +28,12 @@ TOY_SAMPLES = 16
 @click.option("--placement", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
               help="INT8 Q/DQ placed for ONNX Runtime's quantizer or by TensorRT's explicit-quantization rules "
                    "(use trt for `build`; fp8 is always trt)")
+@click.option("--high-precision-dtype", type=click.Choice(["fp16", "fp32"]), default=None,
+              help="body dtype of int8/fp8 Q/DQ graphs: fp16 (FP32 only in the precision policy's islands; Q/DQ "
+                   "scales FP16) or fp32 [default: fp16 for fp8 and --placement trt, fp32 for --placement ort]")
+@click.option("--fp8-weights", type=click.Choice(["per-tensor", "per-channel"]), default="per-tensor",
+              show_default=True, help="FP8 weight scales: per-tensor runs on Ada and Hopper; per-channel needs "
+                                      "Hopper (sm_90) and TensorRT >= 10.6")
 @click.option("--kv-dtype", type=click.Choice(["fp8"]), default=None,
               help="with --precision fp8: K/V rounded to E4M3 when written to the cache (quality simulated on ORT)")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
@@ -52,7 +58,7 @@ TOY_SAMPLES = 16
               "(size-bounded .npz shards)")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def calibrate_command(directory: str, precision: str, method: Optional[str], placement: str,
-                      kv_dtype: Optional[str], prompts_file: Optional[str], samples: Optional[int],
+                      high_precision_dtype: Optional[str], fp8_weights: str, kv_dtype: Optional[str], prompts_file: Optional[str], samples: Optional[int],
                       text: Optional[str], uncond: Optional[str], guidance: float, exclude: tuple, trt_version: str,
                       ignore_gate: bool, force: bool, capture_dir: Optional[str], out_dir: str) -> None:
     """Calibrate the FP32 graphs of DIRECTORY into INT8 / FP8 (Q/DQ) or FP16 graphs in OUT, gated on quality.
@@ -81,6 +87,12 @@ def calibrate_command(directory: str, precision: str, method: Optional[str], pla
     if precision == "fp8" and method == "entropy":
         raise InputError("--method entropy is an INT8 histogram fit; fp8 takes --method minmax (amax, default) "
                          "or percentile")
+    if high_precision_dtype and precision == "fp16":
+        raise InputError("--high-precision-dtype sets the body of int8 / fp8 Q/DQ graphs; fp16 graphs are FP16 "
+                         "with FP32 islands already: drop it")
+    if high_precision_dtype == "fp16" and precision == "int8" and placement == "ort":
+        raise InputError("--high-precision-dtype fp16 needs --placement trt (ONNX Runtime's quantizer writes FP32 "
+                         "graphs); add --placement trt")
     if kv_dtype and precision != "fp8":
         raise InputError(f"--kv-dtype {kv_dtype} needs --precision fp8; drop it or calibrate to fp8")
     for pattern in exclude:
@@ -127,7 +139,8 @@ def calibrate_command(directory: str, precision: str, method: Optional[str], pla
         manifest = calibrate_directory(
             Path(directory), Path(out_dir), precision, method, samples,
             text_t, uncond_t, guidance, exclude=exclude or DEFAULT_EXCLUDE, eval_clips=eval_clips, trt_version=trt_version, force=ignore_gate,
-            overwrite=force, capture_dir=cap, placement=placement, kv_dtype=kv_dtype, log=log, prompts=prompt_set)
+            overwrite=force, capture_dir=cap, placement=placement, kv_dtype=kv_dtype, log=log, prompts=prompt_set,
+            high_precision_dtype=high_precision_dtype, fp8_weights=fp8_weights.removeprefix("per-"))
         bar.update(steps - bar.n)
     q = manifest.extra["quality"]
     click.echo(f"calibration prompts: {describe_prompt_set(manifest.extra['calibration']['prompt_set'])}")

@@ -53,9 +53,9 @@ def build_plan(graph_dir: Path, options: BuildOptions, trt_version: str = "10") 
         if options.graphs and name not in options.graphs:
             continue
         onnx_path = spec.trt_path or spec.path   # the TensorRT fused-attention variant when recorded
-        unsupported = check_graph_ops(onnx_path, str(major))
+        unsupported = check_graph_ops(onnx_path, str(trt_version), strongly_typed=not legacy)
         if unsupported:
-            raise StarflowError(f"graph {name} has ops TensorRT {major} cannot parse: {unsupported}")
+            raise StarflowError(f"graph {name} has ops TensorRT {trt_version} cannot parse: {unsupported}")
         graphs[name] = {
             "onnx": str(onnx_path), "attention": spec.trt_variant["form"] if spec.trt_variant else "portable",
             "precision": spec.precision,
@@ -77,8 +77,12 @@ def qdq_plan(spec) -> dict[str, Any]:
     conv = spec.extra.get("conversion", {})
     if spec.precision not in ("int8", "fp8"):
         return {}
-    out = {"qdq": {k: conv.get(k) for k in ("placement", "format", "opset", "quantized_nodes")}}
-    if spec.precision == "fp8":
+    out = {"qdq": {k: conv.get(k) for k in ("placement", "format", "opset", "quantized_nodes", "body",
+                                             "weight_scale")}}
+    if spec.precision == "fp8" and conv.get("weight_scale") == "channel":
+        # TensorRT documents per-channel FP8 weight scales for GEMMs on Hopper from 10.6 (release notes)
+        out["requires"] = "per-channel FP8 weights: compute capability 9.0 (Hopper) and TensorRT >= 10.6"
+    elif spec.precision == "fp8":
         out["requires"] = "FP8 tensor cores: compute capability >= 8.9 (Ada, Hopper)"
     if conv.get("placement", "ort") == "ort":
         out["note"] = ("Q/DQ placed for ONNX Runtime (GEMM outputs quantized too); `calibrate --placement trt` "
@@ -138,7 +142,7 @@ def _build_one(trt, onnx_path: Path, profile: Mapping[str, Any], options: BuildO
     for name, (lo, opt, hi) in profile.items():
         try:
             prof.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
-        except ValueError as exc:  # documented: an inconsistent min/opt/max
+        except RuntimeError as exc:  # the bindings raise RuntimeError (10.x, 11.x) for an inconsistent min/opt/max
             raise StarflowError(f"profile of {name!r} in {onnx_path.name} is invalid ({lo} / {opt} / {hi}: {exc}); "
                                 "fix the --shape overrides (min <= opt <= max)") from exc
     if config.add_optimization_profile(prof) < 0:

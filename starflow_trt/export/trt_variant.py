@@ -96,11 +96,18 @@ class _Nodes(_Graph):
             name = users[0].output[0]
 
     def label(self, name: str) -> str:
-        """The graph output ``name`` is written to through a Transpose, else the graph input it comes from
-        (through Transpose / Cast), else ``name``."""
-        for user in self.consumers.get(name, []):
-            if user.op_type == "Transpose" and user.output[0] in self.outputs:
-                return user.output[0]
+        """The graph output ``name`` is written to through a Transpose (and Casts: an FP16 body, whose FP32
+        islands Cast around the Transpose, writing FP32 IO), else the graph input it comes from (through
+        Transpose / Cast), else ``name``."""
+        todo, seen = [(name, False)], set()
+        while todo:
+            tensor, transposed = todo.pop()
+            if transposed and tensor in self.outputs:
+                return tensor
+            for user in self.consumers.get(tensor, []):
+                if user.op_type in _PASSTHROUGH and user.output[0] not in seen:
+                    seen.add(user.output[0])
+                    todo.append((user.output[0], transposed or user.op_type == "Transpose"))
         source, _ = self.up(name)
         return source if source in self.inputs else name
 

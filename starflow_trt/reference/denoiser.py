@@ -22,7 +22,8 @@ def denoiser_mask(text_len: int, frames: int, tokens_per_frame: int, temporal_ca
     q, k = slots.unsqueeze(1), slots.unsqueeze(0)
     k_frame = torch.div(k - L, F, rounding_mode="floor")
     q_frame = torch.div(q - L, F, rounding_mode="floor")
-    q_frame_upper = torch.div((q - L).clamp(min=0), F, rounding_mode="floor")
+    # max(q - L, 0), not clamp: ONNX Clip on INT64 is outside TensorRT's parser table (engine/ops.py), Max is in it
+    q_frame_upper = torch.div(torch.maximum(q - L, torch.zeros_like(q)), F, rounding_mode="floor")
     inside = (k_frame >= q_frame + A - 1 - G) & (k_frame <= q_frame_upper + A - 1)
     return (k < L) | inside
 

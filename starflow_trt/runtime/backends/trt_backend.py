@@ -3,10 +3,12 @@
 Every buffer is a CUDA torch tensor owned by the pipeline (KV caches live on the GPU
 for the whole call; a step reads a prefix view and writes its new K/V into the next
 slots: no host round trips). Per call: ``set_input_shape`` + ``set_tensor_address``
-for every binding, then ``execute_async_v3`` on the current torch stream, the pattern
-of NVIDIA's TensorRT diffusion demos. Optional CUDA-graph replay for repeated calls
-with identical shapes and addresses (the iterations of one Jacobi chunk). ``close()`` frees
-the captured graphs, the execution contexts, the engines and the runtime, in that order.
+for every binding, then ``execute_async_v3`` on the backend's own CUDA stream (ordered after
+the caller's stream and before its next op), the pattern of NVIDIA's TensorRT diffusion demos.
+Optional CUDA-graph replay for repeated calls with identical shapes and addresses (the
+iterations of one Jacobi chunk), each graph on an execution context of its own that is never
+re-shaped (:class:`_Captured`). ``close()`` frees the captured graphs and their contexts, the
+execution contexts, the engines and the runtime, in that order.
 
 Written against the TensorRT 10/11 Python API documentation. Without a GPU, its code paths
 run in tests/test_fake_tensorrt.py under a recording fake of that documented API (buffers in
@@ -43,29 +45,56 @@ def check_engine_io(spec: GraphSpec, engine, trt) -> None:
                             "with `starflow-trt build`")
 
 
+#: captured CUDA graphs a runner keeps (each with its own execution context); the least recently used goes
+MAX_CAPTURED = 8
+#: keys a runner remembers having run once (forgotten all at once past this: a long serving process)
+MAX_SEEN = 4096
+
+
+class _Captured:
+    """One CUDA graph and the execution context it was captured on, bound once to one shape/address key.
+
+    Why a context of its own: a captured graph holds the kernels TensorRT chose for the context's
+    shapes at capture time; re-shaping that context (``set_input_shape``) and replaying the graph is
+    not a documented use (NVIDIA's diffusion demo keeps static shapes, one graph per engine). A
+    captured context is never re-shaped or re-bound, so every replay runs what was captured.
+    """
+
+    def __init__(self, context, graph):
+        self.context, self.graph = context, graph
+
+
 class TrtRunner(GraphRunner):
-    def __init__(self, spec: GraphSpec, engine, device: torch.device, cuda_graphs: bool):
+    """One engine. Plain calls run on ``self.context`` (re-shaped per call). With ``cuda_graphs``, a key
+    (input shapes + every bound address) seen a second time gets its own context, bound once and
+    captured; later calls with that key replay it (the iterations of one Jacobi chunk)."""
+
+    def __init__(self, spec: GraphSpec, engine, device: torch.device, stream: "torch.cuda.Stream",
+                 cuda_graphs: bool):
         super().__init__(spec)
         self.engine = engine
         self.context = engine.create_execution_context()
         self.device = device
+        self.stream = stream   # the backend's own stream: never the default (legacy, synchronising) stream
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._captured: dict[tuple, _Captured] = {}   # insertion order = least recently used first
+        self._seen: set[tuple] = set()               # keys run once (captured when they repeat)
         raw = torch.zeros(2 * ALIGNMENT, dtype=torch.uint8, device=device)
         self._dummy = raw[_pad(raw.data_ptr()):]       # a valid, aligned address for empty tensors (P = 0)
-        self._scratch: dict[str, torch.Tensor] = {}   # per IO name: aligned bytes for a misaligned binding
+        self._scratch: dict[str, torch.Tensor] = {}   # per IO name: aligned contiguous bytes for a binding
 
     def _staged(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]):
-        """The tensors to bind: each one itself when aligned, else this runner's aligned scratch of its
-        shape (KV-cache slot views and token slices start anywhere in their buffer). Returns
-        (inputs, outputs, [(scratch, output)] to copy back after the run); inputs are copied in here."""
+        """The tensors to bind: each one itself when contiguous and aligned, else this runner's aligned
+        scratch of its shape (KV-cache slot views and token slices start anywhere in their buffer; a strided
+        view has no single address TensorRT could read densely). Returns (inputs, outputs, [(scratch, output)]
+        to copy back after the run); inputs are copied in here."""
         bound_in = {name: self._aligned(name, t, copy_in=True) for name, t in inputs.items()}
         bound_out = {name: self._aligned(name, t, copy_in=False) for name, t in outputs.items()}
         back = [(bound_out[name], t) for name, t in outputs.items() if bound_out[name] is not t]
         return bound_in, bound_out, back
 
     def _aligned(self, name: str, t: torch.Tensor, copy_in: bool) -> torch.Tensor:
-        if t.numel() == 0 or t.data_ptr() % ALIGNMENT == 0:
+        if t.numel() == 0 or (t.data_ptr() % ALIGNMENT == 0 and t.is_contiguous()):
             return t
         nbytes = t.numel() * t.element_size()
         buf = self._scratch.get(name)
@@ -78,65 +107,82 @@ class TrtRunner(GraphRunner):
             view.copy_(t)
         return view
 
-    def _bind(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
-        ctx = self.context
+    def _bind(self, ctx, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         for name, t in inputs.items():
             if t.device != self.device:
                 raise StarflowError(f"trt input {name!r} is on {t.device}, expected {self.device}")
             if not ctx.set_input_shape(name, tuple(t.shape)):  # False: not an input, or outside the profile
                 raise StarflowError(f"TensorRT refused shape {tuple(t.shape)} for {name!r} of {self.spec.name}: "
                                     "outside the engine's optimisation profile; rebuild with a wider --shape")
-            self._address(name, t)
+            self._address(ctx, name, t)
         for name, t in outputs.items():
-            self._address(name, t)
+            self._address(ctx, name, t)
 
-    def _address(self, name: str, t: torch.Tensor) -> None:
-        if not self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr()):
+    def _address(self, ctx, name: str, t: torch.Tensor) -> None:
+        if not ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr()):
             raise StarflowError(f"TensorRT refused the address of {name!r} for {self.spec.name} (not a tensor of "
                                 "the engine: see the TensorRT log); rebuild the engine")
 
-    def _execute(self, stream_handle: int, what: str) -> None:
-        if not self.context.execute_async_v3(stream_handle):
+    def _execute(self, ctx, what: str) -> None:
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise StarflowError(f"TensorRT execution of {self.spec.name} failed{what} (see the TensorRT log above)")
 
     def infer_impl(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         inputs, outputs, back = self._staged(inputs, outputs)
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)   # the inputs (and scratch copies) were written on the caller's stream
         self._run(inputs, outputs)
+        current.wait_stream(self.stream)   # the caller's next op reads the outputs
         for scratch, out in back:
             out.copy_(scratch)
 
     def _run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
-        stream = torch.cuda.current_stream(self.device)
-        key = None
-        if self.cuda_graphs:
-            key = tuple((n, tuple(t.shape), t.data_ptr()) for n, t in (*inputs.items(), *outputs.items()))
-            graph = self._graphs.get(key)
-            if graph is not None:
-                graph.replay()
-                return
-        self._bind(inputs, outputs)
-        if key is None:
-            self._execute(stream.cuda_stream, "")
+        if not self.cuda_graphs:
+            self._bind(self.context, inputs, outputs)
+            self._execute(self.context, "")
             return
-        # first call with these shapes/addresses: run once (lazy init), then capture for replays
-        self._execute(stream.cuda_stream, "")
+        key = tuple((n, tuple(t.shape), t.data_ptr()) for n, t in (*inputs.items(), *outputs.items()))
+        captured = self._captured.pop(key, None)
+        if captured is not None:
+            self._captured[key] = captured   # most recently used
+            with torch.cuda.stream(self.stream):
+                captured.graph.replay()
+            return
+        if key not in self._seen:   # a first sight: run plainly, capture only if the key repeats
+            if len(self._seen) >= MAX_SEEN:
+                self._seen.clear()
+            self._seen.add(key)
+            self._bind(self.context, inputs, outputs)
+            self._execute(self.context, "")
+            return
+        self._capture(key, inputs, outputs)
+
+    def _capture(self, key: tuple, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        """A context of its own for ``key``: bound once, run once (TensorRT's lazy initialisation happens
+        outside the capture; its outputs are this call's), then captured on the runner's stream, which records
+        the work without running it."""
+        if len(self._captured) >= MAX_CAPTURED:
+            self._free(self._captured.pop(next(iter(self._captured))))
+        ctx = self.engine.create_execution_context()
+        self._bind(ctx, inputs, outputs)
+        self._execute(ctx, "")
         graph = torch.cuda.CUDAGraph()
-        capture = torch.cuda.Stream(self.device)
-        capture.wait_stream(stream)
-        with torch.cuda.graph(graph, stream=capture):
-            self._execute(capture.cuda_stream, " while capturing a CUDA graph (retry without --cuda-graphs)")
-        stream.wait_stream(capture)
-        self._graphs[key] = graph
+        with torch.cuda.graph(graph, stream=self.stream):
+            self._execute(ctx, " while capturing a CUDA graph (retry without --cuda-graphs)")
+        self._captured[key] = _Captured(ctx, graph)
+
+    def _free(self, captured: _Captured) -> None:
+        torch.cuda.synchronize(self.device)   # no replay may still be in flight
+        captured.graph.reset()
+        captured.context = None
 
     def _drop_graphs(self) -> None:
-        if self._graphs:
-            torch.cuda.synchronize(self.device)   # no replay may still be in flight
-            for graph in self._graphs.values():
-                graph.reset()
-            self._graphs.clear()
+        while self._captured:
+            self._free(self._captured.popitem()[1])
+        self._seen.clear()
 
     def close(self) -> None:
-        """Free the captured CUDA graphs, then the execution context (its activation memory)."""
+        """Free the captured CUDA graphs and their contexts, then the plain execution context."""
         super().close()
         self._drop_graphs()
         self.context = None
@@ -173,6 +219,7 @@ class TrtBackend(Backend):
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
         self.cuda_graphs = cuda_graphs
+        self.stream = torch.cuda.Stream(self.device)   # every engine of this backend runs on it, in order
 
     def load_impl(self, spec: GraphSpec) -> GraphRunner:
         from ...engine.metadata import EngineMetadata, check_engine_metadata
@@ -185,7 +232,7 @@ class TrtBackend(Backend):
         if engine is None:
             raise StarflowError(f"TensorRT could not deserialize {spec.path}; rebuild it")
         check_engine_io(spec, engine, self.trt)
-        return TrtRunner(spec, engine, self.device, self.cuda_graphs)
+        return TrtRunner(spec, engine, self.device, self.stream, self.cuda_graphs)
 
     def release(self) -> None:
         self.runtime = None   # after every engine and context of it (closed by Backend.close)

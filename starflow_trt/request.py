@@ -301,8 +301,8 @@ def build_request(model: ModelSummary, limits: RequestLimits = RequestLimits(), 
                             denoise=check_bool("denoise", denoise), fps=fps, prompts=prompts,
                             negative_prompts=negatives, y=y, y_uncond=y_uncond if g > 0 else None, image=image,
                             video=video, context=ctx, noise=noise)
-    check_frame_plan(req, m)
     check_budget(req, m, lim)
+    check_frame_plan(req, m)
     return req
 
 

@@ -264,6 +264,23 @@ def test_parser_refuses_what_its_table_lacks(tmp_path, monkeypatch, version, op,
     assert refused is None or any(refused in e for e in errors), errors
 
 
+@pytest.mark.parametrize("version,value,refused", [("10.3.0", 1, None), ("10.3.0", 7, "ConstantOfShape on INT64"),
+                                                   ("10.15.1", 7, None)])
+def test_constant_of_shape_is_typed_by_its_value_not_its_int64_shape(version, value, refused):
+    """The journey's VAE graphs build zeros from a runtime shape: ConstantOfShape(INT64 shape) -> FP32, which 10.0's
+    table lists (FP32 only there; 10.15 adds INT64 values)."""
+    from onnx import TensorProto, helper
+
+    from starflow_trt.engine.ops import support_table, unsupported
+
+    node = helper.make_node("ConstantOfShape", ["shape"], ["y"],
+                            value=helper.make_tensor("v", value, [1], [0]))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", value, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert unsupported(model, support_table(version)) == ([] if refused is None else [(refused, 1)])
+
+
 def test_old_set_shape_catch_fails(goldens_export, tmp_path, fake_trt, monkeypatch):
     """TensorRT's bindings raise RuntimeError from set_shape; the old ``except ValueError`` let it through as a
     traceback. ``build`` now turns it into the one-line profile error."""

@@ -23,8 +23,10 @@ TABLE_PATH = Path(__file__).with_name("trt_onnx_support.json")
 TYPE_ELEMS = {"FP32": (1,), "FP16": (10,), "BF16": (16,), "INT32": (6,), "INT64": (7,), "BOOL": (9,),
               "UINT8": (2,), "INT8": (3,), "FP8": (17, 18, 19, 20), "INT4": (22,), "FP4": (23,)}
 ELEM_NAMES = {e: name for name, elems in TYPE_ELEMS.items() for e in elems} | {11: "DOUBLE"}
-#: the input whose type the "Supported Types" column describes, where it is not input 0 (-1: the output)
-TYPED_INPUT = {"Where": 1, "Constant": -1}
+#: the input whose type the "Supported Types" column describes, where it is not input 0 (-1: the output).
+#: ConstantOfShape: input 0 is always the INT64 shape; the column is its ``value``'s type (the importer,
+#: onnxOpImporters.cpp at release/10.0-GA, converts the value attribute, never the shape's type)
+TYPED_INPUT = {"Where": 1, "Constant": -1, "ConstantOfShape": -1}
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,16 @@ from starflow_trt.export.limits import ExportLimits, geometry_for
 from starflow_trt.export.manifest import load_manifest
 from starflow_trt.geometry import UPSTREAM_ASPECTS, aspect_grid
 
-from .conftest import assert_golden
+from .conftest import MEDIA_ASPECTS, assert_golden
 
-ASPECTS = ("16:9", "9:16", "1:1")
+ASPECTS = MEDIA_ASPECTS   # ("16:9", "9:16", "1:1"), the aspects of the media export
 GRIDS = {"16:9": (3, 5), "9:16": (5, 3), "1:1": (4, 4)}   # img_size 4, patch 1: area 16 tokens
 
 
 @pytest.fixture(scope="module")
-def aspect_export(exports):
-    return exports(model="goldens", max_frames=3, max_batch=2, aspects=ASPECTS)
+def aspect_export(media_export):
+    """The suite's media export: the goldens flow at these three aspects (its T5 and VAE graphs unused here)."""
+    return media_export
 
 
 @pytest.fixture(scope="module")

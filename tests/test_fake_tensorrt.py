@@ -380,9 +380,9 @@ def test_non_contiguous_inputs_go_through_scratch(engines, goldens_export, fake_
 def test_16bit_exports_build_under_the_fake(exports, tmp_path, monkeypatch, dtype):
     """An fp16 export (16-bit body, FP32 islands behind Casts) passes the strict parser: every op and its type
     is in the table, and no op of the strongly typed network mixes float types."""
-    from .exports import GOLDENS_FLOW
-
-    source = exports(**GOLDENS_FLOW, dtype=dtype)   # exported before the fake patches torch.cuda
+    # the bundled toy's fp16 export (shared with test_export_dtype): every flow graph kind, exported before the
+    # fake patches torch.cuda
+    source = exports(model="toy", max_batch=8, dtype=dtype)
     rec = fake_tensorrt.install(monkeypatch)
     build(source, tmp_path / "eng")
     assert rec.errors == [] and len(rec.named("parse_from_file")) == len(load_manifest(source).graphs)

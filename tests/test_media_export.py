@@ -1,7 +1,8 @@
 """Media graphs through the graph registry: export with --text-encoder / --vae, manifest fields, ORT vs PyTorch.
 
-The exports come from the suite's factory: ``prompt_export`` (the goldens flow + the tiny T5) serves the
-text-encoder tests too, ``media_export`` (three aspects, the tiny T5 and VAE) the VAE and end-to-end tests."""
+The exports come from the suite's factory: ``media_export`` (the goldens flow at three aspects, the tiny T5
+and VAE) serves the text-encoder, VAE and end-to-end tests; ``goldens_export`` (no media sources) the
+no-media ones."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from starflow_trt.export.onnx_export import ExportLimits, export_graphs  # noqa:
 from starflow_trt.media import text as T  # noqa: E402
 from starflow_trt.media.tiny import make_t5_dir  # noqa: E402
 
-from .exports import GOLDENS_FLOW  # noqa: E402
 from .onnx_helpers import ort_run, rel_error  # noqa: E402
 
 LIMITS = ExportLimits(height=6, width=4, max_frames=3, max_batch=4)
@@ -29,16 +29,10 @@ def t5_dir(exports):
     return exports.media("tiny_t5")
 
 
-@pytest.fixture(scope="module")
-def prompt_export(exports):
-    """The goldens flow graphs and the tiny T5's text_encoder graph."""
-    return exports(**GOLDENS_FLOW, text_encoder="tiny_t5")
-
-
-def test_text_encoder_graph_manifest_and_parity(prompt_export, t5_dir, goldens_dir):
+def test_text_encoder_graph_manifest_and_parity(media_export, t5_dir, goldens_dir):
     from starflow_trt.config import load_config
 
-    m = load_manifest(prompt_export)
+    m = load_manifest(media_export)
     spec = m.graphs["text_encoder"]
     assert spec.kind == "text_encoder" and [t.name for t in spec.inputs] == ["input_ids", "attention_mask"]
     assert spec.dims["tokens"].max == 4 and spec.dims["batch"].max == 8
@@ -46,7 +40,7 @@ def test_text_encoder_graph_manifest_and_parity(prompt_export, t5_dir, goldens_d
     assert spec.extra["template"] == T.TextTemplate.from_config(cfg).to_dict()
     assert spec.extra["d_model"] == 16
     hashes = spec.extra["tokenizer_files"]
-    copied = T.tokenizer_files(prompt_export / spec.extra["tokenizer_dir"])
+    copied = T.tokenizer_files(media_export / spec.extra["tokenizer_dir"])
     assert hashes and hashes == copied == T.tokenizer_files(t5_dir)
     # ORT vs PyTorch on real tokens, at a batch the graph was not traced with
     enc = T.T5TextEncoder.from_pretrained(t5_dir, T.TextTemplate(txt_size=4))
@@ -65,9 +59,14 @@ def test_text_encoder_width_must_match_the_flow(goldens_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_no_media_sources_no_media_graphs(goldens_export):
+def test_no_media_sources_no_media_graphs(goldens_export, cases):
+    from starflow_trt.runtime import Pipeline
+
     kinds = {s.kind for s in load_manifest(goldens_export).graphs.values()}
     assert not kinds & {"text_encoder", "vae_decode_first", "vae_decode_step", "vae_encode"}
+    with Pipeline.from_dir(goldens_export, backend="ort") as pipe:   # no VAE: latents, no video
+        res = pipe.generate(cases["y"][:1], seed=3, num_frames=2, denoise=False)
+    assert res.video is None and res.latents.shape[:2] == (1, 2)
 
 
 def test_cli_media_sources_validated_before_any_work(goldens_dir, t5_dir, tmp_path):
@@ -108,10 +107,10 @@ def test_cli_exports_text_encoder(goldens_dir, t5_dir, tmp_path):
     assert T.tokenizer_files(tmp_path / "o" / "tokenizer") == T.tokenizer_files(t5_dir) != {}
 
 
-def test_pipeline_encode_text_matches_pytorch(prompt_export, t5_dir):
+def test_pipeline_encode_text_matches_pytorch(media_export, t5_dir):
     from starflow_trt.runtime import Pipeline
 
-    pipe = Pipeline.from_dir(prompt_export, backend="ort")
+    pipe = Pipeline.from_dir(media_export, backend="ort")
     y, y_uncond = pipe.encode_text(["a cat", "a dog"], fps=16, aspect="16:9")
     template = pipe.text_stage.template
     enc = T.T5TextEncoder.from_pretrained(t5_dir, template)
@@ -122,14 +121,14 @@ def test_pipeline_encode_text_matches_pytorch(prompt_export, t5_dir):
     assert rel_error(neg, enc.encode_texts([template.apply("blurry")])) <= 1e-5
 
 
-def test_pipeline_refuses_edited_tokenizer(prompt_export, tmp_path):
+def test_pipeline_refuses_edited_tokenizer(media_export, tmp_path):
     import shutil
 
     from starflow_trt.errors import ManifestError
     from starflow_trt.runtime import Pipeline
 
     copy = tmp_path / "copy"
-    shutil.copytree(prompt_export, copy)
+    shutil.copytree(media_export, copy)
     tok = next(p for p in sorted((copy / "tokenizer").iterdir()))
     tok.write_bytes(tok.read_bytes() + b" ")
     with pytest.raises(ManifestError, match="tokenizer files"):
@@ -188,28 +187,28 @@ def test_pipeline_decode_and_encode_video_match_pytorch(vae_export):
     assert rel_error(img, lat[:, :1]) <= 1e-4
 
 
-def test_generate_from_prompt_equals_generate_from_its_embeddings(prompt_export):
+def test_generate_from_prompt_equals_generate_from_its_embeddings(media_export):
     from starflow_trt.runtime import Pipeline
 
-    pipe = Pipeline.from_dir(prompt_export, backend="ort")
-    aspect = pipe.summary.aspect   # the one grid's (a request names an exported aspect: the grid and the template)
+    pipe = Pipeline.from_dir(media_export, backend="ort")
+    aspect = "9:16"   # not the default: a request names an exported aspect (the grid and the template)
     res = pipe.generate(prompt=["a cat"], guidance=2.0, seed=3, num_frames=2, fps=8, aspect=aspect)
     y, u = pipe.encode_text(["a cat"], fps=8, aspect=aspect)
-    ref = pipe.generate(y, u, seed=3, num_frames=2, guidance=2.0)   # the embeddings signature still works
-    assert torch.equal(res.latents, ref.latents) and res.video is None
+    ref = pipe.generate(y, u, seed=3, num_frames=2, guidance=2.0, aspect=aspect)   # the embeddings signature
+    assert torch.equal(res.latents, ref.latents) and torch.equal(res.video, ref.video)
     assert res.stats["seconds"]["text"] > 0
     with pytest.raises(Exception, match="either text embeddings"):
         pipe.generate(y, prompt=["a cat"])
 
 
-def test_cli_generate_prompt_errors(prompt_export, tmp_path):
+def test_cli_generate_prompt_errors(media_export, tmp_path):
     from click.testing import CliRunner
 
     from starflow_trt.cli import main
 
     # in-process CLI: a per-session ORT pool (the CLI's default shared pool is process-wide and every
     # later ORT session of this pytest process would have to join it)
-    base = ["generate", str(prompt_export), "--thread-pool", "session", "-o", str(tmp_path / "o")]
+    base = ["generate", str(media_export), "--thread-pool", "session", "-o", str(tmp_path / "o")]
     for extra, message in [([], "exactly one"), (["--prompt", "a", "--negative-prompt", "b", "--negative-prompt", "c"],
                                                  "one per prompt")]:
         out = CliRunner().invoke(main, base + extra)
@@ -219,7 +218,7 @@ def test_cli_generate_prompt_errors(prompt_export, tmp_path):
     assert (tmp_path / "o" / "latents.npy").is_file()
 
 
-def test_toy_takes_prompts_through_its_text_encoder_graph(toy_prompt_export, tmp_path):
+def test_toy_takes_prompts_through_its_text_encoder_graph(toy_media_export, tmp_path):
     from click.testing import CliRunner
 
     from starflow_trt.cli import main
@@ -227,7 +226,7 @@ def test_toy_takes_prompts_through_its_text_encoder_graph(toy_prompt_export, tmp
     from starflow_trt.toy import load_bundled
 
     toy = load_bundled()
-    out = toy_prompt_export
+    out = toy_media_export
     pipe = Pipeline.from_dir(out, backend="ort")
     prompts = ["a red square moving right", "a blue disc moving up"]
     y, u = pipe.encode_text(prompts, fps=16, aspect="16:9")

@@ -1,7 +1,8 @@
 """The VAE graphs on ONNX Runtime: chained first + step == PyTorch whole-clip decode, encoder graphs.
 
-Slow: a dynamic-shape VAE export takes about a minute on 2 cores, a static one ~15 s. The decode
-graphs are exported with dynamic batch / h / w and run at other sizes; the rest with static shapes.
+The graphs are the suite's media export's (``media_export``: the tiny Wan VAE's five graphs with dynamic
+batch / h / w, exported through the graph registry), run at other sizes than their examples; only the
+two-frame step graph, which no export holds, is exported here (static shapes, ~30 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ pytest.importorskip("onnxruntime")
 
 from starflow_trt.media import vae_graphs as VG, vae_stream as VS  # noqa: E402
 from starflow_trt.media.graphs import vae_graphs  # noqa: E402
-from starflow_trt.media.tiny import make_vae  # noqa: E402
 
 from . import media_oracles as oracles  # noqa: E402
 from .onnx_helpers import export_graph, ort_run, rel_error  # noqa: E402
@@ -23,16 +23,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    vae = make_vae(seed=1)
-    out = tmp_path_factory.mktemp("vae_graphs")
+def setup(media_export, exports, tmp_path_factory):
+    from starflow_trt.export.manifest import load_manifest
+
+    vae = exports.vae()   # the model media_export's VAE graphs were traced from
+    manifest = load_manifest(media_export)
     graphs = vae_graphs(vae, height=2, width=3, batch=2)
-    dynamic = {"vae_decode_first", "vae_decode_step"}
-    paths = {name: export_graph(g, out, dynamic=name in dynamic) for name, g in graphs.items()}
+    paths = {name: manifest.graph(name).path for name in graphs}
     sessions = {name: ort_run(path) for name, path in paths.items()}
     step2 = vae_graphs(vae, height=2, width=3, batch=2, frames_per_step=2)["vae_decode_step"]
     step2.name = "vae_decode_step2"
-    sessions["vae_decode_step2"] = ort_run(export_graph(step2, out, dynamic=False))
+    sessions["vae_decode_step2"] = ort_run(export_graph(step2, tmp_path_factory.mktemp("vae_graphs"), dynamic=False))
     return vae, graphs, sessions, paths
 
 

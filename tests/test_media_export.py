@@ -218,7 +218,7 @@ def test_cli_generate_prompt_errors(media_export, tmp_path):
     assert (tmp_path / "o" / "latents.npy").is_file()
 
 
-def test_toy_takes_prompts_through_its_text_encoder_graph(toy_media_export, tmp_path):
+def test_toy_takes_prompts_through_its_text_encoder_graph(toy_prompt_export, tmp_path):
     from click.testing import CliRunner
 
     from starflow_trt.cli import main
@@ -226,7 +226,7 @@ def test_toy_takes_prompts_through_its_text_encoder_graph(toy_media_export, tmp_
     from starflow_trt.toy import load_bundled
 
     toy = load_bundled()
-    out = toy_media_export
+    out = toy_prompt_export
     pipe = Pipeline.from_dir(out, backend="ort")
     prompts = ["a red square moving right", "a blue disc moving up"]
     y, u = pipe.encode_text(prompts, fps=16, aspect="16:9")

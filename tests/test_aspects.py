@@ -57,6 +57,7 @@ def test_latent_rule_without_vae_and_bad_requests(goldens_dir):
         geometry_for(cfg, ExportLimits(aspect="4:5", aspects=ASPECTS))
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 def test_manifest_ranges_cover_every_grid(aspect_export):
     m = load_manifest(aspect_export)
     g = m.geometry
@@ -80,6 +81,7 @@ def test_manifest_ranges_cover_every_grid(aspect_export):
     assert Geometry.from_dict(old).grids == ((3, 5),)
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 @pytest.mark.parametrize("aspect", ASPECTS)
 def test_each_aspect_matches_the_reference_sampler(pipe, ref32, cases, aspect):
     h, w = GRIDS[aspect]
@@ -97,6 +99,7 @@ def test_each_aspect_matches_the_reference_sampler(pipe, ref32, cases, aspect):
     torch.testing.assert_close(nll, ref32.nll(ref, y), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 def test_denoised_aspect_matches_the_reference(pipe, ref32, cases):
     h, w = GRIDS["9:16"]
     y = cases["y"][:1]
@@ -107,6 +110,7 @@ def test_denoised_aspect_matches_the_reference(pipe, ref32, cases):
     assert_golden(out.latents, ref32.denoise(raw, y), "denoised")
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 def test_unsupported_aspect_is_one_line(pipe, cases):
     with pytest.raises(InputError, match=r'aspect: this export serves 16:9 \(.*\), 9:16 \(.*\), 1:1 \(.*\), got "4:5"'):
         pipe.generate(cases["y"][:1], aspect="4:5")
@@ -115,6 +119,7 @@ def test_unsupported_aspect_is_one_line(pipe, cases):
         pipe.generate(cases["y"][:1], noise=noise, aspect="16:9")
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 def test_cli_score_of_a_directory_takes_every_exported_grid(aspect_export, pipe, ref32, cases, tmp_path):
     """score --video DIR: clips of any exported grid, mixed in one directory (was: the default grid only)."""
     import numpy as np

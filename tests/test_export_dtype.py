@@ -36,6 +36,7 @@ def _initializer_bytes(path) -> dict[int, int]:
     return out
 
 
+@pytest.mark.slow   # the toy's fp16 export, shared with the fake TensorRT's build
 def test_fp16_toy_within_the_calibration_gate(toy_export, toy_fp16):
     from starflow_trt.calibration.calibrate import _check_gate, _compare, default_gate
     from starflow_trt.reference import JacobiConfig
@@ -58,6 +59,7 @@ def test_fp16_toy_within_the_calibration_gate(toy_export, toy_fp16):
     assert quality["latent_psnr_db"] >= gate.min_psnr_db and abs(quality["bpd_increase"]) <= gate.max_bpd_increase
 
 
+@pytest.mark.slow   # the toy's fp16 export, shared with the fake TensorRT's build
 def test_fp16_graph_contract_and_half_size_weights(toy_export, toy_fp16):
     import onnx
 
@@ -74,6 +76,7 @@ def test_fp16_graph_contract_and_half_size_weights(toy_export, toy_fp16):
         assert total16 < 0.6 * total32, (name, total16, total32)   # ... so the weights take about half
 
 
+@pytest.mark.slow   # the toy's fp16 export, shared with the fake TensorRT's build
 def test_fp16_islands_are_float32(toy_fp16):
     import onnx
 
@@ -173,6 +176,7 @@ def test_export_refuses_unknown_dtype(goldens_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow   # the toy's fp16 export, shared with the fake TensorRT's build
 def test_torch_backend_runs_fp16_exports_like_ort(toy_fp16):
     from starflow_trt.calibration.calibrate import psnr
     from starflow_trt.runtime.pipeline import Pipeline

@@ -29,6 +29,7 @@ def t5_dir(exports):
     return exports.media("tiny_t5")
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 def test_text_encoder_graph_manifest_and_parity(media_export, t5_dir, goldens_dir):
     from starflow_trt.config import load_config
 
@@ -107,6 +108,7 @@ def test_cli_exports_text_encoder(goldens_dir, t5_dir, tmp_path):
     assert T.tokenizer_files(tmp_path / "o" / "tokenizer") == T.tokenizer_files(t5_dir) != {}
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 def test_pipeline_encode_text_matches_pytorch(media_export, t5_dir):
     from starflow_trt.runtime import Pipeline
 
@@ -121,6 +123,7 @@ def test_pipeline_encode_text_matches_pytorch(media_export, t5_dir):
     assert rel_error(neg, enc.encode_texts([template.apply("blurry")])) <= 1e-5
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 def test_pipeline_refuses_edited_tokenizer(media_export, tmp_path):
     import shutil
 
@@ -187,6 +190,7 @@ def test_pipeline_decode_and_encode_video_match_pytorch(vae_export):
     assert rel_error(img, lat[:, :1]) <= 1e-4
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 def test_generate_from_prompt_equals_generate_from_its_embeddings(media_export):
     from starflow_trt.runtime import Pipeline
 
@@ -201,6 +205,7 @@ def test_generate_from_prompt_equals_generate_from_its_embeddings(media_export):
         pipe.generate(y, prompt=["a cat"])
 
 
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
 def test_cli_generate_prompt_errors(media_export, tmp_path):
     from click.testing import CliRunner
 

@@ -79,14 +79,22 @@ def test_default_set_is_shipped_and_varied():
 
 
 # ------------------------------------------------------------------------------ which set, encoding
-def test_default_set_per_export(media_export, toy_prompt_export, toy_export, goldens_export):
-    """T5: the package's set; a word vocabulary (a toy's graph, or the bundled toy's words): the toy's prompts;
-    no text encoder: none."""
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
+def test_default_set_of_a_t5_export(media_export):
+    """T5: the package's set."""
+    from starflow_trt.commands.calibrate_cmd import default_prompt_set_for
+    from starflow_trt.export.manifest import load_manifest
+
+    assert default_prompt_set_for(load_manifest(media_export), None) == default_prompt_set()
+
+
+def test_default_set_per_export(toy_prompt_export, toy_export, goldens_export):
+    """A word vocabulary (a toy's graph, or the bundled toy's words): the toy's prompts; no text encoder: none
+    (a T5 export: the package's set, :func:`test_default_set_of_a_t5_export`)."""
     from starflow_trt.commands.calibrate_cmd import TOY_SAMPLES, default_prompt_set_for
     from starflow_trt.export.manifest import load_manifest
     from starflow_trt.toy.calibration import toy_prompts
 
-    assert default_prompt_set_for(load_manifest(media_export), None) == default_prompt_set()
     toy = default_prompt_set_for(load_manifest(toy_prompt_export), None)
     assert toy.source == "toy" and list(toy.prompts) == toy_prompts(TOY_SAMPLES)
     assert len(default_prompt_set_for(load_manifest(toy_prompt_export), 5).prompts) == 5
@@ -94,14 +102,13 @@ def test_default_set_per_export(media_export, toy_prompt_export, toy_export, gol
     assert default_prompt_set_for(load_manifest(toy_export), None).source == "toy"   # no graph: the bundled words
 
 
-@pytest.mark.parametrize("which", ["media", "toy"])
-def test_prompts_are_encoded_by_the_pipeline_with_the_exports_template(which, media_export, toy_prompt_export,
-                                                                       tmp_path, monkeypatch):
+@pytest.mark.parametrize("which", [pytest.param("media", marks=pytest.mark.slow), "toy"])   # slow: media_export
+def test_prompts_are_encoded_by_the_pipeline_with_the_exports_template(which, request, tmp_path, monkeypatch):
     """What capture sees: ``Pipeline.encode_text`` at the export's fps and default aspect; uncond = template("")."""
     from starflow_trt.calibration import calibrate as C
     from starflow_trt.runtime import Pipeline
 
-    export = media_export if which == "media" else toy_prompt_export
+    export = request.getfixturevalue("media_export" if which == "media" else "toy_prompt_export")   # only the one asked
     prompts = (PromptSet(("a cat", "rain over a city", "a dog"), "file", path="p.txt") if which == "media"
                else PromptSet(("a red square moving left", "a blue disc moving up"), "toy"))
     seen = {}

@@ -148,8 +148,9 @@ def test_cli_score_of_a_directory_takes_every_exported_grid(aspect_export, pipe,
     assert res.exit_code == 2 and "other exported H x W: 5x3, 4x4" in res.output, res.output
 
 
-def test_cli_export_and_generate_by_aspect(goldens_dir, tmp_path):
-    pytest.importorskip("onnxruntime")
+def test_cli_export_by_aspect(goldens_dir, tmp_path):
+    """export --aspects: the grids it prints and records (one graph: the CLI wiring is the subject here), and
+    generate's one line naming them (latent W x H: no VAE) for an aspect it lacks."""
     import numpy as np
     from click.testing import CliRunner
 
@@ -159,27 +160,47 @@ def test_cli_export_and_generate_by_aspect(goldens_dir, tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"), "-o",
                                str(out), "--aspects", "1:1,9:16", "--max-frames", "2", "--max-batch", "1",
-                               "--graphs", "deep_prefill,deep_step,shallow_step_0,shallow_step_1,shallow_step_2,"
-                               "shallow_step_3,shallow_step_4"])
+                               "--graphs", "deep_step"])
     assert res.exit_code == 0, res.output
     assert "1:1 4x4, 9:16 5x3" in res.output
+    g = load_manifest(out).geometry
+    assert [(a.aspect, a.h, a.w) for a in g.aspects] == [("1:1", 4, 4), ("9:16", 5, 3)] and g.max_frames == 2
     y = tmp_path / "y.npy"
     np.save(y, np.zeros((1, 4, 16), np.float32))
-    res = runner.invoke(main, ["generate", str(out), "--text-embeddings", str(y), "--aspect", "9:16", "--no-denoise",
-                               "--thread-pool", "session", "-o", str(tmp_path / "o")])
-    assert res.exit_code == 0, res.output
-    assert np.load(tmp_path / "o" / "latents.npy").shape == (1, 2, 4, 5, 3)
     res = runner.invoke(main, ["generate", str(out), "--text-embeddings", str(y), "--aspect", "21:9",
                                "--thread-pool", "session", "-o", str(tmp_path / "o2")])
-    assert res.exit_code == 2 and "this export serves 1:1 (4x4), 9:16 (3x5)" in res.output   # frame W x H
+    assert res.exit_code == 2 and "this export serves 1:1 (4x4), 9:16 (3x5)" in res.output   # latent W x H
     res = runner.invoke(main, ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"), "-o",
                                str(tmp_path / "bad"), "--aspects", "16:9,x"])
-    assert res.exit_code == 2 and "16:9" in res.output
+    assert res.exit_code == 2 and "16:9" in res.output and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow   # media_export: built once for the slow tier's media tests
+def test_cli_generate_by_aspect(aspect_export, tmp_path):
+    """generate --aspect on a multi-aspect export: that aspect's grid (and its mp4); an aspect it lacks is one line
+    naming the export's in pixels (a VAE export)."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+
+    runner = CliRunner()
+    y = tmp_path / "y.npy"
+    np.save(y, np.zeros((1, 4, 16), np.float32))
+    res = runner.invoke(main, ["generate", str(aspect_export), "--text-embeddings", str(y), "--aspect", "9:16",
+                               "--frames", "2", "--no-denoise", "--thread-pool", "session", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "o" / "latents.npy").shape == (1, 2, 4, 5, 3)
+    assert (tmp_path / "o" / "video.mp4").stat().st_size > 0
+    res = runner.invoke(main, ["generate", str(aspect_export), "--text-embeddings", str(y), "--aspect", "21:9",
+                               "--thread-pool", "session", "-o", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "this export serves 16:9 (80x48), 9:16 (48x80), 1:1 (64x64)" in res.output   # pixels
 
 
 @pytest.mark.slow
-def test_bench_config_export_generates_at_three_aspects(tmp_path):
-    """The bench config (deep 6 × 512, random weights): one export, three grids, each == the reference sampler."""
+def test_bench_quick_config_export_generates_at_three_aspects(tmp_path):
+    """The bench's shape family (``bench --quick``'s config: deep 2 × 256, 8×8 tokens a frame at 1:1, random
+    weights), not the goldens': one export, three grids, each == the reference sampler."""
     pytest.importorskip("onnxruntime")
     from starflow_trt.bench.paths import bench_config
     from starflow_trt.checkpoint import save_state_dict
@@ -187,14 +208,15 @@ def test_bench_config_export_generates_at_three_aspects(tmp_path):
     from starflow_trt.reference import build_model, load_reference
     from starflow_trt.runtime.pipeline import Pipeline
 
-    cfg = load_config(bench_config())
+    config = bench_config("bench_quick.yaml")
+    cfg = load_config(config)
     torch.manual_seed(0)
     save_state_dict(build_model(cfg).state_dict(), tmp_path / "model.pth")
     out = tmp_path / "graphs"
-    sampling = ["deep_prefill", "deep_step", *(f"shallow_step_{k}" for k in range(5))]   # no scoring, no denoiser
-    export_graphs(bench_config(), tmp_path / "model.pth", out, graphs=sampling,
+    sampling = ["deep_prefill", "deep_step", *(f"shallow_step_{k}" for k in range(cfg.num_blocks - 1))]
+    export_graphs(config, tmp_path / "model.pth", out, graphs=sampling,   # no scoring, no denoiser
                   limits=ExportLimits(max_frames=2, max_batch=1, aspects=ASPECTS))
-    ref = load_reference(bench_config(), tmp_path / "model.pth")
+    ref = load_reference(config, tmp_path / "model.pth")
     g = torch.Generator().manual_seed(5)
     y = torch.randn(1, cfg.txt_size, cfg.text_width, generator=g)
     with Pipeline.from_dir(out, backend="ort", thread_pool="session") as pipe:
@@ -206,4 +228,4 @@ def test_bench_config_export_generates_at_three_aspects(tmp_path):
             expected = ref.sample(noise, y, torch.zeros_like(y), guidance=2.0)
             got = pipe.generate(y, torch.zeros_like(y), noise=noise, guidance=2.0, denoise=False, aspect=aspect)
             assert_golden(got.latents, expected, "reverse.g2")
-    assert len(grids) == 3
+    assert len(grids) == 3 and (8, 8) in grids

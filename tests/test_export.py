@@ -185,3 +185,25 @@ def test_simplified_graph_keeps_parity(goldens_dir, ref32, tmp_path):
     feeds = {"tokens": rng.standard_normal((2, 8, 4), dtype=np.float32), "rope_cos": cos[5:], "rope_sin": sin[5:],
              **{n: rng.standard_normal((5, 2, 2, 32), dtype=np.float32) for n in kv_names(2, "past")}}
     assert_parity(session(manifest.graph("deep_step").path), StepGraph(ref32.top), feeds)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float8_e4m3fn"])
+def test_strided_weights_are_written_in_c_order(dtype, tmp_path):
+    """The exporter's folded ``Transpose(W)`` views are written through a torch copy (fast): the same bytes,
+    in C order, for every weight dtype (ml_dtypes included) and for negative strides (numpy's copy)."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    from starflow_trt.export.onnx_export import _contiguous_weights
+
+    np_dtype = getattr(ml_dtypes, dtype, None) or np.dtype(dtype)
+    base = np.arange(6 * 10, dtype=np.float32).reshape(6, 10).astype(np_dtype)
+    views = {"transposed": base.T, "flipped": base[::-1], "contiguous": base}
+    graph = ir.Graph([], [], nodes=[], initializers=[ir.Value(name=k, const_value=ir.Tensor(v, name=k))
+                                                     for k, v in views.items()])
+    _contiguous_weights(ir.Model(graph, ir_version=10))
+    for name, view in views.items():
+        tensor = graph.initializers[name].const_value
+        assert isinstance(tensor, ir.LazyTensor) == (name != "contiguous")
+        assert tensor.tobytes() == np.ascontiguousarray(view).tobytes() and tensor.shape == view.shape
+        assert tensor.dtype == ir.DataType.from_numpy(np.dtype(np_dtype))

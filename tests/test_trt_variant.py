@@ -25,17 +25,18 @@ onnx = pytest.importorskip("onnx")
 VARIANT_KINDS = ("step", "prefill")
 
 
-def _export(goldens_dir, out, graphs, external_data="auto", **kw):
+def _export(goldens_dir, out, graphs, **kw):
     from starflow_trt.export.onnx_export import ExportLimits, export_graphs
 
     export_graphs(goldens_dir / "config.yaml", goldens_dir / "model.pth", out, graphs=graphs, trt_variants=True,
-                  external_data=external_data, limits=ExportLimits(height=6, width=4, max_frames=3, max_batch=4, **kw))
+                  limits=ExportLimits(height=6, width=4, max_frames=3, max_batch=4, **kw))
     return out
 
 
 @pytest.fixture(scope="module")
 def small_dir(goldens_dir, tmp_path_factory):
-    """One 1-layer shallow step graph and its variant, exported by the CLI."""
+    """One 1-layer shallow step graph and its variant, exported by the CLI with its weights in external data
+    (the path of graphs over 2 GB; the full export below keeps them inline)."""
     from click.testing import CliRunner
 
     from starflow_trt.cli import main
@@ -43,7 +44,7 @@ def small_dir(goldens_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("trtvar") / "g"
     res = CliRunner().invoke(main, ["export", str(goldens_dir / "config.yaml"), str(goldens_dir / "model.pth"),
                                     "-o", str(out), "--graphs", "shallow_step_1", "--grid", "6x4", "--max-frames", "3",
-                                    "--trt-variants"])
+                                    "--trt-variants", "--external-data", "always"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -175,7 +176,7 @@ def test_form_check_on_a_hand_built_layer():
     assert any("0 softmax nodes" in p for p in form_problems(model, 2, hd, past=True))   # layer 1 missing
 
 
-# ------------------------------------------- one small graph (slow: two exports, ~20-40 s on a busy box)
+# ------------------------------------------- one small graph (slow: its export, ~20 s on a busy box)
 @pytest.mark.slow
 def test_variant_form_and_parity_small(small_dir):
     _assert_form(small_dir)
@@ -305,11 +306,10 @@ def test_fp16_variant_keeps_the_fp32_softmax_island(goldens_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_external_data_variant_shares_the_portable_file(goldens_dir, tmp_path):
+def test_external_data_variant_shares_the_portable_file(small_dir):
     """Graphs over 2 GB keep weights in external data: the variant points at the portable graph's file."""
-    out = _export(goldens_dir, tmp_path / "x", ["shallow_step_1"], external_data="always")
-    spec = load_manifest(out, verify=True).graph("shallow_step_1")
+    spec = load_manifest(small_dir, verify=True).graph("shallow_step_1")
     assert spec.external_data and spec.trt_variant["external_data"] == spec.external_data
-    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".data")) == spec.external_data
-    rows = _parity(out)
+    assert sorted(p.name for p in small_dir.iterdir() if p.name.endswith(".data")) == spec.external_data
+    rows = _parity(small_dir)
     assert rows and all(rel <= 1e-5 for *_, rel in rows), rows

@@ -9,6 +9,9 @@ Choices (also in the README):
   supported by TensorRT with KV outputs.
 * One block at a time: the state dict is memory-mapped and only the exported
   block's tensors are touched, so a 7B checkpoint exports within 24 GB.
+* Weights the exporter folds into strided views (each Linear's ``Transpose(W)``) are written through
+  a contiguous torch copy, one tensor at a time (:func:`_contiguous_weights`): the same bytes, but
+  numpy's ``tofile`` walks a strided view element by element (half of a 2 GB graph's export time).
 * ``limits.dtype`` fp16 / bf16: the Linear weights and the K/V in that dtype (half-size
   files and caches), FP32 islands in the reference layers (norms, softmax, RoPE, the affine
   head); graph inputs other than K/V and the scale / shift / z / logdet outputs stay float32.

@@ -151,6 +151,7 @@ def test_cli_score_of_a_directory_takes_every_exported_grid(aspect_export, pipe,
 def test_cli_export_by_aspect(goldens_dir, tmp_path):
     """export --aspects: the grids it prints and records (one graph: the CLI wiring is the subject here), and
     generate's one line naming them (latent W x H: no VAE) for an aspect it lacks."""
+    pytest.importorskip("onnxruntime")
     import numpy as np
     from click.testing import CliRunner
 

@@ -188,7 +188,7 @@ def test_simplified_graph_keeps_parity(goldens_dir, ref32, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float8_e4m3fn"])
-def test_strided_weights_are_written_in_c_order(dtype, tmp_path):
+def test_strided_weights_are_written_in_c_order(dtype):
     """The exporter's folded ``Transpose(W)`` views are written through a torch copy (fast): the same bytes,
     in C order, for every weight dtype (ml_dtypes included) and for negative strides (numpy's copy)."""
     import ml_dtypes

@@ -27,6 +27,11 @@ def doctor_report() -> dict[str, Any]:
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
             report["gpus"].append({"name": torch.cuda.get_device_name(i), "compute_capability": f"{major}.{minor}"})
+    from .cpu import cpu_features, cpu_flags, cpu_modes
+
+    flags = cpu_flags()
+    report["cpu"] = {"features": cpu_features(flags),
+                     "modes": [{"name": m.name, "native": m.native, "kernel": m.kernel} for m in cpu_modes(flags)]}
     ort_version = _version("onnxruntime")
     providers: list[str] = []
     if ort_version:
@@ -122,6 +127,9 @@ def render(report: dict[str, Any]) -> str:
              f"torch {report['torch']} (CUDA available: {report['cuda_available']})"]
     for g in report["gpus"]:
         lines.append(f"  GPU {g['name']} (compute capability {g['compute_capability']})")
+    lines.append(f"cpu: {', '.join(report['cpu']['features']) or 'no SIMD flags read'}")
+    for m in report["cpu"]["modes"]:
+        lines.append(f"  {m['name']:24} {'fast' if m['native'] else 'slow'}: {m['kernel']}")
     lines.append(f"onnxruntime {report['onnxruntime'] or 'not installed'} providers: "
                  f"{', '.join(report['onnxruntime_providers']) or '-'}")
     for key in ("onnx", "onnxscript", "onnxconverter_common", "onnxslim", "tensorrt", "polygraphy", "cuda_python"):

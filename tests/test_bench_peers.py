@@ -1,5 +1,6 @@
 """Benchmark peers: the upstream-checkout adapter (against a FAKE checkout written by the test: the real
-apple/ml-starflow is neither vendored nor available here) and the torch.compile reference row plumbing."""
+apple/ml-starflow is neither vendored nor downloaded; the adapter was also run against a real checkout, see
+benchmarks/README.md) and the torch.compile reference row plumbing."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ FAKE = textwrap.dedent('''
         def forward(self, x, y, reverse=False, guidance=0.0, jacobi=False, jacobi_block_size=32,
                     jacobi_max_iter=32, jacobi_th=0.001, **ignored):
             assert reverse
+            done = torch.ones((), dtype=torch.bool)   # upstream all-reduces this after every Jacobi sweep
+            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
             CALLS.append(dict(guidance=guidance, jacobi=jacobi, block=jacobi_block_size, max_iter=jacobi_max_iter,
                               th=jacobi_th, y_rows=y.shape[0]))
             b = x.shape[0]

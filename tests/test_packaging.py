@@ -78,7 +78,7 @@ def test_bench_cli_writes_only_under_out(tmp_path, monkeypatch):
         (paths.cache / "marker").write_text("x")
         return {}
 
-    def fake_bench(plan, dirs, result, peak, bw, log):
+    def fake_bench(plan, dirs, result, peak, bw, peaks, log):
         result["end_to_end"]["bench quick"] = [{"backend": "ORT", "precision": "fp32", "schedule": "sliding",
                                                 "s_median": 1.0, "s_min": 1.0, "s_max": 1.0}]
         from starflow_trt.bench.projection import ScheduleWork
@@ -88,6 +88,7 @@ def test_bench_cli_writes_only_under_out(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_run, "_prepare", fake_prepare)
     monkeypatch.setattr(bench_run, "_bench_workloads", fake_bench)
     monkeypatch.setattr(bench_run, "peak_gemm_flops", lambda: 1e11)
+    monkeypatch.setattr(bench_run, "peak_rates", lambda n_max: {"fp32": 1e11, "bf16": 4e11, "int8": 8e11})
     monkeypatch.setattr(bench_run, "memory_bandwidth", lambda: 1e10)
     monkeypatch.chdir(tmp_path)
     out = CliRunner().invoke(main, ["bench", "--quick", "-o", "D2"])
@@ -98,6 +99,7 @@ def test_bench_cli_writes_only_under_out(tmp_path, monkeypatch):
     assert result["plan"]["quick"] is True and result["projection_schedules"] == [
         {"name": "sliding", "sweeps": 2.0, "tokens_per_call": 16.0}]
     assert "Quick run" in (tmp_path / "D2" / "latest.md").read_text()
+    assert result["roofline"]["peak_gops"] == {"fp32": 100.0, "bf16": 400.0, "int8": 800.0}
 
 
 def test_bench_cli_bad_output_dir(tmp_path, monkeypatch):

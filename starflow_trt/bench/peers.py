@@ -11,8 +11,10 @@ through the narrow interface the spec documents, nothing more:
   jacobi_max_iter=n, jacobi_th=t)`` (§7.1) with ``noise`` [B, T, C, H, W] and ``y`` the
   ``[cond ; uncond]`` text batch [2B, L, D] (§9.1), returning latents shaped like ``noise``.
 
-This adapter was only exercised against a fake checkout (the tests'); the real upstream was not
-run where it was written.
+Upstream's Jacobi loop all-reduces a "done" flag after every sweep (its ``sample.py`` always runs
+under ``torchrun``), so :meth:`UpstreamSampler.sample` opens a one-process gloo group on an
+in-process store when none is open. Run against apple/ml-starflow at e565a46 (2026-12-07) and
+against the tests' fake checkout.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def _import_transformer_flow(checkout: Path):
     return module
 
 
+def _one_process_group() -> None:
+    """A one-process gloo group (in-process store, no socket) unless the caller already opened one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 class UpstreamSampler:
     """The upstream ``Model`` of a checkout with the bench checkpoint loaded (eval mode, float32, CPU)."""
 
@@ -80,6 +90,7 @@ class UpstreamSampler:
                block: int, threshold: float, max_iter: int = 32) -> torch.Tensor:
         """noise [B, T, C, H, W], y / y_uncond [B, L, D] → latents [B, T, C, H, W] (upstream Jacobi)."""
         text = torch.cat([y, y_uncond]) if guidance > 0 else y
+        _one_process_group()
         try:
             out = self.model(noise, text, reverse=True, guidance=guidance, jacobi=True, jacobi_block_size=block,
                              jacobi_max_iter=max_iter, jacobi_th=threshold)

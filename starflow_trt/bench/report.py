@@ -46,8 +46,22 @@ def markdown(result: dict) -> str:
                    and r["backend"] not in ("ORT", "ORT INT8")]
         lines += [f"\n**A peer wins**: {r['backend']} is faster than the eager reference." for r in winners]
         lines.append("")
+    for name, rows in result.get("cpu_modes", {}).items():
+        peaks = result["roofline"].get("peak_gops", {})
+        lines += [f"## CPU modes: {name} (default schedule; × vs {rows[0]['base']})", "",
+                  "Measured GEMM peaks here: " + ", ".join(f"{k} {v:.1f} GOP/s" for k, v in peaks.items())
+                  + ". Deep step: B = 2, S = 64 after half the video; bits/dim: the autoregressive result scored "
+                  "by the mode, minus ORT FP32's.", ""]
+        lines += markdown_table([{**r, "time": _time_cell(r)} for r in rows],
+                                [("mode", "mode", ""), ("kernel here", "kernel", ""), ("seconds", "time", ""),
+                                 ("×", "speedup", ".2f"), ("deep calls", "deep_calls", ""),
+                                 ("rel. L2 to AR", "dist_to_ar", ".2e"), ("Δ bits/dim", "bpd_change", "+.2e"),
+                                 ("deep step ms", "deep_step_ms", ".1f"), ("GOP/s", "deep_step_gops", ".1f"),
+                                 ("of dtype peak", "fraction_of_peak", ".0%")])
+        lines.append("")
     for name, q in result.get("schedule_quality", {}).items():
-        lines += [f"## Schedules over {q['rows'][0]['samples']} samples: {name} (ORT FP32, guidance {q['guidance']:g}, "
+        pipeline = "ORT INT8" if name.endswith("int8") else "ORT FP32"
+        lines += [f"## Schedules over {q['rows'][0]['samples']} samples: {name} ({pipeline}, guidance {q['guidance']:g}, "
                   f"block {q['block']}, threshold {q['threshold']:g})", ""]
         lines += markdown_table(q["rows"], [("schedule", "schedule", ""),
                                             ("rel. L2 to AR: median", "dist_median", ".2e"),

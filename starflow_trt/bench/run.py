@@ -20,15 +20,11 @@ from ..config import load_config
 from ..errors import StarflowError
 from ..sampling import JacobiConfig
 from ..staging import MANIFEST_NAME
-from .machine import machine_info, memory_bandwidth, peak_gemm_flops
+from .machine import machine_info, memory_bandwidth, peak_gemm_flops, peak_rates
 from .paths import BenchPaths, bench_config, model_config_7b
 from .projection import ScheduleWork, projection_table, stage_projection_table
 from .report import write
-from .workloads import end_to_end, make_bench_checkpoint, op_profile, per_graph, schedule_quality
-
-#: ORT CPU threading of every pipeline benchmarked (what ``starflow-trt generate`` uses by default)
-POOL = "shared"
-
+from .workloads import cpu_modes, end_to_end, make_bench_checkpoint, op_profile, per_graph, schedule_quality
 
 @dataclass(frozen=True)
 class BenchPlan:
@@ -83,14 +79,14 @@ def run_benchmarks(out_dir: Union[str, Path, None] = None, cache: Union[str, Pat
     paths = BenchPaths.under(out_dir, cache)
     start = time.perf_counter()
     paths.cache.mkdir(parents=True, exist_ok=True)
-    log("probing peak GEMM and bandwidth")
-    peak, bw = peak_gemm_flops(), memory_bandwidth()
+    log("probing peak GEMM (fp32, bf16, int8) and bandwidth")
+    peak, bw, peaks = peak_gemm_flops(), memory_bandwidth(), peak_rates(1024 if plan.quick else 2048)
     result = {"machine": machine_info(), "runs": plan.runs, "plan": asdict(plan),
-              "roofline": {"peak_gemm_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9},
-              "end_to_end": {}, "schedule_quality": {}, "per_graph": {}, "quality": {}}
+              "roofline": {"peak_gemm_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9,
+                           "peak_gops": {k: v / 1e9 for k, v in peaks.items()}},
+              "end_to_end": {}, "schedule_quality": {}, "per_graph": {}, "quality": {}, "cpu_modes": {}}
     dirs = _prepare(plan, paths, log)
-    result["machine"]["ort_thread_pool"] = POOL
-    schedules = _bench_workloads(plan, dirs, result, peak, bw, log)
+    schedules = _bench_workloads(plan, dirs, result, peak, bw, peaks, log)
     if plan.toy:
         _toy_workloads(plan, dirs, result, peak, bw, log)
     cfg7b = load_config(model_config_7b())
@@ -103,10 +99,7 @@ def run_benchmarks(out_dir: Union[str, Path, None] = None, cache: Union[str, Pat
 
 
 def _prepare(plan: BenchPlan, paths: BenchPaths, log) -> dict[str, Path]:
-    """Random checkpoint, exports and INT8 calibrations (cached); returns their directories.
-
-    INT8 calibration runs before any shared-pool session: ORT's quantization tools cannot join that pool.
-    """
+    """Random checkpoint, exports and INT8 calibrations (cached); returns their directories."""
     from ..export.manifest import load_manifest
     from ..export.onnx_export import ExportLimits, export_graphs
 
@@ -178,16 +171,17 @@ def _stage_projection(cfg, schedules: list[ScheduleWork], log) -> list[dict]:
         return []
 
 
-def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float,
+def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float, peaks: dict,
                      log) -> list[ScheduleWork]:
-    """Random-weight bench config: end to end (+ peers, + INT8), schedules, per graph (+ INT8), op profile.
-    Returns each schedule's measured deep work (the 7B projections' input)."""
+    """Random-weight bench config: end to end (+ peers, + INT8), CPU modes, schedules (+ INT8), per graph
+    (+ INT8), op profile. Returns each schedule's measured deep work (the 7B projections' input).
+    Every ORT pipeline is what ``Pipeline.from_dir(d)`` gives by default."""
     from ..reference import load_reference
     from ..runtime import Pipeline
 
     peers = _peers(dirs, plan.upstream, plan.compile_peer, log)
-    ref, pipe = load_reference(dirs["config"], dirs["ckpt"]), Pipeline.from_dir(dirs["graphs"], thread_pool=POOL)
-    pipe8 = Pipeline.from_dir(dirs["int8"], precision="int8", thread_pool=POOL) if plan.int8 else None
+    ref, pipe = load_reference(dirs["config"], dirs["ckpt"]), Pipeline.from_dir(dirs["graphs"])
+    pipe8 = Pipeline.from_dir(dirs["int8"], precision="int8") if plan.int8 else None
     geo = pipe.geo
     g = torch.Generator().manual_seed(1)
     y = torch.randn(1, geo.text_length, geo.text_width, generator=g)
@@ -197,11 +191,18 @@ def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw:
     rows = end_to_end(ref, pipe, y, u, noise, plan.runs, label="bench", peers=peers,
                       extra_pipes={"ORT INT8": pipe8} if pipe8 is not None else None)
     result["end_to_end"][plan.label] = rows
+    log(f"{plan.label}: CPU modes (ORT FP32, ORT INT8, torch FP32, torch bf16)")
+    result["cpu_modes"][plan.label] = cpu_modes(ref, _cpu_mode_pipes(dirs, pipe, pipe8), y, u, noise, plan.runs,
+                                                peaks, label="bench", peers={k: v for k, v in peers.items()
+                                                                             if k.startswith("upstream")})
     log(f"{plan.label}: schedules over {plan.samples} samples")
     gq = torch.Generator().manual_seed(3)
     texts = torch.randn(plan.samples, geo.text_length, geo.text_width, generator=gq)
     result["schedule_quality"][plan.label] = schedule_quality(pipe, texts, torch.zeros_like(texts),
                                                               tuple(noise.shape), 2.0, "bench")
+    if pipe8 is not None:
+        result["schedule_quality"][plan.int8_label] = schedule_quality(pipe8, texts, torch.zeros_like(texts),
+                                                                       tuple(noise.shape), 2.0, "bench int8")
     log(f"{plan.label}: per graph")
     result["per_graph"][plan.label] = per_graph(pipe, plan.runs, peak, bw, "bench")
     tokens = geo.max_frames * geo.tokens_per_frame
@@ -215,6 +216,22 @@ def _bench_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw:
             for r in result["schedule_quality"][plan.label]["rows"]]
 
 
+def _cpu_mode_pipes(dirs: dict, pipe, pipe8) -> dict:
+    """Row name → (pipeline, dtype, kernel) of every CPU mode: ORT FP32 and INT8 as ``Pipeline.from_dir`` gives
+    them, the torch backend in FP32 and bf16 (the checkpoint the export records)."""
+    from ..cpu import cpu_flags, cpu_modes as modes_here
+    from ..runtime import Pipeline
+
+    kernel = {m.name: m.kernel for m in modes_here(cpu_flags())}
+    rows = {"ORT FP32": (pipe, "fp32", kernel["ORT FP32"])}
+    if pipe8 is not None:
+        rows["ORT INT8"] = (pipe8, "int8", kernel["ORT INT8"])
+    rows["torch FP32"] = (Pipeline.from_dir(dirs["graphs"], backend="torch"), "fp32", "oneDNN / MKL fp32")
+    rows["torch bf16"] = (Pipeline.from_dir(dirs["graphs"], backend="torch", dtype="bf16"), "bf16",
+                          kernel["torch bf16"])
+    return rows
+
+
 def _toy_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: float, log) -> None:
     """Bundled toy model: end to end (+ ORT INT8 and its calibration quality), schedules, per graph."""
     from ..reference import load_reference
@@ -222,11 +239,11 @@ def _toy_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: f
     from ..toy import PROMPTS, load_bundled
 
     toy = load_bundled()
-    toy_pipe = Pipeline.from_dir(dirs["toy_graphs"], thread_pool=POOL)
+    toy_pipe = Pipeline.from_dir(dirs["toy_graphs"])
     toy_ref = load_reference(toy.config_path, toy.checkpoint_path)
     extra = {}
     if plan.int8:
-        pipe8 = Pipeline.from_dir(dirs["toy_int8"], precision="int8", thread_pool=POOL)
+        pipe8 = Pipeline.from_dir(dirs["toy_int8"], precision="int8")
         extra["ORT INT8"] = pipe8
         q = pipe8.manifest.extra["quality"]
         result["quality"] = {"bpd_fp32": q["bpd_fp32"], "bpd_int8": q["bpd"], "bpd_increase": q["bpd_increase"],
@@ -242,6 +259,10 @@ def _toy_workloads(plan: BenchPlan, dirs: dict, result: dict, peak: float, bw: f
     prompts = PROMPTS[:: max(1, len(PROMPTS) // plan.toy_samples)][: plan.toy_samples]
     result["schedule_quality"]["toy"] = schedule_quality(toy_pipe, toy.encode(prompts), toy.encode([""] * len(prompts)),
                                                          tuple(tnoise.shape), 3.0, "toy")
+    if plan.int8:
+        result["schedule_quality"]["toy int8"] = schedule_quality(extra["ORT INT8"], toy.encode(prompts),
+                                                                  toy.encode([""] * len(prompts)), tuple(tnoise.shape),
+                                                                  3.0, "toy int8")
     log("toy: per graph (FP32" + (", INT8)" if plan.int8 else ")"))
     result["per_graph"]["toy fp32"] = per_graph(toy_pipe, plan.runs, peak, bw, "toy fp32")
     if plan.int8:

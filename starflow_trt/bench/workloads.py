@@ -163,6 +163,74 @@ def end_to_end(ref, pipe, y, u, noise, runs: int, guidance: float = 2.0, block: 
     return rows
 
 
+def deep_step_case(geo) -> dict[str, int]:
+    """The deep step of a Jacobi chunk: one prompt with guidance (B = 2), S = 64 tokens after half the video."""
+    tokens = geo.max_frames * geo.tokens_per_frame
+    s = min(64, tokens - tokens // 2)
+    return {"batch": 2 * min(1, geo.max_batch), "S": s, "P": geo.text_length + tokens // 2}
+
+
+def cpu_modes(ref, modes: dict, y, u, noise, runs: int, peaks: dict[str, float], guidance: float = 2.0,
+              block: int = DEFAULT_JACOBI_BLOCK, threshold: float = DEFAULT_JACOBI_THRESHOLD, label: str = "",
+              peers: Optional[dict] = None) -> list[dict]:
+    """Every CPU mode end to end on the default schedule, timed interleaved, with its quality and its rate.
+
+    ``modes``: row name → ``(pipeline, dtype, kernel)``, the first the FP32 baseline; ``dtype`` ("fp32", "bf16",
+    "int8") picks the peak in ``peaks`` (OP/s per dtype, :func:`.machine.peak_rates`); ``kernel`` says what
+    runs it here (:mod:`starflow_trt.cpu`). ``peers``: row name → ``fn(noise, y, u, guidance, block,
+    threshold)`` returning latents (upstream's sampler: the ratio's base when given, else the reference).
+
+    Per row: seconds (median of ``runs`` after a warm-up round), deep calls, relative L2 distance to the
+    autoregressive result, the bits/dim change of that result scored by the mode against the baseline's,
+    and one deep step (:func:`deep_step_case`) in ms, GOP/s and as a fraction of its dtype's peak.
+    """
+    ar = ref.sample(noise, y, u, guidance=guidance)
+    jac = JacobiConfig(block_size=block, threshold=threshold)   # the default schedule
+    up = JacobiConfig(block_size=block, max_iter=32, threshold=threshold, schedule="upstream")
+    calls = {"torch reference": lambda: ref.sample(noise, y, u, guidance=guidance, jacobi=up)}
+    for name, fn in (peers or {}).items():
+        calls[name] = lambda fn=fn: fn(noise, y, u, guidance=guidance, block=block, threshold=threshold)
+    for name, (pipe, _, _) in modes.items():
+        calls[name] = lambda pipe=pipe: pipe.generate(y, u, noise=noise, guidance=guidance, jacobi=jac, denoise=False)
+    outputs = {name: fn() for name, fn in calls.items()}   # warm-up round
+    samples = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            outputs[name] = fn()
+            samples[name].append(time.perf_counter() - start)
+    base_name = next(iter(peers)) if peers else "torch reference"
+    seconds = {name: sorted(t)[len(t) // 2] for name, t in samples.items()}
+    rows, bpd0 = [], None
+    for name in calls:
+        out = outputs[name]
+        row = {"workload": label, "mode": name, "s_median": seconds[name], "s_min": min(samples[name]),
+               "s_max": max(samples[name]), "speedup": seconds[base_name] / seconds[name], "base": base_name}
+        if name in modes:
+            pipe, dtype, kernel = modes[name]
+            row.update(dtype=dtype, kernel=kernel, **_work(out.stats))
+            out = out.raw
+            bpd = float(pipe.score(ar, y)[1].mean())
+            bpd0 = bpd if bpd0 is None else bpd0
+            row["bpd_change"] = bpd - bpd0
+            row.update(_deep_step_rate(pipe, peaks.get(dtype), runs))
+        row["dist_to_ar"] = float((out - ar).norm() / ar.norm())
+        rows.append(row)
+    return rows
+
+
+def _deep_step_rate(pipe, peak: Optional[float], runs: int) -> dict:
+    runner = pipe.runner(names.DEEP_STEP)
+    sizes = deep_step_case(pipe.manifest.geometry)
+    inputs, outputs = graph_tensors(pipe, runner.spec, sizes)
+    # the backend's IO dtypes (the torch backend's bf16 mode keeps K/V in bf16)
+    inputs, outputs = ({k: t.to(runner.io_dtype(k) or t.dtype) for k, t in io.items()} for io in (inputs, outputs))
+    t = timed(lambda: runner.run(inputs, outputs), runs=max(3, runs))["median"]
+    rate = kind_bench(runner.spec.kind).cost(pipe.manifest.config, runner.spec.block, sizes).flops / t
+    return {"deep_step_ms": t * 1000, "deep_step_gops": rate / 1e9, "peak_gops": peak / 1e9 if peak else None,
+            "fraction_of_peak": rate / peak if peak else None}
+
+
 def schedule_quality(pipe, texts: torch.Tensor, uncond: torch.Tensor, noise_shape: tuple, guidance: float,
                      label: str, block: int = DEFAULT_JACOBI_BLOCK, threshold: float = DEFAULT_JACOBI_THRESHOLD, seed: int = 100) -> dict:
     """Every Jacobi schedule over several samples: distance to AR (median/mean/max) and work.

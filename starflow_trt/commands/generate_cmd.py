@@ -84,7 +84,8 @@ def cli_record(ctx: click.Context, files: dict[str, Optional[str]], **extra: Any
 @click.option("--no-denoise", is_flag=True, help="skip the learnable denoiser (upstream's published script runs it)")
 @options.backend_option()
 @options.cuda_graphs_option()
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="for --backend torch  [default: the checkpoint the export's manifest records]")
 @options.torch_device_options
 @options.thread_pool_option()
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
@@ -224,7 +225,8 @@ def _check_prompt_sources(prompts: tuple[str, ...], prompt_file: Optional[str], 
 @click.option("--text-embeddings", "text", required=True, type=click.Path(exists=True, dir_okay=False),
               help="y.npy [N, L, D]: one row per clip, in file order")
 @options.backend_option()
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="for --backend torch")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="for --backend torch  [default: the checkpoint the export's manifest records]")
 @options.torch_device_options
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="also write scores.json into this directory")

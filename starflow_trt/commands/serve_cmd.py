@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Optional
 
 import click
@@ -27,7 +28,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--replicas", default=1, show_default=True, type=int, help="generation replicas (one Pipeline each)")
 @click.option("--max-replicas", type=int, default=None, help="autoscale between --replicas and this on ongoing requests")
 @click.option("--gpus-per-replica", type=float, default=None,
-              help="GPUs reserved per replica  [default: 1 with --backend trt or --providers auto, else 0]")
+              help="GPUs reserved per replica  [default: 1 with --backend trt, --providers auto or --device cuda, else 0]")
 @click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="logical CPUs per replica")
 @click.option("--accelerator-type", default=None,
               help="pin replicas to one GPU model (Ray accelerator type, e.g. H100): engines run only on the GPU "
@@ -51,6 +52,9 @@ def _is_loopback(host: str) -> bool:
               help="request deadline in seconds (not started by then: 408; streaming: ends with an error event)")
 @options.backend_option()
 @options.cuda_graphs_option()
+@options.torch_device_options
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="for --backend torch  [default: the checkpoint the export's manifest records]")
 @click.option("--providers", type=click.Choice(["cpu", "auto"]), default="cpu", show_default=True,
               help="ORT execution providers: CPU, or the best available (CUDA / TensorRT EPs)")
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads per replica")
@@ -84,7 +88,8 @@ def _is_loopback(host: str) -> bool:
               help="on SIGTERM / SIGINT: seconds running requests get to finish (new ones get 503); the rest "
                    "end with an error event")
 def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_replica, accelerator_type, host, port,
-                  address, max_queued, max_frames, memory_budget_mb, timeout_s, backend, cuda_graphs, providers,
+                  address, max_queued, max_frames, memory_budget_mb, timeout_s, backend, cuda_graphs, device,
+                  torch_dtype, checkpoint, providers,
                   threads, thread_pool, max_batch, batch_wait_ms, batch_approximate, no_warmup, api_key,
                   allowed_origins, allowed_hosts, videos_dir,
                   videos_max_count, videos_max_mb, videos_max_age, drain_timeout_s) -> None:
@@ -106,8 +111,10 @@ def serve_command(directory, replicas, max_replicas, gpus_per_replica, cpus_per_
         import ray.serve  # noqa: F401
     except ImportError as exc:
         raise StarflowError(f"serving needs Ray Serve and psutil ({exc}); pip install 'starflow-trt[serve]'") from exc
-    gpu = backend == "trt" or providers == "auto"
-    cfg = ServeConfig(backend=backend, cuda_graphs=cuda_graphs, providers="auto" if providers == "auto" else None,
+    gpu = backend == "trt" or providers == "auto" or str(device or "cpu").startswith("cuda")
+    cfg = ServeConfig(backend=backend, cuda_graphs=cuda_graphs, device=device, dtype=torch_dtype,
+                      checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
+                      providers="auto" if providers == "auto" else None,
                       threads=threads, thread_pool=thread_pool, replicas=replicas, max_replicas=max_replicas,
                       gpus_per_replica=(1.0 if gpu else 0.0) if gpus_per_replica is None else gpus_per_replica,
                       cpus_per_replica=cpus_per_replica, accelerator_type=accelerator_type, max_batch=max_batch,

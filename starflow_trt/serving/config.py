@@ -32,6 +32,9 @@ class ServeConfig:
     threads: Optional[int] = None
     thread_pool: str = DEFAULT_THREAD_POOL  # ORT: "session" | "shared" (one pool for all sessions of a replica)
     cuda_graphs: bool = False                # trt / torch on CUDA: CUDA-graph replay of repeated calls
+    device: Optional[str] = None             # torch: "cpu" (default) | "cuda[:N]"
+    dtype: Optional[str] = None              # torch: "fp32" | "fp16" | "bf16" (None: the export's)
+    checkpoint: Optional[str] = None         # torch: None: the one the export's manifest records
     replicas: int = 1
     max_replicas: Optional[int] = None       # > replicas: autoscale on ongoing requests
     gpus_per_replica: float = 0.0
@@ -70,6 +73,8 @@ class ServeConfig:
         if self.cuda_graphs and self.backend not in ("trt", "torch"):
             raise InputError(f"--cuda-graphs replays TensorRT engines or torch modules on CUDA: use it with --backend "
                              f"trt or torch, not {self.backend!r}")
+        if self.backend != "torch" and (self.device, self.dtype, self.checkpoint) != (None, None, None):
+            raise InputError(f"--device, --dtype and --checkpoint are options of --backend torch, not {self.backend!r}")
         if self.max_batch is not None and self.max_batch < 1:
             raise InputError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_frames is not None and not 1 <= self.max_frames <= MAX_VIDEO_FRAMES:

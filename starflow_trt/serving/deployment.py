@@ -56,7 +56,8 @@ class VideoGenerator:
         t0 = time.perf_counter()
         self.pipe = Pipeline.from_dir(directory, backend=cfg.backend, precision=cfg.precision,
                                       providers=cfg.providers, threads=cfg.threads, thread_pool=cfg.thread_pool,
-                                      cuda_graphs=cfg.cuda_graphs)
+                                      cuda_graphs=cfg.cuda_graphs, device=cfg.device, dtype=cfg.dtype,
+                                      checkpoint=cfg.checkpoint)
         self.summary = self.pipe.summary
         self.max_batch = min(cfg.max_batch or self.summary.max_batch, self.summary.max_batch)
         type(self)._batched.set_max_batch_size(self.max_batch)

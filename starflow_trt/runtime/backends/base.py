@@ -40,6 +40,11 @@ class GraphRunner(ABC):
         self._checked: set[tuple] = set()
         self._dtypes = {t.name: TORCH_DTYPES.get(t.dtype) for t in (*spec.inputs, *spec.outputs)}
 
+    def io_dtype(self, name: str) -> Optional[torch.dtype]:
+        """The dtype this runner takes for input or output ``name``: the manifest's, unless the backend keeps
+        it in its own (the torch backend's K/V caches in its ``dtype``); None where any is accepted."""
+        return self._dtypes[name]
+
     def run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         """Run once. ``inputs``/``outputs``: every graph input/output by name, contiguous,
         on the backend's device, outputs preallocated with their exact shapes."""

@@ -24,9 +24,8 @@ _SHARED_POOL: Optional[int] = None
 def _shared_pool(threads: Optional[int]) -> bool:
     """Create (once per process) the global intra-op pool that CPU sessions share; False if unsupported.
 
-    One pipeline runs a dozen sessions one after another. With a pool per session, each pool's
-    threads spin after its run while the next session's pool wants the same cores, so per-session
-    pools must not spin and pay a wake-up per op; one shared pool spins without contention.
+    One pipeline runs a dozen sessions one after another; one shared pool serves them all without a
+    second set of threads. Per-session pools come close (:meth:`OrtBackend.session_options`).
     ORT's rule: once the global pool exists, every later session of the process must use it
     (``onnxruntime.quantization`` does not, so calibrate before creating a shared-pool backend).
     """
@@ -124,7 +123,9 @@ class OrtBackend(Backend):
 
     ``threads``: intra-op threads (None: ``$STARFLOW_TRT_THREADS``, else ORT's default of one per core).
     ``shared_pool``: CPU sessions share ORT's process-wide thread pool (faster for a pipeline of
-    many graphs, but process-wide: see :func:`_shared_pool`); default: a non-spinning pool per session.
+    many graphs, but process-wide: see :func:`_shared_pool`); default: a pool per session.
+    ``spin``: per-session pools spin while their session runs and stop when its run returns (default);
+    False: they never spin (a wake-up per op, for hosts that must not burn idle cycles).
     ``ort_variants``: load a graph's ORT-optimised variant (contrib-op fusions, manifest
     ``ort_variant``, :mod:`starflow_trt.export.ort_optimize`) instead of the portable graph when the
     manifest records one; never under the TensorRT EP, which gets the portable graph and fuses on its own.
@@ -133,7 +134,7 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, providers: Optional[Sequence] = None, threads: Optional[int] = None,
-                 cache_dir: Optional[str] = None, spin: bool = False, shared_pool: bool = False,
+                 cache_dir: Optional[str] = None, spin: bool = True, shared_pool: bool = False,
                  ort_variants: bool = True):
         try:
             import onnxruntime  # noqa: F401
@@ -176,8 +177,13 @@ class OrtBackend(Backend):
         else:
             if self.threads:
                 options.intra_op_num_threads = self.threads
-            # per-session pools that spin after a run take the cores the next graph's pool needs
+            # A pool that kept spinning after its run would take the cores the next graph's pool needs; one that
+            # never spins pays a wake-up per op. Spinning only during a run and stopping when it returns
+            # (session.force_spinning_stop, onnxruntime_session_options_config_keys.h) avoids both. Bench config,
+            # 2 cores, one video (benchmarks/ort_pools.py): Jacobi 1.035 s never spinning, 1.310 s spinning after
+            # runs, 1.014 s this, 1.006 s the shared pool; autoregressive 3.560 / 3.509 / 3.307 / 3.194 s.
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         return options
 
     def session(self, path: Union[str, os.PathLike], spec: Optional[GraphSpec] = None):

@@ -81,7 +81,7 @@ def _grown(probe, n_max: int, budget_s: float = 0.25, n: int = 256) -> float:
 
 
 def peak_rates(n_max: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """The GEMM peak of each dtype a CPU mode runs in (OP/s): ``fp32`` and ``bf16`` (torch matmul), ``int8``
+    """The GEMM peak of each dtype a CPU mode runs in (OP/s): ``fp32`` and ``bf16`` (torch ``linear``), ``int8``
     (ONNX Runtime's int8 GEMM), each at the largest size up to ``n_max`` that a call runs in a quarter second."""
     rates = {"fp32": _grown(lambda n: peak_gemm_flops(n, repeats), n_max),
              "bf16": _grown(lambda n: peak_gemm_flops(n, repeats, torch.bfloat16), n_max)}

@@ -26,6 +26,7 @@ from .projection import ScheduleWork, projection_table, stage_projection_table
 from .report import write
 from .workloads import cpu_modes, end_to_end, make_bench_checkpoint, op_profile, per_graph, schedule_quality
 
+
 @dataclass(frozen=True)
 class BenchPlan:
     """What one run measures: the bench config workload, optionally the toy, optionally INT8."""

@@ -26,7 +26,7 @@ SWEEPS = 12
 #: the floor is this quantile of the stalled updates. At the median, half the stalled chunks stayed above it and
 #: ran to ``max_iter``: toy INT8, 16 held-out prompts, default schedule, deep calls 727 against FP32's 627 (1.16x);
 #: at 0.75 (floor 2.0e-3 -> 2.7e-3) 682 (1.09x), the median distance to the FP32 result 0.22 -> 0.24, within the
-#: scatter of the quantisation's own (INT8 autoregressive vs FP32: 0.21); benchmarks/README.md, CPU modes
+#: scatter of the quantisation's own (INT8 autoregressive vs FP32: 0.21); benchmarks/README.md, issue 31
 QUANTILE = 0.75
 #: calibration prompts the floor is measured on (4 full-length chunks each on the toy)
 PROMPTS = 8

@@ -65,7 +65,8 @@ def test_projection_table_and_report(tmp_path):
                                     "deep_calls": 3, "deep_tokens": 9, "calls": 5, "dist_to_ar": 0.01}]},
               "per_graph": {"x": [{"graph": "deep_step", "shape": "S=1", "ms": 1.0, "gflops": 0.1, "mbytes": 1.0,
                                    "achieved_gflops": 10.0, "fraction_of_peak_gemm": 0.1}]},
-              "schedule_quality": {"x": {"guidance": 2.0, "block": 16, "threshold": 1e-3, "rows": [
+              "schedule_quality": {"x": {"pipeline": "ORT FP32", "guidance": 2.0, "block": 16, "threshold": 1e-3,
+                                         "rows": [
                   {"schedule": "upstream", "samples": 8, "dist_median": 0.031, "dist_mean": 0.05, "dist_max": 0.2,
                    "deep_calls": 10, "deep_tokens": 100, "calls": 20}]}},
               "quality": {}, "projection": rows,
@@ -74,7 +75,8 @@ def test_projection_table_and_report(tmp_path):
     text = markdown(result)
     assert "PROJECTIONS, not measurements" in text and "H100" in text and "| ORT | fp32 | upstream |" in text
     assert "| H100 | fp16 | 0.001 | 7.0 | 0.60 | 7.6 | 608 |" in text
-    assert "Schedules over 8 samples: x" in text and "| upstream | 3.10e-02 | 5.00e-02 | 2.00e-01 | 10 |" in text
+    assert "Schedules over 8 samples: x (ORT FP32, guidance 2," in text
+    assert "| upstream | 3.10e-02 | 5.00e-02 | 2.00e-01 | 10 |" in text
     files = write(result, tmp_path)
     assert all(f.exists() and f.stat().st_size > 0 for f in files)
 

@@ -87,7 +87,6 @@ def test_bench_cli_writes_only_under_out(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_run, "_prepare", fake_prepare)
     monkeypatch.setattr(bench_run, "_bench_workloads", fake_bench)
-    monkeypatch.setattr(bench_run, "peak_gemm_flops", lambda: 1e11)
     monkeypatch.setattr(bench_run, "peak_rates", lambda n_max: {"fp32": 1e11, "bf16": 4e11, "int8": 8e11})
     monkeypatch.setattr(bench_run, "memory_bandwidth", lambda: 1e10)
     monkeypatch.chdir(tmp_path)

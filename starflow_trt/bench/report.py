@@ -60,9 +60,8 @@ def markdown(result: dict) -> str:
                                  ("of dtype peak", "fraction_of_peak", ".0%")])
         lines.append("")
     for name, q in result.get("schedule_quality", {}).items():
-        pipeline = "ORT INT8" if name.endswith("int8") else "ORT FP32"
-        lines += [f"## Schedules over {q['rows'][0]['samples']} samples: {name} ({pipeline}, guidance {q['guidance']:g}, "
-                  f"block {q['block']}, threshold {q['threshold']:g})", ""]
+        lines += [f"## Schedules over {q['rows'][0]['samples']} samples: {name} ({q['pipeline']}, "
+                  f"guidance {q['guidance']:g}, block {q['block']}, threshold {q['threshold']:g})", ""]
         lines += markdown_table(q["rows"], [("schedule", "schedule", ""),
                                             ("rel. L2 to AR: median", "dist_median", ".2e"),
                                     ("mean", "dist_mean", ".2e"), ("max", "dist_max", ".2e"),

@@ -20,7 +20,7 @@ from ..config import load_config
 from ..errors import StarflowError
 from ..sampling import JacobiConfig
 from ..staging import MANIFEST_NAME
-from .machine import machine_info, memory_bandwidth, peak_gemm_flops, peak_rates
+from .machine import machine_info, memory_bandwidth, peak_rates
 from .paths import BenchPaths, bench_config, model_config_7b
 from .projection import ScheduleWork, projection_table, stage_projection_table
 from .report import write
@@ -81,7 +81,8 @@ def run_benchmarks(out_dir: Union[str, Path, None] = None, cache: Union[str, Pat
     start = time.perf_counter()
     paths.cache.mkdir(parents=True, exist_ok=True)
     log("probing peak GEMM (fp32, bf16, int8) and bandwidth")
-    peak, bw, peaks = peak_gemm_flops(), memory_bandwidth(), peak_rates(1024 if plan.quick else 2048)
+    peaks, bw = peak_rates(1024 if plan.quick else 2048), memory_bandwidth()
+    peak = peaks["fp32"]
     result = {"machine": machine_info(), "runs": plan.runs, "plan": asdict(plan),
               "roofline": {"peak_gemm_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9,
                            "peak_gops": {k: v / 1e9 for k, v in peaks.items()}},

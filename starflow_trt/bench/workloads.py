@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..config import load_config
+from ..costs import Cost
 from ..defaults import DEFAULT_JACOBI_BLOCK, DEFAULT_JACOBI_THRESHOLD
 from ..export import names
 from ..export.dtypes import TORCH_DTYPES
@@ -56,10 +57,7 @@ def per_graph(pipe, runs: int, peak_flops: float, bandwidth: float, label: str) 
         if bench is None:
             continue
         for sizes in bench.cases(spec, manifest.geometry):
-            inputs, outputs = graph_tensors(pipe, spec, sizes)
-            runner = pipe.runner(spec.name)
-            t = timed(lambda: runner.run(inputs, outputs), runs=runs)
-            cost = bench.cost(manifest.config, spec.block, sizes)
+            t, cost = _timed_call(pipe, spec.name, sizes, runs)
             achieved = cost.flops / t["median"]
             dims = bench.label_dims or tuple(sizes)
             shape = " ".join(f"{'B' if d == 'batch' else d}={sizes[d]}" for d in dims)
@@ -69,6 +67,16 @@ def per_graph(pipe, runs: int, peak_flops: float, bandwidth: float, label: str) 
                          "fraction_of_peak_gemm": achieved / peak_flops,
                          "roofline_bound_s": max(cost.flops / peak_flops, cost.bytes / bandwidth)})
     return rows
+
+
+def _timed_call(pipe, name: str, sizes: dict[str, int], runs: int) -> tuple[dict, Cost]:
+    """Graph ``name`` called on random inputs at ``sizes``, in the IO dtypes its runner takes (the torch
+    backend's bf16 mode keeps K/V in bf16): its :func:`.machine.timed` seconds and its cost per call."""
+    runner = pipe.runner(name)
+    inputs, outputs = graph_tensors(pipe, runner.spec, sizes)
+    inputs, outputs = ({k: t.to(runner.io_dtype(k) or t.dtype) for k, t in io.items()} for io in (inputs, outputs))
+    t = timed(lambda: runner.run(inputs, outputs), runs=runs)
+    return t, kind_bench(runner.spec.kind).cost(pipe.manifest.config, runner.spec.block, sizes)
 
 
 def _work(stats: dict) -> dict:
@@ -220,15 +228,10 @@ def cpu_modes(ref, modes: dict, y, u, noise, runs: int, peaks: dict[str, float],
 
 
 def _deep_step_rate(pipe, peak: Optional[float], runs: int) -> dict:
-    runner = pipe.runner(names.DEEP_STEP)
-    sizes = deep_step_case(pipe.manifest.geometry)
-    inputs, outputs = graph_tensors(pipe, runner.spec, sizes)
-    # the backend's IO dtypes (the torch backend's bf16 mode keeps K/V in bf16)
-    inputs, outputs = ({k: t.to(runner.io_dtype(k) or t.dtype) for k, t in io.items()} for io in (inputs, outputs))
-    t = timed(lambda: runner.run(inputs, outputs), runs=max(3, runs))["median"]
-    rate = kind_bench(runner.spec.kind).cost(pipe.manifest.config, runner.spec.block, sizes).flops / t
-    return {"deep_step_ms": t * 1000, "deep_step_gops": rate / 1e9, "peak_gops": peak / 1e9 if peak else None,
-            "fraction_of_peak": rate / peak if peak else None}
+    t, cost = _timed_call(pipe, names.DEEP_STEP, deep_step_case(pipe.manifest.geometry), max(3, runs))
+    rate = cost.flops / t["median"]
+    return {"deep_step_ms": t["median"] * 1000, "deep_step_gops": rate / 1e9,
+            "peak_gops": peak / 1e9 if peak else None, "fraction_of_peak": rate / peak if peak else None}
 
 
 def schedule_quality(pipe, texts: torch.Tensor, uncond: torch.Tensor, noise_shape: tuple, guidance: float,
@@ -256,7 +259,8 @@ def schedule_quality(pipe, texts: torch.Tensor, uncond: torch.Tensor, noise_shap
         d = sorted(d)
         rows.append({"workload": label, "schedule": name, "samples": len(d), "dist_median": d[len(d) // 2],
                      "dist_mean": sum(d) / len(d), "dist_max": d[-1], **work[name]})
-    return {"guidance": guidance, "block": block, "threshold": threshold, "rows": rows}
+    return {"pipeline": f"{pipe.backend.name.upper()} {pipe.manifest.precision.upper()}", "guidance": guidance,
+            "block": block, "threshold": threshold, "rows": rows}
 
 
 #: ONNX Runtime ops that multiply by a weight matrix (when its weight is a constant)

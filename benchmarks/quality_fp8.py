@@ -30,8 +30,10 @@ from starflow_trt.toy import PROMPTS, load_bundled
 from starflow_trt.toy.calibration import toy_calibration_set
 
 HERE = Path(__file__).resolve().parent
-#: (label, precision, placement)
-VARIANTS = [("fp16", "fp16", "ort"), ("int8 ort", "int8", "ort"), ("int8 trt", "int8", "trt"), ("fp8", "fp8", "trt")]
+#: (label, precision, calibrate_directory options): the Q/DQ bodies are calibrate's defaults (FP16 for
+#: placement "trt" and FP8, FP32 for placement "ort")
+VARIANTS = [("fp16", "fp16", {}), ("int8 ort", "int8", {"placement": "ort"}), ("int8 trt", "int8", {"placement": "trt"}),
+            ("fp8", "fp8", {}), ("fp8 attention", "fp8", {"quantize_attention": True})]
 
 
 def held_out_prompts(n: int, samples: int = 16) -> list[str]:
@@ -53,7 +55,7 @@ def toy_export(cache: Path) -> Path:
 
 def calibrate_all(src: Path, cache: Path, stem: str, toy: bool, log) -> dict[str, Path]:
     out = {}
-    for label, precision, placement in VARIANTS:
+    for label, precision, options in VARIANTS:
         dst = cache / f"quality_{stem}_{label.replace(' ', '_')}"
         if not (dst / MANIFEST_NAME).exists():
             log(f"{stem}: calibrating {label}")
@@ -64,8 +66,7 @@ def calibrate_all(src: Path, cache: Path, stem: str, toy: bool, log) -> dict[str
                 geo = load_manifest(src).geometry
                 y = torch.randn(4, geo.text_length, geo.text_width, generator=torch.Generator().manual_seed(7))
                 kw = dict(text=y, uncond=torch.zeros_like(y), guidance=2.0)
-            calibrate_directory(src, dst, precision, placement=placement, force=True, overwrite=True,
-                                log=lambda m: None, **kw)
+            calibrate_directory(src, dst, precision, force=True, overwrite=True, log=lambda m: None, **options, **kw)
         out[label] = dst
     return out
 
@@ -81,8 +82,27 @@ def quality_rows(dirs: dict[str, Path]) -> list[dict]:
                      "deep_step_rel_l2": max(q["graphs"]["deep_step"]["rel_l2"].values()),
                      "residual_floor": cal.get("residual_floor", {}).get("value", 0.0),
                      "gate_passed": q["gate"]["passed"], "gate_failures": q["gate"]["failures"],
-                     "placement": (m.extra.get("quantization") or {}).get("placement")})
+                     "placement": (m.extra.get("quantization") or {}).get("placement"),
+                     "body": (m.extra.get("quantization") or {}).get("body", "fp16" if label == "fp16" else "fp32"),
+                     "attention": (m.extra.get("quantization") or {}).get("attention")})
     return rows
+
+
+def per_prompt_psnr(pipes: dict[str, Pipeline], texts, uncond, guidance: float, seed: int = 2024) -> dict:
+    """Latent PSNR vs FP32 of each prompt's video (same noise), sorted, per precision: the toy's distribution
+    (its autoregressive chain amplifies any rounding, so one mean hides which prompts move)."""
+    from starflow_trt.calibration.calibrate import psnr
+
+    ref = [pipes["fp32"].generate(texts[i:i + 1], uncond[i:i + 1], guidance=guidance, seed=seed).latents
+           for i in range(len(texts))]
+    out = {}
+    for name, pipe in pipes.items():
+        if name == "fp32":
+            continue
+        got = [pipe.generate(texts[i:i + 1], uncond[i:i + 1], guidance=guidance, seed=seed).latents
+               for i in range(len(texts))]
+        out[name] = sorted(round(psnr(g, r), 1) for g, r in zip(got, ref))
+    return out
 
 
 def deep_calls(pipes: dict[str, Pipeline], texts, uncond, noise_shape, guidance: float, label: str) -> dict:
@@ -102,16 +122,22 @@ def markdown(result: dict) -> str:
              "No TensorRT, no GPU.",
              ""]
     for model, rows in result["quality"].items():
-        lines += [f"## {model}", "", "| precision | bits/dim Δ | latent PSNR dB | worst graph rel L2 | deep_step rel L2 "
-                  "| Jacobi floor | gate |", "|---|---|---|---|---|---|---|"]
+        lines += [f"## {model}", "", "| precision | body | attention | bits/dim Δ | latent PSNR dB | worst graph rel L2 "
+                  "| deep_step rel L2 | Jacobi floor | gate |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["precision"] == "fp32":
-                lines.append("| fp32 | 0 | ∞ | 0 | 0 | 0 | - |")
+                lines.append("| fp32 | fp32 | fp32 | 0 | ∞ | 0 | 0 | 0 | - |")
                 continue
             gate = "pass" if r["gate_passed"] else "FAIL: " + "; ".join(r["gate_failures"])
-            lines.append(f"| {r['precision']} | {r['bpd_increase']:+.5f} | {r['latent_psnr_db']:.1f} | "
-                         f"{r['worst_graph_rel_l2']:.4f} | {r['deep_step_rel_l2']:.4f} | {r['residual_floor']:.2e} | "
-                         f"{gate} |")
+            lines.append(f"| {r['precision']} | {r.get('body')} | {r.get('attention') or r.get('body')} | "
+                         f"{r['bpd_increase']:+.5f} | {r['latent_psnr_db']:.1f} | {r['worst_graph_rel_l2']:.4f} | "
+                         f"{r['deep_step_rel_l2']:.4f} | {r['residual_floor']:.2e} | {gate} |")
+        lines.append("")
+    if "psnr_per_prompt_toy" in result:
+        lines += ["## Toy: latent PSNR vs FP32 per held-out prompt (dB, sorted)", "", "| precision | PSNR per prompt |",
+                  "|---|---|"]
+        lines += [f"| {name} | {' '.join(f'{v:.1f}' for v in values)} |"
+                  for name, values in result["psnr_per_prompt_toy"].items()]
         lines.append("")
     for key, title in (("deep_calls_toy", "Toy: deep calls on held-out prompts"),
                        ("deep_calls_bench", "Bench config: deep calls over 8 prompts")):
@@ -155,13 +181,15 @@ def main() -> None:
         g = pipes["fp32"].geo
         print(f"toy: deep calls over {len(prompts)} held-out prompts")
         result["held_out_prompts"] = prompts
-        result["deep_calls_toy"] = deep_calls(pipes, toy.encode(prompts), toy.encode([""] * len(prompts)),
-                                              (1, g.max_frames, 3, g.height, g.width), 3.0, "toy")
+        texts, uncond = toy.encode(prompts), toy.encode([""] * len(prompts))
+        result["deep_calls_toy"] = deep_calls(pipes, texts, uncond, (1, g.max_frames, 3, g.height, g.width), 3.0, "toy")
+        result["psnr_per_prompt_toy"] = per_prompt_psnr(pipes, texts, uncond, 3.0)
     if "bench" in models:
         dirs = _prepare(replace(FULL, int8=False, toy=False), paths, print)   # the bench-config export
         bench_dirs = calibrate_all(dirs["graphs"], paths.cache, "bench", False, print)
         result["quality"]["bench config"] = quality_rows(bench_dirs)
-        bench = {"fp32": Pipeline.from_dir(dirs["graphs"]), "fp8": Pipeline.from_dir(bench_dirs["fp8"])}
+        bench = {"fp32": Pipeline.from_dir(dirs["graphs"]),
+                 **{k: Pipeline.from_dir(bench_dirs[k]) for k in ("fp8", "fp8 attention")}}
         bg = bench["fp32"].geo
         texts = torch.randn(8, bg.text_length, bg.text_width, generator=torch.Generator().manual_seed(3))   # as run.py
         print("bench config: deep calls over 8 prompts (the 7B projection's measured schedules)")

@@ -31,7 +31,7 @@ def test_fp8_directory_records_placement_and_holds_e4m3_qdq(fp8_dir):
     assert fp8_dir.precision == "fp8"
     assert fp8_dir.extra["quantization"] == {"placement": "trt", "format": "float8e4m3fn", "opset": 19,
                                              "rules": "starflow_trt/calibration/qdq.py", "body": "fp16",
-                                             "weight_scale": "tensor"}   # issue 30's defaults
+                                             "weight_scale": "tensor", "attention": "fp16"}   # issue 30's defaults
     cal = fp8_dir.extra["calibration"]
     assert cal["method"] == "minmax" and "trt_cache_versions" not in cal and 0 < cal["residual_floor"]["value"] < 1
     for name, spec in fp8_dir.graphs.items():

@@ -24,16 +24,17 @@ def twin_export(exports):
     return exports(**GOLDENS_FLOW, trt_variants=True)
 
 
-@pytest.fixture(scope="module", params=["fp16", "int8-trt", "fp8"])
+@pytest.fixture(scope="module", params=["fp16", "int8-trt", "fp8", "fp8-attention"])
 def calibrated(request, twin_export, cases, tmp_path_factory):
     """The goldens export with twins, calibrated (forced: random weights are not a quality target)."""
     from starflow_trt.calibration import calibrate_directory
 
-    precision, _, placement = request.param.partition("-")
+    precision, _, option = request.param.partition("-")
     out = tmp_path_factory.mktemp(request.param) / "g"
     return calibrate_directory(twin_export, out, precision, text=cases["y"], uncond=cases["y_uncond"],
                                guidance=2.0, force=True, eval_clips=(cases["x"], cases["y"]),
-                               placement=placement or "ort", log=lambda m: None)
+                               placement="trt" if option == "trt" else "ort",
+                               quantize_attention=option == "attention", log=lambda m: None)
 
 
 @pytest.mark.slow
@@ -84,3 +85,44 @@ def test_calibrated_directories_build_under_the_fake(calibrated, tmp_path, monke
     for spec in load_manifest(calibrated.root).graphs.values():
         assert str(spec.trt_path or spec.path) in parsed   # the twin, where there is one
     assert rec.errors == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("calibrated", ["fp8-attention"], indirect=True)
+def test_fp8_attention_in_both_forms(calibrated):
+    """``--quantize-attention``: in every step / prefill graph and its twin each attention BMM reads both
+    inputs through an FP8 DQ, the probabilities at scale 1/448 (FP16, the body's type); the twin's query DQ
+    follows the attention-scale Mul (the scale on the Q side, as TensorRT's fused attention wants); the
+    manifest and the build plan say so."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    from starflow_trt.calibration.qdq import attention_bmms, qdq_layout
+    from starflow_trt.cli import main
+
+    assert calibrated.extra["quantization"]["attention"] == "fp8"
+    twins = [n for n, s in calibrated.graphs.items() if s.kind in TWIN_KINDS]
+    for name in twins:
+        spec = calibrated.graph(name)
+        assert spec.extra["conversion"]["attention"] == "fp8"
+        for path in (spec.path, spec.trt_path):
+            model = onnx.load(str(path))
+            layers, layout = attention_bmms(model), qdq_layout(model)
+            producers = {o: n for n in model.graph.node for o in n.output}
+            inits = {i.name: i for i in model.graph.initializer}
+            nodes = {n.name: n for n in model.graph.node}
+            assert layers, (name, path.name)
+            for layer in layers:
+                assert all(set(layout[b]) == {0, 1} for b in (*layer.scores, *layer.mix)), (name, path.name)
+                for b in layer.mix:
+                    scale = inits[producers[nodes[b].input[0]].input[1]]
+                    assert scale.data_type == TensorProto.FLOAT16
+                    assert numpy_helper.to_array(scale) == np.float16(1 / 448)
+                if path == spec.trt_path:
+                    (bmm1,) = layer.scores
+                    quantize = producers[producers[nodes[bmm1].input[0]].input[0]]
+                    assert quantize.op_type == "QuantizeLinear" and producers[quantize.input[0]].op_type == "Mul"
+    plan = json.loads(CliRunner().invoke(main, ["build", str(calibrated.root), "--dry-run"]).output)
+    for name in twins:
+        assert plan["graphs"][name]["qdq"]["attention"] == "fp8"
+        assert "FP8 fused attention" in plan["graphs"][name]["requires"]

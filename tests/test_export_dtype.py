@@ -21,7 +21,7 @@ def toy_fp16(exports):
 
 @pytest.fixture(scope="module")
 def goldens_bf16(exports):
-    return exports(**GOLDENS_FLOW, graphs=("deep_step", "forward_5"), dtype="bf16")
+    return exports(**GOLDENS_FLOW, graphs=("deep_step", "forward_5"), dtype="bf16", trt_variants=True)
 
 
 def _initializer_bytes(path) -> dict[int, int]:
@@ -110,6 +110,34 @@ def test_bf16_graph_structure(goldens_bf16):
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     softmax = [types.get(n.input[0]) for n in model.graph.node if n.op_type == "Softmax"]
     assert softmax and set(softmax) == {onnx.TensorProto.FLOAT}
+
+
+def test_bf16_directory_builds_its_twin_under_the_fake(goldens_bf16, tmp_path, monkeypatch):
+    """A bf16 export is a directory ``build`` takes (the flow policy allows bf16; it refused it before): the
+    step graph's fused-attention twin keeps the form in bf16 and is what the strongly typed build parses."""
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from starflow_trt.cli import main
+    from starflow_trt.export.trt_variant import form_problems
+
+    from . import fake_tensorrt
+
+    m = load_manifest(goldens_bf16)
+    step = m.graph("deep_step")
+    layers = m.geometry.blocks[step.block].layers
+    assert form_problems(onnx.load(str(step.trt_path)), layers, m.geometry.head_dim, past=True) == []
+    plan = CliRunner().invoke(main, ["build", str(goldens_bf16), "--dry-run"])
+    assert plan.exit_code == 0, plan.output
+    graphs = json.loads(plan.output)["graphs"]
+    assert graphs["deep_step"]["onnx"] == str(step.trt_path)
+    assert {g["precision"] for g in graphs.values()} == {"bf16"} and all(g["flags"] == [] for g in graphs.values())
+    rec = fake_tensorrt.install(monkeypatch)
+    out = CliRunner().invoke(main, ["build", str(goldens_bf16), "-o", str(tmp_path / "engines")])
+    assert out.exit_code == 0, out.output
+    assert str(step.trt_path) in {c[1] for c in rec.named("parse_from_file")} and rec.errors == []
 
 
 def test_bf16_on_ort_is_one_line_naming_the_fix(goldens_bf16, tmp_path):

@@ -160,6 +160,46 @@ def test_attention_bmms_quantized_when_included(attention):
     ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
+@pytest.mark.parametrize("attention", ["two_part", "single"])
+def test_fp8_attention_recipe_against_numpy(attention):
+    """Rule 5 (``attention=True``, the default excludes kept): every attention BMM reads both inputs through
+    a DQ; the probabilities at scale 1/448; one key scale and one value scale per layer (the two-part form's
+    past and new parts share the concatenated tensor's); on ORT the attention output equals a numpy model
+    of E4M3 rounding with those scales (the projections feeding it read from the same run)."""
+    from starflow_trt.calibration.qdq import attention_bmms
+
+    model = block_graph(attention)
+    feeds = _feeds(attention)
+    amax = _amax(block_graph(attention), feeds)
+    assert [(a.scores, a.mix) for a in attention_bmms(model)] == (
+        [(("score_new", "score_past"), ("pv_new", "pv_past"))] if attention == "two_part" else [(("score",), ("pv",))])
+    info = insert_qdq(model, amax, qformat("fp8"), DEFAULT_EXCLUDE, weight_scale="tensor", attention=True)
+    assert info["attention_layers"] == 1
+    layout = qdq_layout(model)
+    attn = {"score_past", "score_new", "pv_past", "pv_new"} if attention == "two_part" else {"score", "pv"}
+    assert all(set(layout[b]) == {0, 1} for b in attn)
+    scales = {i.name: float(numpy_helper.to_array(i)) for i in model.graph.initializer if i.name.endswith("_scale")}
+    two = attention == "two_part"
+    p_scales = {scales[f"{t}_scale"] for t in (("p_past", "p_new") if two else ("p",))}
+    assert p_scales == {float(np.float32(1 / 448))}
+    key_amax = max(amax["pkT"], amax["kT"]) if two else amax["kT"]
+    assert {scales[f"{t}_scale"] for t in (("pkT", "kT") if two else ("kT",))} == {float(np.float32(key_amax / 448))}
+    value_amax = max(float(np.abs(feeds["past_v"]).max()), amax["v"]) if two else amax["v"]
+    assert {scales[f"{t}_scale"] for t in (("past_v", "v") if two else ("v",))} == \
+        {float(np.float32(value_amax / 448))}
+    wanted = ["q", "k", "v", "o"]
+    model.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in wanted])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    q, k, v, o = sess.run(wanted, feeds)
+    keys = np.concatenate([feeds["past_k"], k]) if two else k
+    values = np.concatenate([feeds["past_v"], v]) if two else v
+    s = _e4m3(q, scales["q_scale"]) @ _e4m3(keys, np.float32(key_amax / 448)).T
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    want = _e4m3(p, np.float32(1 / 448)) @ _e4m3(values, np.float32(value_amax / 448))
+    np.testing.assert_allclose(o, want, rtol=1e-4, atol=1e-5)
+
+
 def _e4m3(x: np.ndarray, scale) -> np.ndarray:
     """Independent model of QuantizeLinear→DequantizeLinear to float8e4m3fn (saturating)."""
     return np.clip(x / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale

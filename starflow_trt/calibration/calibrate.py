@@ -57,6 +57,19 @@ def default_gate(precision: str) -> QualityGate:
     return QualityGate(max_graph_error=0.1, max_bpd_increase=0.02, min_psnr_db=20.0)
 
 
+@dataclass(frozen=True)
+class QdqOptions:
+    """How a Q/DQ directory's graphs are placed and typed: ``placement`` (:data:`PLACEMENTS`), ``body`` dtype
+    (:data:`.qdq.BODY_DTYPES`), FP8 weight scales per "tensor" or "channel", ``kv_fp8`` (K/V rounded to E4M3
+    on write), ``attention`` (FP8 attention BMMs, :mod:`.qdq` rule 5)."""
+
+    placement: str = "ort"
+    body: str = "fp32"
+    fp8_weights: str = "tensor"
+    kv_fp8: bool = False
+    attention: bool = False
+
+
 #: calibration methods per quantized precision (FP8: amax, percentile as an option; modelopt's FP8 path is
 #: max-calibrated too); the first is the default
 METHODS_FOR = {"int8": ("entropy", "percentile", "minmax"), "fp8": ("minmax", "percentile")}
@@ -98,7 +111,8 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
                         capture_dir: Optional[Path] = None, shard_bytes: int = 64 << 20,
                         placement: str = "ort", kv_dtype: Optional[str] = None,
                         log: Callable[[str], None] = print, prompts: Optional[PromptSet] = None,
-                        high_precision_dtype: Optional[str] = None, fp8_weights: str = "tensor") -> Manifest:
+                        high_precision_dtype: Optional[str] = None, fp8_weights: str = "tensor",
+                        quantize_attention: bool = False) -> Manifest:
     """Calibrate ``src`` (FP32 graphs) into ``out``; see the module docstring.
 
     Calibration prompts: ``text`` / ``uncond`` embeddings [N, L, D], or ``prompts`` as text, encoded through the
@@ -108,7 +122,8 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
     also round the K/V they write to E4M3 (:func:`.qdq.quantize_kv_writes`; FP8 only).
     ``high_precision_dtype``: the body dtype of Q/DQ graphs (:data:`.qdq.BODY_DTYPES`; default "fp16" for FP8 and
     for placement "trt", "fp32" for placement "ort"); ``fp8_weights``: FP8 weight scales per "tensor" (default)
-    or "channel" (:data:`.qdq.WEIGHT_SCALES`)."""
+    or "channel" (:data:`.qdq.WEIGHT_SCALES`); ``quantize_attention``: FP8 attention BMMs by TensorRT's fused-MHA
+    pattern (:mod:`.qdq` rule 5; FP8 only)."""
     from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
 
@@ -133,6 +148,10 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
         raise StarflowError(f"--fp8-weights must be one of {', '.join(WEIGHT_SCALES)}, got {fp8_weights!r}")
     if kv_dtype not in (None, "fp8") or (kv_dtype and precision != "fp8"):
         raise StarflowError(f"--kv-dtype {kv_dtype} needs --precision fp8 (the only K/V type besides the graphs' own)")
+    if quantize_attention and precision != "fp8":
+        raise StarflowError(f"--quantize-attention needs --precision fp8 (FP8 fused attention); {precision} keeps "
+                            "attention in the body dtype")
+    qdq = QdqOptions(placement, body, fp8_weights, kv_dtype == "fp8", quantize_attention)
     src, out = Path(src), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise StarflowError(f"{out} exists and is not empty; choose another -o or remove it")
@@ -177,8 +196,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
         from ..media.text import carry_tokenizer
 
         carry_tokenizer(manifest, tmp)   # prompts on OUT need the export's tokenizer
-        new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log, placement,
-                              kv_fp8=kv_dtype == "fp8", body=body, fp8_weights=fp8_weights)
+        new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log, qdq)
         quality = {"graphs": {}}
         for name, spec in new.graphs.items():
             if spec.precision == "fp32":   # converted graphs (e.g. fp16 VAE graphs in an int8 directory) are gated
@@ -202,7 +220,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
         if precision == "int8":
             new.extra["calibration"]["trt_cache_versions"] = "TensorRT 8.x-10.x (implicit INT8)"
         if precision in QUANTIZED:   # which Q/DQ a directory holds (build --dry-run and verify read it)
-            new.extra["quantization"] = quantization_record(precision, placement, new, body, fp8_weights)
+            new.extra["quantization"] = quantization_record(precision, new, qdq)
             if kv_dtype:
                 new.extra["quantization"]["kv_dtype"] = ("fp8 (E4M3-rounded on write; the ORT cache array stays "
                                                          "FP32: quality simulated, memory not saved)")
@@ -216,22 +234,22 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
     return new.relocate(out)
 
 
-def quantization_record(precision: str, placement: str, manifest: Manifest, body: str = "fp32",
-                        fp8_weights: str = "tensor") -> dict:
+def quantization_record(precision: str, manifest: Manifest, qdq: QdqOptions) -> dict:
     """The manifest's ``quantization`` entry: placement, Q/DQ element type, opset of the Q/DQ graphs, their body
-    dtype and (placement "trt") how weights are scaled."""
+    dtype, (placement "trt") how weights are scaled and what the attention BMMs compute in."""
     opsets = sorted({s.extra.get("conversion", {}).get("opset") for s in manifest.graphs.values()} - {None})
-    record = {"placement": placement, "format": qformat(precision).name, "opset": opsets[-1] if opsets else None,
-              "rules": "starflow_trt/calibration/qdq.py" if placement == "trt" else "onnxruntime.quantization QDQ",
-              "body": body}
-    if placement == "trt":
-        record["weight_scale"] = fp8_weights if precision == "fp8" else "channel"
+    record = {"placement": qdq.placement, "format": qformat(precision).name,
+              "opset": opsets[-1] if opsets else None,
+              "rules": "starflow_trt/calibration/qdq.py" if qdq.placement == "trt" else "onnxruntime.quantization QDQ",
+              "body": qdq.body}
+    if qdq.placement == "trt":
+        record["weight_scale"] = qdq.fp8_weights if precision == "fp8" else "channel"
+        record["attention"] = precision if qdq.attention else qdq.body
     return record
 
 
 def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, cal: CaptureSet,
-                    exclude: Sequence[str], trt_version: str, log, placement: str = "ort",
-                    kv_fp8: bool = False, body: str = "fp32", fp8_weights: str = "tensor") -> Manifest:
+                    exclude: Sequence[str], trt_version: str, log, qdq: QdqOptions = QdqOptions()) -> Manifest:
     """Every graph of ``manifest`` converted into ``tmp`` per the precision policy, each graph's TensorRT
     fused-attention twin (``trt_variant``) by the same rules from the same calibration calls."""
     new = manifest.derive(tmp, precision=precision)
@@ -240,7 +258,7 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
         policy = policy_of(spec.kind)   # an unknown kind gets the defaults
         decision = policy_precision(spec.kind, precision, called=bool(calls))
         if decision.precision in QUANTIZED:
-            log(f"  {decision.precision} {name}: {len(calls)} calibration calls ({placement} placement)")
+            log(f"  {decision.precision} {name}: {len(calls)} calibration calls ({qdq.placement} placement)")
         elif decision.precision == "fp16":
             log(f"  fp16 {name}")
         else:
@@ -248,8 +266,7 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
 
         def convert(src: Path, dst: Path, cache: bool) -> dict:
             return _convert_graph(src, dst, decision.precision, calls, method, (*exclude, *policy.exclude),
-                                  policy.fp16_modules, placement, kv_fp8, trt_version if cache else None,
-                                  body, fp8_weights)
+                                  policy.fp16_modules, trt_version if cache else None, qdq)
 
         dst = tmp / spec.file
         info = convert(spec.path, dst, cache=True)
@@ -266,20 +283,19 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
 
 
 def _convert_graph(src: Path, dst: Path, precision: str, calls, method: str, exclude: Sequence[str],
-                   fp16_modules: Sequence[str], placement: str, kv_fp8: bool, trt_version: Optional[str],
-                   body: str = "fp32", fp8_weights: str = "tensor") -> dict:
+                   fp16_modules: Sequence[str], trt_version: Optional[str], qdq: QdqOptions) -> dict:
     """Write ``src`` converted to ``precision`` (a :func:`policy_precision` decision) at ``dst``; the conversion
-    record. ``trt_version``: also write the INT8 graph's implicit-INT8 calibration cache (None: not);
-    ``body`` / ``fp8_weights``: of placement "trt" (:func:`.qdq.quantize_graph_trt`)."""
+    record. ``trt_version``: also write the INT8 graph's implicit-INT8 calibration cache (None: not)."""
     from .fp16 import convert_fp16
 
     if precision in QUANTIZED:
         ranges = dst.with_name(dst.name[: -len(".onnx")] + ".ranges.json")
-        if placement == "ort":
+        if qdq.placement == "ort":
             info = quantize_graph(src, dst, calls, method, exclude, ranges_path=ranges)
         else:
-            info = quantize_graph_trt(src, dst, calls, precision, method, exclude, ranges_path=ranges, kv_fp8=kv_fp8,
-                                      body=body, weight_scale=fp8_weights, fp16_modules=fp16_modules)
+            info = quantize_graph_trt(src, dst, calls, precision, method, exclude, ranges_path=ranges,
+                                      kv_fp8=qdq.kv_fp8, body=qdq.body, weight_scale=qdq.fp8_weights,
+                                      fp16_modules=fp16_modules, attention=qdq.attention)
         if precision == "int8" and trt_version:   # implicit-INT8 caches have no FP8 counterpart
             cache = write_cache(dst.with_name(dst.name[: -len(".onnx")] + ".calib.cache"), load_ranges(ranges),
                                 method, trt_version)

@@ -21,7 +21,8 @@ from ..errors import StarflowError
 from ..export import names as n
 from .fp16 import FP16_MODULES
 
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+#: graph precisions a directory may hold: ``calibrate`` writes fp16 / int8 / fp8, ``export --dtype`` fp16 / bf16
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 #: precisions whose graphs carry Q/DQ (calibrated on captured activations)
 QUANTIZED = ("int8", "fp8")
 
@@ -46,9 +47,9 @@ class PrecisionPolicy:
 
 
 DEFAULT_POLICY = PrecisionPolicy()
-TEXT_POLICY = PrecisionPolicy(targets={"fp32": "fp32", "fp16": "fp32", "int8": "fp32", "fp8": "fp32"}, trt_flags=("BF16",),
+TEXT_POLICY = PrecisionPolicy(targets=dict.fromkeys(PRECISIONS, "fp32"), trt_flags=("BF16",),
                               reason="T5 text encoder: FP32 always (FP16 overflows); BF16 only as a TensorRT flag")
-VAE_POLICY = PrecisionPolicy(targets={"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "fp8": "fp16"},
+VAE_POLICY = PrecisionPolicy(targets={"fp32": "fp32", "fp16": "fp16", "bf16": "fp16", "int8": "fp16", "fp8": "fp16"},
                              trt_flags=("FP16",),
                              reason="VAE: FP16 (no INT8 / FP8 for its convolutions); latent normalisation stays FP32 "
                                     "outside the graph",

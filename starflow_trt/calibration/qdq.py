@@ -26,11 +26,20 @@ Placement rules (``placement="trt"``), each with its source:
 4. Small GEMMs stay in float: a weight whose K or N is below 16 (modelopt ``find_nodes_from_matmul_to_exclude``:
    "INT8 and FP8 Tensor Core kernels need K/N >= 16"). Its other rule, M or N == 1 (GEMV), is shape-dependent;
    the step graphs have dynamic S (S = 1 decode and S = 64 Jacobi chunks share one engine), so it is not applied.
-5. Attention BMMs (both inputs activations): kept in float by default (``DEFAULT_EXCLUDE``). When included they
-   get per-tensor Q/DQ on both inputs, which works on either form: the portable two-part attention (q·k_pastᵀ and
-   q·k_newᵀ scored separately, one softmax, p_past·v_past + p_new·v_new: four BMMs) and one Q·Kᵀ→softmax→·V.
-   modelopt quantizes MHA BMMs for FP8 only when the fused-MHA pattern matches and 8 < head_size <= 256
-   (``find_nodes_from_mha_to_exclude``), INT8 only up to seq_len 512; the two-part form never matches.
+5. Attention BMMs (both inputs activations): kept in float by default (``DEFAULT_EXCLUDE``). FP8 attention
+   (``attention=True``, ``calibrate --quantize-attention``) quantizes them as NVIDIA's FP8 fused-MHA pattern
+   has it: Q → DQ → BMM1 → (Mul/Div) → (Add) → Softmax → (Cast) → Q → DQ → BMM2 (Model Optimizer,
+   ``modelopt/onnx/quantization/graph_utils.py`` ``match_fp8_mha_pattern``; its FP8 MHA recipe, Model-Optimizer
+   PR #1289: the attention scale on the Q side so a DQ feeds each BMM directly, the softmax output at a fixed
+   1/448 scale). Per layer (:func:`attention_bmms`): the query, every key part and every value part get one
+   per-tensor scale each (a part of the portable form, past or new, takes the scale of the concatenated
+   tensor the fused form quantizes), the probabilities amax 1 (scale 1/448: a softmax output is in [0, 1]).
+   The fused form (``.trt.onnx``) scales Q before BMM1 as TensorRT requires ("Fused Attention": Q or K
+   multiplied by the attention scale before the first BMM), so its Q/DQ sits between that Mul and BMM1; the
+   portable two-part form scales the scores after its two BMM1s, and since E4M3 rounding of ``x / s`` commutes
+   with a constant factor on ``x`` and ``s``, its Q/DQ on the unscaled query rounds the same values (the parity
+   check between the two forms measures it). TensorRT fuses FP8 MHA on Ada from 10.6 for S <= 3072 and head
+   size <= 64, larger from 10.7 (release notes); modelopt keeps it for 8 < head size <= 256.
 6. FP8 graphs are opset >= 19 (QuantizeLinear/DequantizeLinear with float8e4m3fn, ``saturate=1``: values past
    amax clamp to ±448 instead of overflowing to NaN) and IR version >= 9.
 7. Body dtype (``body``, ``calibrate --high-precision-dtype``): ``"fp16"`` converts the graph to FP16 first
@@ -51,6 +60,7 @@ on Hopper, outputs may be FP16), the ops TensorRT fuses or runs in FP16 around t
 
 from __future__ import annotations
 
+import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -106,12 +116,70 @@ class Site:
     axis: Optional[int]
 
 
-def plan_sites(model, exclude: Sequence[str]) -> tuple[list[Site], list[str], list[str]]:
+@dataclass(frozen=True)
+class AttentionBmms:
+    """One attention layer's batched MatMuls around its Softmax: ``scores`` compute Q·Kᵀ (input 0 the query,
+    input 1 the keys), ``mix`` compute P·V (input 0 the probabilities, input 1 the values). The fused form has
+    one of each; the portable two-part form two of each (past and new)."""
+
+    softmax: str
+    scores: tuple[str, ...]
+    mix: tuple[str, ...]
+
+
+#: ops between an attention BMM1 and its Softmax (scale, mask, the two-part form's Concat, precision casts)
+_SCORE_OPS = ("Mul", "Div", "Add", "Concat", "Cast")
+#: ops between a Softmax and its BMM2 (the two-part form's Slices or Split, precision casts, rule 5's own Q/DQ)
+_PROB_OPS = ("Slice", "Split", "Cast", "QuantizeLinear", "DequantizeLinear")
+
+
+def attention_bmms(model) -> list[AttentionBmms]:
+    """The attention BMMs of ``model`` per Softmax: MatMuls with two activation inputs reached upstream of
+    the Softmax through :data:`_SCORE_OPS` and downstream (as input 0) through :data:`_PROB_OPS`."""
+    graph = model.graph
+    weights = {i.name for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def bmm(node) -> bool:
+        return node.op_type == "MatMul" and not set(node.input[:2]) & weights
+
+    layers = []
+    for softmax in (n for n in graph.node if n.op_type == "Softmax"):
+        scores, stack = [], [softmax.input[0]]
+        while stack:
+            node = producers.get(stack.pop())
+            if node is None:
+                continue
+            if bmm(node):
+                scores.append(node.name)
+            elif node.op_type in _SCORE_OPS:
+                stack.extend(node.input)
+        mix, stack = [], [softmax.output[0]]
+        while stack:
+            name = stack.pop()
+            for node in consumers.get(name, []):
+                if bmm(node) and node.input[0] == name:
+                    mix.append(node.name)
+                elif node.op_type in _PROB_OPS:
+                    stack.extend(node.output)
+        if scores and mix:
+            layers.append(AttentionBmms(softmax.name, tuple(sorted(scores)), tuple(sorted(mix))))
+    return layers
+
+
+def plan_sites(model, exclude: Sequence[str], attention: bool = False) -> tuple[list[Site], list[str], list[str]]:
     """(sites to quantize, quantized MatMul/Gemm names, excluded MatMul/Gemm names) under rules 1-5.
 
     A node is excluded when its name or module path (``namespace`` metadata) matches a regex of ``exclude``
-    or its weight is a small GEMM (rule 4)."""
+    or its weight is a small GEMM (rule 4); ``attention``: the attention BMMs are quantized whatever
+    ``exclude`` says (rule 5)."""
     selected = set(select_nodes(model, exclude)[0])   # the module-path / name regexes
+    if attention:
+        selected |= {name for layer in attention_bmms(model) for name in (*layer.scores, *layer.mix)}
     weights = {i.name: i for i in model.graph.initializer}
     sites, keep, skip = [], [], []
     for node in model.graph.node:
@@ -133,9 +201,24 @@ def plan_sites(model, exclude: Sequence[str]) -> tuple[list[Site], list[str], li
     return sites, keep, skip
 
 
-def activation_tensors(model, exclude: Sequence[str]) -> list[str]:
+def attention_amax(model, amax: Mapping[str, float]) -> dict[str, float]:
+    """The amax of every attention BMM input under rule 5: per layer the largest over the query / key / value
+    parts, 1.0 for the probabilities (scale ``1 / qmax``: 1/448 in E4M3)."""
+    nodes = {n.name: n for n in model.graph.node}
+    out = {}
+    for layer in attention_bmms(model):
+        for group, index in ((layer.scores, 0), (layer.scores, 1), (layer.mix, 1)):
+            names = {nodes[b].input[index] for b in group}
+            known = [float(amax[t]) for t in names if t in amax and math.isfinite(float(amax[t]))]
+            if known:
+                out.update(dict.fromkeys(names, max(known)))
+        out.update(dict.fromkeys((nodes[b].input[0] for b in layer.mix), 1.0))
+    return out
+
+
+def activation_tensors(model, exclude: Sequence[str], attention: bool = False) -> list[str]:
     """The activation tensors :func:`insert_qdq` needs an amax for (calibrate these)."""
-    return sorted({s.tensor for s in plan_sites(model, exclude)[0] if s.axis is None})
+    return sorted({s.tensor for s in plan_sites(model, exclude, attention)[0] if s.axis is None})
 
 
 def quantize_weight(w: np.ndarray, axis: Optional[int], fmt: QFormat,
@@ -174,21 +257,24 @@ def _tensor(name: str, array: np.ndarray, fmt: Optional[QFormat] = None):
 
 
 def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence[str],
-               weight_scale: str = "channel") -> dict:
+               weight_scale: str = "channel", attention: bool = False) -> dict:
     """Insert Q/DQ into ``model`` (in place) by rules 1-7; ``amax``: activation tensor → max |x| (calibrated on
     the FP32 graph: a tensor the FP16 conversion re-typed through a Cast takes its source's amax).
-    ``weight_scale``: "channel" or "tensor" (rule 3). Scales have the type of the tensor they quantize.
+    ``weight_scale``: "channel" or "tensor" (rule 3); ``attention``: quantize the attention BMMs by rule 5.
+    Scales have the type of the tensor they quantize.
 
     Returns what was done: quantized / excluded node names, Q and DQ counts, the activation scales."""
     from onnx import TensorProto, helper
 
-    sites, keep, skip = plan_sites(model, exclude)
+    sites, keep, skip = plan_sites(model, exclude, attention)
     producers = {o: n for n in model.graph.node for o in n.output}
     amax = dict(amax)
     for site in sites:   # the FP16 body: Cast(x) feeds the GEMM where the FP32 graph read x itself
         source = producers.get(site.tensor)
         if site.tensor not in amax and source is not None and source.op_type == "Cast" and source.input[0] in amax:
             amax[site.tensor] = amax[source.input[0]]
+    if attention:
+        amax.update(attention_amax(model, amax))
     missing = sorted({s.tensor for s in sites if s.axis is None} - set(amax))
     if missing:
         raise ValueError(f"no calibrated amax for activation(s) {', '.join(missing[:5])}")
@@ -236,7 +322,10 @@ def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence
     _drop_unused_initializers(graph)
     _set_opset(model, max(fmt.min_opset, 19 if float16_scales(graph) else 0))
     counts = {op: sum(n.op_type == op for n in graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
-    return {"quantized_nodes": len(keep), "excluded_nodes": skip, **counts, "activation_scales": len(scales)}
+    out = {"quantized_nodes": len(keep), "excluded_nodes": skip, **counts, "activation_scales": len(scales)}
+    if attention:
+        out["attention_layers"] = len(attention_bmms(model))
+    return out
 
 
 def float16_scales(graph) -> bool:
@@ -371,13 +460,15 @@ def quantize_kv_writes(model, amax: Mapping[str, float], fmt: QFormat) -> list[s
 def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: str = "int8",
                        method: str = "minmax", exclude: Sequence[str] = DEFAULT_EXCLUDE, percentile: float = 99.99,
                        ranges_path: Optional[Path] = None, kv_fp8: bool = False, body: str = "fp32",
-                       weight_scale: str = "channel", fp16_modules: Sequence[str] = FP16_MODULES) -> dict:
+                       weight_scale: str = "channel", fp16_modules: Sequence[str] = FP16_MODULES,
+                       attention: bool = False) -> dict:
     """Write ``src`` with INT8 or FP8 Q/DQ placed by TensorRT's rules (rules 1-7, placement "trt") to ``dst``.
 
     Activation amax from ORT's symmetric calibrator over ``calls`` (``method``) on the FP32 graph; ``body``:
     "fp16" or "fp32" (rule 7; ``fp16_modules``: where FP16 may run, :func:`~.fp16.convert_fp16`);
     ``weight_scale``: FP8 weights per "tensor" or "channel" (rule 3; INT8 weights are per channel).
-    ``kv_fp8``: also round the K/V the graph writes to E4M3 (:func:`quantize_kv_writes`)."""
+    ``kv_fp8``: also round the K/V the graph writes to E4M3 (:func:`quantize_kv_writes`); ``attention``: FP8
+    attention BMMs (rule 5; FP8 only)."""
     import onnx
 
     if body not in BODY_DTYPES:
@@ -385,6 +476,8 @@ def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: s
     if weight_scale not in WEIGHT_SCALES:
         raise ValueError(f"weight scale must be one of {', '.join(WEIGHT_SCALES)}, got {weight_scale!r}")
     fmt = qformat(precision)
+    if attention and fmt.name == "int8":
+        raise ValueError("attention BMMs are quantized in FP8 only (the fused-MHA recipe of rule 5)")
     body_info: dict = {}
     with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp:
         cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
@@ -394,14 +487,15 @@ def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: s
             model = onnx.load(str(Path(tmp) / "body.onnx"))
         else:
             model = onnx.load(str(src))
-    info = insert_qdq(model, amax, fmt, exclude, weight_scale)
+    info = insert_qdq(model, amax, fmt, exclude, weight_scale, attention)
     if kv_fp8 and kv_outputs(model):
         names = kv_outputs(model)
         info["kv_fp8_outputs"] = quantize_kv_writes(model, output_amax(src, calls, names), qformat("fp8"))
     onnx.save(model, str(dst))
     return {**info, "method": method, "placement": "trt", "format": fmt.name, "opset": _opset(model),
             "body": body, **({"fp32_island_nodes": body_info["fp32_nodes"]} if body_info else {}),
-            "weight_scale": "channel" if fmt.name == "int8" else weight_scale}
+            "weight_scale": "channel" if fmt.name == "int8" else weight_scale,
+            "attention": precision if attention else "float"}
 
 
 def _opset(model) -> int:

@@ -34,6 +34,9 @@ TOY_SAMPLES = 16
 @click.option("--fp8-weights", type=click.Choice(["per-tensor", "per-channel"]), default="per-tensor",
               show_default=True, help="FP8 weight scales: per-tensor runs on Ada and Hopper; per-channel needs "
                                       "Hopper (sm_90) and TensorRT >= 10.6")
+@click.option("--quantize-attention", is_flag=True,
+              help="with --precision fp8: FP8 attention (Q/DQ on Q·Kᵀ and P·V as TensorRT's fused FP8 MHA takes "
+                   "them, softmax output at scale 1/448), gated like the rest [default: attention in the body dtype]")
 @click.option("--kv-dtype", type=click.Choice(["fp8"]), default=None,
               help="with --precision fp8: K/V rounded to E4M3 when written to the cache (quality simulated on ORT)")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
@@ -58,7 +61,8 @@ TOY_SAMPLES = 16
               "(size-bounded .npz shards)")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def calibrate_command(directory: str, precision: str, method: Optional[str], placement: str,
-                      high_precision_dtype: Optional[str], fp8_weights: str, kv_dtype: Optional[str], prompts_file: Optional[str], samples: Optional[int],
+                      high_precision_dtype: Optional[str], fp8_weights: str, quantize_attention: bool,
+                      kv_dtype: Optional[str], prompts_file: Optional[str], samples: Optional[int],
                       text: Optional[str], uncond: Optional[str], guidance: float, exclude: tuple, trt_version: str,
                       ignore_gate: bool, force: bool, capture_dir: Optional[str], out_dir: str) -> None:
     """Calibrate the FP32 graphs of DIRECTORY into INT8 / FP8 (Q/DQ) or FP16 graphs in OUT, gated on quality.
@@ -95,6 +99,8 @@ def calibrate_command(directory: str, precision: str, method: Optional[str], pla
                          "graphs); add --placement trt")
     if kv_dtype and precision != "fp8":
         raise InputError(f"--kv-dtype {kv_dtype} needs --precision fp8; drop it or calibrate to fp8")
+    if quantize_attention and precision != "fp8":
+        raise InputError(f"--quantize-attention needs --precision fp8 (FP8 fused attention); drop it for {precision}")
     for pattern in exclude:
         try:
             re.compile(pattern)
@@ -140,7 +146,8 @@ def calibrate_command(directory: str, precision: str, method: Optional[str], pla
             Path(directory), Path(out_dir), precision, method, samples,
             text_t, uncond_t, guidance, exclude=exclude or DEFAULT_EXCLUDE, eval_clips=eval_clips, trt_version=trt_version, force=ignore_gate,
             overwrite=force, capture_dir=cap, placement=placement, kv_dtype=kv_dtype, log=log, prompts=prompt_set,
-            high_precision_dtype=high_precision_dtype, fp8_weights=fp8_weights.removeprefix("per-"))
+            high_precision_dtype=high_precision_dtype, fp8_weights=fp8_weights.removeprefix("per-"),
+            quantize_attention=quantize_attention)
         bar.update(steps - bar.n)
     q = manifest.extra["quality"]
     click.echo(f"calibration prompts: {describe_prompt_set(manifest.extra['calibration']['prompt_set'])}")

@@ -78,12 +78,17 @@ def qdq_plan(spec) -> dict[str, Any]:
     if spec.precision not in ("int8", "fp8"):
         return {}
     out = {"qdq": {k: conv.get(k) for k in ("placement", "format", "opset", "quantized_nodes", "body",
-                                             "weight_scale")}}
+                                             "weight_scale", "attention")}}
     if spec.precision == "fp8" and conv.get("weight_scale") == "channel":
         # TensorRT documents per-channel FP8 weight scales for GEMMs on Hopper from 10.6 (release notes)
         out["requires"] = "per-channel FP8 weights: compute capability 9.0 (Hopper) and TensorRT >= 10.6"
     elif spec.precision == "fp8":
         out["requires"] = "FP8 tensor cores: compute capability >= 8.9 (Ada, Hopper)"
+    if conv.get("attention") == "fp8":
+        # TensorRT 10.6 release notes: FP8 MHA fusion on Ada for sequence lengths <= 3072 and head sizes <= 64;
+        # 10.7: larger ones on Ada. Unfused, the BMMs still run in FP8 behind their DQs.
+        out["requires"] += ("; FP8 fused attention on Ada: TensorRT >= 10.6 for S_kv <= 3072 and head size <= 64, "
+                            ">= 10.7 beyond")
     if conv.get("placement", "ort") == "ort":
         out["note"] = ("Q/DQ placed for ONNX Runtime (GEMM outputs quantized too); `calibrate --placement trt` "
                        "places it where TensorRT fuses it")

@@ -32,8 +32,10 @@ from .ort_optimize import _Graph
 #: manifest ``trt_variant.form``: per layer concat(past, new) K/V → Mul(scale) on Q → Q·Kᵀ → (+ mask) → Softmax → ·V
 FORM = "concat_qk_softmax_v"
 SUFFIX = ".trt.onnx"
-#: ops looked through when tracing a tensor to its source (layout and precision changes only)
-_PASSTHROUGH = ("Transpose", "Cast")
+#: ops looked through when tracing a tensor to its source: layout and precision changes, and the Q/DQ of a
+#: calibrated twin (``calibrate --quantize-attention`` quantizes the BMM inputs)
+_PRECISION = ("Cast", "QuantizeLinear", "DequantizeLinear")
+_PASSTHROUGH = ("Transpose", *_PRECISION)
 
 
 def variant_path(portable: Path) -> Path:
@@ -86,12 +88,12 @@ class _Nodes(_Graph):
         return name, ops
 
     def down(self, name: str):
-        """The single consumer of ``name`` after Cast nodes (None if it fans out)."""
+        """The single consumer of ``name`` after Cast and Q/DQ nodes (None if it fans out)."""
         while True:
             users = self.consumers.get(name, [])
             if len(users) != 1:
                 return None
-            if users[0].op_type != "Cast":
+            if users[0].op_type not in _PRECISION:
                 return users[0]
             name = users[0].output[0]
 
@@ -140,7 +142,7 @@ def attention_layers(model) -> list[AttentionLayer]:
         two_part = bmm1 is not None and bmm1.op_type == "Concat"
         q_scale, keys, key_axis = None, (), None
         if bmm1 is not None and bmm1.op_type == "MatMul":
-            mul = g.producer.get(bmm1.input[0])
+            mul = g.producer.get(g.up(bmm1.input[0])[0])
             if mul is not None and mul.op_type == "Mul":
                 q_scale = g.scalar(mul.input[1]) if g.scalar(mul.input[1]) is not None else g.scalar(mul.input[0])
             keys, key_axis = g.parts(bmm1.input[1])

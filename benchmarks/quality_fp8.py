@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,9 +23,11 @@ from starflow_trt.bench.projection import ScheduleWork, fp8_projection_table
 from starflow_trt.bench.run import FULL, _prepare
 from starflow_trt.bench.workloads import schedule_quality
 from starflow_trt.calibration import calibrate_directory
+from starflow_trt.calibration.bf16 import simulated
 from starflow_trt.config import load_config
 from starflow_trt.export.manifest import load_manifest
 from starflow_trt.runtime import Pipeline
+from starflow_trt.runtime.backends import make_backend
 from starflow_trt.staging import MANIFEST_NAME
 from starflow_trt.toy import PROMPTS, load_bundled
 from starflow_trt.toy.calibration import toy_calibration_set
@@ -32,8 +35,10 @@ from starflow_trt.toy.calibration import toy_calibration_set
 HERE = Path(__file__).resolve().parent
 #: (label, precision, calibrate_directory options): the Q/DQ bodies are calibrate's defaults (FP16 for
 #: placement "trt" and FP8, FP32 for placement "ort")
-VARIANTS = [("fp16", "fp16", {}), ("int8 ort", "int8", {"placement": "ort"}), ("int8 trt", "int8", {"placement": "trt"}),
-            ("fp8", "fp8", {}), ("fp8 attention", "fp8", {"quantize_attention": True})]
+VARIANTS = [("fp16", "fp16", {}), ("int8 ort", "int8", {"placement": "ort"}),
+            ("int8 trt", "int8", {"placement": "trt"}), ("fp8", "fp8", {}), ("fp8 attention", "fp8", {"quantize_attention": True}),
+            ("fp8 bf16 body", "fp8", {"high_precision_dtype": "bf16"}),
+            ("int8 trt bf16 body", "int8", {"placement": "trt", "high_precision_dtype": "bf16"})]
 
 
 def held_out_prompts(n: int, samples: int = 16) -> list[str]:
@@ -105,6 +110,13 @@ def per_prompt_psnr(pipes: dict[str, Pipeline], texts, uncond, guidance: float, 
     return out
 
 
+def ort_pipeline(directory: Path, stack: ExitStack) -> Pipeline:
+    """``directory`` on ORT's CPU EP; BF16-bodied graphs through their FP32 simulation (calibration/bf16.py), as
+    the gate ran them."""
+    manifest = stack.enter_context(simulated(load_manifest(directory)))
+    return stack.enter_context(Pipeline(manifest, make_backend("ort", manifest)))
+
+
 def deep_calls(pipes: dict[str, Pipeline], texts, uncond, noise_shape, guidance: float, label: str) -> dict:
     """schedule_quality per precision: deep calls / tokens of every schedule, and the ratio to FP32."""
     out = {name: schedule_quality(p, texts, uncond, noise_shape, guidance, f"{label} {name}")["rows"]
@@ -171,35 +183,38 @@ def main() -> None:
     paths = BenchPaths.under(args.out, HERE / ".cache")
     path = args.out / "quality_fp8.json"
     result = json.loads(path.read_text()) if path.exists() else {"quality": {}}
-    if "toy" in models:
-        dirs = {"toy_graphs": toy_export(paths.cache)}
-        toy_dirs = calibrate_all(dirs["toy_graphs"], paths.cache, "toy", True, print)
-        result["quality"]["toy"] = quality_rows(toy_dirs)
-        toy = load_bundled()
-        prompts = held_out_prompts(args.held_out)
-        pipes = {"fp32": Pipeline.from_dir(dirs["toy_graphs"]), **{k: Pipeline.from_dir(v) for k, v in toy_dirs.items()}}
-        g = pipes["fp32"].geo
-        print(f"toy: deep calls over {len(prompts)} held-out prompts")
-        result["held_out_prompts"] = prompts
-        texts, uncond = toy.encode(prompts), toy.encode([""] * len(prompts))
-        result["deep_calls_toy"] = deep_calls(pipes, texts, uncond, (1, g.max_frames, 3, g.height, g.width), 3.0, "toy")
-        result["psnr_per_prompt_toy"] = per_prompt_psnr(pipes, texts, uncond, 3.0)
-    if "bench" in models:
-        dirs = _prepare(replace(FULL, int8=False, toy=False), paths, print)   # the bench-config export
-        bench_dirs = calibrate_all(dirs["graphs"], paths.cache, "bench", False, print)
-        result["quality"]["bench config"] = quality_rows(bench_dirs)
-        bench = {"fp32": Pipeline.from_dir(dirs["graphs"]),
-                 **{k: Pipeline.from_dir(bench_dirs[k]) for k in ("fp8", "fp8 attention")}}
-        bg = bench["fp32"].geo
-        texts = torch.randn(8, bg.text_length, bg.text_width, generator=torch.Generator().manual_seed(3))   # as run.py
-        print("bench config: deep calls over 8 prompts (the 7B projection's measured schedules)")
-        result["deep_calls_bench"] = deep_calls(bench, texts, torch.zeros_like(texts),
-                                                (1, bg.max_frames, bg.channel_size, bg.height, bg.width), 2.0, "bench")
-        tokens = bg.max_frames * bg.tokens_per_frame
-        schedules = [ScheduleWork.from_counts(r["schedule"], r["deep_tokens"], r["deep_calls"], r["samples"] * tokens)
-                     for r in result["deep_calls_bench"]["fp32"]]
-        result["projection_schedules"] = [s.__dict__ for s in schedules]
-        result["projection_fp8"] = fp8_projection_table(load_config(model_config_7b()), schedules)
+    with ExitStack() as stack:   # the pipelines' sessions and the BF16 simulations
+        if "toy" in models:
+            dirs = {"toy_graphs": toy_export(paths.cache)}
+            toy_dirs = calibrate_all(dirs["toy_graphs"], paths.cache, "toy", True, print)
+            result["quality"]["toy"] = quality_rows(toy_dirs)
+            toy = load_bundled()
+            prompts = held_out_prompts(args.held_out)
+            pipes = {"fp32": ort_pipeline(dirs["toy_graphs"], stack),
+                     **{k: ort_pipeline(v, stack) for k, v in toy_dirs.items()}}
+            g = pipes["fp32"].geo
+            print(f"toy: deep calls over {len(prompts)} held-out prompts")
+            result["held_out_prompts"] = prompts
+            texts, uncond = toy.encode(prompts), toy.encode([""] * len(prompts))
+            result["deep_calls_toy"] = deep_calls(pipes, texts, uncond, (1, g.max_frames, 3, g.height, g.width), 3.0,
+                                                  "toy")
+            result["psnr_per_prompt_toy"] = per_prompt_psnr(pipes, texts, uncond, 3.0)
+        if "bench" in models:
+            dirs = _prepare(replace(FULL, int8=False, toy=False), paths, print)   # the bench-config export
+            bench_dirs = calibrate_all(dirs["graphs"], paths.cache, "bench", False, print)
+            result["quality"]["bench config"] = quality_rows(bench_dirs)
+            bench = {"fp32": ort_pipeline(dirs["graphs"], stack),
+                     **{k: ort_pipeline(bench_dirs[k], stack) for k in ("fp8", "fp8 attention", "fp8 bf16 body")}}
+            bg = bench["fp32"].geo
+            texts = torch.randn(8, bg.text_length, bg.text_width, generator=torch.Generator().manual_seed(3))   # as run.py
+            print("bench config: deep calls over 8 prompts (the 7B projection's measured schedules)")
+            result["deep_calls_bench"] = deep_calls(bench, texts, torch.zeros_like(texts),
+                                                    (1, bg.max_frames, bg.channel_size, bg.height, bg.width), 2.0, "bench")
+            tokens = bg.max_frames * bg.tokens_per_frame
+            schedules = [ScheduleWork.from_counts(r["schedule"], r["deep_tokens"], r["deep_calls"], r["samples"] * tokens)
+                         for r in result["deep_calls_bench"]["fp32"]]
+            result["projection_schedules"] = [s.__dict__ for s in schedules]
+            result["projection_fp8"] = fp8_projection_table(load_config(model_config_7b()), schedules)
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result.setdefault("seconds", {})[args.models] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,9 @@ def test_calibrate_cli_refuses_entropy_for_fp8(tmp_path):
 
 @pytest.mark.parametrize("args,cause", [
     (["--precision", "int8", "--high-precision-dtype", "fp16"], "--placement trt"),   # ORT's quantizer: FP32 only
+    (["--precision", "int8", "--high-precision-dtype", "bf16"], "--placement trt"),
     (["--precision", "fp16", "--high-precision-dtype", "fp32"], "drop it"),           # not a Q/DQ directory
+    (["--precision", "int8", "--placement", "trt", "--quantize-attention"], "--precision fp8"),   # FP8 MHA only
 ])
 def test_calibrate_cli_refuses_a_body_dtype_it_cannot_write(tmp_path, args, cause):
     from starflow_trt.cli import main

@@ -1,7 +1,7 @@
 """The fused-attention ``.trt.onnx`` twin through calibration (issue 30, Deliver 2): every FP16 / INT8 / FP8
-directory made from an export with ``--trt-variants`` keeps each step / prefill graph's twin, converted by the
-same rules from the same calls, recorded in the manifest, parity-checked against its portable graph on ORT,
-chosen by ``build --dry-run``, and built under the fake TensorRT."""
+(FP16 or BF16 body) directory made from an export with ``--trt-variants`` keeps each step / prefill graph's twin,
+converted by the same rules from the same calls, recorded in the manifest, parity-checked against its portable
+graph on ORT, chosen by ``build --dry-run``, and built under the fake TensorRT."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def twin_export(exports):
     return exports(**GOLDENS_FLOW, trt_variants=True)
 
 
-@pytest.fixture(scope="module", params=["fp16", "int8-trt", "fp8", "fp8-attention"])
+@pytest.fixture(scope="module", params=["fp16", "int8-trt", "fp8", "fp8-attention", "fp8-bf16"])
 def calibrated(request, twin_export, cases, tmp_path_factory):
     """The goldens export with twins, calibrated (forced: random weights are not a quality target)."""
     from starflow_trt.calibration import calibrate_directory
@@ -34,7 +34,8 @@ def calibrated(request, twin_export, cases, tmp_path_factory):
     return calibrate_directory(twin_export, out, precision, text=cases["y"], uncond=cases["y_uncond"],
                                guidance=2.0, force=True, eval_clips=(cases["x"], cases["y"]),
                                placement="trt" if option == "trt" else "ort",
-                               quantize_attention=option == "attention", log=lambda m: None)
+                               quantize_attention=option == "attention",
+                               high_precision_dtype="bf16" if option == "bf16" else None, log=lambda m: None)
 
 
 @pytest.mark.slow
@@ -126,3 +127,28 @@ def test_fp8_attention_in_both_forms(calibrated):
     for name in twins:
         assert plan["graphs"][name]["qdq"]["attention"] == "fp8"
         assert "FP8 fused attention" in plan["graphs"][name]["requires"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("calibrated", ["fp8-bf16"], indirect=True)
+def test_bf16_body_directory(calibrated):
+    """``--high-precision-dtype bf16``: every flow graph and twin has a BF16 body (GEMMs read BF16 behind their
+    DQs); the gate ran the FP32 simulation and says so; ORT refuses the directory with one line naming the fix."""
+    from starflow_trt.calibration.qdq import qdq_layout
+    from starflow_trt.errors import BackendUnavailable
+    from starflow_trt.export.dtypes import elem_types
+    from starflow_trt.runtime import Pipeline
+
+    assert calibrated.extra["quantization"]["body"] == "bf16"
+    assert "simulated" in calibrated.extra["quality"]["simulated"]
+    assert not list(calibrated.root.glob("*.bf16sim.*"))   # the simulation graphs are gone
+    for name, spec in calibrated.graphs.items():
+        for path in filter(None, (spec.path, spec.trt_path)):
+            model = onnx.load(str(path))
+            types = elem_types(model)
+            layout = qdq_layout(model)
+            assert layout, (name, path.name)
+            for node in (n for n in model.graph.node if n.name in layout):
+                assert types[node.input[0]] == onnx.TensorProto.BFLOAT16, (name, node.name)
+    with pytest.raises(BackendUnavailable, match="bf16 body .*--high-precision-dtype fp16"):
+        Pipeline.from_dir(calibrated.root, backend="ort")

@@ -362,6 +362,74 @@ def test_fp16_body_qdq(tmp_path, precision, weight_scale):
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < (0.05 if precision == "fp8" else 0.02)
 
 
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_bf16_body_qdq_and_its_simulation(tmp_path, precision):
+    """BF16 body (:mod:`starflow_trt.calibration.bf16`): the FP16 conversion retyped, every quantized GEMM reads
+    BF16 behind its DQ with BF16 scales (opset 19), no Cast to FP32 beside a Q/DQ, the graph valid ONNX. ORT's
+    CPU EP refuses it; its simulation runs and computes the FP32-body Q/DQ graph's outputs up to BF16 rounding."""
+    from starflow_trt.calibration.bf16 import simulate, to_bfloat16
+    from starflow_trt.calibration.fp16 import convert_fp16
+    from starflow_trt.export.dtypes import elem_types
+
+    model = block_graph("single")
+    for i, node in enumerate(model.graph.node):
+        node.name = node.name or f"{node.op_type}_{i}"
+        if node.op_type == "Gelu":
+            node.op_type, node.domain = "Relu", ""
+    onnx.save(model, str(tmp_path / "f32.onnx"))
+    convert_fp16(tmp_path / "f32.onnx", tmp_path / "f16.onnx", modules=("block",))
+    body = onnx.load(str(tmp_path / "f16.onnx"))
+    to_bfloat16(body, model)
+    amax = _amax(model, _feeds("single"))
+    info = insert_qdq(body, amax, qformat(precision), DEFAULT_EXCLUDE, "tensor")
+    ref = onnx.load(str(tmp_path / "f32.onnx"))
+    insert_qdq(ref, amax, qformat(precision), DEFAULT_EXCLUDE, "tensor")
+    onnx.checker.check_model(body, full_check=True)
+    assert next(o.version for o in body.opset_import if o.domain == "") == 19
+    types = elem_types(body)
+    inits = {i.name: i for i in body.graph.initializer}
+    producers = {o: n for n in body.graph.node for o in n.output}
+    assert info["quantized_nodes"] == len(qdq_layout(body)) > 0
+    for name in qdq_layout(body):
+        node = next(n for n in body.graph.node if n.name == name)
+        assert [types[i] for i in node.input[:2]] == [TensorProto.BFLOAT16] * 2, name
+        assert {inits[producers[i].input[1]].data_type for i in node.input[:2]} == {TensorProto.BFLOAT16}
+    assert TensorProto.FLOAT16 not in types.values() and _casts_beside_qdq(body) == []
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED|Could not find an implementation"):
+        ort.InferenceSession(body.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = _feeds("single", seed=3)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(simulate(body).SerializeToString(), options,
+                               providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = ort.InferenceSession(ref.SerializeToString(), plain, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, w in zip(got, want):
+        assert 1e-4 < np.linalg.norm(g - w) / np.linalg.norm(w) < 0.05   # BF16's 8 bits: rounded, not more
+
+
+def test_bf16_simulation_rounds_each_bf16_tensor_where_it_is_produced():
+    """simulate(): y = Cast_fp32(MatMul(Cast_bf16(x), W_bf16)) runs on ORT as bf16(bf16(x) @ W) (numpy)."""
+    from starflow_trt.calibration.bf16 import simulate
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((D, H)).astype(ml_dtypes.bfloat16)
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
+             helper.make_node("MatMul", ["xb", "w"], ["yb"]),
+             helper.make_node("Cast", ["yb"], ["y"], to=TensorProto.FLOAT)]
+    f = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [f("x", ["S", D])], [f("y", ["S", H])],
+                                                [numpy_helper.from_array(w, "w")]),
+                              opset_imports=[helper.make_opsetid("", 19)])
+    x = rng.standard_normal((5, D)).astype(np.float32)
+    got = ort.InferenceSession(simulate(model).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    want = (x.astype(ml_dtypes.bfloat16).astype(np.float32) @ w.astype(np.float32)).astype(ml_dtypes.bfloat16)
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-2)   # one bf16 ulp: the sum's order
+    assert np.mean(got == want.astype(np.float32)) > 0.9
+
+
 def test_dry_run_names_what_per_channel_fp8_weights_need():
     from types import SimpleNamespace
 

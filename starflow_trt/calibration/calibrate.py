@@ -29,6 +29,7 @@ from ..export.manifest import Manifest, load_manifest
 from ..export.trt_variant import trt_variant_entry, variant_path
 from ..staging import sha256_file, staged_directory
 from ..reference.sampler import JacobiConfig
+from .bf16 import SIMULATION, simulated
 from .capture import CaptureSet, capture_activations, iter_feeds
 from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
 from .policy import QUANTIZED, graph_precision as policy_precision, policy_of
@@ -197,18 +198,21 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
 
         carry_tokenizer(manifest, tmp)   # prompts on OUT need the export's tokenizer
         new = _convert_graphs(manifest, tmp, precision, method, cal, exclude, trt_version, log, qdq)
-        quality = {"graphs": {}}
-        for name, spec in new.graphs.items():
-            if spec.precision == "fp32":   # converted graphs (e.g. fp16 VAE graphs in an int8 directory) are gated
-                continue
-            errs = graph_errors(manifest.graph(name).path, spec.path, held.calls.get(name, []))
-            quality["graphs"][name] = {"rel_l2": errs, "calls": len(held.calls.get(name, []))}
-            if spec.trt_path is not None:   # the twin TensorRT builds must compute what ORT gated
-                quality["graphs"][name]["trt_variant_rel_l2"] = graph_errors(spec.path, spec.trt_path,
-                                                                             held.calls.get(name, []))
-        floor = {}
-        quality.update(_end_to_end(manifest, new, text, uncond, guidance, jacobi, eval_clips,
-                                   floor if precision in QUANTIZED else None))
+        quality: dict = {"graphs": {}}
+        floor: dict = {}
+        with simulated(new) as gated:   # what ORT's CPU EP can run of the new graphs (a BF16 body: simulated)
+            if gated is not new:
+                quality["simulated"] = SIMULATION
+            for name, spec in gated.graphs.items():
+                if spec.precision == "fp32":   # converted graphs (e.g. fp16 VAE graphs in an int8 directory) are gated
+                    continue
+                errs = graph_errors(manifest.graph(name).path, spec.path, held.calls.get(name, []))
+                quality["graphs"][name] = {"rel_l2": errs, "calls": len(held.calls.get(name, []))}
+                if spec.trt_path is not None:   # the twin TensorRT builds must compute what ORT gated
+                    quality["graphs"][name]["trt_variant_rel_l2"] = graph_errors(spec.path, spec.trt_path,
+                                                                                 held.calls.get(name, []))
+            quality.update(_end_to_end(manifest, gated, text, uncond, guidance, jacobi, eval_clips,
+                                       floor if precision in QUANTIZED else None))
         failures = _check_gate(quality, gate)
         quality["gate"] = {**asdict(gate), "passed": not failures, "failures": failures, "forced": bool(failures and force)}
         new.extra["quality"] = quality

@@ -49,7 +49,9 @@ Placement rules (``placement="trt"``), each with its source:
    only kind) runs exactly the ONNX types, so an FP32 body would run every norm, softmax and add in FP32 and
    dequantize GEMM inputs to FP32. Model Optimizer's ONNX quantizer does the same by default
    (``high_precision_dtype='fp16'``, Casts around Q/DQ folded, FP16 scales at opset >= 19: NVIDIA Model-Optimizer
-   PR #1289). ``"fp32"``: the graph's own FP32 body (what ``--placement ort`` writes).
+   PR #1289). ``"bf16"``: the same FP16 conversion retyped to BF16 (:mod:`.bf16`: BF16 scales, FP32's range with
+   8 mantissa bits); ORT's CPU EP cannot run it, so the gate runs its FP32 simulation. ``"fp32"``: the graph's
+   own FP32 body (what ``--placement ort`` writes).
 
 What ONNX Runtime's CPU EP runs from these graphs (the quality gate): DequantizeLinear(QuantizeLinear(x)) in
 the body dtype, i.e. the exact E4M3 / INT8 rounding of every quantized input with the chosen scales, then the
@@ -71,11 +73,12 @@ import numpy as np
 
 from ..export.dtypes import elem_types
 from .capture import Call, iter_feeds
+from .bf16 import to_bfloat16
 from .fp16 import FP16_MODULES, convert_fp16
 from .int8 import DEFAULT_EXCLUDE, calibrate_ranges, load_ranges, select_nodes
 
 #: ``calibrate --high-precision-dtype``: the dtype of a Q/DQ graph's body (rule 7)
-BODY_DTYPES = ("fp16", "fp32")
+BODY_DTYPES = ("fp16", "bf16", "fp32")
 #: how FP8 weights are scaled (rule 3): "tensor" (default; Ada and Hopper) or "channel" (sm_90, TensorRT >= 10.6)
 WEIGHT_SCALES = ("tensor", "channel")
 
@@ -245,7 +248,17 @@ def quantize_weight(w: np.ndarray, axis: Optional[int], fmt: QFormat,
 
 def _scale(value, dtype: type) -> np.ndarray:
     """``value`` as a scale of ``dtype``, never rounded to 0 (an FP16 scale of a near-zero amax)."""
-    return np.maximum(np.asarray(value, np.float32), np.finfo(dtype).tiny).astype(dtype)
+    import ml_dtypes
+
+    return np.maximum(np.asarray(value, np.float32), float(ml_dtypes.finfo(dtype).tiny)).astype(dtype)
+
+
+def _body_dtype(elem_type: Optional[int]) -> type:
+    """The numpy type of a Q/DQ scale for a tensor of ONNX type ``elem_type`` (FP32 unless a 16-bit body)."""
+    import ml_dtypes
+    from onnx import TensorProto
+
+    return {TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}.get(elem_type, np.float32)
 
 
 def _tensor(name: str, array: np.ndarray, fmt: Optional[QFormat] = None):
@@ -264,7 +277,7 @@ def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence
     Scales have the type of the tensor they quantize.
 
     Returns what was done: quantized / excluded node names, Q and DQ counts, the activation scales."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     sites, keep, skip = plan_sites(model, exclude, attention)
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -289,7 +302,7 @@ def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence
             while stem in stems:   # two names that sanitise alike
                 stem += "_"
             stems.add(stem)
-            dtype = np.float16 if types.get(site.tensor) == TensorProto.FLOAT16 else np.float32
+            dtype = _body_dtype(types.get(site.tensor))
             if site.axis is None:   # activation: Q→DQ, per tensor
                 scale = _scale(max(float(amax[site.tensor]), 1e-12) / fmt.qmax, dtype)
                 zero = np.zeros((), np.int8) if fmt.name == "int8" else np.zeros((), np.uint8).view(_fp8())
@@ -320,7 +333,7 @@ def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence
         nodes[site.node].input[site.index] = done[site.tensor]
     _toposort(graph, new_nodes)   # each Q/DQ right where its input is ready
     _drop_unused_initializers(graph)
-    _set_opset(model, max(fmt.min_opset, 19 if float16_scales(graph) else 0))
+    _set_opset(model, max(fmt.min_opset, 19 if half_scales(graph) else 0))
     counts = {op: sum(n.op_type == op for n in graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
     out = {"quantized_nodes": len(keep), "excluded_nodes": skip, **counts, "activation_scales": len(scales)}
     if attention:
@@ -328,10 +341,13 @@ def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence
     return out
 
 
-def float16_scales(graph) -> bool:
-    """Whether a Q/DQ of ``graph`` has an FP16 scale (opset >= 19: before it, scales are FP32 only)."""
+def half_scales(graph) -> bool:
+    """Whether a Q/DQ of ``graph`` has an FP16 or BF16 scale (opset >= 19: before it, scales are FP32 only)."""
+    from onnx import TensorProto
+
     inits = {i.name: i.data_type for i in graph.initializer}
-    return any(inits.get(n.input[1]) == 10 for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    return any(inits.get(n.input[1]) in (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+               for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
 
 
 def _fp8():
@@ -465,7 +481,7 @@ def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: s
     """Write ``src`` with INT8 or FP8 Q/DQ placed by TensorRT's rules (rules 1-7, placement "trt") to ``dst``.
 
     Activation amax from ORT's symmetric calibrator over ``calls`` (``method``) on the FP32 graph; ``body``:
-    "fp16" or "fp32" (rule 7; ``fp16_modules``: where FP16 may run, :func:`~.fp16.convert_fp16`);
+    "fp16", "bf16" or "fp32" (rule 7; ``fp16_modules``: where a 16-bit body may run, :func:`~.fp16.convert_fp16`);
     ``weight_scale``: FP8 weights per "tensor" or "channel" (rule 3; INT8 weights are per channel).
     ``kv_fp8``: also round the K/V the graph writes to E4M3 (:func:`quantize_kv_writes`); ``attention``: FP8
     attention BMMs (rule 5; FP8 only)."""
@@ -482,9 +498,11 @@ def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: s
     with tempfile.TemporaryDirectory(prefix="sftrt-quant.") as tmp:
         cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
         amax = load_ranges(cache)
-        if body == "fp16":
+        if body in ("fp16", "bf16"):
             body_info = convert_fp16(src, Path(tmp) / "body.onnx", fp16_modules)
             model = onnx.load(str(Path(tmp) / "body.onnx"))
+            if body == "bf16":
+                to_bfloat16(model, onnx.load(str(src)))
         else:
             model = onnx.load(str(src))
     info = insert_qdq(model, amax, fmt, exclude, weight_scale, attention)

@@ -28,9 +28,10 @@ TOY_SAMPLES = 16
 @click.option("--placement", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
               help="INT8 Q/DQ placed for ONNX Runtime's quantizer or by TensorRT's explicit-quantization rules "
                    "(use trt for `build`; fp8 is always trt)")
-@click.option("--high-precision-dtype", type=click.Choice(["fp16", "fp32"]), default=None,
-              help="body dtype of int8/fp8 Q/DQ graphs: fp16 (FP32 only in the precision policy's islands; Q/DQ "
-                   "scales FP16) or fp32 [default: fp16 for fp8 and --placement trt, fp32 for --placement ort]")
+@click.option("--high-precision-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="body dtype of int8/fp8 Q/DQ graphs: fp16 or bf16 (FP32 only in the precision policy's islands; "
+                   "Q/DQ scales in the body dtype; a bf16 body runs on TensorRT, its gate on ORT is simulated) or "
+                   "fp32 [default: fp16 for fp8 and --placement trt, fp32 for --placement ort]")
 @click.option("--fp8-weights", type=click.Choice(["per-tensor", "per-channel"]), default="per-tensor",
               show_default=True, help="FP8 weight scales: per-tensor runs on Ada and Hopper; per-channel needs "
                                       "Hopper (sm_90) and TensorRT >= 10.6")
@@ -94,9 +95,9 @@ def calibrate_command(directory: str, precision: str, method: Optional[str], pla
     if high_precision_dtype and precision == "fp16":
         raise InputError("--high-precision-dtype sets the body of int8 / fp8 Q/DQ graphs; fp16 graphs are FP16 "
                          "with FP32 islands already: drop it")
-    if high_precision_dtype == "fp16" and precision == "int8" and placement == "ort":
-        raise InputError("--high-precision-dtype fp16 needs --placement trt (ONNX Runtime's quantizer writes FP32 "
-                         "graphs); add --placement trt")
+    if high_precision_dtype in ("fp16", "bf16") and precision == "int8" and placement == "ort":
+        raise InputError(f"--high-precision-dtype {high_precision_dtype} needs --placement trt (ONNX Runtime's "
+                         "quantizer writes FP32 graphs); add --placement trt")
     if kv_dtype and precision != "fp8":
         raise InputError(f"--kv-dtype {kv_dtype} needs --precision fp8; drop it or calibrate to fp8")
     if quantize_attention and precision != "fp8":
@@ -156,6 +157,9 @@ def calibrate_command(directory: str, precision: str, method: Optional[str], pla
         click.echo(f"{name:18} {max(g['rel_l2'].values()):>22.4g}")
     click.echo(f"bits/dim {q['bpd_fp32']:.4f} -> {q['bpd']:.4f} ({q['bpd_increase']:+.4f}); latent PSNR vs FP32 "
                f"{q['latent_psnr_db']:.1f} dB; gate {'passed' if q['gate']['passed'] else 'FAILED (--ignore-gate)'}")
+    if q.get("simulated"):
+        click.echo("the gate ran each bf16 body as its FP32 simulation (ONNX Runtime has no bf16 MatMul); "
+                   "the directory is for --backend trt")
     click.echo(f"wrote {precision} graphs + manifest.json to {out_dir}")
 
 

@@ -81,14 +81,22 @@ def choose_providers(requested: Optional[Sequence] = None) -> list:
 
 
 def refuse_bf16(specs) -> None:
-    """One line naming the fix when a graph of ``specs`` is BF16: ONNX Runtime's CPU EP has no BF16 MatMul
-    (NOT_IMPLEMENTED at session creation) and numpy, which its IO binding speaks, has no bfloat16."""
+    """One line naming the fix when a graph of ``specs`` is BF16 or has a BF16 body (``calibrate
+    --high-precision-dtype bf16``): ONNX Runtime's CPU EP has no BF16 MatMul (NOT_IMPLEMENTED at session
+    creation) and numpy, which its IO binding speaks, has no bfloat16."""
+    specs = list(specs)
     names = [s.name for s in specs if s.precision == "bf16"]
     if names:
         raise BackendUnavailable(f"{len(names)} graph(s) of this export are bf16 ({', '.join(names[:3])}"
                                  f"{', ...' if len(names) > 3 else ''}), which ONNX Runtime cannot run (its CPU EP has "
                                  "no BF16 MatMul); use --backend torch (with --checkpoint) or trt, or re-export with "
                                  "--dtype fp16 or fp32 for --backend ort")
+    bodies = [s.name for s in specs if s.extra.get("conversion", {}).get("body") == "bf16"]
+    if bodies:
+        raise BackendUnavailable(f"{len(bodies)} graph(s) of this directory have a bf16 body ({', '.join(bodies[:3])}"
+                                 f"{', ...' if len(bodies) > 3 else ''}), which ONNX Runtime cannot run (its CPU EP "
+                                 "has no BF16 MatMul); build it for --backend trt, or calibrate with "
+                                 "--high-precision-dtype fp16 for --backend ort")
 
 
 class OrtRunner(GraphRunner):

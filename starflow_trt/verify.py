@@ -46,14 +46,14 @@ ENGINE_FP32_TOLERANCE = 1e-3
 
 
 def default_tolerance(precision: str, engine: bool = False) -> float:
-    """Relative L2 error allowed per output for a graph of ``precision``: fp16 / int8 / fp8 take the
+    """Relative L2 error allowed per output for a graph of ``precision``: fp16 / bf16 / int8 / fp8 take the
     calibration gate's ``max_graph_error`` (:func:`~starflow_trt.calibration.calibrate.default_gate`; fp8's
     0.15 is E4M3's rounding on both GEMM inputs chained through a block, measured 0.04-0.05 on the toy)."""
     from .calibration.calibrate import default_gate
 
     if precision == "fp32":
         return ENGINE_FP32_TOLERANCE if engine else FP32_TOLERANCE
-    return default_gate(precision).max_graph_error if precision in ("fp16", "int8", "fp8") else 0.2
+    return default_gate(precision).max_graph_error if precision in ("fp16", "bf16", "int8", "fp8") else 0.2
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""BF16 bodies for Q/DQ graphs (``calibrate --high-precision-dtype bf16``) and the FP32 simulation of them the
-quality gate runs.
+"""BF16 graphs (``calibrate --precision bf16``), BF16 bodies of Q/DQ graphs (``--high-precision-dtype bf16``),
+and the FP32 simulation of them the quality gate runs.
 
 A BF16 body is the FP16 conversion (:func:`.fp16.convert_fp16`, the same FP32 islands: norms, softmax, the
 affine head) retyped to bfloat16 (:func:`to_bfloat16`): every FLOAT16 tensor, Cast target and constant becomes
@@ -15,8 +15,10 @@ op, as TensorRT's BF16 kernels accumulate in FP32; it is not their accumulation 
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from ..export.dtypes import elem_types
 from ..export.manifest import Manifest
 from ..export.trt_variant import variant_path
 from ..staging import sha256_file
+from .fp16 import FP16_MODULES, convert_fp16
 
 #: what the gate records for a BF16-bodied directory
 SIMULATION = "bf16 body simulated in FP32, each bf16 tensor rounded to bf16 where produced (calibration/bf16.py)"
@@ -50,6 +53,19 @@ def to_bfloat16(model, source) -> None:
     for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
         if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
             value.type.tensor_type.elem_type = TensorProto.BFLOAT16
+
+
+def convert_bf16(src: Path, dst: Path, modules: Sequence[str] = FP16_MODULES) -> dict:
+    """Write the BF16 version of ``src`` (``calibrate --precision bf16``): the FP16 conversion with its FP32
+    islands (:func:`.fp16.convert_fp16`), retyped; returns its conversion record."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="sftrt-bf16.") as tmp:
+        info = convert_fp16(src, Path(tmp) / "fp16.onnx", modules)
+        model = onnx.load(str(Path(tmp) / "fp16.onnx"))
+    to_bfloat16(model, onnx.load(str(src)))
+    onnx.save(model, str(dst))
+    return {**info, "body": "bf16"}
 
 
 def simulate(model):
@@ -113,6 +129,7 @@ def simulated(manifest: Manifest) -> Iterator[Manifest]:
                 twin = {**spec.trt_variant, "file": variant_path(dst).name, "sha256": sha256_file(variant_path(dst))}
             record = {**conv, "body": "fp32", "simulates": "bf16"}
             graphs[name] = spec.derive(file=dst.name, sha256=sha256_file(dst), trt_variant=twin,
+                                       precision="fp32" if spec.precision == "bf16" else spec.precision,
                                        extra={**spec.extra, "conversion": record})
         yield manifest.derive(manifest.root, graphs=graphs) if written else manifest
     finally:

@@ -29,7 +29,7 @@ from ..export.manifest import Manifest, load_manifest
 from ..export.trt_variant import trt_variant_entry, variant_path
 from ..staging import sha256_file, staged_directory
 from ..reference.sampler import JacobiConfig
-from .bf16 import SIMULATION, simulated
+from .bf16 import SIMULATION, convert_bf16, simulated
 from .capture import CaptureSet, capture_activations, iter_feeds
 from .int8 import DEFAULT_EXCLUDE, load_ranges, quantize_graph, weight_quantized_matmuls
 from .policy import QUANTIZED, graph_precision as policy_precision, policy_of
@@ -53,6 +53,8 @@ def default_gate(precision: str) -> QualityGate:
     inputs of a GEMM are, and a flow block chains several GEMMs: ~0.1 at the block's output."""
     if precision == "fp16":
         return QualityGate(max_graph_error=0.01, max_bpd_increase=0.005, min_psnr_db=30.0)
+    if precision == "bf16":   # FP16's limits with 3 fewer mantissa bits: 8x its rounding per graph
+        return QualityGate(max_graph_error=0.08, max_bpd_increase=0.005, min_psnr_db=30.0)
     if precision == "fp8":
         return QualityGate(max_graph_error=0.15, max_bpd_increase=0.002, min_psnr_db=35.0)
     return QualityGate(max_graph_error=0.1, max_bpd_increase=0.02, min_psnr_db=20.0)
@@ -128,8 +130,8 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
     from ..runtime.backends import make_backend
     from ..runtime.pipeline import Pipeline
 
-    if precision not in ("int8", "fp16", "fp8"):
-        raise StarflowError(f"--precision must be int8, fp8 or fp16, got {precision!r}")
+    if precision not in ("int8", "fp16", "bf16", "fp8"):
+        raise StarflowError(f"--precision must be int8, fp8, fp16 or bf16, got {precision!r}")
     placement = "trt" if precision == "fp8" else placement
     if placement not in PLACEMENTS:
         raise StarflowError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
@@ -204,7 +206,7 @@ def calibrate_directory(src: Path, out: Path, precision: str = "int8", method: O
             if gated is not new:
                 quality["simulated"] = SIMULATION
             for name, spec in gated.graphs.items():
-                if spec.precision == "fp32":   # converted graphs (e.g. fp16 VAE graphs in an int8 directory) are gated
+                if new.graph(name).precision == "fp32":   # kept as exported: nothing to gate
                     continue
                 errs = graph_errors(manifest.graph(name).path, spec.path, held.calls.get(name, []))
                 quality["graphs"][name] = {"rel_l2": errs, "calls": len(held.calls.get(name, []))}
@@ -263,8 +265,8 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
         decision = policy_precision(spec.kind, precision, called=bool(calls))
         if decision.precision in QUANTIZED:
             log(f"  {decision.precision} {name}: {len(calls)} calibration calls ({qdq.placement} placement)")
-        elif decision.precision == "fp16":
-            log(f"  fp16 {name}")
+        elif decision.precision in ("fp16", "bf16"):
+            log(f"  {decision.precision} {name}")
         else:
             log(f"  {name}: kept fp32 ({decision.reason})")
 
@@ -279,7 +281,7 @@ def _convert_graphs(manifest: Manifest, tmp: Path, precision: str, method: str, 
             twin_dst = variant_path(dst)
             twin_info = convert(spec.trt_path, twin_dst, cache=False)
             twin = {**trt_variant_entry(twin_dst, []), "form": spec.trt_variant["form"], "conversion": twin_info}
-        graph_precision = decision.precision if decision.precision in (*QUANTIZED, "fp16") else "fp32"
+        graph_precision = decision.precision if decision.precision in (*QUANTIZED, "fp16", "bf16") else "fp32"
         new.graphs[name] = spec.derive(root=tmp, precision=graph_precision, sha256=sha256_file(dst),
                                        trt_variant=twin,
                                        extra={**spec.extra, "conversion": info, "precision_policy": decision.reason})
@@ -310,6 +312,8 @@ def _convert_graph(src: Path, dst: Path, precision: str, calls, method: str, exc
         return info
     if precision == "fp16":
         return convert_fp16(src, dst, fp16_modules)
+    if precision == "bf16":
+        return convert_bf16(src, dst, fp16_modules)
     shutil.copy2(src, dst)
     return {}
 

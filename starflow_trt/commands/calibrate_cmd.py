@@ -20,8 +20,9 @@ TOY_SAMPLES = 16
 
 @click.command("calibrate")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--precision", type=click.Choice(["int8", "fp8", "fp16"]), required=True,
-              help="fp8: E4M3 Q/DQ for Hopper / Ada (TensorRT placement, opset 19)")
+@click.option("--precision", type=click.Choice(["int8", "fp8", "fp16", "bf16"]), required=True,
+              help="fp8: E4M3 Q/DQ for Hopper / Ada (TensorRT placement, opset 19); fp16 / bf16: 16-bit graphs "
+                   "with FP32 islands (bf16 for TensorRT: ORT cannot run it, its gate is simulated)")
 @click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default=None,
               help="activation ranges [default: entropy for int8, minmax (amax) for fp8; fp8 takes minmax or "
                    "percentile]")
@@ -92,9 +93,9 @@ def calibrate_command(directory: str, precision: str, method: Optional[str], pla
     if precision == "fp8" and method == "entropy":
         raise InputError("--method entropy is an INT8 histogram fit; fp8 takes --method minmax (amax, default) "
                          "or percentile")
-    if high_precision_dtype and precision == "fp16":
-        raise InputError("--high-precision-dtype sets the body of int8 / fp8 Q/DQ graphs; fp16 graphs are FP16 "
-                         "with FP32 islands already: drop it")
+    if high_precision_dtype and precision in ("fp16", "bf16"):
+        raise InputError(f"--high-precision-dtype sets the body of int8 / fp8 Q/DQ graphs; {precision} graphs are "
+                         f"{precision.upper()} with FP32 islands already: drop it")
     if high_precision_dtype in ("fp16", "bf16") and precision == "int8" and placement == "ort":
         raise InputError(f"--high-precision-dtype {high_precision_dtype} needs --placement trt (ONNX Runtime's "
                          "quantizer writes FP32 graphs); add --placement trt")

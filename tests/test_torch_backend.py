@@ -114,7 +114,7 @@ def test_half_precision_workspace_and_toy_quality_gate(toy_manifest, dtype):
         want = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         assert pt.workspace._flat["deep_kv"].dtype == want and p32.workspace._flat["deep_kv"].dtype == torch.float32
         assert pt.backend.describe()["dtype"] == str(want).replace("torch.", "")
-    gate = default_gate("fp16" if dtype == "fp16" else "int8")   # bf16 keeps 8 mantissa bits: the INT8 gate
+    gate = default_gate(dtype)
     assert _check_gate({"graphs": {}, **quality}, gate) == [], quality
 
 

@@ -310,22 +310,29 @@ def _casts_beside_qdq(model) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("precision,weight_scale", [("fp8", "tensor"), ("fp8", "channel"), ("int8", "tensor")])
-def test_fp16_body_qdq(tmp_path, precision, weight_scale):
-    """FP16 body: every quantized GEMM reads FP16 behind its DQ, scales are FP16 (opset 19), no Cast to FP32 sits
-    beside a Q/DQ, FP8 weights per tensor by default (INT8 stays per channel); on ORT's CPU EP the graph computes
-    the FP32-body Q/DQ graph's outputs up to FP16 rounding."""
+def _fp16_block(tmp_path):
+    """(the single-attention block as the exporter writes it: every node named, ONNX-domain ops; its FP16
+    conversion), the FP32 graph saved as ``f32.onnx``."""
     from starflow_trt.calibration.fp16 import convert_fp16
-    from starflow_trt.export.dtypes import elem_types
 
     model = block_graph("single")
-    for i, node in enumerate(model.graph.node):   # as the exporter writes them: every node named, ONNX-domain ops
+    for i, node in enumerate(model.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
         if node.op_type == "Gelu":
             node.op_type, node.domain = "Relu", ""
     onnx.save(model, str(tmp_path / "f32.onnx"))
     convert_fp16(tmp_path / "f32.onnx", tmp_path / "f16.onnx", modules=("block",))
-    body = onnx.load(str(tmp_path / "f16.onnx"))
+    return model, onnx.load(str(tmp_path / "f16.onnx"))
+
+
+@pytest.mark.parametrize("precision,weight_scale", [("fp8", "tensor"), ("fp8", "channel"), ("int8", "tensor")])
+def test_fp16_body_qdq(tmp_path, precision, weight_scale):
+    """FP16 body: every quantized GEMM reads FP16 behind its DQ, scales are FP16 (opset 19), no Cast to FP32 sits
+    beside a Q/DQ, FP8 weights per tensor by default (INT8 stays per channel); on ORT's CPU EP the graph computes
+    the FP32-body Q/DQ graph's outputs up to FP16 rounding."""
+    from starflow_trt.export.dtypes import elem_types
+
+    model, body = _fp16_block(tmp_path)
     fmt = qformat(precision)
     amax = _amax(model, _feeds("single"))
     info = insert_qdq(body, amax, fmt, DEFAULT_EXCLUDE, weight_scale)
@@ -368,17 +375,9 @@ def test_bf16_body_qdq_and_its_simulation(tmp_path, precision):
     BF16 behind its DQ with BF16 scales (opset 19), no Cast to FP32 beside a Q/DQ, the graph valid ONNX. ORT's
     CPU EP refuses it; its simulation runs and computes the FP32-body Q/DQ graph's outputs up to BF16 rounding."""
     from starflow_trt.calibration.bf16 import simulate, to_bfloat16
-    from starflow_trt.calibration.fp16 import convert_fp16
     from starflow_trt.export.dtypes import elem_types
 
-    model = block_graph("single")
-    for i, node in enumerate(model.graph.node):
-        node.name = node.name or f"{node.op_type}_{i}"
-        if node.op_type == "Gelu":
-            node.op_type, node.domain = "Relu", ""
-    onnx.save(model, str(tmp_path / "f32.onnx"))
-    convert_fp16(tmp_path / "f32.onnx", tmp_path / "f16.onnx", modules=("block",))
-    body = onnx.load(str(tmp_path / "f16.onnx"))
+    model, body = _fp16_block(tmp_path)
     to_bfloat16(body, model)
     amax = _amax(model, _feeds("single"))
     info = insert_qdq(body, amax, qformat(precision), DEFAULT_EXCLUDE, "tensor")

@@ -1,14 +1,15 @@
-"""``calibrate``: FP32 graph directory → complete INT8 / FP8 (Q/DQ) or FP16 graph directory, gated on quality.
+"""``calibrate``: FP32 graph directory → complete INT8 / FP8 (Q/DQ) or FP16 / BF16 graph directory, gated on quality.
 
 1. Capture the inputs every graph sees while the FP32 graphs sample videos (and score them).
 2. INT8 / FP8: Q/DQ graphs calibrated on 3/4 of the captured calls, placed for ONNX Runtime's quantizer
    (``placement="ort"``, INT8 only) or by TensorRT's explicit-quantization rules (``"trt"``, :mod:`.qdq`);
-   INT8 also gets a TensorRT calibration cache per graph from the same ranges. FP16: mixed FP16/FP32 graphs.
+   INT8 also gets a TensorRT calibration cache per graph from the same ranges. FP16 / BF16: mixed 16-bit / FP32
+   graphs (BF16 for TensorRT: ORT's CPU EP runs its FP32 simulation for step 3, :mod:`.bf16`).
 3. Quality gate on CPU with ORT: relative L2 error of every graph output vs FP32 on the
    held-out 1/4 of calls; bits/dim increase on held-out clips; PSNR of generated latents vs
    FP32 from the same noise and prompts. A failing gate writes nothing unless ``force``.
 4. OUT gets its own manifest (precision per graph, the numbers under ``quality``), so
-   ``Pipeline.from_dir(OUT, backend="ort")`` runs it as is.
+   ``Pipeline.from_dir(OUT, backend="ort")`` runs it as is (BF16 graphs or bodies: ``backend="trt"``).
 """
 
 from __future__ import annotations

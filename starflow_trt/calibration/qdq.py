@@ -73,7 +73,7 @@ import numpy as np
 
 from ..export.dtypes import elem_types
 from .capture import Call, iter_feeds
-from .bf16 import to_bfloat16
+from .bf16 import convert_bf16
 from .fp16 import FP16_MODULES, convert_fp16
 from .int8 import DEFAULT_EXCLUDE, calibrate_ranges, load_ranges, select_nodes
 
@@ -499,10 +499,9 @@ def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: s
         cache = calibrate_ranges(src, calls, method, ranges_path or Path(tmp) / "ranges.json", percentile)
         amax = load_ranges(cache)
         if body in ("fp16", "bf16"):
-            body_info = convert_fp16(src, Path(tmp) / "body.onnx", fp16_modules)
+            convert = convert_bf16 if body == "bf16" else convert_fp16
+            body_info = convert(src, Path(tmp) / "body.onnx", fp16_modules)
             model = onnx.load(str(Path(tmp) / "body.onnx"))
-            if body == "bf16":
-                to_bfloat16(model, onnx.load(str(src)))
         else:
             model = onnx.load(str(src))
     info = insert_qdq(model, amax, fmt, exclude, weight_scale, attention)
@@ -513,7 +512,7 @@ def quantize_graph_trt(src: Path, dst: Path, calls: Sequence[Call], precision: s
     return {**info, "method": method, "placement": "trt", "format": fmt.name, "opset": _opset(model),
             "body": body, **({"fp32_island_nodes": body_info["fp32_nodes"]} if body_info else {}),
             "weight_scale": "channel" if fmt.name == "int8" else weight_scale,
-            "attention": precision if attention else "float"}
+            "attention": precision if attention else body}
 
 
 def _opset(model) -> int:

@@ -28,8 +28,8 @@ from ..export.trt_variant import variant_path
 from ..staging import sha256_file
 from .fp16 import FP16_MODULES, convert_fp16
 
-#: what the gate records for a BF16-bodied directory
-SIMULATION = "bf16 body simulated in FP32, each bf16 tensor rounded to bf16 where produced (calibration/bf16.py)"
+#: what the gate records (``quality.simulated``) for a directory with BF16 graphs or bodies
+SIMULATION = "bf16 graphs simulated in FP32, each bf16 tensor rounded to bf16 where produced (calibration/bf16.py)"
 
 
 def to_bfloat16(model, source) -> None:

@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 #: (label, precision, calibrate_directory options): the Q/DQ bodies are calibrate's defaults (FP16 for
 #: placement "trt" and FP8, FP32 for placement "ort")
 VARIANTS = [("fp16", "fp16", {}), ("int8 ort", "int8", {"placement": "ort"}),
-            ("int8 trt", "int8", {"placement": "trt"}), ("fp8", "fp8", {}), ("fp8 attention", "fp8", {"quantize_attention": True}),
+            ("int8 trt", "int8", {"placement": "trt"}), ("fp8", "fp8", {}),
+            ("fp8 attention", "fp8", {"quantize_attention": True}),
             ("fp8 bf16 body", "fp8", {"high_precision_dtype": "bf16"}),
             ("int8 trt bf16 body", "int8", {"placement": "trt", "high_precision_dtype": "bf16"})]
 
@@ -80,16 +81,15 @@ def quality_rows(dirs: dict[str, Path]) -> list[dict]:
     rows = [{"precision": "fp32", "bpd_increase": 0.0, "latent_psnr_db": float("inf")}]
     for label, d in dirs.items():
         m = load_manifest(d)
-        q, cal = m.extra["quality"], m.extra["calibration"]
+        q, cal, quant = m.extra["quality"], m.extra["calibration"], m.extra.get("quantization") or {}
         rows.append({"precision": label, "bpd_fp32": q["bpd_fp32"], "bpd": q["bpd"], "bpd_increase": q["bpd_increase"],
                      "latent_psnr_db": q["latent_psnr_db"], "raw_latent_psnr_db": q["raw_latent_psnr_db"],
                      "worst_graph_rel_l2": max(max(g["rel_l2"].values()) for g in q["graphs"].values()),
                      "deep_step_rel_l2": max(q["graphs"]["deep_step"]["rel_l2"].values()),
                      "residual_floor": cal.get("residual_floor", {}).get("value", 0.0),
                      "gate_passed": q["gate"]["passed"], "gate_failures": q["gate"]["failures"],
-                     "placement": (m.extra.get("quantization") or {}).get("placement"),
-                     "body": (m.extra.get("quantization") or {}).get("body", "fp16" if label == "fp16" else "fp32"),
-                     "attention": (m.extra.get("quantization") or {}).get("attention")})
+                     "placement": quant.get("placement"), "body": quant.get("body", m.precision),
+                     "attention": quant.get("attention")})
     return rows
 
 

@@ -174,15 +174,15 @@ def attention_bmms(model) -> list[AttentionBmms]:
     return layers
 
 
-def plan_sites(model, exclude: Sequence[str], attention: bool = False) -> tuple[list[Site], list[str], list[str]]:
+def plan_sites(model, exclude: Sequence[str], attention: Sequence[AttentionBmms] = ()
+               ) -> tuple[list[Site], list[str], list[str]]:
     """(sites to quantize, quantized MatMul/Gemm names, excluded MatMul/Gemm names) under rules 1-5.
 
     A node is excluded when its name or module path (``namespace`` metadata) matches a regex of ``exclude``
-    or its weight is a small GEMM (rule 4); ``attention``: the attention BMMs are quantized whatever
-    ``exclude`` says (rule 5)."""
+    or its weight is a small GEMM (rule 4); the BMMs of ``attention`` (:func:`attention_bmms`) are quantized
+    whatever ``exclude`` says (rule 5)."""
     selected = set(select_nodes(model, exclude)[0])   # the module-path / name regexes
-    if attention:
-        selected |= {name for layer in attention_bmms(model) for name in (*layer.scores, *layer.mix)}
+    selected |= {name for layer in attention for name in (*layer.scores, *layer.mix)}
     weights = {i.name: i for i in model.graph.initializer}
     sites, keep, skip = [], [], []
     for node in model.graph.node:
@@ -204,12 +204,12 @@ def plan_sites(model, exclude: Sequence[str], attention: bool = False) -> tuple[
     return sites, keep, skip
 
 
-def attention_amax(model, amax: Mapping[str, float]) -> dict[str, float]:
-    """The amax of every attention BMM input under rule 5: per layer the largest over the query / key / value
-    parts, 1.0 for the probabilities (scale ``1 / qmax``: 1/448 in E4M3)."""
+def attention_amax(model, layers: Sequence[AttentionBmms], amax: Mapping[str, float]) -> dict[str, float]:
+    """The amax of every input of the attention BMMs ``layers`` under rule 5: per layer the largest over the
+    query / key / value parts, 1.0 for the probabilities (scale ``1 / qmax``: 1/448 in E4M3)."""
     nodes = {n.name: n for n in model.graph.node}
     out = {}
-    for layer in attention_bmms(model):
+    for layer in layers:
         for group, index in ((layer.scores, 0), (layer.scores, 1), (layer.mix, 1)):
             names = {nodes[b].input[index] for b in group}
             known = [float(amax[t]) for t in names if t in amax and math.isfinite(float(amax[t]))]
@@ -221,7 +221,8 @@ def attention_amax(model, amax: Mapping[str, float]) -> dict[str, float]:
 
 def activation_tensors(model, exclude: Sequence[str], attention: bool = False) -> list[str]:
     """The activation tensors :func:`insert_qdq` needs an amax for (calibrate these)."""
-    return sorted({s.tensor for s in plan_sites(model, exclude, attention)[0] if s.axis is None})
+    layers = attention_bmms(model) if attention else ()
+    return sorted({s.tensor for s in plan_sites(model, exclude, layers)[0] if s.axis is None})
 
 
 def quantize_weight(w: np.ndarray, axis: Optional[int], fmt: QFormat,
@@ -279,15 +280,15 @@ def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence
     Returns what was done: quantized / excluded node names, Q and DQ counts, the activation scales."""
     from onnx import helper
 
-    sites, keep, skip = plan_sites(model, exclude, attention)
+    layers = attention_bmms(model) if attention else []
+    sites, keep, skip = plan_sites(model, exclude, layers)
     producers = {o: n for n in model.graph.node for o in n.output}
     amax = dict(amax)
     for site in sites:   # the FP16 body: Cast(x) feeds the GEMM where the FP32 graph read x itself
         source = producers.get(site.tensor)
         if site.tensor not in amax and source is not None and source.op_type == "Cast" and source.input[0] in amax:
             amax[site.tensor] = amax[source.input[0]]
-    if attention:
-        amax.update(attention_amax(model, amax))
+    amax.update(attention_amax(model, layers, amax))
     missing = sorted({s.tensor for s in sites if s.axis is None} - set(amax))
     if missing:
         raise ValueError(f"no calibrated amax for activation(s) {', '.join(missing[:5])}")
@@ -337,7 +338,7 @@ def insert_qdq(model, amax: Mapping[str, float], fmt: QFormat, exclude: Sequence
     counts = {op: sum(n.op_type == op for n in graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
     out = {"quantized_nodes": len(keep), "excluded_nodes": skip, **counts, "activation_scales": len(scales)}
     if attention:
-        out["attention_layers"] = len(attention_bmms(model))
+        out["attention_layers"] = len(layers)
     return out
 
 

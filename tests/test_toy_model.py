@@ -69,3 +69,26 @@ def test_trainer_is_reproducible(tmp_path):
     sd_b = torch.load(tmp_path / "b" / "model.pth", weights_only=True)
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert (tmp_path / "a" / "config.yaml").exists() and (tmp_path / "a" / "text_encoder.safetensors").exists()
+
+
+def test_fit_trains_a_published_form_latent_model(tmp_path):
+    """``fit`` is config-agnostic: on the journey's published-form config (4 latent channels, T5-width text)
+    40 steps on one fixed batch lower its bits/dim from the identity flow's (what the published-form INT8
+    benchmark trains through)."""
+    from starflow_trt.config import parse_config
+    from starflow_trt.reference import build_model
+    from starflow_trt.toy.train import fit
+    from tests.test_journey import JOURNEY_YAML, T5_WIDTH
+
+    cfg = parse_config(JOURNEY_YAML).with_text_width(T5_WIDTH, "test")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = 0.3 + 0.6 * torch.randn(4, 3, 4, 3, 5, generator=g)   # off-centre, narrower than N(0, 1)
+    y = torch.randn(4, cfg.txt_size, T5_WIDTH, generator=g)
+    model = build_model(cfg)
+    steps = fit(model, lambda: (x, y), cfg.noise_std, tmp_path / "log.jsonl", max_steps=40, lr=5e-3,
+                progress=False)
+    bpd = [json.loads(line)["bpd"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == 40 and len(bpd) == 40
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert sum(bpd[-5:]) / 5 < bpd[0] - 0.05   # step 1 is the identity flow (heads start at zero)

@@ -24,7 +24,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -116,12 +116,71 @@ def identity_bpd(clips: torch.Tensor, noise_std: float, seed: int = 12345) -> fl
     return float(((nll + 0.5 * math.log(2 * math.pi)) / math.log(2)).mean())
 
 
+#: one training batch: (clean clips or latents [B, T, C, H, W], text [B, L, D] with the label already dropped)
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def fit(model: torch.nn.Module, next_batch: Callable[[], Batch], noise_std: float, log_path: Path,
+        minutes: float = 15.0, max_steps: Optional[int] = None, lr: float = 2e-3, progress: bool = True) -> int:
+    """Train ``model`` in place until ``minutes`` of wall time (or ``max_steps``); one JSON line per step in
+    ``log_path``; returns the number of steps. Any STARFlow-V config: the objective is the module docstring's
+    (flow NLL of ``x + noise_std·ε``, the denoiser regressing the flow's own score), AdamW with warmup and a
+    cosine decay over the steps the budget allows."""
+    from tqdm import tqdm
+
+    model.train().requires_grad_(True)
+    init_identity_flow(model)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=1e-4)
+    denoise_scale = noise_std ** 2 / 0.3
+    budget = minutes * 60.0
+    total = max_steps or 10 ** 9
+    warmup = 100
+    start = time.perf_counter()
+    bar = tqdm(total=max_steps, disable=not progress, desc="train", unit="step")
+    step = 0
+    expected_steps = max_steps
+    with open(log_path, "w", encoding="utf-8") as log:
+        while step < total:
+            elapsed = time.perf_counter() - start
+            if max_steps is None and elapsed > budget:
+                break
+            if expected_steps is None and step == 20:
+                expected_steps = int(budget / (elapsed / 20))
+            horizon = expected_steps or total
+            frac = min(1.0, step / max(horizon, 1))
+            cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            for group in opt.param_groups:
+                group["lr"] = cur_lr
+            clips, y = next_batch()
+            x = (clips + noise_std * torch.randn_like(clips)).requires_grad_(True)
+            nll = model.nll(x, y)
+            # flow-score target for the denoiser: σ²/0.3 · ∂(Σ_dims NLL)/∂x, detached
+            numel = x[0].numel()
+            score = torch.autograd.grad(nll.sum() * numel, x, retain_graph=True)[0].detach()
+            d = model.denoiser(x.detach(), y)
+            loss_den = ((d - denoise_scale * score) ** 2).mean()
+            loss = nll.mean() + loss_den
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            bpd = (float(nll.mean()) + 0.5 * math.log(2 * math.pi)) / math.log(2)
+            record = {"step": step, "seconds": round(time.perf_counter() - start, 2), "lr": cur_lr,
+                      "nll": float(nll.mean()), "bpd": bpd, "denoiser": float(loss_den)}
+            log.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(bpd=f"{bpd:.3f}", den=f"{float(loss_den):.4f}")
+    bar.close()
+    model.eval().requires_grad_(False)
+    return step
+
+
 def train(out_dir: str | os.PathLike, minutes: float = 15.0, max_steps: Optional[int] = None, batch: int = 16,
           lr: float = 2e-3, seed: int = 0, frames: int = DEFAULT_FRAMES, noise_std: float = NOISE_STD,
           progress: bool = True) -> dict:
     """Train until ``minutes`` of wall time (or ``max_steps``); write the bundle into ``out_dir``."""
-    from tqdm import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -129,62 +188,20 @@ def train(out_dir: str | os.PathLike, minutes: float = 15.0, max_steps: Optional
     encoder = ToyTextEncoder.create(seed, dim=16, length=6)
     cfg_text = toy_config_text(frames, noise_std, encoder.length, encoder.dim)
     cfg = parse_config(cfg_text)
-    model = build_model(cfg).train().requires_grad_(True)
-    init_identity_flow(model)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=1e-4)
+    model = build_model(cfg)
     held_clips, held_prompts = held_out_set(64, frames)
-    denoise_scale = noise_std ** 2 / 0.3
-    budget = minutes * 60.0
-    total = max_steps or 10 ** 9
-    warmup = 100
-    log_path = out / "train_log.jsonl"
-    log = open(log_path, "w", encoding="utf-8")
-    start = time.perf_counter()
-    bar = tqdm(total=max_steps, disable=not progress, desc="train", unit="step")
-    step = 0
-    expected_steps = max_steps
-    while step < total:
-        elapsed = time.perf_counter() - start
-        if max_steps is None and elapsed > budget:
-            break
-        if expected_steps is None and step == 20:
-            expected_steps = int(budget / (elapsed / 20))
-        horizon = expected_steps or total
-        frac = min(1.0, step / max(horizon, 1))
-        cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for group in opt.param_groups:
-            group["lr"] = cur_lr
+
+    def next_batch() -> Batch:
         prompts = [rng.choice(PROMPTS) for _ in range(batch)]
         clips = torch.stack([render_clip(p, TRAIN_SEED_OFFSET + rng.randrange(10 ** 9), frames=frames)
                              for p in prompts])
-        text = [("" if rng.random() < cfg.drop_label else p) for p in prompts]
-        y = encoder.encode(text)
-        x = (clips + noise_std * torch.randn_like(clips)).requires_grad_(True)
-        nll = model.nll(x, y)
-        # flow-score target for the denoiser: σ²/0.3 · ∂(Σ_dims NLL)/∂x, detached
-        numel = x[0].numel()
-        score = torch.autograd.grad(nll.sum() * numel, x, retain_graph=True)[0].detach()
-        d = model.denoiser(x.detach(), y)
-        loss_den = ((d - denoise_scale * score) ** 2).mean()
-        loss = nll.mean() + loss_den
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        bpd = (float(nll.mean()) + 0.5 * math.log(2 * math.pi)) / math.log(2)
-        record = {"step": step, "seconds": round(time.perf_counter() - start, 2), "lr": cur_lr,
-                  "nll": float(nll.mean()), "bpd": bpd, "denoiser": float(loss_den)}
-        log.write(json.dumps(record) + "\n")
-        bar.update(1)
-        bar.set_postfix(bpd=f"{bpd:.3f}", den=f"{float(loss_den):.4f}")
-    bar.close()
-    log.close()
-    model.eval().requires_grad_(False)
+        return clips, encoder.encode([("" if rng.random() < cfg.drop_label else p) for p in prompts])
+
+    start = time.perf_counter()
+    steps = fit(model, next_batch, noise_std, out / "train_log.jsonl", minutes, max_steps, lr, progress)
     summary = {
-        "steps": step, "seconds": round(time.perf_counter() - start, 1), "batch": batch, "seed": seed,
-        "frames": frames, "noise_std": noise_std, "params": sum(p.numel() for p in params),
+        "steps": steps, "seconds": round(time.perf_counter() - start, 1), "batch": batch, "seed": seed,
+        "frames": frames, "noise_std": noise_std, "params": sum(p.numel() for p in model.parameters()),
         "held_out_bpd": evaluate_bpd(model, encoder, held_clips, held_prompts, noise_std),
         "identity_bpd": identity_bpd(held_clips, noise_std),
         "entropy_floor_bpd": entropy_floor_bpd(noise_std),

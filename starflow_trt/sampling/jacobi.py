@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .options import ChunkLog, JacobiConfig
@@ -99,14 +100,39 @@ class SweepCursors:
     s: int
     #: tokens < frontier have an initial guess in ``work`` (later ones still hold their noise)
     frontier: int
-    #: [target] int32: network evaluations of each position during this phase
-    evals: torch.Tensor
+    #: [target] int32 on the host: network evaluations of each position during this phase
+    evals: np.ndarray
     #: the last sweep committed every position it evaluated for the second time
     verified: bool = False
 
     @classmethod
-    def start(cls, s: int, target: int, device: torch.device) -> "SweepCursors":
-        return cls(s, s, torch.zeros(target, dtype=torch.int32, device=device))
+    def start(cls, s: int, target: int) -> "SweepCursors":
+        return cls(s, s, np.zeros(target, dtype=np.int32))
+
+
+@dataclass(frozen=True)
+class SweepSums:
+    """Prefix sums [e − s] of one sweep's window ``[s, e)``, on the host in the tokens' dtype: ``update`` of each
+    token's squared change, ``value`` of its squared new value (means over rows and channels).
+
+    The stopping tests are a few small vector ops per sweep: on the host, after one transfer, they cost a
+    fraction of the ~15 tensor dispatches they took on the device (the loop reads their result anyway)."""
+
+    update: np.ndarray
+    value: np.ndarray
+
+    @classmethod
+    def of(cls, new: torch.Tensor, old: torch.Tensor) -> "SweepSums":
+        """From the window's new and previous tokens [B', e − s, c]."""
+        per_token = torch.stack([((new - old) ** 2).mean(dim=(0, 2)), (new ** 2).mean(dim=(0, 2))]).cumsum(1)
+        if per_token.dtype not in (torch.float32, torch.float64):   # 16-bit: numpy has no bfloat16
+            per_token = per_token.float()
+        update, value = per_token.cpu().numpy()
+        return cls(update, value)
+
+    def relative(self) -> np.ndarray:
+        """Upstream's test quantity for every prefix: Σ update / Σ value."""
+        return self.update / np.maximum(self.value, 1e-30)
 
 
 class Sliding(Schedule):
@@ -141,7 +167,7 @@ class Sliding(Schedule):
         if self.memory is None:
             self.memory = AffineMemory.empty(seq, s)
         mem = self.memory
-        c = SweepCursors.start(s, target, seq.device)
+        c = SweepCursors.start(s, target)
         while c.s < target:
             s = c.s
             k = _chunk(jac, s, fs)
@@ -155,25 +181,22 @@ class Sliding(Schedule):
             mem.record(s, e, a, b)
             c.evals[s:e] += 1
             new = b + a * seq[:, s:e]
-            sq = ((new - work[:, s + 1 : e + 1]) ** 2).mean(dim=(0, 2))   # per token
-            mag = (new ** 2).mean(dim=(0, 2))
-            prefix_delta = torch.cumsum(sq, 0) / torch.cumsum(mag, 0).clamp_min(1e-30)
+            sums = SweepSums.of(new, work[:, s + 1 : e + 1])
             work[:, s + 1 : e + 1] = new
-            twice = int(torch.cumprod(c.evals[s:e] >= 2, 0).sum())   # leading positions evaluated twice
-            m = max(1, self._committable(jac, c, s, e, sq, mag, prefix_delta, twice))   # 1: the exact token
-            if int(c.evals[s]) >= jac.max_iter:
+            twice = int(np.cumprod(c.evals[s:e] >= 2).sum())   # leading positions evaluated twice
+            m = max(1, self._committable(jac, c.evals[s:e], sums, twice))   # 1: the exact token
+            if c.evals[s] >= jac.max_iter:
                 m = e - s
             c.verified = 0 < twice <= m
-            inv.trace.chunks.append(ChunkLog(s, m, int(c.evals[s]), float(prefix_delta[m - 1])))
+            inv.trace.chunks.append(ChunkLog(s, m, int(c.evals[s]), float(sums.relative()[m - 1])))
             c.s = s + m
             inv.commit(m, c.s)
         return c.s
 
-    def _committable(self, jac: JacobiConfig, c: SweepCursors, s: int, e: int, sq: torch.Tensor,
-                     mag: torch.Tensor, prefix_delta: torch.Tensor, twice: int) -> int:
-        """Tokens of the window ``[s, e)`` that converged: the longest prefix of the positions evaluated twice
-        whose every prefix passes upstream's test (``sq`` / ``mag`` [e−s]: squared update / value per token)."""
-        bad = (prefix_delta[:twice] >= jac.stop).nonzero()
+    def _committable(self, jac: JacobiConfig, evals: np.ndarray, sums: SweepSums, twice: int) -> int:
+        """Tokens of the window that converged: the longest prefix of the positions evaluated twice whose every
+        prefix passes upstream's test (``evals`` [e−s]: evaluations per position so far)."""
+        bad = np.flatnonzero(sums.relative()[:twice] >= jac.stop)
         return int(bad[0]) if len(bad) else twice
 
 
@@ -188,11 +211,10 @@ class Predictive(Sliding):
     exact tokens only. Once-evaluated positions must pass ``FIRST_PASS_MARGIN`` of the threshold.
     """
 
-    def _committable(self, jac, c, s, e, sq, mag, prefix_delta, twice):
+    def _committable(self, jac, evals, sums, twice):
         """The longest prefix that passes upstream's chunk test (stricter on first evaluations)."""
-        once = c.evals[s:e] < 2
-        bound = torch.where(once, FIRST_PASS_MARGIN * jac.stop, jac.stop)
-        good = (torch.cumsum(sq, 0) < bound * torch.cumsum(mag, 0).clamp_min(1e-30)).nonzero()
+        bound = np.where(evals < 2, np.float32(FIRST_PASS_MARGIN * jac.stop), np.float32(jac.stop))
+        good = np.flatnonzero(sums.update < bound * np.maximum(sums.value, 1e-30))
         return int(good[-1]) + 1 if len(good) else 0
 
 

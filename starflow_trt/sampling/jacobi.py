@@ -124,7 +124,7 @@ class SweepSums:
     @classmethod
     def of(cls, new: torch.Tensor, old: torch.Tensor) -> "SweepSums":
         """From the window's new and previous tokens [B', e − s, c]."""
-        per_token = torch.stack([((new - old) ** 2).mean(dim=(0, 2)), (new ** 2).mean(dim=(0, 2))]).cumsum(1)
+        per_token = torch.stack([new - old, new]).square_().mean(dim=(1, 3)).cumsum_(1)   # [2, e − s]
         if per_token.dtype not in (torch.float32, torch.float64):   # 16-bit: numpy has no bfloat16
             per_token = per_token.float()
         update, value = per_token.cpu().numpy()

@@ -10,6 +10,7 @@ whose residual test also covers first evaluations. All read and write ``inv.work
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import numpy as np
@@ -130,6 +131,7 @@ class SweepSums:
         update, value = per_token.cpu().numpy()
         return cls(update, value)
 
+    @cached_property   # the stopping test and the chunk log both read it
     def relative(self) -> np.ndarray:
         """Upstream's test quantity for every prefix: Σ update / Σ value."""
         return self.update / np.maximum(self.value, 1e-30)
@@ -188,7 +190,7 @@ class Sliding(Schedule):
             if c.evals[s] >= jac.max_iter:
                 m = e - s
             c.verified = 0 < twice <= m
-            inv.trace.chunks.append(ChunkLog(s, m, int(c.evals[s]), float(sums.relative()[m - 1])))
+            inv.trace.chunks.append(ChunkLog(s, m, int(c.evals[s]), float(sums.relative[m - 1])))
             c.s = s + m
             inv.commit(m, c.s)
         return c.s
@@ -196,7 +198,7 @@ class Sliding(Schedule):
     def _committable(self, jac: JacobiConfig, evals: np.ndarray, sums: SweepSums, twice: int) -> int:
         """Tokens of the window that converged: the longest prefix of the positions evaluated twice whose every
         prefix passes upstream's test (``evals`` [e−s]: evaluations per position so far)."""
-        bad = np.flatnonzero(sums.relative()[:twice] >= jac.stop)
+        bad = np.flatnonzero(sums.relative[:twice] >= jac.stop)
         return int(bad[0]) if len(bad) else twice
 
 

@@ -15,8 +15,8 @@ is for). Steps (1 and 2 for the trained run only):
    package's default prompt set through the export's T5) → ``generate q --prompt ...`` → an mp4.
 
 Writes ``results/published_int8.json``: per checkpoint the steps (exit, seconds, output tail), the gate's numbers
-from the INT8 manifest and the prompt set it records, the mp4's frames; the training summary; the machine. Every
-number is ONNX Runtime's CPU EP.
+from the INT8 manifest (``quality_fp8.quality_row``) and the prompt set it records, the mp4's frames; the training
+summary; the machine. Every number is ONNX Runtime's CPU EP.
 
     python benchmarks/published_int8.py [--minutes 6] [--work DIR] [-o benchmarks/results]
 """
@@ -104,15 +104,15 @@ def train_flow(paths: dict[str, Path], minutes: float, batch: int = 16, seed: in
     bpd = [json.loads(line)["bpd"] for line in log.read_text().splitlines()]
     return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1), "batch": batch, "clips": CLIPS,
             "latent_shape": list(latents.shape[1:]), "caption_aspect": aspect,
-            "captions_encode_alike": bool(torch.equal(y, y[:1].expand_as(y))), "bpd_first_10": sum(bpd[:10]) / len(bpd[:10]),
-            "bpd_last_50": sum(bpd[-50:]) / len(bpd[-50:])}
+            "captions_encode_alike": bool(torch.equal(y, y[:1].expand_as(y))),
+            "bpd_first_10": sum(bpd[:10]) / len(bpd[:10]), "bpd_last_50": sum(bpd[-50:]) / len(bpd[-50:])}
 
 
 def cli(*args) -> dict:
     """``starflow-trt ARGS`` in a child process as a user runs it: exit code, seconds, the output's tail."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", "from starflow_trt.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", "starflow_trt.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO)
     print(f"starflow-trt {' '.join(map(str, args[:2]))}: exit {proc.returncode}", flush=True)
     return {"command": "starflow-trt " + " ".join(map(str, args)), "exit": proc.returncode,
             "seconds": round(time.perf_counter() - t0, 1), "output_tail": (proc.stdout + proc.stderr)[-1500:]}
@@ -120,7 +120,10 @@ def cli(*args) -> dict:
 
 def user_run(paths: dict[str, Path], work: Path) -> dict:
     """export (T5 + VAE, all aspects) → calibrate --precision int8 with no prompt option → generate --prompt:
-    each step's exit, seconds and output tail, the gate's numbers from the INT8 manifest, the mp4's size."""
+    each step's exit, seconds and output tail, the gate's numbers from the INT8 manifest (``quality``), the mp4's
+    size."""
+    from quality_fp8 import quality_row   # this folder's quality table: one row per calibrated directory
+
     from starflow_trt.export.manifest import load_manifest
     from starflow_trt.media.io import load_video
 
@@ -130,13 +133,8 @@ def user_run(paths: dict[str, Path], work: Path) -> dict:
     out: dict = {"steps": steps}
     if steps[-1]["exit"] != 0:
         return out
-    manifest = load_manifest(work / "q")
-    quality, calibration = manifest.extra["quality"], manifest.extra["calibration"]
-    out["gate"] = {**quality["gate"], "bpd_fp32": quality["bpd_fp32"], "bpd_int8": quality["bpd"],
-                   "bpd_increase": quality["bpd_increase"], "latent_psnr_db": quality["latent_psnr_db"],
-                   "worst_graph_rel_l2": max(max(g["rel_l2"].values()) for g in quality["graphs"].values()),
-                   "prompt_set": calibration["prompt_set"],
-                   "residual_floor": calibration.get("residual_floor", {}).get("value")}
+    out["quality"] = {**quality_row("int8", work / "q"),
+                      "prompt_set": load_manifest(work / "q").extra["calibration"]["prompt_set"]}
     steps.append(cli("generate", work / "q", "--prompt", PROMPT, "--seed", 3, "-o", work / "gen"))
     video = work / "gen" / "video.mp4"
     out["mp4"] = {"written": video.is_file(),

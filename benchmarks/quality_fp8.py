@@ -77,20 +77,23 @@ def calibrate_all(src: Path, cache: Path, stem: str, toy: bool, log) -> dict[str
     return out
 
 
+def quality_row(label: str, directory: Path) -> dict:
+    """The gate's numbers a calibrated directory's manifest records, as one row of the quality table."""
+    m = load_manifest(directory)
+    q, cal, quant = m.extra["quality"], m.extra["calibration"], m.extra.get("quantization") or {}
+    return {"precision": label, "bpd_fp32": q["bpd_fp32"], "bpd": q["bpd"], "bpd_increase": q["bpd_increase"],
+            "latent_psnr_db": q["latent_psnr_db"], "raw_latent_psnr_db": q["raw_latent_psnr_db"],
+            "worst_graph_rel_l2": max(max(g["rel_l2"].values()) for g in q["graphs"].values()),
+            "deep_step_rel_l2": max(q["graphs"]["deep_step"]["rel_l2"].values()),
+            "residual_floor": cal.get("residual_floor", {}).get("value", 0.0),
+            "gate_passed": q["gate"]["passed"], "gate_failures": q["gate"]["failures"],
+            "placement": quant.get("placement"), "body": quant.get("body", m.precision),
+            "attention": quant.get("attention")}
+
+
 def quality_rows(dirs: dict[str, Path]) -> list[dict]:
-    rows = [{"precision": "fp32", "bpd_increase": 0.0, "latent_psnr_db": float("inf")}]
-    for label, d in dirs.items():
-        m = load_manifest(d)
-        q, cal, quant = m.extra["quality"], m.extra["calibration"], m.extra.get("quantization") or {}
-        rows.append({"precision": label, "bpd_fp32": q["bpd_fp32"], "bpd": q["bpd"], "bpd_increase": q["bpd_increase"],
-                     "latent_psnr_db": q["latent_psnr_db"], "raw_latent_psnr_db": q["raw_latent_psnr_db"],
-                     "worst_graph_rel_l2": max(max(g["rel_l2"].values()) for g in q["graphs"].values()),
-                     "deep_step_rel_l2": max(q["graphs"]["deep_step"]["rel_l2"].values()),
-                     "residual_floor": cal.get("residual_floor", {}).get("value", 0.0),
-                     "gate_passed": q["gate"]["passed"], "gate_failures": q["gate"]["failures"],
-                     "placement": quant.get("placement"), "body": quant.get("body", m.precision),
-                     "attention": quant.get("attention")})
-    return rows
+    return [{"precision": "fp32", "bpd_increase": 0.0, "latent_psnr_db": float("inf")},
+            *(quality_row(label, d) for label, d in dirs.items())]
 
 
 def per_prompt_psnr(pipes: dict[str, Pipeline], texts, uncond, guidance: float, seed: int = 2024) -> dict:
